@@ -1,0 +1,216 @@
+"""Write a bundle atomically: everything goes to a hidden sibling directory, which replaces the
+target only when complete. A failure at any point leaves the target as it was.
+
+Drafts are deduplicated: profiles with the same draft plan share one body graph, profiles with the
+same precision and vocabulary share one head graph, and all graphs of one precision share one
+weights file. Re-writing a bundle with an extra profile rebuilds every graph from the weights
+(seconds), so there is a single writing path.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import onnx
+
+from conflayers.runtime.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST, sha256_file
+from conflayers.runtime.draftplan import DraftPlan
+from conflayers.runtime.modelspec import ModelSpec
+from conflayers.runtime.profile import Profile
+
+from .. import __version__
+from .decoder_graph import WeightStores, build
+
+
+class OutputDirError(ValueError):
+    pass
+
+
+def check_output_dir(out: str, force: bool, model_fingerprint: dict | None = None) -> str:
+    """Refuse to replace what is not ours. Returns 'new', 'bundle' (ours, same model) or 'replace'."""
+    if not os.path.exists(out):
+        return "new"
+    if not os.path.isdir(out):
+        if force:
+            return "replace"
+        raise OutputDirError(f"--out {out} exists and is a file; choose another path or pass --force")
+    if not os.listdir(out):
+        return "new"
+    mpath = os.path.join(out, MANIFEST)
+    manifest = None
+    if os.path.isfile(mpath):
+        try:
+            with open(mpath, encoding="utf-8") as f:
+                manifest = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            manifest = None
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        if force:
+            return "replace"
+        raise OutputDirError(f"--out {out} exists and is not a conflayers bundle; refusing to replace it "
+                             "(choose another directory or pass --force)")
+    if model_fingerprint is not None:
+        have = manifest.get("model", {})
+        for k in ("config_sha256", "weights_sha256"):
+            if have.get(k) != model_fingerprint.get(k):
+                if force:
+                    return "replace"
+                raise OutputDirError(f"--out {out} is a bundle of another model ({have.get('name')}); "
+                                     "choose another directory or pass --force to replace it")
+    return "bundle"
+
+
+def fingerprint(spec: ModelSpec, weights: dict[str, np.ndarray]) -> dict:
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        a = np.ascontiguousarray(weights[name], np.float32)
+        h.update(name.encode())
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    config = hashlib.sha256(json.dumps(spec.to_json(), sort_keys=True).encode()).hexdigest()
+    return {"config_sha256": config, "weights_sha256": h.hexdigest()}
+
+
+class BundleWriter:
+    def __init__(self, out: str, spec: ModelSpec, weights: dict[str, np.ndarray], model_info: dict,
+                 max_context: int, force: bool = False):
+        self.out = os.path.abspath(out)
+        self.spec, self.weights = spec, weights
+        self.model_info = model_info            # name, source, + fingerprint
+        self.max_context = max_context
+        self.mode = check_output_dir(self.out, force, model_info)
+        parent = os.path.dirname(self.out)
+        os.makedirs(parent, exist_ok=True)
+        self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out)}.partial-", dir=parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)      # mkdtemp makes 0700; a bundle is meant to be shared
+        self.stores = WeightStores(self.tmp, weights)
+        self.graphs = {"full": None, "bodies": {}, "heads": {}}
+        self.profiles: dict[str, dict] = {}
+        self.tokenizer: dict = {}
+        self.default_profile: str | None = None
+        self._closed = False
+
+    # -- context manager: commit on success, clean up on any failure --------------------------
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+        return False
+
+    def abort(self):
+        self.stores.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self._closed = True
+
+    # -- contents ---------------------------------------------------------------------------------
+    def _save(self, model: onnx.ModelProto, rel: str):
+        onnx.save(model, os.path.join(self.tmp, rel))
+
+    def write_full(self):
+        self._save(build(self.spec, self.stores, None, "full", max_context=self.max_context), "full.onnx")
+        self.graphs["full"] = {"file": "full.onnx"}
+
+    def draft_files(self, plan: DraftPlan, vocab_ids: list[int] | None) -> tuple[str, str]:
+        """Write (once) the body and head graphs of a draft; returns their keys."""
+        body_key = plan.key
+        if body_key not in self.graphs["bodies"]:
+            rel = f"draft_{body_key}.onnx"
+            self._save(build(self.spec, self.stores, plan, "body", max_context=self.max_context), rel)
+            self.graphs["bodies"][body_key] = {"file": rel, "kv_layers": plan.kv_layers,
+                                               "plan": plan.to_json()}
+        rows = None if vocab_ids is None else np.asarray(vocab_ids, np.int64)
+        vocab_tag = "full" if rows is None else hashlib.sha256(rows.tobytes()).hexdigest()[:10]
+        head_key = f"{plan.precision}-{vocab_tag}"
+        if head_key not in self.graphs["heads"]:
+            rel = f"head_{head_key}.onnx"
+            self._save(build(self.spec, self.stores, plan, "head", head_rows=rows), rel)
+            self.graphs["heads"][head_key] = {"file": rel, "vocab": None if rows is None else len(rows)}
+        return body_key, head_key
+
+    def add_profile(self, profile_json: dict, default: bool = False):
+        profile = Profile.from_json(profile_json)     # the runtime's own check
+        why = profile.matches_model({**self.model_info, "architecture": self.spec.architecture,
+                                     "num_layers": self.spec.num_layers})
+        if why:
+            raise ValueError(why)
+        body, head = self.draft_files(profile.plan, profile.vocab_ids)
+        rel = f"profiles/{profile.task}.json"
+        self.write_text(rel, json.dumps(profile_json, indent=1, sort_keys=False) + "\n")
+        self.profiles[profile.task] = {"file": rel, "body": body, "head": head}
+        if default or self.default_profile is None:
+            self.default_profile = profile.task
+
+    def write_text(self, rel: str, text: str):
+        path = os.path.join(self.tmp, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    def write_bytes(self, rel: str, data: bytes):
+        path = os.path.join(self.tmp, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+
+    def write_tokenizer(self, tokenizer_dir: str, bos_token, eos_token, bos_token_id, eos_token_ids):
+        """Copy tokenizer.json (+ chat template, configs) from a saved transformers tokenizer."""
+        entry = {"file": "tokenizer.json", "chat_template": None, "bos_token": bos_token,
+                 "eos_token": eos_token, "bos_token_id": bos_token_id,
+                 "eos_token_ids": sorted(set(int(t) for t in eos_token_ids))}
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                     "generation_config.json", "special_tokens_map.json"):
+            src = os.path.join(tokenizer_dir, name)
+            if os.path.isfile(src):
+                shutil.copyfile(src, os.path.join(self.tmp, name))
+                if name == "chat_template.jinja":
+                    entry["chat_template"] = name
+        if not os.path.isfile(os.path.join(self.tmp, "tokenizer.json")):
+            raise ValueError(f"{tokenizer_dir} has no tokenizer.json (a fast tokenizer is required)")
+        self.tokenizer = entry
+
+    # -- finish ---------------------------------------------------------------------------------
+    def commit(self) -> str:
+        if self.graphs["full"] is None:
+            raise RuntimeError("write_full() was not called")
+        self.stores.close()
+        files = {}
+        for root, _, names in os.walk(self.tmp):
+            for n in sorted(names):
+                full = os.path.join(root, n)
+                rel = os.path.relpath(full, self.tmp).replace(os.sep, "/")
+                files[rel] = {"sha256": sha256_file(full), "bytes": os.path.getsize(full)}
+        manifest = {
+            "format": BUNDLE_FORMAT,
+            "format_version": BUNDLE_FORMAT_VERSION,
+            "compiler_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "model": {**self.model_info, "architecture": self.spec.architecture,
+                      "num_layers": self.spec.num_layers, "spec": self.spec.to_json()},
+            "max_context": self.max_context,
+            "tokenizer": self.tokenizer,
+            "graphs": self.graphs,
+            "profiles": self.profiles,
+            "default_profile": self.default_profile,
+            "files": files,
+        }
+        with open(os.path.join(self.tmp, MANIFEST), "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=1)
+        # Swap into place: the old bundle is moved aside first and removed only after the rename.
+        old = None
+        if os.path.exists(self.out):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out)}.old-", dir=os.path.dirname(self.out))
+            os.rename(self.out, os.path.join(old, "bundle"))
+        os.rename(self.tmp, self.out)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+        self._closed = True
+        return self.out

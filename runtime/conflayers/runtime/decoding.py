@@ -1,0 +1,128 @@
+"""The one decoding loop: plain decoding, or speculative decoding with a drafter.
+
+Shape after gpt-fast's generate.py: prefill, then repeat { draft k tokens, verify them in one
+full-graph pass, keep the agreed prefix plus the full model's own next token, roll back the
+rest }. Plain decoding is the same loop with no drafter. The compiler validates profiles with
+this loop, the runtime serves with it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from .drafter import BoundDrafter
+from .ort_backend import BoundGraph
+from .sampling import Sampler
+
+
+@dataclass
+class DecodeStats:
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    tokens: int = 0
+    full_passes: int = 0            # full-graph passes after the prefill
+    draft_steps: int = 0            # speculative iterations (draft + verify)
+    drafted: int = 0
+    accepted: int = 0
+    accept_lengths: list = field(default_factory=list)
+    guard_stopped_at: int | None = None   # tokens generated when the guard turned drafting off
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        """Mean drafted tokens kept per speculative step."""
+        return self.accepted / self.draft_steps if self.draft_steps else 0.0
+
+
+class SpeculationGuard:
+    """Turns drafting off for the rest of a request once it is measured to cost time.
+
+    Speculative throughput is measured directly (tokens per second of draft + verify). The plain
+    step it competes with is estimated from the same verify passes: a verify of n tokens costs
+    verify_cost(n) plain steps on this hardware (the profile's cost model)."""
+
+    def __init__(self, verify_cost: Callable[[int], float], min_steps: int = 8, tolerance: float = 0.03):
+        self.verify_cost = verify_cost
+        self.min_steps = min_steps
+        self.tolerance = tolerance
+        self.active = True
+        self._tokens = 0
+        self._spec_s = 0.0
+        self._plain_s = 0.0
+        self._steps = 0
+
+    def record(self, produced: int, drafted: int, draft_s: float, verify_s: float):
+        self._steps += 1
+        self._tokens += produced
+        self._spec_s += draft_s + verify_s
+        self._plain_s += verify_s / self.verify_cost(drafted + 1)
+        if self._steps >= self.min_steps:
+            spec_rate = self._tokens / self._spec_s
+            plain_rate = self._steps / self._plain_s
+            if spec_rate < plain_rate * (1.0 - self.tolerance):
+                self.active = False
+
+
+def generate(target: BoundGraph, prompt: list[int], max_new_tokens: int, sampler: Sampler,
+             drafter: BoundDrafter | None = None, max_draft: int = 5,
+             stop_ids: frozenset = frozenset(), guard: SpeculationGuard | None = None,
+             stats: DecodeStats | None = None) -> Iterator[list[int]]:
+    """Yield the new tokens of each iteration (1..max_draft+1 at a time) until max_new_tokens,
+    a stop token (included) or the end of the KV cache."""
+    stats = stats if stats is not None else DecodeStats()
+    cache = target.cache
+    if not prompt:
+        raise ValueError("empty prompt")
+    if len(prompt) + max_new_tokens - 1 > cache.capacity:
+        raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) "
+                         f"exceeds the context of {cache.capacity} tokens")
+    t0 = time.perf_counter()
+    logits = target.run(prompt, 0, logits_from=len(prompt) - 1)
+    cache.length = len(prompt)
+    token = sampler.pick(logits[-1])
+    stats.prefill_s = time.perf_counter() - t0
+    stats.tokens = 1
+    yield [token]
+    if token in stop_ids:
+        return
+    t_decode = time.perf_counter()
+    while stats.tokens < max_new_tokens:
+        remaining = max_new_tokens - stats.tokens
+        k = min(max_draft, remaining - 1)
+        if drafter is not None and k >= 1 and (guard is None or guard.active):
+            t1 = time.perf_counter()
+            drafted, q = drafter.propose(token, cache.length, k, sampler)
+            t2 = time.perf_counter()
+            logits = target.run([token] + drafted, cache.length)
+            n, nxt = sampler.verify(drafted, q, logits)
+            t3 = time.perf_counter()
+            new = drafted[:n] + [nxt]
+            stats.draft_steps += 1
+            stats.drafted += len(drafted)
+            stats.accepted += n
+            stats.accept_lengths.append(n)
+            if guard is not None:
+                guard.record(n + 1, len(drafted), t2 - t1, t3 - t2)
+                if not guard.active:
+                    stats.guard_stopped_at = stats.tokens + len(new)
+        else:
+            logits = target.run([token], cache.length)
+            new = [sampler.pick(logits[-1])]
+        stats.full_passes += 1
+        # The fed token and the kept drafts are now valid cache positions; `nxt` is fed next time.
+        cache.length += len(new)
+        for j, t in enumerate(new):
+            if t in stop_ids:
+                new = new[: j + 1]
+                break
+        new = new[:remaining]
+        stats.tokens += len(new)
+        stats.decode_s = time.perf_counter() - t_decode
+        yield new
+        if new[-1] in stop_ids:
+            return
+        token = new[-1]

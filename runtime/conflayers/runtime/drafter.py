@@ -1,0 +1,79 @@
+"""Drafters: cheap proposers of the next few tokens (the candidate generators).
+
+A LayerSkipDrafter is a subgraph of the full model (its kept layers, maybe quantized) plus a
+head that scores the full vocabulary or a frequent-token subset. It reads and writes the full
+model's KV cache for its kept layers, so it needs no prefill of its own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .ort_backend import BoundGraph, GraphRunner, KVCache
+from .sampling import Sampler, softmax_max
+
+
+@dataclass(frozen=True)
+class DraftPolicy:
+    max_tokens: int = 5                       # k: most tokens drafted per step
+    confidence_stop: float | None = None      # stop drafting after a token whose top-1 prob is below
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        if self.confidence_stop is not None and not 0.0 <= self.confidence_stop < 1.0:
+            raise ValueError("confidence_stop must be in [0, 1)")
+
+
+class LayerSkipDrafter:
+    def __init__(self, body: GraphRunner, head: GraphRunner, vocab_ids: np.ndarray | None,
+                 vocab_size: int, policy: DraftPolicy):
+        self.body, self.head = body, head
+        self.vocab_ids = None if vocab_ids is None else np.asarray(vocab_ids, np.int64)
+        self.vocab_size = vocab_size
+        self.policy = policy
+
+    def bind(self, cache: KVCache) -> "BoundDrafter":
+        return BoundDrafter(self, self.body.bind(cache))
+
+
+class BoundDrafter:
+    def __init__(self, drafter: LayerSkipDrafter, body: BoundGraph):
+        self.d = drafter
+        self.body = body
+
+    def logits(self, token: int, position: int) -> np.ndarray:
+        """Draft scores for the token after `token` at `position` (over the head's vocabulary)."""
+        hidden = self.body.run([token], position)
+        return self.d.head.run_head(hidden[None])[0, -1]
+
+    def propose(self, last_token: int, start: int, max_tokens: int, sampler: Sampler):
+        """Draft up to max_tokens tokens after last_token (which sits at position `start`).
+        Returns (tokens, draft distributions over the full vocabulary or None when greedy)."""
+        stop = self.d.policy.confidence_stop
+        ids = self.d.vocab_ids
+        tokens, probs = [], ([] if not sampler.greedy else None)
+        tok = last_token
+        for j in range(max_tokens):
+            z = self.logits(tok, start + j)
+            if sampler.greedy:
+                if stop is None:
+                    idx, conf = int(np.argmax(z)), 1.0
+                else:
+                    idx, conf = softmax_max(z)
+            else:
+                q_sub = sampler.probs(z)
+                idx = sampler.draw(q_sub)
+                conf = float(q_sub.max())
+                if ids is None:
+                    probs.append(q_sub)
+                else:
+                    q = np.zeros(self.d.vocab_size)
+                    q[ids] = q_sub
+                    probs.append(q)
+            tok = int(idx if ids is None else ids[idx])
+            tokens.append(tok)
+            if stop is not None and conf < stop:
+                break
+        return tokens, probs

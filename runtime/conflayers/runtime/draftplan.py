@@ -1,0 +1,80 @@
+"""What a draft keeps of the full model: layers, sub-layers, precision and vocabulary.
+
+Shared by the compiler (which searches and exports plans) and the runtime (which reads them from
+profiles), so both sides name a draft the same way.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+PRECISIONS = ("fp32", "int8", "int4")
+
+
+@dataclass(frozen=True)
+class DraftPlan:
+    num_layers: int
+    skip_layers: tuple[int, ...] = ()        # whole layers removed
+    skip_attention: tuple[int, ...] = ()     # only the attention block removed
+    skip_mlp: tuple[int, ...] = ()           # only the MLP block removed
+    precision: str = "fp32"
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"draft precision {self.precision!r} is not one of {PRECISIONS}")
+        for name in ("skip_layers", "skip_attention", "skip_mlp"):
+            vals = getattr(self, name)
+            object.__setattr__(self, name, tuple(sorted(set(int(v) for v in vals))))
+            bad = [v for v in getattr(self, name) if not 0 <= v < self.num_layers]
+            if bad:
+                raise ValueError(f"{name} has layer indices {bad} outside 0..{self.num_layers - 1}")
+        overlap = set(self.skip_layers) & (set(self.skip_attention) | set(self.skip_mlp))
+        if overlap:
+            raise ValueError(f"layers {sorted(overlap)} are skipped whole and by sub-layer at once")
+        both = set(self.skip_attention) & set(self.skip_mlp)
+        if both:  # normalise: skipping both halves is skipping the layer
+            object.__setattr__(self, "skip_layers", tuple(sorted(set(self.skip_layers) | both)))
+            object.__setattr__(self, "skip_attention", tuple(sorted(set(self.skip_attention) - both)))
+            object.__setattr__(self, "skip_mlp", tuple(sorted(set(self.skip_mlp) - both)))
+
+    def keeps_attention(self, layer: int) -> bool:
+        return layer not in self.skip_layers and layer not in self.skip_attention
+
+    def keeps_mlp(self, layer: int) -> bool:
+        return layer not in self.skip_layers and layer not in self.skip_mlp
+
+    @property
+    def kv_layers(self) -> list[int]:
+        """Layers whose KV cache the draft reads and writes (those that keep attention)."""
+        return [i for i in range(self.num_layers) if self.keeps_attention(i)]
+
+    @property
+    def skipped_fraction(self) -> float:
+        """Fraction of the layer stack removed, counting a half-layer as half."""
+        half = len(self.skip_attention) + len(self.skip_mlp)
+        return (len(self.skip_layers) + 0.5 * half) / self.num_layers
+
+    def to_json(self) -> dict:
+        return {
+            "skip_layers": list(self.skip_layers),
+            "skip_attention": list(self.skip_attention),
+            "skip_mlp": list(self.skip_mlp),
+            "precision": self.precision,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict, num_layers: int) -> "DraftPlan":
+        return cls(
+            num_layers=num_layers,
+            skip_layers=tuple(d.get("skip_layers", ())),
+            skip_attention=tuple(d.get("skip_attention", ())),
+            skip_mlp=tuple(d.get("skip_mlp", ())),
+            precision=d.get("precision", "fp32"),
+        )
+
+    @property
+    def key(self) -> str:
+        """Short stable name, used for graph file names: drafts with equal plans share a graph."""
+        blob = json.dumps(self.to_json(), sort_keys=True).encode()
+        return f"{self.precision}-{hashlib.sha256(blob).hexdigest()[:10]}"

@@ -1,0 +1,249 @@
+"""The runtime's Python API: load a bundle once, then generate per request.
+
+    from conflayers.runtime import Engine
+    engine = Engine.load("bundles/smollm2-gsm8k")
+    result = engine.generate(messages=[{"role": "user", "content": "..."}], task="auto")
+    print(result.text, result.metrics.tokens_per_s)
+
+Sessions for the full graph and every draft are created at load (measured: creating an int8 draft
+session costs ~0.3 s, which a first request should not pay). KV caches are preallocated to the
+context length and reused across requests; concurrent requests each take their own cache.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+from .bundle import Bundle
+from .decoding import DecodeStats, SpeculationGuard, generate as decode
+from .drafter import LayerSkipDrafter
+from .ort_backend import GraphRunner, KVCache, create_session, resolve_providers
+from .sampling import Sampler
+from .selection import ProfileSelector
+from .textio import ChatError, TextCodec
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve as asked (bad parameter, too long, unknown task)."""
+
+
+@dataclass
+class GenerationMetrics:
+    profile: str | None
+    speculative: bool
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    draft_steps: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    acceptance_rate: float = 0.0
+    mean_accepted_tokens: float = 0.0
+    tokens_per_s: float = 0.0
+    time_to_first_token_s: float = 0.0
+    total_s: float = 0.0
+    guard_stopped_at: int | None = None
+    selection_score: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str            # "stop" (end token or stop string) or "length"
+    metrics: GenerationMetrics
+    accept_lengths: list[int] = field(default_factory=list, repr=False)
+
+
+@dataclass
+class StreamChunk:
+    text: str
+    token_ids: list[int]
+    result: GenerationResult | None = None   # set on the last chunk
+
+
+class Engine:
+    def __init__(self, bundle: Bundle, device: str = "cpu", max_context: int | None = None,
+                 num_threads: int | None = None, guard: bool = True):
+        self.bundle = bundle
+        self.spec = bundle.spec
+        self.providers = resolve_providers(device)
+        self.device = "cpu" if self.providers[0] == "CPUExecutionProvider" else "cuda"
+        self.capacity = min(max_context or bundle.max_context, bundle.max_context)
+        self.use_guard = guard
+        s = lambda path: create_session(path, self.providers, num_threads)
+        self.full = GraphRunner(s(bundle.full_graph), list(range(self.spec.num_layers)), "logits")
+        bodies, heads = {}, {}
+        self.drafters: dict[str, LayerSkipDrafter] = {}
+        for task, profile in bundle.profiles.items():
+            graphs = bundle.draft_graphs(task)
+            if graphs.body not in bodies:
+                bodies[graphs.body] = GraphRunner(s(graphs.body), graphs.kv_layers, "hidden")
+            if graphs.head not in heads:
+                heads[graphs.head] = GraphRunner(s(graphs.head), [], "logits")
+            self.drafters[task] = LayerSkipDrafter(bodies[graphs.body], heads[graphs.head],
+                                                   profile.vocab_ids, self.spec.vocab_size, profile.policy)
+        tok = bundle.tokenizer
+        template = None
+        if tok.get("chat_template"):
+            with open(bundle.file(tok["chat_template"]), encoding="utf-8") as f:
+                template = f.read()
+        self.codec = TextCodec(bundle.file(tok["file"]), template, tok.get("bos_token"), tok.get("eos_token"))
+        self.stop_ids = frozenset(int(t) for t in tok.get("eos_token_ids", []))
+        self.selector = ProfileSelector(bundle.profiles, bundle.default_profile)
+        self._caches: list[KVCache] = []
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, path: str, device: str = "cpu", max_context: int | None = None,
+             num_threads: int | None = None, verify: bool = True, guard: bool = True) -> "Engine":
+        return cls(Bundle.open(path, verify=verify), device, max_context, num_threads, guard)
+
+    @property
+    def profiles(self) -> list[str]:
+        return sorted(self.bundle.profiles)
+
+    # -- requests -----------------------------------------------------------------------------
+    def encode(self, prompt: str | None = None, messages=None) -> list[int]:
+        if (prompt is None) == (messages is None):
+            raise RequestError("give exactly one of prompt or messages")
+        try:
+            if messages is not None:
+                return self.codec.encode_chat(messages)
+        except ChatError as e:
+            raise RequestError(str(e)) from None
+        if not isinstance(prompt, str) or not prompt:
+            raise RequestError("prompt must be a non-empty string")
+        return self.codec.encode(prompt)
+
+    def choose_profile(self, task: str | None, prompt_ids: list[int]) -> tuple[str | None, float | None]:
+        if not self.drafters:
+            return None, None
+        if task is None:
+            return self.bundle.default_profile, None
+        if task == "auto":
+            return self.selector.choose(prompt_ids)
+        if task not in self.drafters:
+            raise RequestError(f"unknown task {task!r}; this bundle has profiles: "
+                               f"{', '.join(self.profiles) or '(none)'} (or use 'auto')")
+        return task, None
+
+    def generate(self, prompt: str | None = None, *, messages=None, task: str | None = None,
+                 max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 seed: int | None = None, stop: list[str] | str | None = None, stream: bool = False,
+                 speculate: bool = True):
+        """Generate a completion. Returns a GenerationResult, or with stream=True an iterator of
+        StreamChunk whose last chunk carries the result. Greedy output (temperature 0) is
+        token-identical to plain decoding with the full graph."""
+        chunks = self._request(prompt, messages, task, max_new_tokens, temperature, top_p, top_k,
+                               seed, stop, speculate)
+        if stream:
+            return chunks
+        last = None
+        for last in chunks:
+            pass
+        return last.result
+
+    def _request(self, prompt, messages, task, max_new_tokens, temperature, top_p, top_k, seed, stop,
+                 speculate) -> Iterator[StreamChunk]:
+        # Validate everything before the first token: errors must come before any output.
+        try:
+            sampler = Sampler(temperature, top_p, top_k, seed)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+            raise RequestError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if not all(isinstance(s, str) and s for s in stops):
+            raise RequestError("stop must be a non-empty string or a list of them")
+        ids = self.encode(prompt, messages)
+        if len(ids) >= self.capacity:
+            raise RequestError(f"the prompt is {len(ids)} tokens, longer than the context of "
+                               f"{self.capacity} tokens; shorten it")
+        if len(ids) + max_new_tokens - 1 > self.capacity:
+            raise RequestError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                               f"the context of {self.capacity} tokens; lower max_new_tokens to at most "
+                               f"{self.capacity - len(ids) + 1}")
+        name, score = self.choose_profile(task, ids) if speculate else (None, None)
+        return self._stream(ids, name, score, sampler, max_new_tokens, stops)
+
+    def _stream(self, ids, name, score, sampler, max_new_tokens, stops) -> Iterator[StreamChunk]:
+        cache = self._acquire()
+        try:
+            drafter = self.drafters.get(name) if name else None
+            guard = SpeculationGuard(self.bundle.profiles[name].verify_cost) if drafter and self.use_guard else None
+            stats = DecodeStats()
+            t0 = time.perf_counter()
+            loop = decode(self.full.bind(cache), ids, max_new_tokens, sampler,
+                          drafter=drafter.bind(cache) if drafter else None,
+                          max_draft=drafter.policy.max_tokens if drafter else 0,
+                          stop_ids=self.stop_ids, guard=guard, stats=stats)
+            text_out = self.codec.stream()
+            out_ids: list[int] = []
+            shown = 0              # characters already yielded
+            finish, ttft, stop_at = "length", None, None
+            hold = max((len(s) for s in stops), default=1) - 1   # may be the start of a stop string
+            for new in loop:
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+                ended = new[-1] in self.stop_ids
+                if ended:
+                    new, finish = new[:-1], "stop"
+                out_ids.extend(new)
+                text_out.push(new)
+                stop_at = _find_stop(text_out.text, stops, shown)
+                if stop_at is not None or ended:
+                    break
+                safe = len(text_out.text) - hold
+                if safe > shown:
+                    yield StreamChunk(text_out.text[shown:safe], new)
+                    shown = safe
+                else:
+                    yield StreamChunk("", new)
+            loop.close()
+            total = time.perf_counter() - t0
+            if stop_at is None:
+                text_out.flush()
+                stop_at = _find_stop(text_out.text, stops, shown)
+            text = text_out.text if stop_at is None else text_out.text[:stop_at]
+            if stop_at is not None:
+                finish = "stop"
+            metrics = GenerationMetrics(
+                profile=name if drafter else None, speculative=drafter is not None,
+                prompt_tokens=len(ids), completion_tokens=len(out_ids),
+                draft_steps=stats.draft_steps, drafted_tokens=stats.drafted, accepted_tokens=stats.accepted,
+                acceptance_rate=stats.acceptance_rate, mean_accepted_tokens=stats.mean_accepted,
+                tokens_per_s=(stats.tokens - 1) / stats.decode_s if stats.decode_s > 0 else 0.0,
+                time_to_first_token_s=ttft or 0.0, total_s=total, guard_stopped_at=stats.guard_stopped_at,
+                selection_score=score)
+            result = GenerationResult(text, out_ids, finish, metrics, stats.accept_lengths)
+            yield StreamChunk(text[shown:], [], result)
+        finally:
+            self._release(cache)
+
+    # -- KV cache pool --------------------------------------------------------------------------
+    def _acquire(self) -> KVCache:
+        with self._lock:
+            if self._caches:
+                cache = self._caches.pop()
+                cache.reset()
+                return cache
+        return KVCache(self.spec, self.capacity, self.device)
+
+    def _release(self, cache: KVCache):
+        with self._lock:
+            self._caches.append(cache)
+
+
+def _find_stop(text: str, stops: list[str], start: int) -> int | None:
+    """Index of the earliest stop string in text that ends after `start`, or None."""
+    best = None
+    for s in stops:
+        i = text.find(s, max(0, start - len(s) + 1))
+        if i != -1 and (best is None or i < best):
+            best = i
+    return best

@@ -1,0 +1,122 @@
+"""Skip profiles: the JSON the compiler writes and model publishers ship (schema version 1).
+
+The JSON Schema in profiles/profile.schema.json documents the same structure; `Profile.from_json`
+is the check the runtime relies on, with errors that name the field at fault.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from .draftplan import PRECISIONS, DraftPlan
+from .drafter import DraftPolicy
+
+PROFILE_SCHEMA = "conflayers.profile"
+PROFILE_SCHEMA_VERSION = 1
+
+
+class ProfileError(ValueError):
+    pass
+
+
+def _need(d: dict, key: str, where: str, kind=None):
+    if not isinstance(d, dict) or key not in d:
+        raise ProfileError(f"profile field '{where}{key}' is missing")
+    v = d[key]
+    if kind is not None and not isinstance(v, kind):
+        raise ProfileError(f"profile field '{where}{key}' must be {getattr(kind, '__name__', kind)}, "
+                           f"got {type(v).__name__}")
+    return v
+
+
+@dataclass
+class Profile:
+    task: str
+    model: dict                      # name, architecture, num_layers, config_sha256, weights_sha256
+    plan: DraftPlan
+    policy: DraftPolicy
+    vocab_ids: list[int] | None      # draft vocabulary subset (None = full vocabulary)
+    raw: dict = field(repr=False, default_factory=dict)
+
+    @property
+    def figures(self) -> dict:
+        return self.raw.get("figures", {})
+
+    @property
+    def signature(self) -> dict[int, float]:
+        """Token-frequency signature of the calibration prompts (for task='auto')."""
+        sig = self.raw.get("selection", {}).get("signature", {})
+        return {int(k): float(v) for k, v in sig.items()}
+
+    def verify_cost(self, n: int) -> float:
+        """Cost of a full-graph pass over n tokens in units of a 1-token pass (compile-time
+        measurement on the target backend; linear fallback)."""
+        table = self.raw.get("cost_model", {}).get("verify_relative", [])
+        if n - 1 < len(table):
+            return float(table[n - 1])
+        if table:
+            return float(table[-1]) * (1.0 + 0.04 * (n - len(table)))
+        return 1.0 + 0.04 * (n - 1)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Profile":
+        if not isinstance(d, dict):
+            raise ProfileError("a profile must be a JSON object")
+        schema = d.get("schema")
+        if schema != PROFILE_SCHEMA:
+            raise ProfileError(f"not a conflayers profile (schema is {schema!r}, expected {PROFILE_SCHEMA!r})")
+        version = _need(d, "schema_version", "", int)
+        if version > PROFILE_SCHEMA_VERSION:
+            raise ProfileError(
+                f"profile schema version {version} is newer than this runtime reads "
+                f"(<= {PROFILE_SCHEMA_VERSION}); upgrade conflayers")
+        if version < 1:
+            raise ProfileError(f"profile schema version {version} is invalid")
+        task = _need(d, "task", "", str)
+        if not task or "/" in task or task.startswith("."):
+            raise ProfileError(f"profile task name {task!r} is invalid")
+        model = _need(d, "model", "", dict)
+        for k in ("architecture", "config_sha256", "weights_sha256"):
+            _need(model, k, "model.", str)
+        num_layers = _need(model, "num_layers", "model.", int)
+        draft = _need(d, "draft", "", dict)
+        precision = _need(draft, "precision", "draft.", str)
+        if precision not in PRECISIONS:
+            raise ProfileError(f"profile field 'draft.precision' must be one of {PRECISIONS}, got {precision!r}")
+        try:
+            plan = DraftPlan.from_json(draft, num_layers)
+            policy = DraftPolicy(max_tokens=int(_need(draft, "max_draft_tokens", "draft.", int)),
+                                 confidence_stop=draft.get("confidence_stop"))
+        except ValueError as e:
+            raise ProfileError(f"profile field 'draft' is invalid: {e}") from None
+        vocab = draft.get("vocab_subset")
+        vocab_ids = None
+        if vocab is not None:
+            vocab_ids = _need(vocab, "token_ids", "draft.vocab_subset.", list)
+            if not vocab_ids or not all(isinstance(t, int) and t >= 0 for t in vocab_ids):
+                raise ProfileError("profile field 'draft.vocab_subset.token_ids' must be non-negative ints")
+            if len(set(vocab_ids)) != len(vocab_ids):
+                raise ProfileError("profile field 'draft.vocab_subset.token_ids' has duplicates")
+        return cls(task=task, model=model, plan=plan, policy=policy, vocab_ids=vocab_ids, raw=d)
+
+    @classmethod
+    def load(cls, path: str) -> "Profile":
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            raise ProfileError(f"profile file {path} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise ProfileError(f"profile file {path} is not valid JSON: {e}") from None
+        try:
+            return cls.from_json(d)
+        except ProfileError as e:
+            raise ProfileError(f"{path}: {e}") from None
+
+    def matches_model(self, model: dict) -> str | None:
+        """None if this profile was made for `model` (a manifest's model section), else why not."""
+        for k in ("architecture", "num_layers", "config_sha256", "weights_sha256"):
+            if self.model.get(k) != model.get(k):
+                return (f"profile '{self.task}' was compiled for another model: {k} is "
+                        f"{self.model.get(k)!r}, the bundle's model has {model.get(k)!r}")
+        return None

@@ -1,0 +1,107 @@
+"""Text in and out without transformers: tokenizers for ids, jinja2 for chat templates.
+
+Chat templates render as transformers renders them (sandboxed jinja2, trim_blocks, lstrip_blocks,
+raise_exception/strftime_now helpers), then tokenise without adding special tokens again.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+
+from tokenizers import Tokenizer
+
+ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+class ChatError(ValueError):
+    pass
+
+
+def validate_messages(messages) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise ChatError("messages must be a non-empty list of {role, content} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ChatError(f"messages[{i}] must be an object with 'role' and 'content'")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise ChatError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
+        if isinstance(content, list):   # OpenAI content parts: keep the text parts
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise ChatError(f"messages[{i}].content parts must be {{type: 'text', text: str}}")
+        elif not isinstance(content, str):
+            raise ChatError(f"messages[{i}].content must be a string, got {type(content).__name__}")
+    return [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str)
+             else "".join(p["text"] for p in m["content"])} for m in messages]
+
+
+class TextCodec:
+    def __init__(self, tokenizer_file: str, chat_template: str | None = None, bos_token: str | None = None,
+                 eos_token: str | None = None):
+        self.tok = Tokenizer.from_file(tokenizer_file)
+        self.chat_template = chat_template
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self._template = None
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=True).ids
+
+    def render_chat(self, messages, add_generation_prompt: bool = True) -> str:
+        messages = validate_messages(messages)
+        if not self.chat_template:
+            raise ChatError("this model has no chat template: send a plain prompt instead of messages")
+        if self._template is None:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(msg):
+                raise ChatError(f"chat template refused the messages: {msg}")
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(
+                x, indent=indent, ensure_ascii=ensure_ascii)
+            env.globals["raise_exception"] = raise_exception
+            env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+            self._template = env.from_string(self.chat_template)
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+    def encode_chat(self, messages) -> list[int]:
+        return self.tok.encode(self.render_chat(messages), add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def stream(self) -> "StreamDecoder":
+        return StreamDecoder(self)
+
+
+class StreamDecoder:
+    """Incremental detokenisation: emits text only once it is final (no half UTF-8 characters,
+    no pieces that a later token merges differently). The concatenated deltas equal decode(ids)."""
+
+    def __init__(self, codec: TextCodec):
+        self.codec = codec
+        self.ids: list[int] = []
+        self.prefix = 0      # start of the window decoded for context
+        self.read = 0        # end of the ids already emitted
+        self.text = ""       # everything emitted so far
+
+    def push(self, new_ids) -> str:
+        self.ids.extend(new_ids)
+        before = self.codec.decode(self.ids[self.prefix:self.read])
+        after = self.codec.decode(self.ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd") and after.startswith(before):
+            self.prefix, self.read = self.read, len(self.ids)
+            delta = after[len(before):]
+            self.text += delta
+            return delta
+        return ""
+
+    def flush(self) -> str:
+        """The rest of the text at the end of generation (decodes everything once)."""
+        full = self.codec.decode(self.ids)
+        self.prefix = self.read = len(self.ids)
+        delta = full[len(self.text):] if full.startswith(self.text) else ""
+        self.text += delta
+        return delta
