@@ -155,7 +155,7 @@ class Engine:
             sampler = Sampler(temperature, top_p, top_k, seed)
         except ValueError as e:
             raise RequestError(str(e)) from None
-        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise RequestError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if not all(isinstance(s, str) and s for s in stops):
@@ -168,14 +168,22 @@ class Engine:
             raise RequestError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
                                f"the context of {self.capacity} tokens; lower max_new_tokens to at most "
                                f"{self.capacity - len(ids) + 1}")
-        name, score = self.choose_profile(task, ids) if speculate else (None, None)
-        return self._stream(ids, name, score, sampler, max_new_tokens, stops)
+        name, score = self.choose_profile(task, ids)      # also rejects an unknown task
+        if not speculate:
+            name, score = None, None
+        # The guard decides from timings; when it turns drafting off mid-request, sampled output
+        # takes another random path. A seeded sampled request must be reproducible: no guard.
+        return self._stream(ids, name, score, sampler, max_new_tokens, stops,
+                            use_guard=sampler.greedy or seed is None)
 
-    def _stream(self, ids, name, score, sampler, max_new_tokens, stops) -> Iterator[StreamChunk]:
+    def _stream(self, ids, name, score, sampler, max_new_tokens, stops,
+                use_guard: bool = True) -> Iterator[StreamChunk]:
         cache = self._acquire()
+        loop = None
         try:
             drafter = self.drafters.get(name) if name else None
-            guard = SpeculationGuard(self.bundle.profiles[name].verify_cost) if drafter and self.use_guard else None
+            guard = (SpeculationGuard(self.bundle.profiles[name].verify_cost)
+                     if drafter and self.use_guard and use_guard else None)
             stats = DecodeStats()
             t0 = time.perf_counter()
             loop = decode(self.full.bind(cache), ids, max_new_tokens, sampler,
@@ -223,6 +231,8 @@ class Engine:
             result = GenerationResult(text, out_ids, finish, metrics, stats.accept_lengths)
             yield StreamChunk(text[shown:], [], result)
         finally:
+            if loop is not None:
+                loop.close()          # stop the decoding loop before its cache goes back to the pool
             self._release(cache)
 
     # -- KV cache pool --------------------------------------------------------------------------

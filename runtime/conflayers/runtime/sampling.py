@@ -7,16 +7,34 @@ output distribution then equals sampling from the full model's (processed) distr
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import numpy as np
+
+
+def _finite(name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _integer(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {v!r}")
+    return int(v)
 
 
 class Sampler:
     def __init__(self, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None):
-        if temperature is None or temperature < 0:
+        temperature, top_p, top_k = _finite("temperature", temperature), _finite("top_p", top_p), _integer("top_k", top_k)
+        if seed is not None:
+            seed = _integer("seed", seed)
+        if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if not (0.0 < top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if top_k is None or top_k < 0:
+        if top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {top_k}")
         self.temperature = float(temperature)
         self.top_p = float(top_p)

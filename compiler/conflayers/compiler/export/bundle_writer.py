@@ -102,13 +102,14 @@ class BundleWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            self.abort()
+        if exc_type is not None or not self._closed:
+            self.abort()          # failed, or never published: leave nothing half-written
         return False
 
     def abort(self):
         self.stores.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if os.path.isdir(self.tmp):
+            shutil.rmtree(self.tmp, ignore_errors=True)
         self._closed = True
 
     # -- contents ---------------------------------------------------------------------------------
@@ -178,7 +179,10 @@ class BundleWriter:
         self.tokenizer = entry
 
     # -- finish ---------------------------------------------------------------------------------
-    def commit(self) -> str:
+    def finalize(self) -> str:
+        """Write the manifest (checksums of everything written so far) into the temporary
+        directory and return its path: the bundle is complete there and can be loaded by the
+        runtime for validation. Call again after further writes; publish() moves it into place."""
         if self.graphs["full"] is None:
             raise RuntimeError("write_full() was not called")
         self.stores.close()
@@ -187,6 +191,8 @@ class BundleWriter:
             for n in sorted(names):
                 full = os.path.join(root, n)
                 rel = os.path.relpath(full, self.tmp).replace(os.sep, "/")
+                if rel == MANIFEST:
+                    continue
                 files[rel] = {"sha256": sha256_file(full), "bytes": os.path.getsize(full)}
         manifest = {
             "format": BUNDLE_FORMAT,
@@ -204,7 +210,12 @@ class BundleWriter:
         }
         with open(os.path.join(self.tmp, MANIFEST), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=1)
-        # Swap into place: the old bundle is moved aside first and removed only after the rename.
+        return self.tmp
+
+    def publish(self) -> str:
+        """Move the finished bundle into place. The old bundle (if any) is moved aside first and
+        removed only after the new one is in place."""
+        self.finalize()
         old = None
         if os.path.exists(self.out):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out)}.old-", dir=os.path.dirname(self.out))
@@ -214,3 +225,35 @@ class BundleWriter:
             shutil.rmtree(old, ignore_errors=True)
         self._closed = True
         return self.out
+
+    commit = publish
+
+
+def model_identity(name: str, spec: ModelSpec, fp: dict) -> dict:
+    """The model section of profiles: what a profile must match to be used with a bundle."""
+    return {"name": name, "architecture": spec.architecture, "num_layers": spec.num_layers,
+            "config_sha256": fp["config_sha256"], "weights_sha256": fp["weights_sha256"]}
+
+
+def write_bundle(out: str, spec: ModelSpec, weights: dict[str, np.ndarray], model_info: dict,
+                 tokenizer_dir: str, tokens: dict, profiles: list[dict], max_context: int,
+                 force: bool = False, default_profile: str | None = None,
+                 extra_files: dict[str, bytes] | None = None) -> str:
+    """Export-only path: full graph + the drafts of `profiles` + tokenizer, written atomically.
+    `tokens`: bos_token, eos_token, bos_token_id, eos_token_ids. Profiles already in an existing
+    bundle at `out` (same model) are kept unless a new profile has the same task."""
+    keep = []
+    if check_output_dir(out, force, model_info) == "bundle":
+        from conflayers.runtime.bundle import Bundle
+        old = Bundle.open(out, verify=False)
+        new_tasks = {p["task"] for p in profiles}
+        keep = [p.raw for t, p in sorted(old.profiles.items()) if t not in new_tasks]
+        default_profile = default_profile or (old.default_profile if old.default_profile not in new_tasks else None)
+    with BundleWriter(out, spec, weights, model_info, max_context, force) as bw:
+        bw.write_full()
+        for p in profiles + keep:
+            bw.add_profile(p, default=p["task"] == default_profile)
+        bw.write_tokenizer(tokenizer_dir, **tokens)
+        for rel, data in (extra_files or {}).items():
+            bw.write_bytes(rel, data)
+        return bw.commit()

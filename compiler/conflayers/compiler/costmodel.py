@@ -1,0 +1,123 @@
+"""What drafting and verifying cost on the target backend, measured, and the speed they predict.
+
+A draft step costs: embedding + final norm (a body with no layers), plus per kept attention block
+and per kept MLP block (measured from bodies that keep only attention or only MLPs), plus the head
+for its vocabulary. A verify pass of n tokens costs full(n). Timings are medians of interleaved
+repetitions at a representative context length, so machine noise hits every configuration alike.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from conflayers.runtime.draftplan import DraftPlan
+from conflayers.runtime.ort_backend import KVCache
+
+from .evaluate import PolicyResult
+
+
+@dataclass
+class CostModel:
+    context: int                                  # tokens of past the timings were taken at
+    full_ms: list                                 # full_ms[n-1]: full graph over n new tokens
+    base_ms: dict = field(default_factory=dict)   # precision -> body with no layers
+    attn_ms: dict = field(default_factory=dict)   # precision -> one attention block
+    mlp_ms: dict = field(default_factory=dict)    # precision -> one MLP block
+    head_ms: dict = field(default_factory=dict)   # precision -> {vocab size (str): ms}
+    backend: str = "onnxruntime-cpu"
+
+    def verify_ms(self, n: float) -> float:
+        """Full-graph pass over n tokens (interpolated for a mean width, extrapolated beyond)."""
+        widths = np.arange(1, len(self.full_ms) + 1)
+        if n <= len(self.full_ms):
+            return float(np.interp(n, widths, self.full_ms))
+        slope = (self.full_ms[-1] - self.full_ms[0]) / max(len(self.full_ms) - 1, 1)
+        return self.full_ms[-1] + slope * (n - len(self.full_ms))
+
+    def head_cost(self, precision: str, vocab: int) -> float:
+        table = {int(k): v for k, v in self.head_ms[precision].items()}
+        if vocab in table:
+            return table[vocab]
+        sizes = sorted(table)
+        return float(np.interp(vocab, sizes, [table[s] for s in sizes]))
+
+    def draft_ms(self, plan: DraftPlan, vocab: int) -> float:
+        n_attn = sum(plan.keeps_attention(i) for i in range(plan.num_layers))
+        n_mlp = sum(plan.keeps_mlp(i) for i in range(plan.num_layers))
+        p = plan.precision
+        return self.base_ms[p] + n_attn * self.attn_ms[p] + n_mlp * self.mlp_ms[p] + self.head_cost(p, vocab)
+
+    def speedup(self, result: PolicyResult, draft_ms: float) -> float:
+        """Predicted tokens/s of speculative decoding relative to plain decoding."""
+        if result.steps == 0:
+            return 0.0
+        tokens = result.accepted + result.steps
+        avg_drafted = result.drafted / result.steps
+        # verify width varies per step; use the mean width (full_ms is near-linear in n)
+        step_ms = avg_drafted * draft_ms + self.verify_ms(avg_drafted + 1)
+        return (tokens / result.steps) / (step_ms / self.full_ms[0])
+
+    def verify_relative(self) -> list:
+        return [round(v / self.full_ms[0], 4) for v in self.full_ms]
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["verify_relative"] = self.verify_relative()
+        return d
+
+
+def _time(fn, reps: int) -> float:
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts)) * 1000.0
+
+
+def measure(factory, spec, context: int, max_verify: int, precisions, vocab_sizes, reps: int = 12,
+            progress=None) -> CostModel:
+    """Time the full graph (1..max_verify tokens) and the draft building blocks per precision."""
+    cache = KVCache(spec, context + max_verify + 2)
+    rng = np.random.default_rng(0)
+    prefix = rng.integers(10, spec.vocab_size - 10, context).tolist()
+    full = factory.full().bind(cache)
+    full.run(prefix, 0, logits_from=context - 1)
+    jobs = {}
+    for n in range(1, max_verify + 1):
+        jobs[("full", n)] = (lambda n=n: full.run(prefix[:n], context))
+    L = spec.num_layers
+    everything = list(range(L))
+    for p in precisions:
+        shapes = {"none": DraftPlan(L, skip_layers=everything, precision=p),
+                  "attn": DraftPlan(L, skip_mlp=everything, precision=p),
+                  "mlp": DraftPlan(L, skip_attention=everything, precision=p)}
+        for name, plan in shapes.items():
+            body = factory.body(plan).bind(cache)
+            jobs[(p, name)] = (lambda b=body: b.run(prefix[:1], context))
+            if progress:
+                progress(1)
+        hidden = np.zeros((1, 1, spec.hidden_size), np.float32)
+        for v in vocab_sizes:
+            ids = None if v >= spec.vocab_size else np.arange(v)
+            head = factory.head(p, ids)
+            jobs[(p, "head", v)] = (lambda h=head: h.run_head(hidden))
+            if progress:
+                progress(1)
+    for fn in jobs.values():     # warm up
+        fn()
+    samples = {k: [] for k in jobs}
+    for _ in range(reps):        # interleaved: noise hits every configuration alike
+        for k, fn in jobs.items():
+            samples[k].append(_time(fn, 1))
+    med = {k: float(np.median(v)) for k, v in samples.items()}
+    cm = CostModel(context=context, full_ms=[round(med[("full", n)], 3) for n in range(1, max_verify + 1)])
+    for p in precisions:
+        base = med[(p, "none")]
+        cm.base_ms[p] = round(base, 3)
+        cm.attn_ms[p] = round(max(med[(p, "attn")] - base, 0.0) / L, 4)
+        cm.mlp_ms[p] = round(max(med[(p, "mlp")] - base, 0.0) / L, 4)
+        cm.head_ms[p] = {str(v): round(med[(p, "head", v)], 3) for v in vocab_sizes}
+    return cm

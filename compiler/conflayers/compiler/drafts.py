@@ -1,0 +1,72 @@
+"""Graphs and sessions for the search: the full graph and any candidate draft, on demand.
+
+Candidate drafts are built in a work directory over one set of weights files (the same builder
+and runtime classes as the shipped bundle), so the search measures exactly what will ship.
+Sessions of candidate bodies are few at a time: each holds its own prepacked weights.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+import numpy as np
+import onnx
+
+from conflayers.runtime.draftplan import DraftPlan
+from conflayers.runtime.ort_backend import GraphRunner, create_session
+
+from .export.decoder_graph import WeightStores, build
+
+
+class DraftFactory:
+    def __init__(self, workdir: str, spec, weights: dict, max_context: int, providers: list[str],
+                 keep_sessions: int = 3):
+        self.dir = workdir
+        self.spec = spec
+        self.max_context = max_context
+        self.providers = providers
+        self.stores = WeightStores(workdir, weights)
+        self._full = None
+        self._bodies: OrderedDict[str, GraphRunner] = OrderedDict()
+        self._heads: dict[str, GraphRunner] = {}
+        self.keep = keep_sessions
+
+    def _open(self, model: onnx.ModelProto, name: str) -> str:
+        path = os.path.join(self.dir, name)
+        onnx.save(model, path)
+        for f in self.stores.files.values():
+            f.flush()                      # the session reads the weights written so far
+        return path
+
+    def full(self) -> GraphRunner:
+        if self._full is None:
+            path = self._open(build(self.spec, self.stores, None, "full", max_context=self.max_context), "full.onnx")
+            self._full = GraphRunner(create_session(path, self.providers), list(range(self.spec.num_layers)), "logits")
+        return self._full
+
+    def body(self, plan: DraftPlan) -> GraphRunner:
+        key = plan.key
+        if key in self._bodies:
+            self._bodies.move_to_end(key)
+            return self._bodies[key]
+        path = self._open(build(self.spec, self.stores, plan, "body", max_context=self.max_context), f"draft_{key}.onnx")
+        runner = GraphRunner(create_session(path, self.providers), plan.kv_layers, "hidden")
+        self._bodies[key] = runner
+        while len(self._bodies) > self.keep:
+            self._bodies.popitem(last=False)
+        return runner
+
+    def head(self, precision: str, vocab_ids=None) -> GraphRunner:
+        rows = None if vocab_ids is None else np.asarray(vocab_ids, np.int64)
+        key = f"{precision}-{'full' if rows is None else len(rows)}-{0 if rows is None else int(rows.sum()) % 100003}"
+        if key not in self._heads:
+            plan = DraftPlan(self.spec.num_layers, precision=precision)
+            path = self._open(build(self.spec, self.stores, plan, "head", head_rows=rows), f"head_{key}.onnx")
+            self._heads[key] = GraphRunner(create_session(path, self.providers), [], "logits")
+        return self._heads[key]
+
+    def close(self):
+        self._bodies.clear()
+        self._heads.clear()
+        self._full = None
+        self.stores.close()

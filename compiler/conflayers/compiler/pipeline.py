@@ -1,0 +1,442 @@
+"""conflayers-compile, step by step: resolve -> calibrate -> measure -> search -> export ->
+validate through the runtime -> report. Each phase is timed; the times go into the profile."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from conflayers.runtime.draftplan import DraftPlan
+from conflayers.runtime.ort_backend import resolve_providers
+
+from . import __version__
+from .search import SearchSettings
+
+PROFILE_SCHEMA_VERSION = 1
+
+
+@dataclass
+class CompileOptions:
+    model: str = "smollm2-135m-instruct"
+    calib: str = "gsm8k"
+    task: str | None = None
+    out: str | None = None
+    num_prompts: int = 16
+    validation_prompts: int = 6
+    max_new_tokens: int = 128
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_context: int = 4096
+    chat: bool | None = None
+    force: bool = False
+    profiles: list = field(default_factory=list)     # export-only: shipped profile JSON paths
+    settings: SearchSettings = field(default_factory=SearchSettings)
+    quiet: bool = False
+
+
+def task_name(calib: str) -> str:
+    """A profile name from the calibration spec: gsm8k, spec_bench-qa, my_prompts (file stem)."""
+    if os.path.exists(calib):
+        base = os.path.splitext(os.path.basename(calib))[0]
+    else:
+        base = calib.replace(":", "-")
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", base).strip("._-")
+    return name or "task"
+
+
+class Log:
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.t0 = time.perf_counter()
+        self.phases: dict[str, float] = {}
+        self._start = None
+        self._name = None
+
+    def __call__(self, msg: str):
+        if not self.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    def phase(self, name: str):
+        self.end()
+        self._name, self._start = name, time.perf_counter()
+        self(f"[{time.perf_counter() - self.t0:6.1f}s] {name}")
+
+    def end(self):
+        if self._name is not None:
+            self.phases[self._name] = round(time.perf_counter() - self._start, 1)
+            self._name = None
+
+    def bar(self, total: int, desc: str):
+        from tqdm import tqdm
+        return tqdm(total=total, desc=desc, disable=self.quiet, file=sys.stderr, leave=False)
+
+
+def _prompt_ids(tokenizer, prompt, chat: bool) -> list[int]:
+    """Token ids exactly as the runtime's TextCodec makes them (render, then encode)."""
+    from .data import chat_messages
+    if chat:
+        text = tokenizer.apply_chat_template(chat_messages(prompt), add_generation_prompt=True, tokenize=False)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(prompt.text)["input_ids"])
+
+
+def compile_profile(opts: CompileOptions) -> str:
+    """The whole compile. Returns the bundle path."""
+    import torch
+
+    from . import confidence, costmodel, data, models, report, vocab
+    from .arch import canonical_weights, model_spec
+    from .drafts import DraftFactory
+    from .evaluate import decode_and_measure, make_references
+    from .export.bundle_writer import BundleWriter, check_output_dir, fingerprint, model_identity
+    from .search import run_search
+
+    log = Log(opts.quiet)
+    s = opts.settings
+    providers = resolve_providers(opts.device)
+    task = opts.task or task_name(opts.calib)
+
+    log.phase(f"resolve model {opts.model}")
+    resolved = models.resolve_model(opts.model, progress=not opts.quiet)
+    hf_model, tokenizer = models.load_model(resolved, opts.dtype)
+    spec = model_spec(hf_model.config)
+    s.validate(spec.num_layers)
+    weights = canonical_weights(spec, hf_model.state_dict())
+    fp = fingerprint(spec, weights)
+    identity = model_identity(resolved.name, spec, fp)
+    out = opts.out or os.path.join("bundles", resolved.name)
+    check_output_dir(out, opts.force, fp)       # refuse early, before minutes of work
+    chat = opts.chat if opts.chat is not None else bool(getattr(tokenizer, "chat_template", None))
+    max_context = min(opts.max_context, spec.max_position_embeddings)
+    stop_ids = frozenset(_eos_ids(hf_model, tokenizer))
+
+    log.phase(f"calibration data {opts.calib}")
+    pool = data.load_prompts(opts.calib, "calibration")
+    chosen = data.pick(pool, opts.num_prompts, opts.seed)
+    n_val = opts.validation_prompts
+    search_prompts, val_prompts = data.split(chosen, opts.num_prompts - n_val, n_val, opts.seed)
+    if len(search_prompts) < 2:
+        raise ValueError(f"--num-prompts {opts.num_prompts} with --validation-prompts {n_val} leaves "
+                         f"{len(search_prompts)} search prompts; at least 2 are needed")
+    search_ids = [_prompt_ids(tokenizer, p, chat) for p in search_prompts]
+    val_ids = [_prompt_ids(tokenizer, p, chat) for p in val_prompts]
+    too_long = [i for i, ids in enumerate(search_ids + val_ids) if len(ids) + opts.max_new_tokens > max_context]
+    if too_long:
+        raise ValueError(f"{len(too_long)} calibration prompts do not fit in --max-context {max_context} "
+                         f"with --max-new-tokens {opts.max_new_tokens}")
+    used = {p.uid for p in search_prompts + val_prompts}
+    pool_rest = [p for p in pool if p.uid not in used][:2000]
+
+    workdir = tempfile.mkdtemp(prefix="conflayers-work-")
+    try:
+        factory = DraftFactory(workdir, spec, weights, max_context, providers)
+        log.phase("export full graph + reference decoding (full model, greedy)")
+        full = factory.full()
+        with log.bar(len(search_ids) + len(val_ids), "reference decoding") as bar:
+            refs = make_references(full, spec, search_ids, opts.max_new_tokens, stop_ids, bar.update)
+            val_refs = make_references(full, spec, val_ids, opts.max_new_tokens, stop_ids, bar.update)
+
+        log.phase(f"per-layer confidence (last W={s.context_window} tokens of each context)")
+        contexts = [r.sequence for r in refs]
+        short = [len(c) for c in contexts if len(c) < s.context_window]
+        if len(short) == len(contexts):
+            raise ValueError(f"every calibration context is shorter than the confidence window "
+                             f"W={s.context_window} tokens (longest {max(len(c) for c in contexts)}); "
+                             "lower --context-window or raise --max-new-tokens")
+        contexts = [c for c in contexts if len(c) >= s.context_window]
+        attn, mlp = confidence.layer_confidences(hf_model, spec.architecture, contexts, s.context_window)
+        del hf_model
+        torch.set_num_threads(1)
+
+        log.phase("cost model (timings on " + providers[0] + ")")
+        vocab_sizes = sorted(set(v for v in s.vocab_sizes if v < spec.vocab_size)) + [spec.vocab_size]
+        ctx_len = int(np.mean([len(r.sequence) for r in refs]))
+        cost = costmodel.measure(factory, spec, ctx_len, s.k_max + 1, s.precisions, vocab_sizes)
+        log(f"  full step {cost.full_ms[0]:.1f} ms, verify {s.k_max + 1} tokens {cost.full_ms[-1]:.1f} ms; "
+            + "; ".join(f"{p} draft (all layers, full vocab) "
+                        f"{cost.draft_ms(DraftPlan(spec.num_layers, precision=p), spec.vocab_size):.1f} ms"
+                        for p in s.precisions))
+
+        log.phase("search")
+        special = sorted(stop_ids)
+        pool_counts = vocab.counts([_prompt_ids(tokenizer, p, False) for p in pool_rest], spec.vocab_size)
+        ref_tokens = [r.prompt + r.output for r in refs]
+        options = vocab.leave_one_out_options(ref_tokens, pool_counts, s.vocab_sizes, spec.vocab_size, special)
+        result = run_search(factory, spec, refs, opts.max_new_tokens, cost, s, options, attn, mlp, log=log)
+        best = result.best
+        vocab_ids = None
+        if best.choice.vocab is not None:
+            all_counts = pool_counts + vocab.counts(ref_tokens, spec.vocab_size)
+            vocab_ids = vocab.top_ids(all_counts, best.choice.vocab, special).tolist()
+        log(f"  chosen: {describe_choice(best)}")
+
+        log.phase("export bundle")
+        raw_counts = vocab.counts([_prompt_ids(tokenizer, p, False) for p in search_prompts + pool_rest],
+                                  spec.vocab_size)
+        profile = build_profile(task, identity, opts, resolved, best, result, cost, attn, mlp, vocab_ids,
+                                raw_counts, special, log, search_prompts, val_prompts, chat)
+        factory.close()
+        tok_dir = os.path.join(workdir, "tokenizer")
+        tokenizer.save_pretrained(tok_dir)
+        if not os.path.isfile(os.path.join(tok_dir, "generation_config.json")) and os.path.isfile(
+                os.path.join(resolved.path, "generation_config.json")):
+            shutil.copyfile(os.path.join(resolved.path, "generation_config.json"),
+                            os.path.join(tok_dir, "generation_config.json"))
+        tokens = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
+                  "bos_token_id": tokenizer.bos_token_id, "eos_token_ids": sorted(stop_ids)}
+        with BundleWriter(out, spec, weights, {"name": resolved.name, "source": resolved.source, **fp},
+                          max_context, opts.force) as bw:
+            bw.write_full()
+            keep = _existing_profiles(bw, task)
+            for p in keep:
+                bw.add_profile(p)
+            bw.add_profile(profile, default=not keep)
+            bw.write_tokenizer(tok_dir, **tokens)
+            tmp = bw.finalize()
+
+            log.phase("validation through the runtime (plain vs speculative, validation prompts)")
+            figures = validate(tmp, task, val_prompts, val_refs, opts.max_new_tokens, chat, log)
+            profile["figures"].update(figures)
+            profile["compile_seconds"] = {**log.phases}
+            bw.add_profile(profile, default=not keep)
+            log.phase("report")
+            for rel, blob in report.render(profile, result, cost).items():
+                bw.write_bytes(f"report/{task}/{rel}", blob)
+            log.end()
+            profile["compile_seconds"] = {**log.phases}
+            bw.add_profile(profile, default=not keep)
+            path = bw.publish()
+        log(f"bundle written to {path}")
+        log(f"  {task}: predicted x{profile['figures']['predicted_speedup']:.2f}, "
+            f"measured x{figures['measured_speedup']:.2f} "
+            f"on {figures['validation_prompts']} validation prompts, identical to plain decoding: "
+            f"{figures['identical_to_plain']}")
+        return path
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def export_profiles(opts: CompileOptions) -> str:
+    """Export only: a bundle from shipped profiles, without re-running the search. Each profile
+    must have been compiled for this model (fingerprint check)."""
+    from conflayers.runtime.profile import Profile, ProfileError
+
+    from . import models
+    from .arch import canonical_weights, model_spec
+    from .export.bundle_writer import BundleWriter, fingerprint, model_identity
+
+    log = Log(opts.quiet)
+    loaded = []
+    for path in opts.profiles:
+        try:
+            loaded.append(Profile.load(path))
+        except ProfileError as e:
+            raise ValueError(str(e)) from None
+    log.phase(f"resolve model {opts.model}")
+    resolved = models.resolve_model(opts.model, progress=not opts.quiet)
+    hf_model, tokenizer = models.load_model(resolved, "float32")
+    spec = model_spec(hf_model.config)
+    weights = canonical_weights(spec, hf_model.state_dict())
+    fp = fingerprint(spec, weights)
+    identity = model_identity(resolved.name, spec, fp)
+    for path, prof in zip(opts.profiles, loaded):
+        why = prof.matches_model(identity)
+        if why:
+            raise ValueError(f"{path}: {why}; compile a profile for this model instead")
+    stop_ids = frozenset(_eos_ids(hf_model, tokenizer))
+    out = opts.out or os.path.join("bundles", resolved.name)
+    max_context = min(opts.max_context, spec.max_position_embeddings)
+    log.phase("export bundle")
+    workdir = tempfile.mkdtemp(prefix="conflayers-export-")
+    try:
+        tok_dir = os.path.join(workdir, "tokenizer")
+        tokenizer.save_pretrained(tok_dir)
+        tokens = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
+                  "bos_token_id": tokenizer.bos_token_id, "eos_token_ids": sorted(stop_ids)}
+        with BundleWriter(out, spec, weights, {"name": resolved.name, "source": resolved.source, **fp},
+                          max_context, opts.force) as bw:
+            bw.write_full()
+            new = {p.task for p in loaded}
+            for p in _existing_profiles(bw, None):
+                if p["task"] not in new:
+                    bw.add_profile(p)
+            for i, p in enumerate(loaded):
+                bw.add_profile(p.raw, default=i == 0 and bw.default_profile is None)
+            bw.write_tokenizer(tok_dir, **tokens)
+            path = bw.publish()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    log.end()
+    log(f"bundle written to {path} ({', '.join(sorted(new))}; export took {sum(log.phases.values()):.0f} s)")
+    return path
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = set()
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    for e in (eos if isinstance(eos, (list, tuple)) else [eos]):
+        if e is not None:
+            ids.add(int(e))
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return sorted(ids)
+
+
+def _existing_profiles(bw, task: str) -> list[dict]:
+    """Profiles already in the bundle at --out (same model): kept, except the one being rebuilt."""
+    if bw.mode != "bundle":
+        return []
+    from conflayers.runtime.bundle import Bundle
+    old = Bundle.open(bw.out, verify=False)
+    return [p.raw for t, p in sorted(old.profiles.items()) if t != task]
+
+
+def describe_choice(c) -> str:
+    p = c.plan
+    skipped = list(p.skip_layers)
+    extra = []
+    if p.skip_mlp:
+        extra.append(f"MLP of {list(p.skip_mlp)}")
+    if p.skip_attention:
+        extra.append(f"attention of {list(p.skip_attention)}")
+    ch = c.choice
+    return (f"{p.precision} draft skipping layers {skipped or 'none'}"
+            + (f" and the {' and '.join(extra)}" if extra else "")
+            + f", k={ch.k}, confidence stop={ch.confidence_stop}, vocabulary={ch.vocab or 'full'}"
+            + f" (found by: {c.origin}); predicted x{ch.speedup:.2f}")
+
+
+def build_profile(task, identity, opts, resolved, best, result, cost, attn, mlp, vocab_ids, raw_counts,
+                  special, log, search_prompts, val_prompts, chat) -> dict:
+    from . import data
+    s = opts.settings
+    ch = best.choice
+    sig_order = np.argsort(-raw_counts)
+    sig = {}
+    for t in sig_order[:256]:
+        if raw_counts[t] == 0:
+            break
+        if int(t) not in special:
+            sig[str(int(t))] = int(raw_counts[t])
+    total = sum(sig.values()) or 1
+    signature = {k: round(v / total, 6) for k, v in sig.items()}
+    phase1 = result.phase1_best
+    note = None
+    if not (best.plan.skip_layers or best.plan.skip_mlp or best.plan.skip_attention):
+        note = ("no layer is skipped: on this model and hardware every skip set measured cost more "
+                "acceptance than it saved time; the draft's speed comes from its precision"
+                + (" and vocabulary subset" if ch.vocab else ""))
+    return {
+        "schema": "conflayers.profile",
+        "schema_version": PROFILE_SCHEMA_VERSION,
+        "task": task,
+        "model": identity,
+        "calibration": {
+            "source": opts.calib, "data": data.describe(opts.calib, "calibration"),
+            "num_prompts": opts.num_prompts, "search_prompts": len(search_prompts),
+            "validation_prompts": len(val_prompts), "seed": opts.seed, "max_new_tokens": opts.max_new_tokens,
+            "chat_template": chat, "search_uids": [p.uid for p in search_prompts],
+            "validation_uids": [p.uid for p in val_prompts],
+        },
+        "draft": {
+            **best.plan.to_json(),
+            "max_draft_tokens": ch.k,
+            "confidence_stop": ch.confidence_stop,
+            "vocab_subset": None if vocab_ids is None else {"size": len(vocab_ids), "token_ids": vocab_ids},
+        },
+        "search": {
+            "strategy": best.origin.split(" ")[0],
+            "found_by": best.origin,
+            "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(s).items()},
+            "stop_reason": result.stop_reason,
+            "final_lambda": result.final_lambda,
+            "iterations": result.iterations,
+            "phase1_best": None if phase1 is None else {
+                "skip_layers": list(phase1.plan.skip_layers), "acceptance": round(phase1.paper["acceptance"], 4),
+                "mean_accepted": round(phase1.paper["mean_accepted"], 4),
+                "predicted_speedup": round(phase1.choice.speedup, 4)},
+            "candidates": [{
+                "origin": c.origin, **c.plan.to_json(), "complete": c.record.complete,
+                "k": c.choice.k, "confidence_stop": c.choice.confidence_stop, "vocab": c.choice.vocab,
+                "acceptance": round(c.choice.acceptance, 4), "mean_accepted": round(c.choice.mean_accepted, 4),
+                "predicted_speedup": round(c.choice.speedup, 4)} for c in result.candidates],
+            "seconds": result.seconds,
+            "note": note,
+        },
+        "confidence": {
+            "window": s.context_window,
+            "attention": [round(float(x), 6) for x in attn.mean(axis=0)],
+            "mlp": [round(float(x), 6) for x in mlp.mean(axis=0)],
+            "layer": result.mean_confidence,
+            "thresholds": result.thresholds,
+            "lambda": result.final_lambda,
+            "ranking": result.ranking,
+        },
+        "cost_model": cost.to_json(),
+        "figures": {
+            "split": "validation",
+            "search_acceptance": round(ch.acceptance, 4),
+            "search_mean_accepted_tokens": round(ch.mean_accepted, 4),
+            "predicted_speedup": round(ch.speedup, 4),
+        },
+        "selection": {"method": "token-frequency cosine (see conflayers/runtime/selection.py)",
+                      "signature": signature},
+        "compiler_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def validate(bundle_dir: str, task: str, val_prompts, val_refs, max_new_tokens: int, chat: bool, log) -> dict:
+    """Plain vs speculative decoding through the runtime's public API over the written bundle,
+    interleaved per prompt: token identity (with each other and with the compiler's reference),
+    acceptance and the measured speed-up. The runtime tokenises the prompts itself, so this also
+    checks that its chat template rendering matches transformers'."""
+    from conflayers.runtime.engine import Engine
+    from .data import chat_messages
+
+    engine = Engine.load(bundle_dir, verify=True, guard=False)
+    identical = True
+    time_s = {"plain": 0.0, "spec": 0.0}
+    tokens = {"plain": 0, "spec": 0}
+    drafted = accepted = steps = 0
+    hist: dict[int, int] = {}
+    with log.bar(len(val_prompts), "validation") as bar:
+        for prompt, ref in zip(val_prompts, val_refs):
+            kwargs = {"messages": chat_messages(prompt)} if chat else {"prompt": prompt.text}
+            outs = {}
+            for mode in ("plain", "spec"):
+                r = engine.generate(**kwargs, task=task, max_new_tokens=max_new_tokens, speculate=mode == "spec")
+                outs[mode] = r.token_ids
+                m = r.metrics
+                time_s[mode] += (m.completion_tokens - 1) / m.tokens_per_s if m.tokens_per_s else 0.0
+                tokens[mode] += max(m.completion_tokens - 1, 0)
+                if mode == "spec":
+                    drafted += m.drafted_tokens
+                    accepted += m.accepted_tokens
+                    steps += m.draft_steps
+                    for a in r.accept_lengths:
+                        hist[a] = hist.get(a, 0) + 1
+            expected = [t for t in ref.output if t not in engine.stop_ids]
+            identical &= outs["plain"] == outs["spec"] == expected
+            bar.update(1)
+    rate = {k: tokens[k] / time_s[k] if time_s[k] else 0.0 for k in time_s}
+    if not identical:
+        log("  WARNING: speculative output differed from plain decoding on a validation prompt")
+    return {
+        "validation_prompts": len(val_prompts),
+        "acceptance_rate": round(accepted / drafted, 4) if drafted else 0.0,
+        "mean_accepted_tokens": round(accepted / steps, 4) if steps else 0.0,
+        "accept_histogram": {str(k): v for k, v in sorted(hist.items())},
+        "plain_tokens_per_s": round(rate["plain"], 2),
+        "speculative_tokens_per_s": round(rate["spec"], 2),
+        "measured_speedup": round(rate["spec"] / rate["plain"], 4) if rate["plain"] else 0.0,
+        "identical_to_plain": bool(identical),
+        "measured_on": f"{os.cpu_count()} CPU cores, onnxruntime " + __import__("onnxruntime").__version__,
+    }

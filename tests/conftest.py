@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny randomly initialised models (built here, in seconds) and, for the
+real-model tests, SmolLM2-135M-Instruct resolved through the same alias path users take."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+# Tests and CI read the offline datasets beside the repository (see README).
+_shared = os.path.join(os.path.dirname(REPO), "shared", "datasets")
+if "CONFLAYERS_DATA_DIR" not in os.environ and os.path.isdir(_shared):
+    os.environ["CONFLAYERS_DATA_DIR"] = _shared
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+    import tiny
+    return tiny.make_tokenizer(str(tmp_path_factory.mktemp("tiny_tok")))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_tokenizer_dir):
+    import tiny
+    return tiny.make_model("llama", tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_llama, tiny_tokenizer_dir):
+    """A bundle of the tiny Llama with two profiles: an int8 draft skipping a layer (full vocab)
+    and an fp32 draft skipping a sub-layer with a vocabulary subset."""
+    import tiny
+    out = str(tmp_path_factory.mktemp("bundles") / "tiny")
+    return tiny.make_bundle(out, tiny_llama, tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_bundle):
+    from conflayers.runtime import Engine
+    return Engine.load(tiny_bundle)
