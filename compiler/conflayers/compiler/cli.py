@@ -46,6 +46,9 @@ def _csv(kind):
 @click.option("--max-context", default=4096, show_default=True, type=click.IntRange(64, 1 << 20),
               help="Context length the bundle supports (KV cache size).")
 @click.option("--chat/--no-chat", default=None, help="Apply the chat template [default: when the model has one].")
+@click.option("--cost-model", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Reuse timings from an earlier profile JSON (or cost-model JSON) instead of measuring: "
+                   "makes the compile repeatable (same inputs + seed + cost model -> same profile).")
 @click.option("--force", is_flag=True, help="Replace --out even if it is not a bundle of this model.")
 @click.option("--quiet", is_flag=True, help="Only errors.")
 @click.option("--context-window", default=D.context_window, show_default=True, type=int,
@@ -80,7 +83,7 @@ def _csv(kind):
 @click.option("--time-budget", default=D.time_budget_s, show_default=True, type=float,
               help="Seconds the search may take (phase 1 + 2) before it stops with the best so far.")
 def main(model, calib, task, out, profiles, num_prompts, validation_prompts, max_new_tokens, seed, device,
-         dtype, max_context, chat, force, quiet, context_window, target_skip_ratio, max_iterations,
+         dtype, max_context, chat, cost_model, force, quiet, context_window, target_skip_ratio, max_iterations,
          acceptance_target, mean_accepted_target, draft_stop_threshold, lambda_step, base_window,
          allow_skip_first, allow_skip_last, max_draft_tokens, precisions, vocab_sizes, sublayers,
          refine_budget, patience, time_budget):
@@ -109,7 +112,7 @@ def main(model, calib, task, out, profiles, num_prompts, validation_prompts, max
     opts = CompileOptions(model=model, calib=calib, task=task, out=out, num_prompts=num_prompts,
                           validation_prompts=validation_prompts, max_new_tokens=max_new_tokens, seed=seed,
                           device=device, dtype=dtype, max_context=max_context, chat=chat, force=force,
-                          profiles=list(profiles), settings=settings, quiet=quiet)
+                          profiles=list(profiles), cost_model=cost_model, settings=settings, quiet=quiet)
     try:
         settings.validate()
         path = export_profiles(opts) if profiles else compile_profile(opts)

@@ -67,6 +67,28 @@ class CostModel:
         d["verify_relative"] = self.verify_relative()
         return d
 
+    @classmethod
+    def load(cls, path: str, precisions, max_verify: int) -> "CostModel":
+        """A cost model saved earlier: a profile JSON (its cost_model) or a bare cost-model JSON.
+        Reusing one makes compiles repeatable: the search is then deterministic end to end."""
+        import json
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+        d = d.get("cost_model", d)
+        try:
+            cm = cls(context=int(d["context"]), full_ms=list(d["full_ms"]), base_ms=dict(d["base_ms"]),
+                     attn_ms=dict(d["attn_ms"]), mlp_ms=dict(d["mlp_ms"]), head_ms=dict(d["head_ms"]),
+                     backend=d.get("backend", "onnxruntime-cpu"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path} is not a conflayers cost model (missing or bad field: {e})") from None
+        missing = [p for p in precisions if p not in cm.base_ms]
+        if missing:
+            raise ValueError(f"cost model {path} has no timings for precision(s) {missing}")
+        if len(cm.full_ms) < max_verify:
+            raise ValueError(f"cost model {path} covers verify widths up to {len(cm.full_ms)}, "
+                             f"the search needs {max_verify}")
+        return cm
+
 
 def _time(fn, reps: int) -> float:
     ts = []

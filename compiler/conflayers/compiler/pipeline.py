@@ -37,6 +37,7 @@ class CompileOptions:
     chat: bool | None = None
     force: bool = False
     profiles: list = field(default_factory=list)     # export-only: shipped profile JSON paths
+    cost_model: str | None = None                     # reuse measured timings (repeatable compiles)
     settings: SearchSettings = field(default_factory=SearchSettings)
     quiet: bool = False
 
@@ -131,6 +132,7 @@ def compile_profile(opts: CompileOptions) -> str:
     if too_long:
         raise ValueError(f"{len(too_long)} calibration prompts do not fit in --max-context {max_context} "
                          f"with --max-new-tokens {opts.max_new_tokens}")
+    _check_memory(spec, search_ids + val_ids, opts.max_new_tokens)
     used = {p.uid for p in search_prompts + val_prompts}
     pool_rest = [p for p in pool if p.uid not in used][:2000]
 
@@ -155,10 +157,14 @@ def compile_profile(opts: CompileOptions) -> str:
         del hf_model
         torch.set_num_threads(1)
 
-        log.phase("cost model (timings on " + providers[0] + ")")
         vocab_sizes = sorted(set(v for v in s.vocab_sizes if v < spec.vocab_size)) + [spec.vocab_size]
-        ctx_len = int(np.mean([len(r.sequence) for r in refs]))
-        cost = costmodel.measure(factory, spec, ctx_len, s.k_max + 1, s.precisions, vocab_sizes)
+        if opts.cost_model:
+            log.phase(f"cost model (reused from {opts.cost_model})")
+            cost = costmodel.CostModel.load(opts.cost_model, s.precisions, s.k_max + 1)
+        else:
+            log.phase("cost model (timings on " + providers[0] + ")")
+            ctx_len = int(np.mean([len(r.sequence) for r in refs]))
+            cost = costmodel.measure(factory, spec, ctx_len, s.k_max + 1, s.precisions, vocab_sizes)
         log(f"  full step {cost.full_ms[0]:.1f} ms, verify {s.k_max + 1} tokens {cost.full_ms[-1]:.1f} ms; "
             + "; ".join(f"{p} draft (all layers, full vocab) "
                         f"{cost.draft_ms(DraftPlan(spec.num_layers, precision=p), spec.vocab_size):.1f} ms"
@@ -221,6 +227,35 @@ def compile_profile(opts: CompileOptions) -> str:
         return path
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_memory(spec, prompts, max_new_tokens: int):
+    """Refuse requests that cannot fit in memory before spending minutes on them: the reference
+    KV caches of every calibration prompt are held during the search, beside ~3 copies of the
+    weights (torch model, weights file pages, prepacked session weights)."""
+    kv_per_token = spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * 4
+    kv = sum(len(ids) + max_new_tokens for ids in prompts) * kv_per_token
+    params = spec.vocab_size * spec.hidden_size + spec.num_layers * (
+        spec.hidden_size * (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
+        + spec.num_heads * spec.head_dim * spec.hidden_size + 3 * spec.hidden_size * spec.intermediate_size)
+    need = kv + 3 * 4 * params
+    have = _available_bytes()
+    if have is not None and need > have:
+        raise ValueError(f"this compile needs about {need / 2**30:.1f} GiB (reference KV caches of "
+                         f"{len(prompts)} prompts x {max_new_tokens} new tokens: {kv / 2**30:.1f} GiB, plus "
+                         f"the model), but only {have / 2**30:.1f} GiB is available; lower --num-prompts or "
+                         "--max-new-tokens")
 
 
 def export_profiles(opts: CompileOptions) -> str:

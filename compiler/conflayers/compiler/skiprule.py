@@ -68,7 +68,7 @@ def select(confidence, lam: float, settings: RuleSettings = RuleSettings()) -> S
         neighbours = np.concatenate([c[lo:j], c[j + 1:hi]])
         thr = neighbours.mean() - lam * neighbours.std()
         thresholds[layer], windows[layer], margin[layer] = float(thr), w, float(c[j] - thr)
-        if c[j] < thr:
+        if c[j] < thr - 1e-9 * (abs(thr) + 1.0):      # strictly below, not by rounding noise
             skip.append(layer)
     return Selection(tuple(skip), tuple(thresholds), tuple(windows), tuple(margin))
 

@@ -1,0 +1,219 @@
+"""conflayers-compile end to end: a tiny model (fast: determinism, export-only, bad input) and the
+real SmolLM2 on a small calibration budget (the path users take)."""
+import json
+import os
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from conflayers.compiler.cli import main as compile_main
+from conflayers.runtime import Bundle, Engine
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCHEMA = os.path.join(os.path.dirname(HERE), "profiles", "profile.schema.json")
+TIMING_FIELDS = ("created", "compile_seconds")
+
+
+def run(args):
+    result = CliRunner().invoke(compile_main, args, catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tiny_llama, tiny_tokenizer_dir):
+    d = tmp_path_factory.mktemp("tiny_hf")
+    tiny_llama.save_pretrained(str(d))
+    for name in os.listdir(tiny_tokenizer_dir):
+        shutil.copy(os.path.join(tiny_tokenizer_dir, name), str(d))
+    with open(d / "tokenizer_config.json") as f:
+        cfg = json.load(f)
+    with open(os.path.join(tiny_tokenizer_dir, "chat_template.jinja")) as f:
+        cfg["chat_template"] = f.read()
+    with open(d / "tokenizer_config.json", "w") as f:
+        json.dump(cfg, f)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def tiny_prompts(tmp_path_factory):
+    import tiny
+    p = tmp_path_factory.mktemp("calib") / "prompts.jsonl"
+    with open(p, "w") as f:
+        for i, text in enumerate(dict.fromkeys(tiny.CORPUS)):
+            f.write(json.dumps({"prompt": f"{text} (variant {i})"}) + "\n")
+            f.write(json.dumps({"prompt": f"Question {i}: {text}"}) + "\n")
+    return str(p)
+
+
+TINY_ARGS = ["--num-prompts", "6", "--validation-prompts", "2", "--max-new-tokens", "24", "--context-window", "16",
+             "--max-iterations", "5", "--refine-budget", "2", "--vocab-sizes", "128", "--max-context", "256",
+             "--quiet"]
+
+
+def strip_timings(profile: dict) -> dict:
+    p = {k: v for k, v in profile.items() if k not in TIMING_FIELDS}
+    p["figures"] = {k: v for k, v in p["figures"].items()
+                    if k not in ("plain_tokens_per_s", "speculative_tokens_per_s", "measured_speedup")}
+    p["search"] = {k: v for k, v in p["search"].items() if k != "seconds"}
+    return p
+
+
+@pytest.fixture(scope="module")
+def tiny_compiled(tmp_path_factory, tiny_model_dir, tiny_prompts):
+    out = str(tmp_path_factory.mktemp("compiled") / "bundle")
+    code, output = run(["--model", tiny_model_dir, "--calib", tiny_prompts, "--out", out] + TINY_ARGS)
+    assert code == 0, output
+    return out
+
+
+def test_tiny_compile_writes_a_valid_bundle(tiny_compiled):
+    import jsonschema
+    bundle = Bundle.open(tiny_compiled, verify=True)
+    assert list(bundle.profiles) == ["prompts"]
+    raw = bundle.profiles["prompts"].raw
+    with open(SCHEMA) as f:
+        jsonschema.validate(raw, json.load(f))
+    fig = raw["figures"]
+    assert fig["identical_to_plain"] is True
+    assert fig["validation_prompts"] == 2 and fig["predicted_speedup"] > 0
+    assert 1 <= len(raw["search"]["iterations"]) <= 5
+    assert {c["precision"] for c in raw["search"]["candidates"]} == {"fp32", "int8"}
+    assert len(raw["confidence"]["layer"]) == 4
+    assert not set(raw["calibration"]["search_uids"]) & set(raw["calibration"]["validation_uids"])
+    for name in ("confidence.png", "search.png", "acceptance.png", "report.md"):
+        path = os.path.join(tiny_compiled, "report", "prompts", name)
+        assert os.path.getsize(path) > 100
+    engine = Engine.load(tiny_compiled)
+    a = engine.generate("Janet has 3 apples", max_new_tokens=20, speculate=False)
+    b = engine.generate("Janet has 3 apples", max_new_tokens=20, task="prompts")
+    assert a.token_ids == b.token_ids
+
+
+def test_same_inputs_seed_and_cost_model_give_the_same_profile(tiny_compiled, tiny_model_dir, tiny_prompts, tmp_path):
+    first = os.path.join(tiny_compiled, "profiles", "prompts.json")
+    profiles = []
+    for i in range(2):
+        out = str(tmp_path / f"b{i}")
+        code, output = run(["--model", tiny_model_dir, "--calib", tiny_prompts, "--out", out,
+                            "--cost-model", first] + TINY_ARGS)
+        assert code == 0, output
+        with open(os.path.join(out, "profiles", "prompts.json")) as f:
+            profiles.append(strip_timings(json.load(f)))
+    assert profiles[0] == profiles[1]
+
+
+def test_export_only_from_a_shipped_profile(tiny_compiled, tiny_model_dir, tmp_path):
+    shipped = tmp_path / "prompts.json"
+    shutil.copy(os.path.join(tiny_compiled, "profiles", "prompts.json"), shipped)
+    out = str(tmp_path / "exported")
+    code, output = run(["--model", tiny_model_dir, "--profile", str(shipped), "--out", out, "--quiet"])
+    assert code == 0, output
+    bundle = Bundle.open(out)
+    with open(shipped) as f:
+        assert bundle.profiles["prompts"].raw == json.load(f)
+    # a second task's profile joins the same bundle over one full graph
+    other = json.load(open(shipped))
+    other["task"] = "other"
+    other["draft"]["precision"] = "fp32"
+    with open(tmp_path / "other.json", "w") as f:
+        json.dump(other, f)
+    code, output = run(["--model", tiny_model_dir, "--profile", str(tmp_path / "other.json"), "--out", out, "--quiet"])
+    assert code == 0, output
+    bundle = Bundle.open(out)
+    assert sorted(bundle.profiles) == ["other", "prompts"]
+    assert sum(1 for f in bundle.manifest["files"] if f.startswith("full")) == 1
+
+
+def test_profile_of_another_model_is_refused(tiny_compiled, tmp_path, tiny_tokenizer_dir):
+    import tiny
+    other_dir = tmp_path / "other_model"
+    tiny.make_model("llama", seed=1).save_pretrained(str(other_dir))
+    for name in os.listdir(tiny_tokenizer_dir):
+        shutil.copy(os.path.join(tiny_tokenizer_dir, name), str(other_dir))
+    code, output = run(["--model", str(other_dir), "--profile",
+                        os.path.join(tiny_compiled, "profiles", "prompts.json"), "--out", str(tmp_path / "x")])
+    assert code != 0 and "compiled for another model" in output
+    assert not os.path.exists(tmp_path / "x")
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--target-skip-ratio", "1.5", r"target skip ratio must be in \(0, 1\)"),
+    ("--target-skip-ratio", "0", r"target skip ratio must be in \(0, 1\)"),
+    ("--context-window", "1", "context window W must be >= 2"),
+    ("--acceptance-target", "1.5", "acceptance target must be in"),
+    ("--precisions", "fp16", "precisions must be among"),
+    ("--max-draft-tokens", "0", "max draft tokens must be in"),
+])
+def test_invalid_hyper_parameters_write_nothing(flag, value, message, tmp_path, tiny_model_dir, tiny_prompts):
+    out = tmp_path / "b"
+    code, output = run(["--model", tiny_model_dir, "--calib", tiny_prompts, "--out", str(out), flag, value])
+    assert code != 0
+    assert __import__("re").search(message, output), output
+    assert not out.exists()
+
+
+def test_calibration_too_small_for_the_window(tmp_path, tiny_model_dir, tiny_prompts):
+    out = tmp_path / "b"
+    code, output = run(["--model", tiny_model_dir, "--calib", tiny_prompts, "--out", str(out),
+                        "--num-prompts", "4", "--validation-prompts", "1", "--max-new-tokens", "8",
+                        "--context-window", "500", "--quiet"])
+    assert code != 0 and "shorter than the confidence window" in output
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".b")]
+
+
+def test_refuses_an_existing_directory_that_is_not_a_bundle(tmp_path, tiny_model_dir, tiny_prompts):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "thesis.txt").write_text("do not delete")
+    code, output = run(["--model", tiny_model_dir, "--calib", tiny_prompts, "--out", str(out)] + TINY_ARGS)
+    assert code != 0 and "is not a conflayers bundle" in output and "--force" in output
+    assert (out / "thesis.txt").read_text() == "do not delete"
+
+
+def test_too_many_prompts_for_the_data(tmp_path, tiny_model_dir, tiny_prompts):
+    code, output = run(["--model", tiny_model_dir, "--calib", tiny_prompts, "--out", str(tmp_path / "b"),
+                        "--num-prompts", "5000", "--validation-prompts", "2", "--quiet"])
+    assert code != 0 and "5000" in output
+
+
+def test_out_of_memory_sized_request_is_refused(tmp_path, tiny_model_dir, tiny_prompts, monkeypatch):
+    from conflayers.compiler import pipeline
+    monkeypatch.setattr(pipeline, "_available_bytes", lambda: 64 * 1024)     # pretend 64 KiB free
+    code, output = run(["--model", tiny_model_dir, "--calib", tiny_prompts, "--out", str(tmp_path / "b")] + TINY_ARGS)
+    assert code != 0 and "GiB is available" in output
+    assert not (tmp_path / "b").exists()
+
+
+def test_unsupported_architecture_is_named(tmp_path, tiny_prompts):
+    d = tmp_path / "bert"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    code, output = run(["--model", str(d), "--calib", tiny_prompts, "--out", str(tmp_path / "b")])
+    assert code != 0 and "bert" in output and "llama" in output
+
+
+@pytest.mark.real_model
+def test_real_smollm2_compile_small_budget(tmp_path):
+    """The default model and task through the alias path, on a small calibration budget."""
+    import jsonschema
+    out = str(tmp_path / "smol")
+    code, output = run(["--model", "smollm2-135m-instruct", "--calib", "gsm8k", "--out", out,
+                        "--num-prompts", "6", "--validation-prompts", "2", "--max-new-tokens", "64",
+                        "--context-window", "48", "--max-iterations", "4", "--refine-budget", "2",
+                        "--vocab-sizes", "8192", "--time-budget", "240", "--quiet"])
+    assert code == 0, output
+    bundle = Bundle.open(out, verify=True)
+    raw = bundle.profiles["gsm8k"].raw
+    with open(SCHEMA) as f:
+        jsonschema.validate(raw, json.load(f))
+    fig = raw["figures"]
+    assert fig["identical_to_plain"] is True
+    assert fig["acceptance_rate"] > 0.5          # the chosen draft agrees with the full model
+    assert raw["calibration"]["data"]["part"] == "calibration"
+    assert all(uid.startswith("gsm8k/train/") for uid in raw["calibration"]["search_uids"])
+    engine = Engine.load(out)
+    msgs = [{"role": "user", "content": "A shop sells pens at $3 each. How much do 7 pens cost?"}]
+    a = engine.generate(messages=msgs, max_new_tokens=48, speculate=False)
+    b = engine.generate(messages=msgs, max_new_tokens=48, task="gsm8k")
+    assert a.token_ids == b.token_ids and b.metrics.draft_steps > 0
