@@ -161,7 +161,7 @@ class Engine:
         if not all(isinstance(s, str) and s for s in stops):
             raise RequestError("stop must be a non-empty string or a list of them")
         ids = self.encode(prompt, messages)
-        if len(ids) >= self.capacity:
+        if len(ids) > self.capacity:
             raise RequestError(f"the prompt is {len(ids)} tokens, longer than the context of "
                                f"{self.capacity} tokens; shorten it")
         if len(ids) + max_new_tokens - 1 > self.capacity:

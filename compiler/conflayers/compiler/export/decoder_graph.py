@@ -149,12 +149,15 @@ class _Graph:
 
 
 def _rope_caches(spec: ModelSpec, theta: float, max_len: int):
-    """cos/sin tables computed as transformers does (fp32 inv_freq, fp32 products)."""
+    """cos/sin tables computed as transformers does, with torch (fp32 inv_freq, fp32 products).
+    numpy's float32 pow differs from torch's in the last bit of ~15% of the inv_freq entries; the
+    angle error grows with the position (2e-4 rad at 1400) and moved Gemma 3 270M's logits by up
+    to 6e-3 on a 1362-token prompt (1e-3 with torch's tables, HF fp32's own error level)."""
+    import torch
     d = spec.head_dim
-    inv_freq = (1.0 / (np.float32(theta) ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / np.float32(d)))).astype(np.float32)
-    pos = np.arange(max_len, dtype=np.float32)
-    freqs = np.outer(pos, inv_freq).astype(np.float32)
-    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+    inv_freq = 1.0 / (float(theta) ** (torch.arange(0, d, 2, dtype=torch.int64).to(torch.float32) / d))
+    freqs = torch.arange(max_len, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    return freqs.cos().numpy().astype(np.float32), freqs.sin().numpy().astype(np.float32)
 
 
 def build(spec: ModelSpec, stores: WeightStores, plan: DraftPlan | None = None, part: str = "full",
