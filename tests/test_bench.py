@@ -1,0 +1,203 @@
+"""conflayers-bench: a smoke run on the tiny bundle (JSON fields, the lossless property of every
+runtime system, plain's speed-up of 1.0), the reference systems on a saved tiny HF model,
+several tasks in one run, --memory, the plot subcommand, and bad input (`Error:` line, exit 2).
+
+The real-model smoke test runs on the bundle named by CONFLAYERS_TEST_BUNDLE (skipped when unset):
+
+    CONFLAYERS_TEST_BUNDLE=/path/to/bundle pytest -m real_model tests/test_bench.py
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from conflayers.tools.bench import main
+
+RUNTIME_SYSTEMS = ["plain", "profile:fp32sub", "profile:int8skip", "auto"]
+FIELDS = ("name", "task", "status", "tokens_per_s", "tokens_per_s_per_prompt", "speedup_vs_plain",
+          "mean_accepted_tokens", "acceptance_rate", "identical_to_plain", "n_prompts", "ttft_s",
+          "ttft_s_per_prompt", "rss", "bandwidth_gb_s", "bytes_per_token", "accept_length_histogram")
+
+
+def bench(tmp_path, *args):
+    out = tmp_path / "bench.json"
+    rc = main([str(a) for a in args] + ["--json", str(out)])
+    doc = json.loads(out.read_text()) if out.exists() else None
+    return rc, doc
+
+
+def by_name(doc, task=None):
+    return {s["name"]: s for s in doc["systems"] if task is None or s["task"] == task}
+
+
+@pytest.fixture(scope="module")
+def smoke(tiny_bundle, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    png = tmp / "bench.png"
+    rc, doc = bench(tmp, tiny_bundle, "--task", "gsm8k", "--num-prompts", 2, "--max-new-tokens", 16,
+                    "--systems", ",".join(RUNTIME_SYSTEMS + ["hf"]), "--plot", png)
+    return rc, doc, png
+
+
+def test_smoke_json(smoke):
+    rc, doc, png = smoke
+    assert rc == 0
+    systems = by_name(doc)
+    assert list(systems) == RUNTIME_SYSTEMS + ["hf"]
+    for name in RUNTIME_SYSTEMS:
+        s = systems[name]
+        for f in FIELDS:
+            assert f in s, (name, f)
+        assert s["status"] == "ok"
+        assert s["n_prompts"] == 2 and len(s["tokens_per_s_per_prompt"]) == 2
+        assert s["tokens_per_s"] > 0 and s["ttft_s"] > 0
+        assert s["identical_to_plain"] is True, s["mismatches"]      # the lossless property
+        assert s["bandwidth_gb_s"] > 0
+        assert s["rss"]["rss_mb"] > 0
+    assert systems["plain"]["speedup_vs_plain"] == 1.0
+    assert systems["plain"]["mean_accepted_tokens"] is None           # not speculative
+    for name in ("profile:fp32sub", "profile:int8skip", "auto"):
+        s = systems[name]
+        assert s["speculative"] is True
+        assert 0.0 <= s["acceptance_rate"] <= 1.0
+        assert s["speedup_vs_plain"] == pytest.approx(s["tokens_per_s"] / systems["plain"]["tokens_per_s"])
+        assert sum(s["accept_length_histogram"].values()) == s["draft_steps"]
+        assert s["weight_bytes_draft"]
+    assert systems["profile:fp32sub"]["profiles_used"] == {"fp32sub": 2}
+    # the tiny bundle's model ("random init") cannot be resolved: hf is skipped with the reason
+    assert systems["hf"]["status"] == "skipped" and "--hf-model" in systems["hf"]["reason"]
+    meta = doc["meta"]
+    assert meta["machine"]["cores"] == os.cpu_count()
+    sec = meta["sections"][0]
+    assert sec["task"] == "gsm8k" and sec["part"] == "evaluation" and sec["n_prompts"] == 2
+    assert sec["calibration_overlap"] == []
+    assert all(u.startswith("gsm8k/test/") for u in sec["uids"])
+    assert meta["weight_accounting"]["full_bytes"] > 0
+    assert png.exists() and png.stat().st_size > 1000
+
+
+def test_table_printed(tiny_bundle, tmp_path, capsys):
+    rc, _ = bench(tmp_path, tiny_bundle, "--task", "gsm8k", "--num-prompts", 1, "--max-new-tokens", 4,
+                  "--systems", "plain,auto")
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "CPU cores" in out and "onnxruntime" in out and "command: conflayers-bench" in out
+    assert "1 prompt of the evaluation part" in out and "calibration never overlapped" in out
+    assert "* auto" in out
+
+
+def test_reference_systems_on_saved_hf_model(tiny_bundle, tiny_llama, tiny_tokenizer_dir, tmp_path):
+    hf_dir = tmp_path / "hf"
+    tiny_llama.save_pretrained(hf_dir)
+    for f in os.listdir(tiny_tokenizer_dir):
+        shutil.copy(os.path.join(tiny_tokenizer_dir, f), hf_dir)
+    rc, doc = bench(tmp_path, tiny_bundle, "--task", "gsm8k", "--num-prompts", 2, "--max-new-tokens", 12,
+                    "--systems", "plain,hf,hf-prompt-lookup", "--hf-model", hf_dir)
+    assert rc == 0
+    systems = by_name(doc)
+    assert doc["meta"]["hf_matches_bundle_weights"] is True
+    for name in ("hf", "hf-prompt-lookup"):
+        s = systems[name]
+        assert s["status"] == "ok", s["reason"]
+        assert s["n_prompts"] == 2 and s["tokens_per_s"] > 0
+        assert s["identical_to_plain"] is not None
+        assert s["bandwidth_gb_s"] > 0
+    assert systems["hf-prompt-lookup"]["speculative"] is True
+    assert systems["hf"]["speculative"] is False
+
+
+def test_several_tasks_and_headline(tiny_bundle, tmp_path):
+    rc, doc = bench(tmp_path, tiny_bundle, "--task", "gsm8k", "--task", "spec_bench:qa", "--num-prompts", 1,
+                    "--max-new-tokens", 6, "--systems", "plain,auto,profile:int8skip")
+    assert rc == 0
+    assert [s["task"] for s in doc["meta"]["sections"]] == ["gsm8k", "spec_bench:qa"]
+    qa = by_name(doc, "spec_bench:qa")
+    assert qa["auto"]["headline"] and not qa["profile:int8skip"]["headline"]
+    assert doc["meta"]["sections"][1]["headline"] == ["auto", "profile:spec_bench-qa"]
+    assert all(s["identical_to_plain"] for s in doc["systems"])
+    assert by_name(doc, "gsm8k")["plain"]["speedup_vs_plain"] == 1.0
+
+
+def test_prompts_file_and_no_chat(tiny_bundle, tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "Janet has 3 apples and buys 5 more."}\n{"prompt": "The train leaves at 9."}\n')
+    rc, doc = bench(tmp_path, tiny_bundle, "--prompts", f, "--num-prompts", 5, "--max-new-tokens", 6,
+                    "--systems", "profile:fp32sub", "--no-chat")
+    assert rc == 0
+    assert list(by_name(doc)) == ["plain", "profile:fp32sub"]     # plain is always the baseline
+    sec = doc["meta"]["sections"][0]
+    assert sec["n_prompts"] == 2 and not sec["named"]
+    assert doc["meta"]["settings"]["chat"] is False
+
+
+def test_memory_subprocesses(tiny_bundle, tmp_path):
+    rc, doc = bench(tmp_path, tiny_bundle, "--task", "gsm8k", "--num-prompts", 1, "--max-new-tokens", 4,
+                    "--systems", "plain,profile:int8skip", "--memory")
+    assert rc == 0
+    rm = doc["meta"]["runtime_memory"]
+    assert rm["errors"] == {}
+    assert rm["full_only_mb"] > 0 and rm["full_plus_drafts_mb"] > 0 and rm["ratio"] > 0
+    assert rm["target"] == 1.5
+    for s in doc["systems"]:
+        assert s["rss"]["peak_rss_mb"] > 0
+        assert "subprocess" in s["rss"]["method"]
+
+
+def test_plot_subcommand(smoke, tmp_path):
+    _, doc, _ = smoke
+    a = tmp_path / "a.json"
+    a.write_text(json.dumps(doc))
+    b_doc = json.loads(json.dumps(doc))
+    for s in b_doc["systems"]:
+        s["task"] = "other"
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps(b_doc))
+    out = tmp_path / "both.png"
+    assert main(["plot", str(a), "--json", str(b), "-o", str(out)]) == 0
+    assert out.exists() and out.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--systems", "plain,bogus"], "unknown system 'bogus'; available: plain, profile:fp32sub"),
+    (["--systems", "profile:nope"], "unknown system 'profile:nope'"),
+    (["--task", "no_such_task"], "unknown task 'no_such_task'"),
+    (["--task", "spec_bench:nope"], "Spec-Bench has no category 'nope'"),
+    (["--task", "gsm8k", "--prompts", "x.jsonl"], "not allowed with argument"),
+    (["--num-prompts", "0", "--task", "gsm8k"], "--num-prompts must be at least 1"),
+])
+def test_bad_input(tiny_bundle, args, expect, capsys):
+    assert main([tiny_bundle, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Error: ") and expect in err
+    assert "Traceback" not in err
+
+
+def test_missing_bundle(tmp_path, capsys):
+    assert main([str(tmp_path / "nope"), "--task", "gsm8k"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Error: ") and "does not exist" in err
+
+
+@pytest.mark.real_model
+def test_real_bundle_smoke(tmp_path):
+    """CI smoke test on a real compiled bundle: every runtime system is lossless; plain is 1.0x."""
+    bundle = os.environ.get("CONFLAYERS_TEST_BUNDLE")
+    if not bundle:
+        pytest.skip("set CONFLAYERS_TEST_BUNDLE to a compiled bundle to run the real-model bench smoke test")
+    from conflayers.runtime import Bundle
+    profiles = sorted(Bundle.open(bundle, verify=False).profiles)
+    systems = ["plain", *[f"profile:{p}" for p in profiles]] + (["auto"] if profiles else []) + ["hf"]
+    task = os.environ.get("CONFLAYERS_TEST_BENCH_TASK")
+    rc, doc = bench(tmp_path, bundle, *(["--task", task] if task else []), "--num-prompts", 2,
+                    "--max-new-tokens", 32, "--systems", ",".join(systems))
+    assert rc == 0
+    found = by_name(doc)
+    assert found["plain"]["speedup_vs_plain"] == 1.0
+    for name in systems[:-1]:
+        assert found[name]["status"] == "ok"
+        assert found[name]["identical_to_plain"] is True, found[name]["mismatches"]
+        assert found[name]["tokens_per_s"] > 0
+    assert found["hf"]["status"] in ("ok", "skipped")

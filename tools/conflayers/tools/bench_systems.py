@@ -1,0 +1,535 @@
+"""The systems conflayers-bench compares, and how each one is loaded, run and measured.
+
+Every system generates greedily from the *same prompt token ids* (the runtime's tokenizer and chat
+template), so outputs can be compared token by token with the runtime's plain decoding.
+
+- runtime systems (`plain`, `profile:<name>`, `auto`) share one `Engine` over the bundle;
+- `hf` / `hf-prompt-lookup` share one transformers model (torch + transformers needed);
+- `genai` is ONNX Runtime GenAI over a model its own builder made from the same HF weights.
+
+Timing matches the runtime's metrics for every system: time to first token = request start to
+the first new token; tokens/s = the decode rate after the first token (tokens after the first
+chunk / time from the first chunk to the last).
+
+This module imports neither torch nor transformers at import time (the runtime systems and the
+`--memory` children of the runtime must run without them). It is also the `--memory` child:
+`python -m conflayers.tools.bench_systems child SPEC_JSON` loads one system, generates one prompt
+and prints its VmHWM as JSON on the last line.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+RUNTIME = "runtime"
+HF = "hf"
+GENAI = "genai"
+PROMPT_LOOKUP_TOKENS = 10
+
+
+class Unavailable(Exception):
+    """A system that cannot run here; the message is the reason shown in the report."""
+
+
+# ----------------------------------------------------------------------------- memory
+
+def proc_status_kb() -> dict[str, int]:
+    """VmRSS / VmHWM of this process in kB (Linux /proc); ru_maxrss as VmHWM elsewhere."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    out[key] = int(rest.split()[0])
+    except OSError:
+        import resource
+        out["VmHWM"] = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return out
+
+
+def rss_mb() -> float | None:
+    kb = proc_status_kb().get("VmRSS")
+    return kb / 1024.0 if kb is not None else None
+
+
+# ----------------------------------------------------------------------------- prompts and runs
+
+@dataclass
+class BenchPrompt:
+    uid: str
+    text: str
+    messages: list | None      # None with --no-chat
+    ids: list[int]              # the prompt token ids every system is fed
+    category: str | None = None
+
+    def runtime_kwargs(self) -> dict:
+        return {"messages": self.messages} if self.messages is not None else {"prompt": self.text}
+
+
+@dataclass
+class Run:
+    """One generation of one system on one prompt."""
+    token_ids: list[int]            # generated ids, cut before the first stop token
+    generated: int                  # tokens the system produced (a stop token included)
+    ttft_s: float
+    tokens_per_s: float             # decode rate after the first token
+    total_s: float
+    full_passes: int                # full-model forward passes, the prefill included
+    draft_forwards: int = 0         # draft (body + head) passes: one per drafted token
+    draft_steps: int = 0            # speculative iterations (draft k, verify once)
+    drafted: int = 0
+    accepted: int = 0
+    accept_lengths: list = field(default_factory=list)
+    profile: str | None = None      # the runtime profile used (auto: the chosen one)
+    guard_stopped: bool = False
+
+
+def cut_at_stop(ids, stop_ids) -> list[int]:
+    out = []
+    for t in ids:
+        t = int(t)
+        if t in stop_ids:
+            break
+        out.append(t)
+    return out
+
+
+# ----------------------------------------------------------------------------- weight accounting
+
+def _graph_ranges(path: str) -> dict[tuple, bool] | None:
+    """External weight byte ranges a graph references -> True when the tensor is only used as
+    the table of a Gather (an embedding lookup reads one row per token, not the table).
+    None when the `onnx` package is not installed."""
+    try:
+        import onnx
+    except ImportError:
+        return None
+    model = onnx.load(path, load_external_data=False)
+    consumers: dict[str, list] = {}
+
+    def walk(graph):
+        for node in graph.node:
+            for i, name in enumerate(node.input):
+                consumers.setdefault(name, []).append((node.op_type, i))
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    walk(a.g)
+                for g in a.graphs:
+                    walk(g)
+    walk(model.graph)
+    base = os.path.dirname(os.path.abspath(path))
+    ranges: dict[tuple, bool] = {}
+    for t in model.graph.initializer:
+        uses = consumers.get(t.name, [])
+        gather_only = bool(uses) and all(op == "Gather" and i == 0 for op, i in uses)
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            d = {e.key: e.value for e in t.external_data}
+            key = (os.path.join(base, d["location"]), int(d.get("offset", 0)), int(d.get("length", 0)))
+        else:
+            key = ("inline:" + path, t.name, len(t.raw_data))
+        ranges[key] = ranges.get(key, True) and gather_only
+    return ranges
+
+
+def _read_bytes(*paths: str) -> int | None:
+    merged: dict[tuple, bool] = {}
+    for p in paths:
+        r = _graph_ranges(p)
+        if r is None:
+            return None
+        for k, g in r.items():
+            merged[k] = merged.get(k, True) and g
+    return sum(k[2] for k, gather_only in merged.items() if not gather_only)
+
+
+def weight_accounting(bundle) -> dict:
+    """Bytes of weights one pass reads: the full graph and each profile's draft (body + head).
+
+    full: the manifest's size of weights.bin (every parameter, as gpt-fast's model_size).
+    draft: the external-data byte ranges its body and head graphs reference, each range once,
+    leaving out tables used only by Gather (the embedding lookup); needs the `onnx` package.
+    Without it: the draft's weights file (weights.bin for fp32, weights_<precision>.bin
+    otherwise) scaled by the fraction of layers the draft keeps (a rough estimate)."""
+    files = bundle.manifest["files"]
+    full = files.get("weights.bin", {}).get("bytes")
+    method_full = "manifest size of weights.bin"
+    if full is None:
+        full = _read_bytes(bundle.full_graph)
+        method_full = "external data referenced by the full graph"
+    drafts, methods = {}, {}
+    for name, profile in bundle.profiles.items():
+        graphs = bundle.draft_graphs(name)
+        exact = _read_bytes(graphs.body, graphs.head)
+        if exact is not None:
+            drafts[name] = exact
+            methods[name] = "external data read by the draft body + head graphs (each byte range once, " \
+                            "gather-only embedding tables excluded)"
+        else:
+            precision = profile.plan.precision
+            rel = "weights.bin" if precision == "fp32" else f"weights_{precision}.bin"
+            size = files.get(rel, files.get("weights.bin", {})).get("bytes", full or 0)
+            drafts[name] = int(size * (1.0 - profile.plan.skipped_fraction))
+            methods[name] = f"estimate: {rel} x kept-layer fraction (install onnx for the exact count)"
+    return {"full_bytes": full, "full_method": method_full, "draft_bytes": drafts, "draft_method": methods}
+
+
+# ----------------------------------------------------------------------------- runtime
+
+class RuntimeBackend:
+    kind = RUNTIME
+
+    def __init__(self, bundle_path: str, guard: bool = True, verify: bool = True):
+        from conflayers.runtime import Engine
+        self.engine = Engine.load(bundle_path, verify=verify, guard=guard)
+        self.accounting = weight_accounting(self.engine.bundle)
+
+
+class RuntimeSystem:
+    kind = RUNTIME
+
+    def __init__(self, name: str, backend: RuntimeBackend, task: str | None, speculate: bool):
+        self.name, self.backend, self.task, self.speculate = name, backend, task, speculate
+
+    @property
+    def speculative(self) -> bool:
+        return self.speculate
+
+    def weight_bytes(self, run: Run) -> tuple[int, int]:
+        acc = self.backend.accounting
+        return acc["full_bytes"] or 0, acc["draft_bytes"].get(run.profile or "", 0)
+
+    def generate(self, prompt: BenchPrompt, max_new: int) -> Run:
+        engine = self.backend.engine
+        r = engine.generate(**prompt.runtime_kwargs(), task=self.task, max_new_tokens=max_new,
+                            temperature=0.0, speculate=self.speculate)
+        m = r.metrics
+        if m.prompt_tokens != len(prompt.ids):
+            raise RuntimeError(f"the runtime tokenised prompt {prompt.uid} to {m.prompt_tokens} tokens, "
+                               f"the benchmark to {len(prompt.ids)}")
+        generated = m.completion_tokens + (1 if r.finish_reason == "stop" else 0)
+        return Run(token_ids=list(r.token_ids), generated=generated, ttft_s=m.time_to_first_token_s,
+                   tokens_per_s=m.tokens_per_s, total_s=m.total_s,
+                   full_passes=max(generated - m.accepted_tokens, 1),
+                   draft_forwards=m.drafted_tokens, draft_steps=m.draft_steps, drafted=m.drafted_tokens,
+                   accepted=m.accepted_tokens, accept_lengths=list(r.accept_lengths), profile=m.profile,
+                   guard_stopped=m.guard_stopped_at is not None)
+
+
+# ----------------------------------------------------------------------------- transformers
+
+def resolve_hf_dir(manifest_model: dict, override: str | None) -> str:
+    """The local Hugging Face directory of the bundle's model (or of --hf-model)."""
+    from conflayers.compiler.models import ALIASES, HUB_ID, ModelResolutionError, resolve_model
+    if override:
+        candidates = [override]
+    else:
+        name, source = manifest_model.get("name"), manifest_model.get("source")
+        candidates = []
+        if isinstance(source, str) and os.path.exists(os.path.expanduser(source)):
+            candidates.append(source)
+        if name in ALIASES:
+            candidates.append(name)
+        if isinstance(source, str) and source not in candidates and HUB_ID.match(source):
+            candidates.append(source)      # a hub id: works where the hub is reachable
+        if not candidates:
+            raise Unavailable(f"the bundle's model (name {name!r}, source {source!r}) cannot be found "
+                              "here; pass --hf-model DIR|ALIAS")
+    errors = []
+    for c in candidates:
+        try:
+            return resolve_model(c, progress=False).path
+        except ModelResolutionError as e:
+            errors.append(f"{c}: {e}")
+    raise Unavailable("cannot resolve the model: " + "; ".join(errors) +
+                      ("" if override else "; pass --hf-model DIR|ALIAS"))
+
+
+class _TimingStreamer:
+    """A transformers streamer that only records when each chunk of new tokens arrives."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self.counts: list[int] = []
+        self._prompt_seen = False
+
+    def put(self, value):
+        now = time.perf_counter()
+        if not self._prompt_seen:          # generate() first puts the prompt
+            self._prompt_seen = True
+            return
+        self.times.append(now)
+        self.counts.append(int(value.numel()))
+
+    def end(self):
+        pass
+
+
+class HFBackend:
+    kind = HF
+
+    def __init__(self, hf_dir: str, manifest_model: dict | None = None):
+        try:
+            import torch
+            import transformers  # noqa: F401
+        except ImportError as e:
+            raise Unavailable(f"torch/transformers are not installed ({e})") from None
+        from transformers.utils import logging as hf_logging
+        from conflayers.compiler.models import ResolvedModel, load_model
+        hf_logging.disable_progress_bar()
+        torch.set_num_threads(os.cpu_count() or 1)
+        self.hf_dir = hf_dir
+        self.model, _ = load_model(ResolvedModel(os.path.basename(hf_dir), hf_dir, hf_dir))
+        self.param_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.matches_bundle = None
+        if manifest_model is not None:
+            self.matches_bundle = self._fingerprint() == manifest_model.get("weights_sha256")
+        self.forwards = 0
+        self.model.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args):
+        self.forwards += 1
+
+    def _fingerprint(self) -> str | None:
+        try:
+            from conflayers.compiler.arch import canonical_weights, model_spec
+            from conflayers.compiler.export.bundle_writer import fingerprint
+            spec = model_spec(self.model.config)
+            weights = canonical_weights(spec, self.model.state_dict())
+            fp = fingerprint(spec, weights)["weights_sha256"]
+            del weights
+            gc.collect()
+            return fp
+        except Exception:  # noqa: BLE001 - an unsupported model: no check, the outputs will tell
+            return None
+
+
+@contextlib.contextmanager
+def _prompt_lookup_probe(stats: dict):
+    """Record candidate and accepted counts of transformers' prompt-lookup candidate generator."""
+    from transformers.generation import candidate_generator as cg
+    cls = cg.PromptLookupCandidateGenerator
+    orig_get, orig_update = cls.get_candidates, cls.update_candidate_strategy
+    last = {"n": 0}
+
+    def get_candidates(self, input_ids, *args, **kwargs):
+        out = orig_get(self, input_ids, *args, **kwargs)
+        last["n"] = int(out[0].shape[1] - input_ids.shape[1])
+        return out
+
+    def update_candidate_strategy(self, input_ids, scores, num_matches):
+        if last["n"] > 0:
+            stats["steps"] += 1
+            stats["drafted"] += last["n"]
+            stats["accepted"] += int(num_matches)
+            stats["lengths"].append(int(num_matches))
+        return orig_update(self, input_ids, scores, num_matches)
+
+    cls.get_candidates, cls.update_candidate_strategy = get_candidates, update_candidate_strategy
+    try:
+        yield
+    finally:
+        cls.get_candidates, cls.update_candidate_strategy = orig_get, orig_update
+
+
+class HFSystem:
+    kind = HF
+
+    def __init__(self, name: str, backend: HFBackend, stop_ids, prompt_lookup: bool):
+        self.name, self.backend, self.prompt_lookup = name, backend, prompt_lookup
+        self.stop_ids = frozenset(stop_ids)
+
+    @property
+    def speculative(self) -> bool:
+        return self.prompt_lookup
+
+    def weight_bytes(self, run: Run) -> tuple[int, int]:
+        return self.backend.param_bytes, 0
+
+    def generate(self, prompt: BenchPrompt, max_new: int) -> Run:
+        import torch
+        model = self.backend.model
+        ids = torch.tensor([prompt.ids], dtype=torch.long)
+        eos = sorted(self.stop_ids)
+        streamer = _TimingStreamer()
+        kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False,
+                      eos_token_id=eos or None, pad_token_id=eos[0] if eos else None, streamer=streamer)
+        stats = {"steps": 0, "drafted": 0, "accepted": 0, "lengths": []}
+        probe = contextlib.nullcontext()
+        if self.prompt_lookup:
+            kwargs["prompt_lookup_num_tokens"] = PROMPT_LOOKUP_TOKENS
+            probe = _prompt_lookup_probe(stats)
+        self.backend.forwards = 0
+        t0 = time.perf_counter()
+        with torch.inference_mode(), probe:
+            out = model.generate(ids, **kwargs)
+        total = time.perf_counter() - t0
+        new = [int(t) for t in out[0, ids.shape[1]:].tolist()]
+        cut = cut_at_stop(new, self.stop_ids)
+        generated = min(len(cut) + 1, len(new))
+        times, counts = streamer.times, streamer.counts
+        ttft = times[0] - t0 if times else total
+        rest = sum(counts[1:])
+        tps = rest / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
+        return Run(token_ids=cut, generated=generated, ttft_s=ttft, tokens_per_s=tps, total_s=total,
+                   full_passes=self.backend.forwards, draft_steps=stats["steps"], drafted=stats["drafted"],
+                   accepted=stats["accepted"], accept_lengths=stats["lengths"])
+
+
+# ----------------------------------------------------------------------------- ONNX Runtime GenAI
+
+def cache_root() -> str:
+    return os.path.abspath(os.path.expanduser(os.environ.get("CONFLAYERS_CACHE") or "~/.cache/conflayers"))
+
+
+def _safe_name(name: str) -> str:
+    import re
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._-") or "model"
+
+
+def genai_model_dir(hf_dir: str, model_name: str, log=print) -> str:
+    """Build (once) ONNX Runtime GenAI's fp32 CPU model of hf_dir, cached under
+    $CONFLAYERS_CACHE/genai/<model-name>-fp32. Raises Unavailable with the builder's error."""
+    out = os.path.join(cache_root(), "genai", f"{_safe_name(model_name)}-fp32")
+    stamp = os.path.join(out, "conflayers_source.json")
+    src = {"hf_dir": os.path.abspath(hf_dir), "config_mtime": os.path.getmtime(os.path.join(hf_dir, "config.json"))}
+    if os.path.isfile(stamp):
+        with contextlib.suppress(OSError, ValueError):
+            with open(stamp) as f:
+                if json.load(f) == src and os.path.isfile(os.path.join(out, "genai_config.json")):
+                    return out
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    work = tempfile.mkdtemp(prefix=".genai-build-", dir=os.path.dirname(out))
+    try:
+        log(f"building the ONNX Runtime GenAI model of {hf_dir} (fp32, cpu) into {out} ...")
+        t0 = time.perf_counter()
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", hf_dir,
+               "-o", os.path.join(work, "model"), "-p", "fp32", "-e", "cpu", "-c", os.path.join(work, "hf_cache")]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not os.path.isfile(os.path.join(work, "model", "genai_config.json")):
+            lines = [ln for ln in (proc.stderr or proc.stdout or "").strip().splitlines() if ln.strip()]
+            raise Unavailable("the ONNX Runtime GenAI model builder failed on this model: "
+                              + (lines[-1].strip() if lines else f"exit status {proc.returncode}"))
+        with open(os.path.join(work, "model", "conflayers_source.json"), "w") as f:
+            json.dump(src, f)
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.replace(os.path.join(work, "model"), out)
+        log(f"  built in {time.perf_counter() - t0:.1f} s")
+        return out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+class GenAIBackend:
+    kind = GENAI
+
+    def __init__(self, model_dir: str):
+        try:
+            import onnxruntime_genai as og
+        except ImportError as e:
+            raise Unavailable(f"onnxruntime-genai is not installed ({e}); pip install conflayers[bench]") from None
+        self.og = og
+        self.model_dir = model_dir
+        self.model = og.Model(model_dir)
+        self.weight_bytes = sum(os.path.getsize(os.path.join(model_dir, f)) for f in os.listdir(model_dir)
+                                if f.endswith((".onnx.data", ".data")) or f.endswith(".onnx"))
+
+
+class GenAISystem:
+    kind = GENAI
+    speculative = False
+
+    def __init__(self, name: str, backend: GenAIBackend, stop_ids):
+        self.name, self.backend = name, backend
+        self.stop_ids = frozenset(stop_ids)
+
+    def weight_bytes(self, run: Run) -> tuple[int, int]:
+        return self.backend.weight_bytes, 0
+
+    def generate(self, prompt: BenchPrompt, max_new: int) -> Run:
+        og = self.backend.og
+        params = og.GeneratorParams(self.backend.model)
+        params.set_search_options(do_sample=False, max_length=len(prompt.ids) + max_new)
+        t0 = time.perf_counter()
+        gen = og.Generator(self.backend.model, params)
+        gen.append_tokens(prompt.ids)
+        out, times = [], []
+        while not gen.is_done() and len(out) < max_new:
+            gen.generate_next_token()
+            tok = int(gen.get_next_tokens()[0])
+            times.append(time.perf_counter())
+            out.append(tok)
+            if tok in self.stop_ids:
+                break
+        total = time.perf_counter() - t0
+        del gen
+        tps = (len(out) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
+        return Run(token_ids=cut_at_stop(out, self.stop_ids), generated=len(out),
+                   ttft_s=(times[0] - t0) if times else total, tokens_per_s=tps, total_s=total,
+                   full_passes=len(out))
+
+
+# ----------------------------------------------------------------------------- --memory children
+
+def spawn_child(spec: dict, timeout: float = 1800.0) -> dict:
+    """Run one system in a fresh process (see child_main); returns its report or {"error": ...}."""
+    cmd = [sys.executable, "-m", "conflayers.tools.bench_systems", "child", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = [ln for ln in proc.stdout.strip().splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        err = [ln for ln in (proc.stderr or "").strip().splitlines() if ln.strip()]
+        return {"error": err[-1] if err else f"exit status {proc.returncode}"}
+    return json.loads(lines[-1])
+
+
+def child_main(spec: dict) -> dict:
+    """Load only what `spec` names, generate once per listed run, report VmHWM / VmRSS.
+
+    kinds: "baseline" (python + the runtime imported, nothing loaded); "runtime" with
+    profiles [] (full graph alone), [name] (full + that draft) or "all" (the bundle as Engine.load
+    opens it) and `runs`: [[task, speculate], ...]; "hf" (prompt_lookup true/false); "genai"."""
+    kind = spec["kind"]
+    p = spec.get("prompt") or {}
+    prompt = BenchPrompt(p.get("uid", "p"), p.get("text", ""), p.get("messages"), list(p.get("ids", [])))
+    max_new = int(spec.get("max_new_tokens", 32))
+    stop_ids = frozenset(spec.get("stop_ids", []))
+    if kind == "baseline":
+        import conflayers.runtime  # noqa: F401
+    elif kind == RUNTIME:
+        from conflayers.runtime import Bundle, Engine
+        bundle = Bundle.open(spec["bundle"], verify=False)
+        if spec["profiles"] != "all":
+            bundle.profiles = {k: v for k, v in bundle.profiles.items() if k in spec["profiles"]}
+        engine = Engine(bundle, guard=spec.get("guard", True))
+        for task, speculate in spec.get("runs", [[None, False]]):
+            engine.generate(**prompt.runtime_kwargs(), task=task, max_new_tokens=max_new, speculate=speculate)
+    elif kind == HF:
+        backend = HFBackend(spec["hf_dir"])
+        HFSystem("hf", backend, stop_ids, bool(spec.get("prompt_lookup"))).generate(prompt, max_new)
+    elif kind == GENAI:
+        backend = GenAIBackend(spec["genai_dir"])
+        GenAISystem("genai", backend, stop_ids).generate(prompt, max_new)
+    else:
+        raise ValueError(f"unknown child kind {kind!r}")
+    gc.collect()
+    st = proc_status_kb()
+    return {"vmhwm_mb": st.get("VmHWM", 0) / 1024.0, "vmrss_mb": st.get("VmRSS", 0) / 1024.0}
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "child":
+        print(json.dumps(child_main(json.loads(sys.argv[2]))))
+    else:
+        sys.exit("usage: python -m conflayers.tools.bench_systems child SPEC_JSON (used by conflayers-bench --memory)")
