@@ -42,3 +42,22 @@ def tiny_bundle(tmp_path_factory, tiny_llama, tiny_tokenizer_dir):
 def tiny_engine(tiny_bundle):
     from conflayers.runtime import Engine
     return Engine.load(tiny_bundle)
+
+
+SMOLLM2_SMALL_BUDGET = ["--num-prompts", "6", "--validation-prompts", "2", "--max-new-tokens", "64",
+                        "--context-window", "48", "--max-iterations", "4", "--refine-budget", "2",
+                        "--vocab-sizes", "8192", "--time-budget", "240", "--quiet"]
+
+
+@pytest.fixture(scope="session")
+def smollm2_bundle(tmp_path_factory):
+    """SmolLM2-135M-Instruct compiled for gsm8k on a small calibration budget, through the same
+    CLI and alias path users take (shared by the real-model compile and bench tests)."""
+    from click.testing import CliRunner
+
+    from conflayers.compiler.cli import main
+    out = str(tmp_path_factory.mktemp("smollm2") / "bundle")
+    result = CliRunner().invoke(main, ["--model", "smollm2-135m-instruct", "--calib", "gsm8k", "--out", out]
+                                + SMOLLM2_SMALL_BUDGET, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return out

@@ -2,7 +2,8 @@
 runtime system, plain's speed-up of 1.0), the reference systems on a saved tiny HF model,
 several tasks in one run, --memory, the plot subcommand, and bad input (`Error:` line, exit 2).
 
-The real-model smoke test runs on the bundle named by CONFLAYERS_TEST_BUNDLE (skipped when unset):
+The real-model smoke test (2 prompts, 16 tokens, every system) runs on the session's SmolLM2
+bundle, or on the bundle named by CONFLAYERS_TEST_BUNDLE:
 
     CONFLAYERS_TEST_BUNDLE=/path/to/bundle pytest -m real_model tests/test_bench.py
 """
@@ -182,17 +183,17 @@ def test_missing_bundle(tmp_path, capsys):
 
 
 @pytest.mark.real_model
-def test_real_bundle_smoke(tmp_path):
-    """CI smoke test on a real compiled bundle: every runtime system is lossless; plain is 1.0x."""
-    bundle = os.environ.get("CONFLAYERS_TEST_BUNDLE")
-    if not bundle:
-        pytest.skip("set CONFLAYERS_TEST_BUNDLE to a compiled bundle to run the real-model bench smoke test")
+def test_real_bundle_smoke(tmp_path, request):
+    """CI smoke test on a real compiled bundle: every runtime system is lossless; plain is 1.0x;
+    the reference systems (transformers, prompt lookup, ONNX Runtime GenAI) run."""
+    bundle = os.environ.get("CONFLAYERS_TEST_BUNDLE") or request.getfixturevalue("smollm2_bundle")
     from conflayers.runtime import Bundle
     profiles = sorted(Bundle.open(bundle, verify=False).profiles)
-    systems = ["plain", *[f"profile:{p}" for p in profiles]] + (["auto"] if profiles else []) + ["hf"]
+    systems = ["plain", *[f"profile:{p}" for p in profiles]] + (["auto"] if profiles else []) + \
+        ["hf", "hf-prompt-lookup", "genai"]
     task = os.environ.get("CONFLAYERS_TEST_BENCH_TASK")
     rc, doc = bench(tmp_path, bundle, *(["--task", task] if task else []), "--num-prompts", 2,
-                    "--max-new-tokens", 32, "--systems", ",".join(systems))
+                    "--max-new-tokens", 16, "--systems", ",".join(systems))
     assert rc == 0
     found = by_name(doc)
     assert found["plain"]["speedup_vs_plain"] == 1.0
@@ -200,4 +201,6 @@ def test_real_bundle_smoke(tmp_path):
         assert found[name]["status"] == "ok"
         assert found[name]["identical_to_plain"] is True, found[name]["mismatches"]
         assert found[name]["tokens_per_s"] > 0
-    assert found["hf"]["status"] in ("ok", "skipped")
+    for name in ("hf", "hf-prompt-lookup", "genai"):
+        assert found[name]["status"] == "ok", found[name].get("reason")
+        assert found[name]["identical_to_plain"] is True

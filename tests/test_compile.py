@@ -194,15 +194,10 @@ def test_unsupported_architecture_is_named(tmp_path, tiny_prompts):
 
 
 @pytest.mark.real_model
-def test_real_smollm2_compile_small_budget(tmp_path):
+def test_real_smollm2_compile_small_budget(smollm2_bundle):
     """The default model and task through the alias path, on a small calibration budget."""
     import jsonschema
-    out = str(tmp_path / "smol")
-    code, output = run(["--model", "smollm2-135m-instruct", "--calib", "gsm8k", "--out", out,
-                        "--num-prompts", "6", "--validation-prompts", "2", "--max-new-tokens", "64",
-                        "--context-window", "48", "--max-iterations", "4", "--refine-budget", "2",
-                        "--vocab-sizes", "8192", "--time-budget", "240", "--quiet"])
-    assert code == 0, output
+    out = smollm2_bundle
     bundle = Bundle.open(out, verify=True)
     raw = bundle.profiles["gsm8k"].raw
     with open(SCHEMA) as f:
@@ -212,6 +207,7 @@ def test_real_smollm2_compile_small_budget(tmp_path):
     assert fig["acceptance_rate"] > 0.5          # the chosen draft agrees with the full model
     assert raw["calibration"]["data"]["part"] == "calibration"
     assert all(uid.startswith("gsm8k/train/") for uid in raw["calibration"]["search_uids"])
+    assert raw["search"]["iterations"] and raw["search"]["candidates"]
     engine = Engine.load(out)
     msgs = [{"role": "user", "content": "A shop sells pens at $3 each. How much do 7 pens cost?"}]
     a = engine.generate(messages=msgs, max_new_tokens=48, speculate=False)
