@@ -5,9 +5,6 @@ model's greedy output instead of running it. Its only differences from the real 
 floating point: its KV cache was computed by single-token decoding, the real loop's by batched
 verify passes, which can flip a near-tie in the draft. So: the same outputs, and (nearly) the same
 acceptance, block by block."""
-import json
-import os
-import tempfile
 
 import numpy as np
 import pytest

@@ -11,7 +11,6 @@ the same figures, with drafts and step latencies, for any model.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 
@@ -25,6 +24,7 @@ from conflayers.compiler.arch import MATMUL_NAMES, canonical_weights, model_spec
 from conflayers.compiler.export import weights as weights_module
 from conflayers.compiler.export.decoder_graph import WeightStores, build
 from conflayers.compiler.export.quantize import dequantize, quantize_matmul_weight
+from conflayers.compiler.export.reference import draft_reference
 from conflayers.runtime.draftplan import DraftPlan
 from conflayers.runtime.ort_backend import GraphRunner, KVCache, create_session
 
@@ -214,61 +214,6 @@ def test_sliding_window_off_by_one_is_detected(exported):
 
 # ----------------------------------------------------------------------------------------------
 # Drafts (fp32) against a torch reference with the same (sub)layers removed
-
-class _NoAttention(torch.nn.Module):
-    """Stands in for a skipped attention block: contributes exactly nothing to the residual."""
-    def forward(self, hidden_states, *args, **kwargs):
-        return torch.zeros_like(hidden_states), None
-
-
-class _NoMLP(torch.nn.Module):
-    def forward(self, hidden_states, *args, **kwargs):
-        return torch.zeros_like(hidden_states)
-
-
-@contextlib.contextmanager
-def skipping(model, plan: DraftPlan, sandwich: bool):
-    """Temporarily remove the plan's attention/MLP blocks from the HF model. The residual add of a
-    skipped block adds exact zeros (x + 0 == x); for Gemma the post-attention / post-feedforward
-    norms belong to the skipped block and are replaced too (by Identity on those zeros)."""
-    saved = []
-
-    def swap(module, attr, new):
-        saved.append((module, attr, getattr(module, attr)))
-        setattr(module, attr, new)
-
-    for i, layer in enumerate(model.model.layers):
-        if not plan.keeps_attention(i):
-            swap(layer, "self_attn", _NoAttention())
-            if sandwich:
-                swap(layer, "post_attention_layernorm", torch.nn.Identity())
-        if not plan.keeps_mlp(i):
-            swap(layer, "mlp", _NoMLP())
-            if sandwich:
-                swap(layer, "post_feedforward_layernorm", torch.nn.Identity())
-    try:
-        yield model
-    finally:
-        for module, attr, old in reversed(saved):
-            setattr(module, attr, old)
-
-
-def draft_reference(model, plan, sandwich, ids, prefix, steps):
-    """Logits the draft should give for ids[prefix + j] (j < steps), fed one token at a time:
-    the prefix's KV comes from the FULL model, the new positions' KV (kept layers) from the draft."""
-    from transformers import DynamicCache
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        model(torch.tensor(ids[None, :prefix]), cache=cache, use_cache=True)
-        out = []
-        with skipping(model, plan, sandwich):
-            for j in range(steps):
-                p = prefix + j
-                r = model(torch.tensor(ids[None, p:p + 1]), cache=cache, use_cache=True,
-                          position_ids=torch.tensor([[p]]))
-                out.append(r.logits[0, -1].float().numpy())
-    return np.stack(out)
-
 
 @pytest.mark.parametrize("plan_name", list(PLANS))
 def test_fp32_draft_matches_torch_with_layers_removed(exported, plan_name):

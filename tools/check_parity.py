@@ -21,7 +21,6 @@ argmax difference).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
 import sys
@@ -62,48 +61,6 @@ def parse_args(argv=None):
 
 def log(msg=""):
     print(msg, flush=True)
-
-
-def _stubs():
-    import torch
-
-    class NoAttention(torch.nn.Module):
-        def forward(self, hidden_states, *args, **kwargs):
-            return torch.zeros_like(hidden_states), None
-
-    class NoMLP(torch.nn.Module):
-        def forward(self, hidden_states, *args, **kwargs):
-            return torch.zeros_like(hidden_states)
-
-    return NoAttention, NoMLP
-
-
-@contextlib.contextmanager
-def skipping(model, plan, sandwich: bool):
-    """Remove the plan's attention/MLP blocks from the HF model for the duration (a removed block
-    adds exact zeros to the residual; Gemma's post-norms go with their block)."""
-    import torch
-    NoAttention, NoMLP = _stubs()
-    saved = []
-
-    def swap(module, attr, new):
-        saved.append((module, attr, getattr(module, attr)))
-        setattr(module, attr, new)
-
-    for i, layer in enumerate(model.model.layers):
-        if not plan.keeps_attention(i):
-            swap(layer, "self_attn", NoAttention())
-            if sandwich:
-                swap(layer, "post_attention_layernorm", torch.nn.Identity())
-        if not plan.keeps_mlp(i):
-            swap(layer, "mlp", NoMLP())
-            if sandwich:
-                swap(layer, "post_feedforward_layernorm", torch.nn.Identity())
-    try:
-        yield model
-    finally:
-        for module, attr, old in reversed(saved):
-            setattr(module, attr, old)
 
 
 def prompt_ids(tokenizer, n: int) -> np.ndarray:
@@ -150,6 +107,7 @@ def check(args, tmp: str) -> int:
 
     from conflayers.compiler.arch import canonical_weights, model_spec
     from conflayers.compiler.export.decoder_graph import WeightStores, build
+    from conflayers.compiler.export.reference import draft_reference
     from conflayers.compiler.models import load_model, resolve_model
     from conflayers.runtime.draftplan import DraftPlan
     from conflayers.runtime.ort_backend import GraphRunner, KVCache, create_session
@@ -269,18 +227,9 @@ def check(args, tmp: str) -> int:
     full_g.bind(kv).run(seq[:p], 0, logits_from=p - 1)
     body = bodies["fp32"].bind(kv)
     ours = np.concatenate([head_rows("fp32", body.run(seq[p + j:p + j + 1], p + j)) for j in range(args.draft_steps)])
-    with torch.no_grad():
-        cache = DynamicCache(config=model.config)
-        model(torch.tensor(seq[None, :p]), cache=cache, use_cache=True)
-        theirs = []
-        with skipping(model, plan, spec.sandwich_norm):
-            for j in range(args.draft_steps):
-                r = model(torch.tensor(seq[None, p + j:p + j + 1]), cache=cache, use_cache=True,
-                          position_ids=torch.tensor([[p + j]]))
-                theirs.append(r.logits[0, -1].float().numpy())
-        del cache
+    theirs = draft_reference(model, plan, spec.sandwich_norm, seq, p, args.draft_steps)
     log(f"fp32 draft (skip layer {skip}) vs torch with the layer removed:")
-    report(f"{args.draft_steps} draft steps after the prefix", ours, np.stack(theirs))
+    report(f"{args.draft_steps} draft steps after the prefix", ours, theirs)
 
     # --- draft agreement, teacher-forced over the prompt (each draft computes its own KV)
     full_top = ref[:p].argmax(-1)

@@ -1,7 +1,6 @@
 """conflayers-compile: search a skip profile for a model and task, write a bundle."""
 from __future__ import annotations
 
-import os
 import sys
 
 import click

@@ -95,7 +95,7 @@ def compile_profile(opts: CompileOptions) -> str:
     from . import confidence, costmodel, data, models, report, vocab
     from .arch import canonical_weights, model_spec
     from .drafts import DraftFactory
-    from .evaluate import decode_and_measure, make_references
+    from .evaluate import make_references
     from .export.bundle_writer import BundleWriter, check_output_dir, fingerprint, model_identity
     from .search import run_search
 

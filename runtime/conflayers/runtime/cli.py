@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import click
 
-from .bundle import MANIFEST, Bundle, BundleError, safe_join, sha256_file, verify_bundle
+from .bundle import Bundle, BundleError, verify_bundle
 from .engine import Engine, RequestError
 from .profile import ProfileError
 
