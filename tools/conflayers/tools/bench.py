@@ -3,7 +3,7 @@ systems, on the same prompts, in one process, interleaved.
 
     conflayers-bench BUNDLE [--prompts FILE.jsonl | --task NAME ...] [--num-prompts N]
                      [--max-new-tokens M] [--seed S] [--systems LIST] [--json FILE] [--plot FILE.png]
-                     [--hf-model NAME] [--no-chat] [--memory] [--no-guard]
+                     [--hf-model NAME] [--no-chat] [--memory] [--no-guard] [--own-profile]
     conflayers-bench plot A.json [B.json ...] -o FILE.png     (one chart from several runs)
 
 Systems (--systems a,b,c; default: all):
@@ -100,6 +100,9 @@ def parse_args(argv):
                                                       "default: the bundle's model")
     p.add_argument("--no-chat", action="store_true", help="feed the raw prompt text, no chat template")
     p.add_argument("--memory", action="store_true", help="peak RSS per system, one subprocess each")
+    p.add_argument("--own-profile", action="store_true",
+                   help="with several tasks: run on each task only its own profile (and auto), not every "
+                        "profile of the bundle (the per-task headline; saves time)")
     p.add_argument("--no-guard", action="store_true",
                    help="runtime without its speculation guard (by default it runs as users get it)")
     args = p.parse_args(argv)
@@ -367,9 +370,10 @@ def build_systems(names, args, runtime: RuntimeBackend, warm_prompt: BenchPrompt
 
 # ----------------------------------------------------------------------------- measuring
 
-def run_sections(sections, slots, max_new: int) -> None:
-    active = [s for s in slots if s.ok]
+def run_sections(sections, slots, max_new: int, own_profile: bool = False) -> None:
     for sec in sections:
+        own = f"profile:{profile_name_for(sec['task'])}"
+        active = [s for s in slots if s.ok and not (own_profile and s.name.startswith("profile:") and s.name != own)]
         runs = {s.name: [] for s in active}
         prompts = sec["bench_prompts"]
         for i, prompt in enumerate(prompts):
@@ -410,6 +414,8 @@ def summarize(sec, slots, engine) -> list[dict]:
                "completion_tokens_per_prompt": [], "identical_to_plain": None, "mismatches": [],
                "profiles_used": {}, "guard_stopped_prompts": None, "weight_bytes_full": None,
                "weight_bytes_draft": None, "bytes_per_token": None, "bandwidth_gb_s": None, "rss": s.rss or None}
+        if s.ok and s.name not in runs:
+            obj.update(status="skipped", reason="not run on this task (--own-profile)")
         if s.ok and s.name in runs:
             rs = runs[s.name]
             tps = [r.tokens_per_s for r in rs]
@@ -562,7 +568,8 @@ def render(doc: dict) -> str:
                   f"{'identical':>9} {'RSS MB':>12} {'GB/s':>6}")
         lines.append(header)
         lines.append("  " + "-" * (len(header) - 2))
-        rows = [s for s in doc["systems"] if s["task"] == sec["task"]]
+        rows = [s for s in doc["systems"] if s["task"] == sec["task"]
+                and not (s["reason"] or "").startswith("not run on this task")]
         for s in rows:
             mark = "*" if s["headline"] else " "
             if s["status"] != "ok":
@@ -649,7 +656,7 @@ def run(args, argv) -> int:
     encode_prompts(sections, runtime.engine, not args.no_chat, args.max_new_tokens)
     warm_prompt = sections[0]["bench_prompts"][0]
     slots = build_systems(names, args, runtime, warm_prompt, meta)
-    run_sections(sections, slots, args.max_new_tokens)
+    run_sections(sections, slots, args.max_new_tokens, args.own_profile)
     hwm = proc_status_kb().get("VmHWM")
     meta["memory"]["peak_rss_mb"] = hwm / 1024.0 if hwm else None
     if args.memory:

@@ -12,6 +12,9 @@ import json
 import sys
 
 
+OWN = "profile of the task"
+
+
 def _collect(docs: list[dict]) -> tuple[list[str], list[str], dict, dict]:
     """tasks, systems (first-seen order), speed-up[(task, system)], histogram[(task, system)]."""
     tasks, systems, speed, hist = [], [], {}, {}
@@ -20,13 +23,15 @@ def _collect(docs: list[dict]) -> tuple[list[str], list[str], dict, dict]:
             if s.get("status") != "ok" or s.get("speedup_vs_plain") is None:
                 continue
             task, name = s.get("task") or "?", s["name"]
+            if s.get("headline") and name.startswith("profile:"):
+                name = OWN      # each task's own profile is one series across tasks
             if task not in tasks:
                 tasks.append(task)
             if name not in systems:
                 systems.append(name)
             speed[(task, name)] = s["speedup_vs_plain"]
             h = s.get("accept_length_histogram") or {}
-            if s.get("speculative") and h:
+            if name == OWN and h:
                 hist[(task, name)] = {int(k): int(v) for k, v in h.items()}
     return tasks, systems, speed, hist
 
@@ -37,7 +42,8 @@ def plot_docs(docs: list[dict], out: str) -> str:
     import matplotlib.pyplot as plt
 
     tasks, systems, speed, hist = _collect(docs)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(10, 3 + 1.6 * len(tasks) * max(len(systems), 1) / 3), 4.8))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(min(24, 8 + 1.4 * len(tasks)), 5.2),
+                                   gridspec_kw={"width_ratios": [max(len(tasks), 1), 3]})
     width = 0.8 / max(len(systems), 1)
     for j, name in enumerate(systems):
         xs = [i + (j - (len(systems) - 1) / 2) * width for i in range(len(tasks))]
@@ -48,7 +54,7 @@ def plot_docs(docs: list[dict], out: str) -> str:
                 ax1.annotate(f"{y:.2f}", (x, y), ha="center", va="bottom", fontsize=7)
     ax1.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
     ax1.set_xticks(range(len(tasks)))
-    ax1.set_xticklabels(tasks)
+    ax1.set_xticklabels([t.replace("spec_bench:", "") for t in tasks], rotation=20, fontsize=8)
     ax1.set_ylabel("speed-up vs plain (decode tokens/s)")
     ax1.set_title("Speed-up per system and task")
     if speed:
@@ -57,15 +63,11 @@ def plot_docs(docs: list[dict], out: str) -> str:
         ax1.legend(fontsize=8, loc="upper center", ncol=3, frameon=False)
 
     if hist:
-        keys = list(hist)
         maxlen = max(max(h) for h in hist.values())
-        w = 0.8 / len(keys)
-        for j, key in enumerate(keys):
-            h = hist[key]
+        for (task, _), h in hist.items():
             total = sum(h.values()) or 1
-            xs = [k + (j - (len(keys) - 1) / 2) * w for k in range(maxlen + 1)]
-            ax2.bar(xs, [h.get(k, 0) / total for k in range(maxlen + 1)], w,
-                    label=f"{key[1]} ({key[0]})" if len(tasks) > 1 else key[1])
+            ax2.plot(range(maxlen + 1), [h.get(k, 0) / total for k in range(maxlen + 1)], "o-", ms=3,
+                     label=task.replace("spec_bench:", ""))
         ax2.set_xticks(range(maxlen + 1))
         ax2.set_xlabel("draft tokens accepted per speculative step")
         ax2.set_ylabel("fraction of steps")
@@ -74,7 +76,7 @@ def plot_docs(docs: list[dict], out: str) -> str:
     else:
         ax2.text(0.5, 0.5, "no speculative system ran", ha="center", va="center", transform=ax2.transAxes)
         ax2.set_axis_off()
-    ax2.set_title("Acceptance length")
+    ax2.set_title("Acceptance length (each task's profile)")
     meta = docs[0].get("meta", {}) if docs else {}
     m = meta.get("machine", {})
     fig.suptitle(f"{meta.get('bundle', {}).get('model', '')}: {m.get('cores', '?')} CPU cores, "
