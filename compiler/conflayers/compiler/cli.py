@@ -81,11 +81,13 @@ def _csv(kind):
               help="Stop ConfLayers iterations after this many without a new candidate set.")
 @click.option("--time-budget", default=D.time_budget_s, show_default=True, type=float,
               help="Seconds the search may take (phase 1 + 2) before it stops with the best so far.")
+@click.option("--phase1-share", default=D.phase1_share, show_default=True, type=float,
+              help="Most of the time budget ConfLayers iterations (phase 1) may use.")
 def main(model, calib, task, out, profiles, num_prompts, validation_prompts, max_new_tokens, seed, device,
          dtype, max_context, chat, cost_model, force, quiet, context_window, target_skip_ratio, max_iterations,
          acceptance_target, mean_accepted_target, draft_stop_threshold, lambda_step, base_window,
          allow_skip_first, allow_skip_last, max_draft_tokens, precisions, vocab_sizes, sublayers,
-         refine_budget, patience, time_budget):
+         refine_budget, patience, time_budget, phase1_share):
     """Search the fastest lossless self-speculative draft for MODEL on a calibration TASK and write
     a versioned bundle: full ONNX graph, draft subgraph(s), profile JSON, tokenizer and a report.
 
@@ -105,7 +107,7 @@ def main(model, calib, task, out, profiles, num_prompts, validation_prompts, max
         draft_stop_threshold=draft_stop_threshold, lambda_step=lambda_step, base_window=base_window,
         allow_skip_first=allow_skip_first, allow_skip_last=allow_skip_last, k_max=max_draft_tokens,
         precisions=precisions, vocab_sizes=vocab_sizes, sublayers=sublayers, refine_budget=refine_budget,
-        patience=patience, time_budget_s=time_budget)
+        patience=patience, time_budget_s=time_budget, phase1_share=phase1_share)
     if validation_prompts >= num_prompts:
         raise click.BadParameter(f"must be smaller than --num-prompts ({num_prompts})", param_hint="--validation-prompts")
     opts = CompileOptions(model=model, calib=calib, task=task, out=out, num_prompts=num_prompts,

@@ -78,12 +78,25 @@ class DraftRecord:
     complete: bool = True                          # False when screened out early
 
 
-def _pick(logits: np.ndarray, ids: np.ndarray | None) -> tuple[int, float]:
-    """Draft choice and its confidence over the full vocabulary or a subset."""
-    z = logits if ids is None else logits[ids]
-    i = int(np.argmax(z))
-    conf = float(1.0 / np.exp(z - z[i]).sum())
-    return (i if ids is None else int(ids[i])), conf
+def _score(logits: np.ndarray, options: dict) -> dict:
+    """Draft choice and confidence (top-1 softmax probability) per vocabulary option, from one
+    exponentiation of the full logits (a 262k vocabulary makes this the costly part)."""
+    zmax = float(logits.max())
+    e = np.exp(logits - zmax)
+    out = {}
+    for name, ids in options.items():
+        if ids is None:
+            i = int(np.argmax(logits))
+            out[name] = (i, float(1.0 / e.sum()))
+            continue
+        sub = e[ids]
+        j = int(np.argmax(sub))
+        if sub[j] == 0.0:                 # the whole subset underflowed: decide on the logits
+            z = logits[ids]
+            j = int(np.argmax(z))
+            sub = np.exp(z - z[j])
+        out[name] = (int(ids[j]), float(sub[j] / sub.sum()))
+    return out
 
 
 def evaluate(body: GraphRunner, head: GraphRunner, spec, refs: list[Reference], k_max: int,
@@ -127,8 +140,7 @@ def evaluate(body: GraphRunner, head: GraphRunner, spec, refs: list[Reference], 
                 hidden = bound.run([feed], pos + j)
                 logits = head.run_head(hidden[None])[0, -1]
                 target = seq[pos + 1 + j]
-                for name, ids in vocab_options.items():
-                    pred, conf = _pick(logits, ids)
+                for name, (pred, conf) in _score(logits, vocab_options).items():
                     alive[name] = alive[name] and pred == target
                     matches[name].append(alive[name])
                     confs[name].append(conf)

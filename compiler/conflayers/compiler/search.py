@@ -1,5 +1,9 @@
 """The search: which draft makes self-speculative decoding fastest, output unchanged.
 
+Anchors first: for each quantized precision, the draft that skips nothing. They are cheap to
+evaluate, usually strong, and give the screening (below) a bar from the start. (An fp32 draft
+that skips nothing is the full model itself and is never evaluated.)
+
 Phase 1, ConfLayers (faithful): iterate over calibration contexts; each iteration applies the
 selection rule (skiprule.select) with the adaptive lambda to that context's confidence curve,
 evaluates the candidate set against the full model (evaluate.evaluate, fp32 draft, the paper's
@@ -15,6 +19,10 @@ ranked layer whole or only its MLP or attention; drop a skipped layer). For ever
 the drafting policy (k, confidence stop) and the vocabulary subset are chosen by replaying the
 recorded blocks through the measured cost model. The answer is the best predicted tokens/s;
 "skip nothing" is a legal answer.
+
+Screening: an evaluation stops after a quarter of the reference tokens when its predicted
+tokens/s is below screen_ratio x the best so far (its figures are then partial estimates, and
+say so). Phase 1 may use at most phase1_share of the time budget, so phase 2 always runs.
 """
 from __future__ import annotations
 
@@ -52,6 +60,7 @@ class SearchSettings:
     patience: int = 25
     time_budget_s: float = 600.0
     screen_ratio: float = 0.7
+    phase1_share: float = 0.5
 
     def validate(self, num_layers: int | None = None):
         """Raise ValueError naming every invalid hyper-parameter."""
@@ -68,6 +77,8 @@ class SearchSettings:
             problems.append(f"draft stop threshold must be in [0, 1), got {self.draft_stop_threshold}")
         if not 1 <= self.k_max <= 32:
             problems.append(f"max draft tokens must be in 1..32, got {self.k_max}")
+        if not 0.0 < self.phase1_share <= 1.0:
+            problems.append(f"phase-1 share must be in (0, 1], got {self.phase1_share}")
         if self.lambda_step <= 0:
             problems.append(f"lambda step must be > 0, got {self.lambda_step}")
         if self.base_window < 1:
@@ -129,8 +140,14 @@ class Search:
         self.t0 = time.perf_counter()
 
     # -- evaluation of one draft ---------------------------------------------------------------
-    def out_of_time(self) -> bool:
-        return time.perf_counter() - self.t0 > self.s.time_budget_s
+    def out_of_time(self, share: float = 1.0) -> bool:
+        return time.perf_counter() - self.t0 > share * self.s.time_budget_s
+
+    def anchors(self):
+        """Skip-nothing drafts of each quantized precision (see the module docstring)."""
+        for p in self.s.precisions:
+            if p != "fp32":
+                self.evaluate(DraftPlan(self.spec.num_layers, precision=p), f"anchor {p} (skip nothing)")
 
     def choose(self, plan: DraftPlan, record: DraftRecord) -> Choice:
         best = None
@@ -199,7 +216,9 @@ class Search:
                 "skipped_fraction": round(frac, 4), "acceptance": round(cand.paper["acceptance"], 4),
                 "mean_accepted": round(cand.paper["mean_accepted"], 4),
                 "predicted_speedup": round(cand.choice.speedup, 4), "screened_out": not cand.record.complete})
-            if cand.record.complete and (best is None or cand.paper["mean_accepted"] > best.paper["mean_accepted"]):
+            # Keep-best by mean accepted tokens (a screened-out candidate counts with its partial
+            # estimate: it was already far behind the product's best draft).
+            if best is None or cand.paper["mean_accepted"] > best.paper["mean_accepted"]:
                 best = cand
             if cand.paper["acceptance"] >= s.acceptance_target and cand.paper["mean_accepted"] > s.mean_accepted_target:
                 result.stop_reason = f"acceptance target reached at iteration {it}"
@@ -208,8 +227,9 @@ class Search:
             if it - seen_at >= s.patience:
                 result.stop_reason = f"no new candidate for {s.patience} iterations (at iteration {it})"
                 break
-            if self.out_of_time():
-                result.stop_reason = f"time budget ({s.time_budget_s:.0f} s) spent at iteration {it}"
+            if self.out_of_time(s.phase1_share):
+                result.stop_reason = (f"phase-1 share of the time budget ({s.phase1_share:.0%} of "
+                                      f"{s.time_budget_s:.0f} s) spent at iteration {it}")
                 break
         result.final_lambda = lam.value
         result.phase1_best = best
@@ -221,7 +241,7 @@ class Search:
         L = self.spec.num_layers
         budget = s.refine_budget
         for p in s.precisions:
-            ladder = [[]] + [ranking[:n] for n in (1, 2, 4, 8) if n <= len(ranking)]
+            ladder = ([] if p == "fp32" else [[]]) + [ranking[:n] for n in (1, 2, 4, 8) if n <= len(ranking)]
             if phase1 is not None and list(phase1.plan.skip_layers) not in ladder:
                 ladder.append(list(phase1.plan.skip_layers))
             for skip in ladder:
@@ -274,6 +294,10 @@ def run_search(factory, spec, refs, max_new_tokens, cost, settings, vocab_option
     conf = attn_conf + mlp_conf
     search = Search(factory, spec, refs, max_new_tokens, cost, settings, vocab_options_per_ref, log)
     result = SearchResult(best=None, candidates=[])
+    t = time.perf_counter()
+    log("anchors: drafts that skip nothing, per quantized precision")
+    search.anchors()
+    result.seconds["anchors"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
     log("phase 1: ConfLayers iterations (fp32 drafts, adaptive lambda)")
     phase1 = search.conflayers(conf, result)
