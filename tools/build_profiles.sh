@@ -2,7 +2,7 @@
 # Maintenance: compile the shipped profiles of a model, one per task, into one bundle, and copy
 # each profile's JSON to profiles/<model>/<task>.json (the repository ships JSON only).
 #   bash tools/build_profiles.sh [MODEL] [TASK ...]
-# Defaults: smollm2-135m-instruct; gsm8k and the Spec-Bench category groups. Takes ~10 minutes
+# Defaults: smollm2-135m-instruct; gsm8k and the Spec-Bench category groups. Takes 3-8 minutes
 # per task on 2 CPU cores. Extra compile flags: COMPILE_FLAGS="--num-prompts 24" bash tools/...
 set -euo pipefail
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/setup.sh"

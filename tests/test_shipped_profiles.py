@@ -1,0 +1,80 @@
+"""The profiles the repository ships (profiles/<model>/<task>.json): each is valid under the JSON
+Schema, names the model its folder names, carries measured figures next to its prediction, and
+turns into a bundle through the export-only path (fingerprint checked against the model the alias
+resolves to today) whose speculative greedy output equals plain greedy output."""
+import glob
+import json
+import os
+
+import pytest
+from click.testing import CliRunner
+
+from conflayers.compiler.cli import main as compile_main
+from conflayers.runtime import Engine
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROFILES = os.path.join(ROOT, "profiles")
+SHIPPED = sorted(glob.glob(os.path.join(PROFILES, "*", "*.json")))
+PROMPTS = ["Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+           "How many clips did Natalia sell altogether in April and May?",
+           "Translate to French: The weather is nice today and we are going to the park."]
+
+
+def _by_model():
+    models = {}
+    for path in SHIPPED:
+        models.setdefault(os.path.basename(os.path.dirname(path)), []).append(path)
+    return models
+
+
+def test_the_repository_ships_profiles():
+    assert "smollm2-135m-instruct" in _by_model()
+    assert any(p.endswith("smollm2-135m-instruct/gsm8k.json") for p in SHIPPED)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: os.path.relpath(p, PROFILES))
+def test_shipped_profile_is_valid_and_measured(path):
+    jsonschema = pytest.importorskip("jsonschema")
+    with open(os.path.join(PROFILES, "profile.schema.json")) as f:
+        schema = json.load(f)
+    with open(path) as f:
+        profile = json.load(f)
+    jsonschema.validate(profile, schema)
+    assert profile["model"]["name"] == os.path.basename(os.path.dirname(path))
+    assert profile["task"] == os.path.splitext(os.path.basename(path))[0]
+    figures = profile["figures"]
+    # Shipped only when the runtime measured it lossless and faster than plain decoding.
+    assert figures["identical_to_plain"] is True
+    assert figures["measured_speedup"] > 1.0
+    assert figures["predicted_speedup"] > 1.0
+
+
+def _export_and_decode(model, paths, tmp_path):
+    out = str(tmp_path / "bundle")
+    args = ["--model", model, "--out", out, "--quiet"]
+    for p in paths:
+        args += ["--profile", p]
+    result = CliRunner().invoke(compile_main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    engine = Engine.load(out, guard=False)
+    assert set(engine.bundle.profiles) == {os.path.splitext(os.path.basename(p))[0] for p in paths}
+    for task in sorted(engine.bundle.profiles):
+        for prompt in PROMPTS:
+            kw = dict(messages=[{"role": "user", "content": prompt}], max_new_tokens=48)
+            plain = engine.generate(**kw, speculate=False)
+            spec = engine.generate(**kw, task=task)
+            assert spec.token_ids == plain.token_ids, (task, prompt)
+            assert spec.metrics.profile == task
+            assert spec.metrics.draft_steps > 0
+
+
+@pytest.mark.real_model
+def test_smollm2_shipped_profiles_export_only_and_decode_losslessly(tmp_path):
+    _export_and_decode("smollm2-135m-instruct", _by_model()["smollm2-135m-instruct"], tmp_path)
+
+
+@pytest.mark.gemma
+@pytest.mark.slow
+@pytest.mark.skipif("gemma3-270m" not in _by_model(), reason="no shipped gemma3-270m profile")
+def test_gemma3_shipped_profiles_export_only_and_decode_losslessly(tmp_path):
+    _export_and_decode("gemma3-270m", _by_model()["gemma3-270m"], tmp_path)
