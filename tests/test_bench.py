@@ -72,6 +72,7 @@ def test_smoke_json(smoke):
     assert systems["hf"]["status"] == "skipped" and "--hf-model" in systems["hf"]["reason"]
     meta = doc["meta"]
     assert meta["machine"]["cores"] == os.cpu_count()
+    assert meta["settings"]["chat"] is True      # default: the bundle's chat template, since it has one
     sec = meta["sections"][0]
     assert sec["task"] == "gsm8k" and sec["part"] == "evaluation" and sec["n_prompts"] == 2
     assert sec["calibration_overlap"] == []

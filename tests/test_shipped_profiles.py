@@ -60,7 +60,9 @@ def _export_and_decode(model, paths, tmp_path):
     assert set(engine.bundle.profiles) == {os.path.splitext(os.path.basename(p))[0] for p in paths}
     for task in sorted(engine.bundle.profiles):
         for prompt in PROMPTS:
-            kw = dict(messages=[{"role": "user", "content": prompt}], max_new_tokens=48)
+            chat = engine.codec.chat_template      # gemma3-270m (a base model) has none
+            kw = dict(messages=[{"role": "user", "content": prompt}] if chat else None,
+                      prompt=None if chat else prompt, max_new_tokens=48)
             plain = engine.generate(**kw, speculate=False)
             spec = engine.generate(**kw, task=task)
             assert spec.token_ids == plain.token_ids, (task, prompt)

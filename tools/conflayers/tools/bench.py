@@ -3,7 +3,7 @@ systems, on the same prompts, in one process, interleaved.
 
     conflayers-bench BUNDLE [--prompts FILE.jsonl | --task NAME ...] [--num-prompts N]
                      [--max-new-tokens M] [--seed S] [--systems LIST] [--json FILE] [--plot FILE.png]
-                     [--hf-model NAME] [--no-chat] [--memory] [--no-guard] [--own-profile]
+                     [--hf-model NAME] [--chat|--no-chat] [--memory] [--no-guard] [--own-profile]
     conflayers-bench plot A.json [B.json ...] -o FILE.png     (one chart from several runs)
 
 Systems (--systems a,b,c; default: all):
@@ -98,7 +98,11 @@ def parse_args(argv):
     p.add_argument("--plot", metavar="FILE.png", help="speed-up and acceptance-length chart")
     p.add_argument("--hf-model", metavar="NAME", help="model for hf/genai (alias, HF dir, .gguf, hub id); "
                                                       "default: the bundle's model")
-    p.add_argument("--no-chat", action="store_true", help="feed the raw prompt text, no chat template")
+    chat = p.add_mutually_exclusive_group()
+    chat.add_argument("--chat", dest="chat", action="store_const", const=True, default=None,
+                      help="apply the bundle's chat template to the prompts (default: when it has one)")
+    chat.add_argument("--no-chat", dest="chat", action="store_const", const=False,
+                      help="feed the raw prompt text, no chat template")
     p.add_argument("--memory", action="store_true", help="peak RSS per system, one subprocess each")
     p.add_argument("--own-profile", action="store_true",
                    help="with several tasks: run on each task only its own profile (and auto), not every "
@@ -642,7 +646,7 @@ def run(args, argv) -> int:
                        "source": bundle.manifest["model"].get("source"), "profiles": sorted(bundle.profiles),
                        "default_profile": bundle.default_profile},
             "settings": {"max_new_tokens": args.max_new_tokens, "num_prompts": args.num_prompts, "seed": args.seed,
-                         "chat": not args.no_chat, "guard": not args.no_guard, "systems": names,
+                         "chat": args.chat, "guard": not args.no_guard, "systems": names,
                          "memory": args.memory, "greedy": True, "torch_threads": os.cpu_count(),
                          "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
                          "prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS},
@@ -653,7 +657,9 @@ def run(args, argv) -> int:
     except BundleError as e:
         raise BenchError(str(e)) from None
     meta["weight_accounting"] = runtime.accounting
-    encode_prompts(sections, runtime.engine, not args.no_chat, args.max_new_tokens)
+    if args.chat is None:       # like the compiler: the chat template when the model has one
+        args.chat = meta["settings"]["chat"] = bool(runtime.engine.codec.chat_template)
+    encode_prompts(sections, runtime.engine, args.chat, args.max_new_tokens)
     warm_prompt = sections[0]["bench_prompts"][0]
     slots = build_systems(names, args, runtime, warm_prompt, meta)
     run_sections(sections, slots, args.max_new_tokens, args.own_profile)
