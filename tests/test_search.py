@@ -131,3 +131,41 @@ def test_cost_model_prediction():
     assert cm.speedup(r, 5.0) == pytest.approx((40 / 10) / ((4 * 5.0 + 28.0) / 20.0))
     assert cm.verify_ms(2.5) == pytest.approx(23.0) and cm.verify_ms(7) == pytest.approx(32.0)
     assert cm.verify_relative()[0] == 1.0
+
+
+def recording_search(settings, acceptance_of, seconds_per_eval=0.0):
+    """fake_search that records (precision, skip set) and advances the search's clock by
+    seconds_per_eval per evaluation (a simulated slow evaluator for the time-budget rules)."""
+    s = fake_search(settings, acceptance_of)
+    inner, plans = s.evaluate, []
+
+    def evaluate(plan, origin):
+        plans.append((plan.precision, tuple(plan.skip_layers)))
+        s.t0 -= seconds_per_eval
+        return inner(plan, origin)
+
+    s.evaluate, s.plans = evaluate, plans
+    return s
+
+
+def test_anchors_are_the_quantized_skip_nothing_drafts_only():
+    s = recording_search(SearchSettings(precisions=("fp32", "int8", "int4")), lambda skip: (0.9, 3.0))
+    s.anchors()
+    assert s.plans == [("int8", ()), ("int4", ())]      # fp32 skipping nothing is the full model itself
+
+
+def test_phase1_stops_at_its_share_of_the_time_budget():
+    settings = SearchSettings(max_iterations=100, patience=1000, time_budget_s=10.0, phase1_share=0.5)
+    s = recording_search(settings, lambda skip: (0.5, 1.0), seconds_per_eval=1.0)
+    res = SearchResult(None, [])
+    s.conflayers(curves(), res)
+    assert res.stop_reason.startswith("phase-1 share of the time budget")
+    assert 5 <= len(res.iterations) <= 7                 # ~5 s of the 10 s budget, then it stops
+    assert not s.out_of_time()                           # phase 2 still has time
+
+
+def test_refinement_ladder_never_evaluates_the_fp32_full_model():
+    s = recording_search(SearchSettings(precisions=("fp32", "int8"), refine_budget=0), lambda skip: (0.8, 2.0))
+    s.refine([3, 5, 1, 7, 2, 9, 4, 8, 6, 10], None)
+    assert ("fp32", ()) not in s.plans and ("int8", ()) in s.plans
+    assert ("fp32", (3,)) in s.plans and ("int8", (1, 3, 5, 7)) in s.plans
