@@ -169,3 +169,40 @@ def test_refinement_ladder_never_evaluates_the_fp32_full_model():
     s.refine([3, 5, 1, 7, 2, 9, 4, 8, 6, 10], None)
     assert ("fp32", ()) not in s.plans and ("int8", ()) in s.plans
     assert ("fp32", (3,)) in s.plans and ("int8", (1, 3, 5, 7)) in s.plans
+
+
+def test_screening_drops_a_draft_far_behind_the_best_after_a_quarter(monkeypatch):
+    """A draft whose partial prediction is below screen_ratio x the best so far stops after a
+    quarter of the reference tokens, is marked incomplete and can never become the best."""
+    import conflayers.compiler.search as search_mod
+
+    class Factory:
+        def body(self, plan):
+            return None
+
+        def head(self, precision):
+            return None
+
+    refs = [type("Ref", (), {"output": list(range(100))})() for _ in range(4)]    # 400 tokens
+    s = Search(Factory(), FakeSpec(), refs, 64, None, SearchSettings(screen_ratio=0.7), [])
+    s.log = lambda *a: None
+    speed = {(): 2.0, (1,): 1.9, (2,): 1.0}                  # predicted speed-up per skip set
+    s.choose = lambda plan, record: Choice(4, None, None, speed[plan.skip_layers], 0.9, 3.0, 1.0)
+
+    def fake_evaluate(body, head, spec, refs, k, max_new, vocab_options, primary, min_stop, give_up):
+        rec = DraftRecord(k, {None: []})
+        for r in refs:                                         # asked after each reference
+            rec.tokens += len(r.output)
+            if give_up(rec):
+                rec.complete = False
+                break
+        return rec
+
+    monkeypatch.setattr(search_mod, "evaluate", fake_evaluate)
+    monkeypatch.setattr(search_mod, "replay", lambda blocks, k, thr: PolicyResult(k, thr, 10, 30, 27))
+    best = s.evaluate(DraftPlan(12, precision="int8"), "anchor")
+    close = s.evaluate(DraftPlan(12, skip_layers=(1,), precision="int8"), "close")
+    far = s.evaluate(DraftPlan(12, skip_layers=(2,), precision="int8"), "far")
+    assert best.record.complete and close.record.complete     # no best yet / within 0.7x: run fully
+    assert not far.record.complete and far.record.tokens == 100
+    assert s.best is best
