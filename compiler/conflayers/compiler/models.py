@@ -32,7 +32,6 @@ that need them (conflayers.compiler.data imports this module in torch-free envir
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -46,6 +45,8 @@ import time
 import zipfile
 from dataclasses import asdict, dataclass
 from urllib.parse import urlparse
+
+from conflayers.runtime.bundle import sha256_file
 
 SOURCE_FILE = "conflayers_source.json"
 CACHE_FORMAT = 1
@@ -129,14 +130,6 @@ def cache_dir() -> str:
 def _log(progress: bool, msg: str) -> None:
     if progress:
         print(f"conflayers: {msg}", file=sys.stderr, flush=True)
-
-
-def sha256_file(path: str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _alias_list() -> str:

@@ -386,10 +386,6 @@ class HFSystem:
 
 # ----------------------------------------------------------------------------- ONNX Runtime GenAI
 
-def cache_root() -> str:
-    return os.path.abspath(os.path.expanduser(os.environ.get("CONFLAYERS_CACHE") or "~/.cache/conflayers"))
-
-
 def _safe_name(name: str) -> str:
     import re
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._-") or "model"
@@ -398,7 +394,8 @@ def _safe_name(name: str) -> str:
 def genai_model_dir(hf_dir: str, model_name: str, log=print) -> str:
     """Build (once) ONNX Runtime GenAI's fp32 CPU model of hf_dir, cached under
     $CONFLAYERS_CACHE/genai/<model-name>-fp32. Raises Unavailable with the builder's error."""
-    out = os.path.join(cache_root(), "genai", f"{_safe_name(model_name)}-fp32")
+    from conflayers.compiler.models import cache_dir
+    out = os.path.join(cache_dir(), "genai", f"{_safe_name(model_name)}-fp32")
     stamp = os.path.join(out, "conflayers_source.json")
     src = {"hf_dir": os.path.abspath(hf_dir), "config_mtime": os.path.getmtime(os.path.join(hf_dir, "config.json"))}
     if os.path.isfile(stamp):
