@@ -306,6 +306,9 @@ def test_concurrent_requests_equal_solo_outputs(tiny_engine):
         reqs = [(C, {"prompt": p, "max_tokens": 60}) if i % 2 == 0 else
                 (CH, {"messages": chat(p), "max_tokens": 60, "task": "fp32sub"}) for i, p in enumerate(PROMPTS)]
         solo = [c.post(path, body)[1] for path, body in reqs]
+        plain = [c.post(path, {**body, "speculate": False})[1] for path, body in reqs]
+        text = lambda r: r["choices"][0].get("text", r["choices"][0].get("message", {}).get("content"))
+        assert [text(r) for r in solo] == [text(r) for r in plain]       # lossless first
         results = [None] * len(reqs)
 
         def work(i):
