@@ -11,6 +11,7 @@ import pytest
 
 from conflayers.runtime import Engine
 from conflayers.runtime.decoding import DecodeStats, SpeculationGuard, generate
+from conflayers.runtime.drafter import Drafter
 from conflayers.runtime.ort_backend import KVCache
 from conflayers.runtime.sampling import Sampler
 
@@ -151,7 +152,7 @@ def test_stop_token_mid_draft(engine, guard_engine_noguard, which):
     plain_stats = DecodeStats()
     plain = _flat(generate(target, ids, 40, Sampler(), stop_ids=frozenset({stop}), stats=plain_stats))
     stats = DecodeStats()
-    its = list(generate(target, ids, 40, Sampler(), drafter=eng.drafters[which].bind(cache), max_draft=k,
+    its = list(generate(target, ids, 40, Sampler(), drafter=eng.drafters[which].bind(cache),
                         stop_ids=frozenset({stop}), stats=stats))
     spec = _flat(its)
     assert spec == plain
@@ -169,8 +170,7 @@ def test_stop_token_first_token(engine, guard_engine_noguard, profile):
     cache = KVCache(eng.spec, 64)
     target = eng.full.bind(cache)
     first = _flat(generate(target, ids, 1, Sampler()))[0]
-    k = eng.drafters[profile].policy.max_tokens
-    spec = list(generate(target, ids, 20, Sampler(), drafter=eng.drafters[profile].bind(cache), max_draft=k,
+    spec = list(generate(target, ids, 20, Sampler(), drafter=eng.drafters[profile].bind(cache),
                          stop_ids=frozenset({first})))
     plain = list(generate(target, ids, 20, Sampler(), stop_ids=frozenset({first})))
     assert spec == plain == [[first]]
@@ -217,18 +217,23 @@ def _assert_cache_prefix_equal(cache, ref, layers, what=""):
                                    atol=1e-4, err_msg=f"values of layer {layer} {what}")
 
 
-class ScriptedDrafter:
-    """Proposes the first j tokens of the true plain continuation, then wrong tokens, with j taken
-    from a schedule; like a real draft it writes into the KV cache beyond cache.length (here:
-    garbage everywhere from the drafted position to the end of the cache)."""
+class ScriptedDrafter(Drafter):
+    """Proposes the first j tokens of the true plain continuation, then wrong tokens up to k, with
+    j taken from a schedule; like a real draft it writes into the KV cache beyond cache.length
+    (here: garbage everywhere from the drafted position to the end of the cache)."""
 
-    def __init__(self, cache, prompt_len, truth, schedule, num_layers, vocab):
+    def __init__(self, cache, prompt_len, truth, schedule, num_layers, vocab, k):
         self.cache, self.P, self.truth = cache, prompt_len, truth
-        self.schedule, self.layers, self.vocab = list(schedule), num_layers, vocab
+        self.schedule, self.layers, self.vocab, self.k = list(schedule), num_layers, vocab, k
         self.forced: list[int] = []
+        self.feedbacks: list[tuple[int, int]] = []
         self.rng = np.random.default_rng(0)
 
-    def propose(self, last_token, start, max_tokens, sampler):
+    def feedback(self, drafted, accepted):
+        self.feedbacks.append((drafted, accepted))
+
+    def propose(self, last_token, start, sampler, limit):
+        max_tokens = min(self.k, limit)
         assert start == self.cache.length
         t = start - self.P + 1                   # index in truth of the token after last_token
         assert self.truth[t - 1] == last_token
@@ -265,17 +270,18 @@ def test_rollback_every_acceptance_length(engine, schedule):
     run = target.run
     target.run = lambda tokens, start, logits_from=0: (calls.append((len(tokens), start)),
                                                       run(tokens, start, logits_from))[1]
-    drafter = ScriptedDrafter(cache, len(ids), truth, schedule, spec.num_layers, spec.vocab_size)
+    drafter = ScriptedDrafter(cache, len(ids), truth, schedule, spec.num_layers, spec.vocab_size, k)
     stats = DecodeStats()
     out = []
-    for i, new in enumerate(generate(target, ids, n_new, Sampler(), drafter=drafter, max_draft=k, stats=stats)):
+    for i, new in enumerate(generate(target, ids, n_new, Sampler(), drafter=drafter, stats=stats)):
         out.extend(new)
         assert out == truth[:len(out)]
         assert cache.length == len(ids) + len(out) - 1
         _assert_cache_prefix_equal(cache, ref, spec.num_layers, f"after iteration {i}")
     assert out == truth
     assert stats.accept_lengths == drafter.forced == schedule
-    assert stats.accepted == sum(schedule) and stats.drafted == k * len(schedule)
+    assert stats.accepted_tokens == sum(schedule) and stats.drafted_tokens == k * len(schedule)
+    assert drafter.feedbacks == [(k, j) for j in schedule]        # told after every verify
     # no recomputation: one prefill and then one full pass per iteration, at increasing positions
     assert len(calls) == 1 + len(schedule) == 1 + stats.full_passes
     assert [s for _, s in calls[1:]] == [len(ids) + sum(j + 1 for j in schedule[:i]) for i in range(len(schedule))]
@@ -297,8 +303,7 @@ def test_real_drafts_leave_cache_equal_to_plain(engine, guard_engine_noguard, wh
     drafter = eng.drafters[which]
     stats = DecodeStats()
     out = []
-    for new in generate(eng.full.bind(cache), ids, n_new, Sampler(), drafter=drafter.bind(cache),
-                        max_draft=drafter.policy.max_tokens, stats=stats):
+    for new in generate(eng.full.bind(cache), ids, n_new, Sampler(), drafter=drafter.bind(cache), stats=stats):
         out.extend(new)
         assert out == truth[:len(out)]
         _assert_cache_prefix_equal(cache, ref, spec.num_layers)
@@ -338,15 +343,15 @@ def test_full_model_draft_accepts_everything(guard_engine):
     assert spec.metrics.draft_steps > 0 and spec.metrics.accepted_tokens >= 6
 
 
-class OracleDrafter:
-    """A free and perfect draft: proposes the true continuation instantly."""
+class OracleDrafter(Drafter):
+    """A free and perfect draft: proposes the true continuation (k tokens) instantly."""
 
-    def __init__(self, prompt_len, truth):
-        self.P, self.truth = prompt_len, truth
+    def __init__(self, prompt_len, truth, k):
+        self.P, self.truth, self.k = prompt_len, truth, k
 
-    def propose(self, last_token, start, max_tokens, sampler):
+    def propose(self, last_token, start, sampler, limit):
         t = start - self.P + 1
-        return self.truth[t:t + max_tokens], None
+        return self.truth[t:t + min(self.k, limit)], None
 
 
 def test_guard_keeps_a_cheap_good_draft(guard_engine):
@@ -357,7 +362,7 @@ def test_guard_keeps_a_cheap_good_draft(guard_engine):
     truth = _flat(generate(target, ids, 120, Sampler()))
     guard = SpeculationGuard(eng.bundle.profiles["full"].verify_cost)
     stats = DecodeStats()
-    its = list(generate(target, ids, 120, Sampler(), drafter=OracleDrafter(len(ids), truth), max_draft=8,
+    its = list(generate(target, ids, 120, Sampler(), drafter=OracleDrafter(len(ids), truth, 8),
                         guard=guard, stats=stats))
     assert _flat(its) == truth
     assert guard.active and stats.guard_stopped_at is None
@@ -373,16 +378,16 @@ def test_guard_stops_when_an_oracle_draft_is_slow(guard_engine, monkeypatch):
     cache = KVCache(eng.spec, 256)
     target = eng.full.bind(cache)
     truth = _flat(generate(target, ids, 80, Sampler()))
-    oracle = OracleDrafter(len(ids), truth)
+    oracle = OracleDrafter(len(ids), truth, 2)
 
-    class Slow:
+    class Slow(Drafter):
         def propose(self, *a):
             _time.sleep(0.02)
             return oracle.propose(*a)
 
     guard = SpeculationGuard(lambda n: 1.0)
     stats = DecodeStats()
-    out = _flat(generate(target, ids, 80, Sampler(), drafter=Slow(), max_draft=2, guard=guard, stats=stats))
+    out = _flat(generate(target, ids, 80, Sampler(), drafter=Slow(), guard=guard, stats=stats))
     assert out == truth
     assert not guard.active
     assert stats.draft_steps == guard.min_steps

@@ -11,9 +11,24 @@ import pytest
 
 from conflayers.compiler.arch import canonical_weights, model_spec
 from conflayers.compiler.drafts import DraftFactory
-from conflayers.compiler.evaluate import decode_and_measure, evaluate, make_references, replay
+from conflayers.compiler.evaluate import evaluate, make_references, replay
+from conflayers.runtime.decoding import DecodeStats, generate
 from conflayers.runtime.draftplan import DraftPlan
 from conflayers.runtime.drafter import DraftPolicy, LayerSkipDrafter
+from conflayers.runtime.ort_backend import KVCache
+from conflayers.runtime.sampling import Sampler
+
+
+def decode_and_measure(full, drafter, spec, prompts, max_new_tokens, stop_ids):
+    """The runtime's real loop on prompts: (outputs, DecodeStats) per prompt."""
+    results = []
+    for ids in prompts:
+        cache = KVCache(spec, len(ids) + max_new_tokens + 1)
+        stats = DecodeStats()
+        out = [t for new in generate(full.bind(cache), ids, max_new_tokens, Sampler(), drafter=drafter.bind(cache),
+                                     stop_ids=stop_ids, stats=stats) for t in new]
+        results.append((out, stats))
+    return results
 
 
 def compare(factory, spec, prompts, plan, k, max_new, stop_ids=frozenset()):
@@ -22,13 +37,13 @@ def compare(factory, spec, prompts, plan, k, max_new, stop_ids=frozenset()):
     body, head = factory.body(plan), factory.head(plan.precision)
     record = evaluate(body, head, spec, refs, k, max_new)
     drafter = LayerSkipDrafter(body, head, None, spec.vocab_size, DraftPolicy(k))
-    real = decode_and_measure(full, drafter, spec, prompts, max_new, stop_ids, k)
+    real = decode_and_measure(full, drafter, spec, prompts, max_new, stop_ids)
     assert [out for out, _ in real] == [r.output for r in refs]          # lossless, both ways
     ev = [min(b.accepted_full, k) for b in record.blocks[None]]
     rl = [a for _, st in real for a in st.accept_lengths]
     r = replay(record.blocks[None], k, None)
-    real_accepted = sum(st.accepted for _, st in real)
-    real_drafted = sum(st.drafted for _, st in real)
+    real_accepted = sum(st.accepted_tokens for _, st in real)
+    real_drafted = sum(st.drafted_tokens for _, st in real)
     return ev, rl, r, real_accepted, real_drafted
 
 
@@ -46,8 +61,8 @@ def test_evaluator_matches_the_real_loop_on_a_tiny_model(tiny_llama, precision, 
     prompts = [rng.integers(3, spec.vocab_size, 12).tolist() for _ in range(4)]
     ev, rl, r, acc, drafted = compare(factory, spec, prompts, DraftPlan(spec.num_layers, skip, precision=precision), 4, 40)
     assert agreement(ev, rl) >= 0.9
-    assert r.accepted == pytest.approx(acc, rel=0.1, abs=2)
-    assert r.drafted == pytest.approx(drafted, rel=0.1, abs=4)
+    assert r.accepted_tokens == pytest.approx(acc, rel=0.1, abs=2)
+    assert r.drafted_tokens == pytest.approx(drafted, rel=0.1, abs=4)
     factory.close()
 
 
@@ -67,7 +82,7 @@ def test_evaluator_matches_the_real_loop_on_smollm2(tmp_path):
     ev, rl, r, acc, drafted = compare(factory, spec, prompts, DraftPlan(spec.num_layers, (), precision="int8"),
                                       5, 64, frozenset({2}))
     # After the first near-tie flip, blocks start at different positions, so compare aggregates.
-    assert r.mean_accepted == pytest.approx(acc / len(rl), rel=0.1)
+    assert r.mean_accepted_tokens == pytest.approx(acc / len(rl), rel=0.1)
     assert r.acceptance_rate == pytest.approx(acc / drafted, abs=0.05)
-    assert r.steps == pytest.approx(len(rl), rel=0.1)
+    assert r.draft_steps == pytest.approx(len(rl), rel=0.1)
     factory.close()

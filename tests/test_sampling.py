@@ -13,6 +13,7 @@ import pytest
 
 from conflayers.runtime import Engine
 from conflayers.runtime.decoding import DecodeStats, generate
+from conflayers.runtime.drafter import DraftPolicy, LayerSkipDrafter
 from conflayers.runtime.ort_backend import KVCache
 from conflayers.runtime.sampling import Sampler, softmax_max
 
@@ -281,11 +282,11 @@ def test_speculative_sampling_distribution_end_to_end(engine, tiny_llama, temper
     for seed in range(n):
         st = DecodeStats()
         out = [t for it in generate(target, ids, depth, Sampler(temperature, top_p, top_k, seed=seed),
-                                    drafter=bound, max_draft=d.policy.max_tokens, stats=st) for t in it]
+                                    drafter=bound, stats=st) for t in it]
         assert len(out) == depth
         spec[tuple(out)] += 1
-        drafted += st.drafted
-        accepted += st.accepted
+        drafted += st.drafted_tokens
+        accepted += st.accepted_tokens
     # both verification paths ran: kept drafts and rejections (residual draws)
     assert 0 < accepted < drafted
     if truncated and exact_depth == depth:
@@ -293,14 +294,16 @@ def test_speculative_sampling_distribution_end_to_end(engine, tiny_llama, temper
     ps, tvs = _projections(spec, levels, n)
     assert min(ps) > 1e-4, f"speculative sampling differs from the target: p={ps} tv={tvs}"
 
-    # negative control: the target's first token, then the draft's own samples
+    # negative control: the target's first token, then the draft's own samples (depth - 1 of them)
+    long = LayerSkipDrafter(d.body, d.head, d.vocab_ids, d.vocab_size,
+                            DraftPolicy(depth - 1, d.policy.confidence_stop)).bind(cache)
     draft = Counter()
     for seed in range(n):
         s = Sampler(temperature, top_p, top_k, seed=10_000 + seed)
         logits = target.run(ids, 0, logits_from=len(ids) - 1)
         cache.length = len(ids)
         first = s.pick(logits[-1])
-        rest, _ = bound.propose(first, len(ids), depth - 1, s)
+        rest, _ = long.propose(first, len(ids), s, depth - 1)
         draft[tuple([first] + rest)] += 1
     ps_q, tvs_q = _projections(draft, levels, n)
     assert min(ps_q) < 1e-6, f"the test cannot tell the draft from the target: p={ps_q} tv={tvs_q}"

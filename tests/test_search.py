@@ -111,12 +111,12 @@ def test_replay_fixed_k_and_confidence_stop():
               block([0, 0], [0.4, 0.2], available=5),           # drafting stopped early: all dead + low
               block([1, 1, 1, 1, 1], [0.95, 0.9, 0.85, 0.7, 0.99])]
     r = replay(blocks, 5, None)
-    assert (r.steps, r.drafted, r.accepted) == (3, 15, 3 + 0 + 5)
+    assert (r.draft_steps, r.drafted_tokens, r.accepted_tokens) == (3, 15, 3 + 0 + 5)
     r = replay(blocks, 2, None)
-    assert (r.steps, r.drafted, r.accepted) == (3, 6, 2 + 0 + 2)
+    assert (r.draft_steps, r.drafted_tokens, r.accepted_tokens) == (3, 6, 2 + 0 + 2)
     r = replay(blocks, 5, 0.8)     # stop after the first token below 0.8 (inclusive)
-    assert (r.drafted, r.accepted) == (3 + 1 + 4, 3 + 0 + 4)
-    assert r.acceptance_rate == pytest.approx(7 / 8) and r.mean_accepted == pytest.approx(7 / 3)
+    assert (r.drafted_tokens, r.accepted_tokens) == (3 + 1 + 4, 3 + 0 + 4)
+    assert r.acceptance_rate == pytest.approx(7 / 8) and r.mean_accepted_tokens == pytest.approx(7 / 3)
 
 
 def test_cost_model_prediction():
@@ -127,7 +127,7 @@ def test_cost_model_prediction():
     assert cm.draft_ms(plan, 1000) == pytest.approx(1.0 + 9 * 0.1 + 8 * 0.2 + 2.0)
     assert cm.draft_ms(plan, 550) == pytest.approx(1.0 + 0.9 + 1.6 + 1.25)      # interpolated head
     # 10 steps, 4 drafted each, 3 accepted each: 40 tokens in 10 * (4 * 5 + verify(5)=28) ms
-    r = PolicyResult(4, None, steps=10, drafted=40, accepted=30)
+    r = PolicyResult(4, None, draft_steps=10, drafted_tokens=40, accepted_tokens=30)
     assert cm.speedup(r, 5.0) == pytest.approx((40 / 10) / ((4 * 5.0 + 28.0) / 20.0))
     assert cm.verify_ms(2.5) == pytest.approx(23.0) and cm.verify_ms(7) == pytest.approx(32.0)
     assert cm.verify_relative()[0] == 1.0

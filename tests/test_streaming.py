@@ -191,29 +191,45 @@ def test_closing_a_stream_releases_its_cache(tiny_bundle):
 
 
 # -- bad requests -----------------------------------------------------------------------------------
-BAD = [
-    (dict(prompt="hi", task="nope"), r"unknown task 'nope'"),
-    (dict(prompt="hi", temperature=-0.5), r"temperature"),
-    (dict(prompt="hi", temperature=0.7, top_p=0.0), r"top_p"),
-    (dict(prompt="hi", temperature=0.7, top_p=1.5), r"top_p"),
-    (dict(prompt="hi", temperature=0.7, top_k=-1), r"top_k"),
-    (dict(prompt="hi", max_new_tokens=0), r"max_new_tokens"),
-    (dict(prompt="hi", max_new_tokens=-3), r"max_new_tokens"),
-    (dict(prompt="hi", max_new_tokens=2.5), r"max_new_tokens"),
-    (dict(prompt="hi", max_new_tokens=64), r"max_new_tokens.*context"),
-    (dict(prompt="apples " * 80, max_new_tokens=1), r"prompt.*context"),
-    (dict(messages="hello"), r"messages must be a non-empty list"),
-    (dict(messages=[]), r"messages must be a non-empty list"),
-    (dict(messages=[{"content": "hi"}]), r"messages\[0\]\.role"),
-    (dict(messages=[{"role": "wizard", "content": "hi"}]), r"messages\[0\]\.role.*wizard"),
+BAD = [  # (arguments, message, the parameter the error names)
+    (dict(prompt="hi", task="nope"), r"unknown task 'nope'", "task"),
+    (dict(prompt="hi", task=5), r"task must be a profile name", "task"),
+    (dict(prompt="hi", temperature=-0.5), r"temperature", "temperature"),
+    (dict(prompt="hi", temperature="hot"), r"temperature must be a finite number", "temperature"),
+    (dict(prompt="hi", temperature=0.7, top_p=0.0), r"top_p", "top_p"),
+    (dict(prompt="hi", temperature=0.7, top_p=1.5), r"top_p", "top_p"),
+    (dict(prompt="hi", temperature=0.7, top_k=-1), r"top_k", "top_k"),
+    (dict(prompt="hi", seed=-1), r"seed must be >= 0", "seed"),
+    (dict(prompt="hi", seed="abc"), r"seed must be an integer", "seed"),
+    (dict(prompt="hi", max_new_tokens=0), r"max_new_tokens", "max_new_tokens"),
+    (dict(prompt="hi", max_new_tokens=-3), r"max_new_tokens", "max_new_tokens"),
+    (dict(prompt="hi", max_new_tokens=2.5), r"max_new_tokens", "max_new_tokens"),
+    (dict(prompt="hi", max_new_tokens=64), r"max_new_tokens.*context", "max_new_tokens"),
+    (dict(prompt="apples " * 80, max_new_tokens=1), r"prompt.*context", "prompt"),
+    (dict(messages=[{"role": "user", "content": "apples " * 80}], max_new_tokens=1), r"messages.*context",
+     "messages"),
+    (dict(messages="hello"), r"messages must be a non-empty list", "messages"),
+    (dict(messages=[]), r"messages must be a non-empty list", "messages"),
+    (dict(messages=[{"content": "hi"}]), r"messages\[0\]\.role", "messages"),
+    (dict(messages=[{"role": "wizard", "content": "hi"}]), r"messages\[0\]\.role.*wizard", "messages"),
     (dict(messages=[{"role": "user", "content": "a"}, {"role": "user", "content": 5}]),
-     r"messages\[1\]\.content must be a string"),
-    (dict(messages=[{"role": "user", "content": None}]), r"messages\[0\]\.content"),
-    (dict(messages=["hi"]), r"messages\[0\]"),
-    (dict(prompt="hi", messages=[{"role": "user", "content": "hi"}]), r"exactly one of prompt or messages"),
-    (dict(), r"exactly one of prompt or messages"),
-    (dict(prompt=""), r"prompt"),
-    (dict(prompt="hi", stop=[""]), r"stop"),
+     r"messages\[1\]\.content must be a string", "messages"),
+    (dict(messages=[{"role": "user", "content": None}]), r"messages\[0\]\.content", "messages"),
+    (dict(messages=["hi"]), r"messages\[0\]", "messages"),
+    (dict(prompt="hi", messages=[{"role": "user", "content": "hi"}]),
+     r"exactly one of prompt, messages or prompt_ids", "messages"),
+    (dict(prompt="hi", prompt_ids=[5]), r"exactly one of prompt, messages or prompt_ids", "prompt_ids"),
+    (dict(), r"exactly one of prompt, messages or prompt_ids", "prompt"),
+    (dict(prompt=""), r"prompt", "prompt"),
+    (dict(prompt_ids=[]), r"prompt_ids must be a non-empty list of token ids", "prompt_ids"),
+    (dict(prompt_ids=[5, 384]), r"prompt_ids must be .* token ids in 0..383", "prompt_ids"),
+    (dict(prompt_ids=[5, -1]), r"prompt_ids", "prompt_ids"),
+    (dict(prompt_ids=[5, True]), r"prompt_ids", "prompt_ids"),
+    (dict(prompt_ids="5 6"), r"prompt_ids", "prompt_ids"),
+    (dict(prompt_ids=list(range(3, 70)), max_new_tokens=1), r"prompt_ids is 67 tokens.*context", "prompt_ids"),
+    (dict(prompt="hi", stop=[""]), r"stop", "stop"),
+    (dict(prompt="hi", stop=5), r"stop must be a non-empty string", "stop"),
+    (dict(prompt="hi", speculate="yes"), r"speculate must be true or false", "speculate"),
 ]
 
 
@@ -222,14 +238,39 @@ def small_engine(tiny_bundle):
     return Engine.load(tiny_bundle, max_context=64)
 
 
-@pytest.mark.parametrize("kw,match", BAD, ids=[str(i) for i in range(len(BAD))])
+@pytest.mark.parametrize("kw,match,param", BAD, ids=[str(i) for i in range(len(BAD))])
 @pytest.mark.parametrize("stream", [False, True])
-def test_bad_requests(small_engine, kw, match, stream):
+def test_bad_requests(small_engine, kw, match, param, stream):
     before = len(small_engine._caches)
     kw = {"max_new_tokens": 8, **kw}
-    with pytest.raises(RequestError, match=match):
+    with pytest.raises(RequestError, match=match) as e:
         small_engine.generate(stream=stream, **kw)
+    assert e.value.param == param
     assert len(small_engine._caches) == before
+
+
+def test_prompt_ids_equal_the_encoded_prompt(small_engine):
+    """prompt_ids skips the tokenizer: the same ids give the same output and metrics."""
+    ids = small_engine.encode(PROMPTS[0])
+    by_text = small_engine.generate(PROMPTS[0], max_new_tokens=12)
+    by_ids = small_engine.generate(prompt_ids=ids, max_new_tokens=12)
+    assert by_ids.token_ids == by_text.token_ids and by_ids.text == by_text.text
+    assert by_ids.metrics.prompt_tokens == len(ids)
+
+
+def test_default_max_new_tokens_fits_the_context(small_engine):
+    """max_new_tokens=None: as many as fit (the context is 64 here, below the default 256)."""
+    ids = small_engine.encode(PROMPTS[0])
+    r = small_engine.generate(PROMPTS[0], max_new_tokens=None, speculate=False)
+    assert r.finish_reason == "stop" or len(r.token_ids) == small_engine.capacity - len(ids) + 1
+
+
+def test_error_message_renders_with_a_front_end_name(small_engine):
+    with pytest.raises(RequestError) as e:
+        small_engine.generate(PROMPTS[0], max_new_tokens=1000)
+    assert "max_new_tokens" in str(e.value)
+    other = e.value.message_for("max_tokens")
+    assert "max_tokens" in other and "max_new_tokens" not in other
 
 
 def test_context_limits_are_exact(small_engine):

@@ -51,13 +51,13 @@ class CostModel:
 
     def speedup(self, result: PolicyResult, draft_ms: float) -> float:
         """Predicted tokens/s of speculative decoding relative to plain decoding."""
-        if result.steps == 0:
+        if result.draft_steps == 0:
             return 0.0
-        tokens = result.accepted + result.steps
-        avg_drafted = result.drafted / result.steps
+        tokens = result.accepted_tokens + result.draft_steps
+        avg_drafted = result.drafted_tokens / result.draft_steps
         # verify width varies per step; use the mean width (full_ms is near-linear in n)
         step_ms = avg_drafted * draft_ms + self.verify_ms(avg_drafted + 1)
-        return (tokens / result.steps) / (step_ms / self.full_ms[0])
+        return (tokens / result.draft_steps) / (step_ms / self.full_ms[0])
 
     def verify_relative(self) -> list:
         return [round(v / self.full_ms[0], 4) for v in self.full_ms]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from conflayers.runtime.decoding import DecodeStats, generate
+from conflayers.runtime.decoding import generate
 from conflayers.runtime.ort_backend import GraphRunner, KVCache
 from conflayers.runtime.sampling import Sampler
 
@@ -168,19 +168,20 @@ def evaluate(body: GraphRunner, head: GraphRunner, spec, refs: list[Reference], 
 
 @dataclass
 class PolicyResult:
+    """Acceptance of a policy, named as the runtime's DecodeStats names it."""
     k: int
     confidence_stop: float | None
-    steps: int
-    drafted: int
-    accepted: int
+    draft_steps: int
+    drafted_tokens: int
+    accepted_tokens: int
 
     @property
     def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
     @property
-    def mean_accepted(self) -> float:
-        return self.accepted / self.steps if self.steps else 0.0
+    def mean_accepted_tokens(self) -> float:
+        return self.accepted_tokens / self.draft_steps if self.draft_steps else 0.0
 
 
 def replay(blocks: list[BlockRecord], k: int, confidence_stop: float | None) -> PolicyResult:
@@ -201,18 +202,3 @@ def replay(blocks: list[BlockRecord], k: int, confidence_stop: float | None) -> 
         drafted += n
         accepted += acc
     return PolicyResult(k, confidence_stop, steps, drafted, accepted)
-
-
-def decode_and_measure(full: GraphRunner, drafter, spec, prompts, max_new_tokens, stop_ids, max_draft):
-    """The real loop on prompts (validation): returns (outputs, DecodeStats) per prompt."""
-    results = []
-    for ids in prompts:
-        cache = KVCache(spec, len(ids) + max_new_tokens + 1)
-        stats = DecodeStats()
-        out = []
-        d = drafter.bind(cache) if drafter is not None else None
-        for new in generate(full.bind(cache), ids, max_new_tokens, Sampler(), drafter=d, max_draft=max_draft,
-                            stop_ids=stop_ids, stats=stats):
-            out.extend(new)
-        results.append((out, stats))
-    return results

@@ -159,7 +159,7 @@ class Search:
                     r = replay(blocks, k, thr)
                     sp = self.cost.speedup(r, draft_ms)
                     if best is None or sp > best.speedup + 1e-9:
-                        best = Choice(k, thr, vocab, sp, r.acceptance_rate, r.mean_accepted, draft_ms)
+                        best = Choice(k, thr, vocab, sp, r.acceptance_rate, r.mean_accepted_tokens, draft_ms)
         return best
 
     def evaluate(self, plan: DraftPlan, origin: str) -> Candidate:
@@ -183,12 +183,12 @@ class Search:
         choice = self.choose(plan, record)
         paper = replay(record.blocks[None], self.s.k_max, self.s.draft_stop_threshold)
         cand = Candidate(plan, origin, record, choice,
-                         {"acceptance": paper.acceptance_rate, "mean_accepted": paper.mean_accepted})
+                         {"acceptance": paper.acceptance_rate, "mean_accepted": paper.mean_accepted_tokens})
         self.cache[key] = cand
         if record.complete and (self.best is None or choice.speedup > self.best.choice.speedup):
             self.best = cand
         self.log(f"  {origin:<28} skip={_describe(plan):<24} {plan.precision:<5} "
-                 f"acc={paper.acceptance_rate:.2f} mean_acc={paper.mean_accepted:.2f} | best policy k={choice.k} "
+                 f"acc={paper.acceptance_rate:.2f} mean_acc={paper.mean_accepted_tokens:.2f} | best policy k={choice.k} "
                  f"stop={choice.confidence_stop} vocab={choice.vocab or 'full'} -> predicted x{choice.speedup:.2f}"
                  + ("" if record.complete else " (screened out)"))
         return cand

@@ -1,5 +1,9 @@
 """The bundle reader: the one place that opens, validates and describes compiled artifacts.
 
+Opening checks everything the runtime relies on (checksums, types and ranges of every manifest
+field, profiles against their graphs, the tokenizer and chat template), so a bundle that opens,
+and that `conflayers verify` calls sound, runs.
+
 A bundle is a directory:
   manifest.json            format + version, model identity and spec, tokenizer, graphs, profiles,
                            and every file with its sha256
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 
 from .modelspec import ModelSpec
 from .profile import Profile, ProfileError
+from .textio import ChatError, TextCodec
 
 BUNDLE_FORMAT = "conflayers.bundle"
 BUNDLE_FORMAT_VERSION = 1
@@ -27,6 +32,49 @@ MANIFEST = "manifest.json"
 
 class BundleError(ValueError):
     pass
+
+
+def _field(value, kind, where: str, optional: bool = False):
+    """value if it has the JSON type `kind` (dict, list, str or int), else a BundleError naming
+    the manifest field."""
+    if value is None and optional:
+        return None
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if kind is str:
+        ok = ok and bool(value)
+    if not ok:
+        what = {dict: "an object", list: "a list", str: "a non-empty string", int: "an integer"}[kind]
+        raise BundleError(f"manifest field {where!r} must be {what}, got {str(value)[:40]!r}")
+    return value
+
+
+def read_manifest(path: str) -> dict:
+    """The manifest of the bundle at `path` as a JSON object, or BundleError."""
+    mpath = os.path.join(path, MANIFEST)
+    if not os.path.isfile(mpath):
+        raise BundleError(f"{path} is not a conflayers bundle: it has no {MANIFEST}")
+    try:
+        with open(mpath, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (ValueError, RecursionError) as e:      # bad JSON, an int too long, nesting too deep
+        raise BundleError(f"{mpath} is not valid JSON: {str(e)[:200]}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{mpath} is not a conflayers bundle manifest (format must be {BUNDLE_FORMAT!r})")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise BundleError(f"{mpath}: format_version {version!r} is invalid")
+    if version > BUNDLE_FORMAT_VERSION:
+        raise BundleError(f"bundle format version {version} is newer than this runtime reads "
+                          f"(<= {BUNDLE_FORMAT_VERSION}); upgrade conflayers")
+    for key in ("model", "files", "graphs", "profiles", "tokenizer"):
+        if key not in manifest:
+            raise BundleError(f"{mpath}: required field {key!r} is missing")
+    files = _field(manifest["files"], dict, "files")
+    for rel, meta in files.items():
+        _field(meta, dict, f"files.{rel}")
+        _field(meta.get("sha256"), str, f"files.{rel}.sha256")
+        _field(meta.get("bytes"), int, f"files.{rel}.bytes")
+    return manifest
 
 
 def sha256_file(path: str) -> str:
@@ -59,11 +107,14 @@ class DraftGraphs:
 
 
 class Bundle:
-    def __init__(self, path: str, manifest: dict, spec: ModelSpec, profiles: dict[str, Profile]):
+    def __init__(self, path: str, manifest: dict, spec: ModelSpec, profiles: dict[str, Profile],
+                 codec: TextCodec, stop_ids: frozenset):
         self.path = path
         self.manifest = manifest
         self.spec = spec
         self.profiles = profiles
+        self.codec = codec              # tokenizer + chat template
+        self.stop_ids = stop_ids        # end-of-generation token ids
 
     # -- opening -----------------------------------------------------------------------------
     @classmethod
@@ -72,70 +123,37 @@ class Bundle:
         path = os.path.abspath(path)
         if not os.path.isdir(path):
             raise BundleError(f"bundle {path} does not exist or is not a directory")
-        mpath = os.path.join(path, MANIFEST)
-        if not os.path.isfile(mpath):
-            raise BundleError(f"{path} is not a conflayers bundle: it has no {MANIFEST}")
-        try:
-            with open(mpath, encoding="utf-8") as f:
-                manifest = json.load(f)
-        except json.JSONDecodeError as e:
-            raise BundleError(f"{mpath} is not valid JSON: {e}") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
-            raise BundleError(f"{mpath} is not a conflayers bundle manifest (format must be {BUNDLE_FORMAT!r})")
-        version = manifest.get("format_version")
-        if not isinstance(version, int) or version < 1:
-            raise BundleError(f"{mpath}: format_version {version!r} is invalid")
-        if version > BUNDLE_FORMAT_VERSION:
-            raise BundleError(f"bundle format version {version} is newer than this runtime reads "
-                              f"(<= {BUNDLE_FORMAT_VERSION}); upgrade conflayers")
-        for key in ("model", "files", "graphs", "profiles", "tokenizer"):
-            if key not in manifest:
-                raise BundleError(f"{mpath}: required field {key!r} is missing")
+        manifest = read_manifest(path)
         files = manifest["files"]
         for rel, meta in files.items():
             full = safe_join(path, rel)
             if not os.path.isfile(full):
                 raise BundleError(f"bundle file {rel} is listed in the manifest but missing; "
                                   "the bundle is incomplete: rebuild it with conflayers-compile")
-            if os.path.getsize(full) != meta.get("bytes"):
+            if os.path.getsize(full) != meta["bytes"]:
                 raise BundleError(f"bundle file {rel} has {os.path.getsize(full)} bytes, the manifest "
-                                  f"says {meta.get('bytes')}: the file is corrupt or was modified")
-            if verify and sha256_file(full) != meta.get("sha256"):
+                                  f"says {meta['bytes']}: the file is corrupt or was modified")
+            if verify and sha256_file(full) != meta["sha256"]:
                 raise BundleError(f"bundle file {rel} fails its sha256 checksum: the file is corrupt "
                                   "or was modified; rebuild or re-download the bundle")
+        model = _field(manifest["model"], dict, "model")
         try:
-            spec = ModelSpec.from_json(manifest["model"]["spec"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise BundleError(f"{mpath}: model spec is invalid: {e}") from None
-        bundle = cls(path, manifest, spec, {})
-        for rel in bundle._graph_files():
-            if rel not in files:
-                raise BundleError(f"graph file {rel} is not listed (with a checksum) in the manifest")
-        for task, entry in manifest["profiles"].items():
-            rel = entry.get("file")
-            if rel not in files:
-                raise BundleError(f"profile file {rel!r} of task {task!r} is not listed in the manifest")
-            try:
-                profile = Profile.load(safe_join(path, rel))
-            except ProfileError as e:
-                raise BundleError(str(e)) from None
-            why = profile.matches_model(manifest["model"])
-            if why:
-                raise BundleError(why)
-            if profile.task != task:
-                raise BundleError(f"profile file {rel} holds task {profile.task!r}, the manifest says {task!r}")
-            bundle.profiles[task] = profile
-        default = manifest.get("default_profile")
-        if default is not None and default not in bundle.profiles:
+            spec = ModelSpec.from_json(model.get("spec"))
+        except ValueError as e:
+            raise BundleError(f"{path}: model spec is invalid: {e}") from None
+        max_context = _field(manifest.get("max_context", spec.max_position_embeddings), int, "max_context")
+        if not 1 < max_context <= spec.max_position_embeddings:
+            raise BundleError(f"manifest field 'max_context' is {max_context}; the graphs support 2.."
+                              f"{spec.max_position_embeddings} tokens (the model's max_position_embeddings)")
+        _check_graphs(manifest["graphs"], files, spec)
+        codec, stop_ids = _load_tokenizer(path, manifest["tokenizer"], files, spec)
+        profiles = {}
+        for task, entry in _field(manifest["profiles"], dict, "profiles").items():
+            profiles[task] = _load_profile(path, task, entry, manifest, files, spec)
+        default = _field(manifest.get("default_profile"), str, "default_profile", optional=True)
+        if default is not None and default not in profiles:
             raise BundleError(f"default profile {default!r} is not among the bundle's profiles")
-        return bundle
-
-    def _graph_files(self) -> list[str]:
-        g = self.manifest["graphs"]
-        out = [g["full"]["file"]]
-        out += [b["file"] for b in g.get("bodies", {}).values()]
-        out += [h["file"] for h in g.get("heads", {}).values()]
-        return out
+        return cls(path, manifest, spec, profiles, codec, stop_ids)
 
     # -- describing ---------------------------------------------------------------------------
     def file(self, rel: str) -> str:
@@ -147,7 +165,7 @@ class Bundle:
 
     @property
     def max_context(self) -> int:
-        return int(self.manifest.get("max_context", self.spec.max_position_embeddings))
+        return self.manifest.get("max_context", self.spec.max_position_embeddings)
 
     @property
     def default_profile(self) -> str | None:
@@ -164,19 +182,149 @@ class Bundle:
     def tokenizer(self) -> dict:
         return self.manifest["tokenizer"]
 
+    def describe(self) -> dict:
+        """The bundle as plain data: what `conflayers inspect --json` prints."""
+        m, spec = self.manifest, self.spec
+        files = m["files"]
+        graphs = [{"role": "full", "key": "full", "file": m["graphs"]["full"]["file"]}]
+        for key, body in m["graphs"].get("bodies", {}).items():
+            graphs.append({"role": "draft body", "key": key, "file": body["file"], "kv_layers": body["kv_layers"]})
+        for key, head in m["graphs"].get("heads", {}).items():
+            graphs.append({"role": "draft head", "key": key, "file": head["file"], "vocab": head.get("vocab")})
+        for g in graphs:
+            g["bytes"] = files[g["file"]]["bytes"]
+        graph_files = {g["file"] for g in graphs}
+        weights = [{"file": rel, "bytes": meta["bytes"]} for rel, meta in sorted(files.items())
+                   if rel not in graph_files and rel.endswith((".bin", ".data", ".onnx_data"))]
+        model = m["model"]
+        return {
+            "path": self.path,
+            "format": m.get("format"), "format_version": m.get("format_version"),
+            "compiler_version": m.get("compiler_version"), "created": m.get("created"),
+            "model": {"name": model.get("name"), "source": model.get("source"),
+                      "architecture": spec.architecture, "num_layers": spec.num_layers,
+                      "hidden_size": spec.hidden_size, "vocab_size": spec.vocab_size,
+                      "config_sha256": model.get("config_sha256"), "weights_sha256": model.get("weights_sha256")},
+            "max_context": self.max_context,
+            "tokenizer": {"file": self.tokenizer["file"], "chat_template": bool(self.codec.chat_template)},
+            "graphs": graphs, "weights": weights,
+            "total_bytes": sum(meta["bytes"] for meta in files.values()),
+            "default_profile": self.default_profile,
+            "profiles": {task: _describe_profile(p) for task, p in sorted(self.profiles.items())},
+        }
+
+
+def _describe_profile(profile: Profile) -> dict:
+    plan, policy = profile.plan, profile.policy
+    return {
+        "draft": {"skip_layers": list(plan.skip_layers), "skip_attention": list(plan.skip_attention),
+                  "skip_mlp": list(plan.skip_mlp), "precision": plan.precision,
+                  "max_draft_tokens": policy.max_tokens, "confidence_stop": policy.confidence_stop,
+                  "vocab_subset_size": None if profile.vocab_ids is None else len(profile.vocab_ids)},
+        "figures": profile.figures,
+    }
+
+
+# -- validation of the manifest's sections ------------------------------------------------------
+
+
+def _listed(rel, files: dict, where: str) -> str:
+    """A manifest path that is also listed in `files` (so its checksum was checked)."""
+    _field(rel, str, where)
+    if rel not in files:
+        raise BundleError(f"{where} {rel!r} is not listed (with a checksum) in the manifest's files")
+    return rel
+
+
+def _check_graphs(graphs, files: dict, spec: ModelSpec):
+    _field(graphs, dict, "graphs")
+    _listed(_field(graphs.get("full"), dict, "graphs.full").get("file"), files, "graphs.full.file")
+    for key, body in _field(graphs.get("bodies", {}), dict, "graphs.bodies").items():
+        where = f"graphs.bodies.{key}"
+        _listed(_field(body, dict, where).get("file"), files, f"{where}.file")
+        layers = _field(body.get("kv_layers"), list, f"{where}.kv_layers")
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < spec.num_layers for i in layers) \
+                or len(set(layers)) != len(layers):
+            raise BundleError(f"manifest field '{where}.kv_layers' must list distinct layers in "
+                              f"0..{spec.num_layers - 1}, got {str(layers)[:60]}")
+    for key, head in _field(graphs.get("heads", {}), dict, "graphs.heads").items():
+        where = f"graphs.heads.{key}"
+        _listed(_field(head, dict, where).get("file"), files, f"{where}.file")
+        vocab = _field(head.get("vocab"), int, f"{where}.vocab", optional=True)
+        if vocab is not None and not 0 < vocab <= spec.vocab_size:
+            raise BundleError(f"manifest field '{where}.vocab' is {vocab}, outside 1..{spec.vocab_size}")
+
+
+def _load_tokenizer(path: str, tok, files: dict, spec: ModelSpec) -> tuple[TextCodec, frozenset]:
+    _field(tok, dict, "tokenizer")
+    rel = _listed(tok.get("file"), files, "tokenizer.file")
+    template_rel = tok.get("chat_template")
+    if template_rel is not None:
+        _listed(template_rel, files, "tokenizer.chat_template")
+    for key in ("bos_token", "eos_token"):
+        _field(tok.get(key), str, f"tokenizer.{key}", optional=True)
+    eos = _field(tok.get("eos_token_ids", []), list, "tokenizer.eos_token_ids")
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < spec.vocab_size for t in eos):
+        raise BundleError(f"manifest field 'tokenizer.eos_token_ids' must be token ids below {spec.vocab_size}")
+    try:
+        template = None
+        if template_rel is not None:
+            with open(safe_join(path, template_rel), encoding="utf-8") as f:
+                template = f.read()
+        codec = TextCodec(safe_join(path, rel), template, tok.get("bos_token"), tok.get("eos_token"))
+    except ChatError as e:
+        raise BundleError(f"{template_rel}: {e}") from None
+    except UnicodeDecodeError as e:
+        raise BundleError(f"{template_rel} is not UTF-8 text: {e}") from None
+    except Exception as e:  # noqa: BLE001 - tokenizers raises its own Exception type for a bad file
+        raise BundleError(f"{rel} is not a readable tokenizer: {str(e)[:200]}") from None
+    return codec, frozenset(eos)
+
+
+def _load_profile(path: str, task: str, entry, manifest: dict, files: dict, spec: ModelSpec) -> Profile:
+    where = f"profiles.{task}"
+    _field(entry, dict, where)
+    rel = _listed(entry.get("file"), files, f"{where}.file")
+    graphs = manifest["graphs"]
+    body = graphs.get("bodies", {}).get(_field(entry.get("body"), str, f"{where}.body"))
+    head = graphs.get("heads", {}).get(_field(entry.get("head"), str, f"{where}.head"))
+    if body is None or head is None:
+        missing = "body" if body is None else "head"
+        raise BundleError(f"profile {task!r}: its draft {missing} {entry.get(missing)!r} is not among the "
+                          f"manifest's graphs")
+    try:
+        profile = Profile.load(safe_join(path, rel))
+    except ProfileError as e:
+        raise BundleError(str(e)) from None
+    why = profile.matches_model(manifest["model"])
+    if why:
+        raise BundleError(why)
+    if profile.task != task:
+        raise BundleError(f"profile file {rel} holds task {profile.task!r}, the manifest says {task!r}")
+    if sorted(body["kv_layers"]) != profile.plan.kv_layers:
+        raise BundleError(f"profile {task!r} keeps attention in layers {profile.plan.kv_layers}, its draft "
+                          f"body's kv_layers are {body['kv_layers']}")
+    ids = profile.vocab_ids
+    if ids is not None and max(ids) >= spec.vocab_size:
+        raise BundleError(f"profile {task!r}: vocabulary subset token id {max(ids)} is out of range "
+                          f"(vocabulary size {spec.vocab_size})")
+    if head.get("vocab") != (None if ids is None else len(ids)):
+        size = lambda n: "the full vocabulary" if n is None else f"{n} tokens"    # noqa: E731
+        raise BundleError(f"profile {task!r} drafts over {size(None if ids is None else len(ids))}, its "
+                          f"head graph scores {size(head.get('vocab'))}")
+    return profile
+
 
 def verify_bundle(path: str) -> list[str]:
-    """Re-check every file's presence, size and sha256 and the bundle's structure; returns all
-    problems found (empty when the bundle is sound). Bundle.open stops at the first problem; a
-    publisher fixing a bundle wants the whole list."""
+    """Re-check every file's presence, size and sha256 and the bundle's structure, and report
+    files the manifest does not list; returns all problems found (empty when the bundle is
+    sound). Bundle.open stops at the first problem; a publisher fixing a bundle wants the list."""
     problems = []
     try:
-        with open(os.path.join(path, MANIFEST), encoding="utf-8") as f:
-            files = json.load(f).get("files")
-    except (OSError, ValueError, AttributeError):
-        files = None
-    for rel, meta in sorted(files.items()) if isinstance(files, dict) else ():
-        meta = meta if isinstance(meta, dict) else {}
+        files = read_manifest(path)["files"]
+    except BundleError as e:
+        return [str(e)]
+    for rel, meta in sorted(files.items()):
         try:
             full = safe_join(path, rel)
         except BundleError as e:
@@ -184,10 +332,15 @@ def verify_bundle(path: str) -> list[str]:
             continue
         if not os.path.isfile(full):
             problems.append(f"{rel}: listed in the manifest but missing")
-        elif os.path.getsize(full) != meta.get("bytes"):
-            problems.append(f"{rel}: {os.path.getsize(full)} bytes, the manifest says {meta.get('bytes')}")
-        elif sha256_file(full) != meta.get("sha256"):
+        elif os.path.getsize(full) != meta["bytes"]:
+            problems.append(f"{rel}: {os.path.getsize(full)} bytes, the manifest says {meta['bytes']}")
+        elif sha256_file(full) != meta["sha256"]:
             problems.append(f"{rel}: sha256 checksum mismatch (corrupt or modified)")
+    for root, _, names in os.walk(path):
+        for name in sorted(names):
+            rel = os.path.relpath(os.path.join(root, name), path).replace(os.sep, "/")
+            if rel != MANIFEST and rel not in files:
+                problems.append(f"{rel}: in the bundle directory but not listed in the manifest")
     if not problems:
         try:
             Bundle.open(path, verify=False)

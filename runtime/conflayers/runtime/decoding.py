@@ -4,6 +4,10 @@ Shape after gpt-fast's generate.py: prefill, then repeat { draft k tokens, verif
 full-graph pass, keep the agreed prefix plus the full model's own next token, roll back the
 rest }. Plain decoding is the same loop with no drafter. The compiler validates profiles with
 this loop, the runtime serves with it.
+
+Acceptance statistics have one set of names everywhere (DecodeStats, the engine's metrics, the
+compiler's search results, the bench): draft_steps, drafted_tokens, accepted_tokens,
+acceptance_rate, mean_accepted_tokens.
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from .drafter import BoundDrafter
+from .drafter import Drafter
 from .ort_backend import BoundGraph
 from .sampling import Sampler
 
@@ -23,19 +27,19 @@ class DecodeStats:
     tokens: int = 0
     full_passes: int = 0            # full-graph passes after the prefill
     draft_steps: int = 0            # speculative iterations (draft + verify)
-    drafted: int = 0
-    accepted: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
     accept_lengths: list = field(default_factory=list)
     guard_stopped_at: int | None = None   # tokens generated when the guard turned drafting off
 
     @property
     def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
     @property
-    def mean_accepted(self) -> float:
+    def mean_accepted_tokens(self) -> float:
         """Mean drafted tokens kept per speculative step."""
-        return self.accepted / self.draft_steps if self.draft_steps else 0.0
+        return self.accepted_tokens / self.draft_steps if self.draft_steps else 0.0
 
 
 class SpeculationGuard:
@@ -67,12 +71,33 @@ class SpeculationGuard:
                 self.active = False
 
 
+def draft_and_verify(target: BoundGraph, drafter: Drafter, token: int, sampler: Sampler, limit: int,
+                     stats: DecodeStats, guard: SpeculationGuard | None = None) -> list[int]:
+    """One speculative step after `token` (not yet in the cache): the drafter proposes at most
+    `limit` tokens, one full-graph pass scores them, the agreed prefix is kept. Returns the kept
+    drafts plus the full model's own next token; the caller advances the cache over them."""
+    start = target.cache.length
+    t1 = time.perf_counter()
+    drafted, q = drafter.propose(token, start, sampler, limit)
+    t2 = time.perf_counter()
+    logits = target.run([token] + drafted, start)
+    n, nxt = sampler.verify(drafted, q, logits)
+    t3 = time.perf_counter()
+    drafter.feedback(len(drafted), n)
+    stats.draft_steps += 1
+    stats.drafted_tokens += len(drafted)
+    stats.accepted_tokens += n
+    stats.accept_lengths.append(n)
+    if guard is not None:
+        guard.record(n + 1, len(drafted), t2 - t1, t3 - t2)
+    return drafted[:n] + [nxt]
+
+
 def generate(target: BoundGraph, prompt: list[int], max_new_tokens: int, sampler: Sampler,
-             drafter: BoundDrafter | None = None, max_draft: int = 5,
-             stop_ids: frozenset = frozenset(), guard: SpeculationGuard | None = None,
-             stats: DecodeStats | None = None) -> Iterator[list[int]]:
-    """Yield the new tokens of each iteration (1..max_draft+1 at a time) until max_new_tokens,
-    a stop token (included) or the end of the KV cache."""
+             drafter: Drafter | None = None, stop_ids: frozenset = frozenset(),
+             guard: SpeculationGuard | None = None, stats: DecodeStats | None = None) -> Iterator[list[int]]:
+    """Yield the new tokens of each iteration (1 or more at a time) until max_new_tokens, a stop
+    token (included) or the end of the KV cache."""
     stats = stats if stats is not None else DecodeStats()
     cache = target.cache
     if not prompt:
@@ -92,28 +117,16 @@ def generate(target: BoundGraph, prompt: list[int], max_new_tokens: int, sampler
     t_decode = time.perf_counter()
     while stats.tokens < max_new_tokens:
         remaining = max_new_tokens - stats.tokens
-        k = min(max_draft, remaining - 1)
-        if drafter is not None and k >= 1 and (guard is None or guard.active):
-            t1 = time.perf_counter()
-            drafted, q = drafter.propose(token, cache.length, k, sampler)
-            t2 = time.perf_counter()
-            logits = target.run([token] + drafted, cache.length)
-            n, nxt = sampler.verify(drafted, q, logits)
-            t3 = time.perf_counter()
-            new = drafted[:n] + [nxt]
-            stats.draft_steps += 1
-            stats.drafted += len(drafted)
-            stats.accepted += n
-            stats.accept_lengths.append(n)
-            if guard is not None:
-                guard.record(n + 1, len(drafted), t2 - t1, t3 - t2)
-                if not guard.active:
-                    stats.guard_stopped_at = stats.tokens + len(new)
+        # Drafts beyond remaining - 1 could never be returned: the verify pass adds one token.
+        if drafter is not None and remaining > 1 and (guard is None or guard.active):
+            new = draft_and_verify(target, drafter, token, sampler, remaining - 1, stats, guard)
+            if guard is not None and not guard.active:
+                stats.guard_stopped_at = stats.tokens + len(new)
         else:
             logits = target.run([token], cache.length)
             new = [sampler.pick(logits[-1])]
         stats.full_passes += 1
-        # The fed token and the kept drafts are now valid cache positions; `nxt` is fed next time.
+        # The fed token and the kept drafts are now valid cache positions; the last one is fed next time.
         cache.length += len(new)
         for j, t in enumerate(new):
             if t in stop_ids:

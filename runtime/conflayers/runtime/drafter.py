@@ -1,5 +1,8 @@
 """Drafters: cheap proposers of the next few tokens (the candidate generators).
 
+The decoding loop knows drafters only through the Drafter protocol (propose, then feedback after
+each verify), so other drafters (prompt lookup, a small model) plug into the same loop.
+
 A LayerSkipDrafter is a subgraph of the full model (its kept layers, maybe quantized) plus a
 head that scores the full vocabulary or a frequent-token subset. It reads and writes the full
 model's KV cache for its kept layers, so it needs no prefill of its own.
@@ -26,7 +29,25 @@ class DraftPolicy:
             raise ValueError("confidence_stop must be in [0, 1)")
 
 
+class Drafter:
+    """What the decoding loop asks of a drafter for one request (bound to its KV cache).
+
+    The drafter owns its policy: how many tokens to propose (never more than `limit`, the tokens
+    the request may still take) and when to stop early."""
+
+    def propose(self, last_token: int, start: int, sampler: Sampler, limit: int) \
+            -> tuple[list[int], list[np.ndarray] | None]:
+        """Tokens to follow last_token (which sits at position `start`), and with a sampling
+        sampler their draft distributions over the full vocabulary (None when greedy)."""
+        raise NotImplementedError
+
+    def feedback(self, drafted: int, accepted: int) -> None:
+        """After each verify: how many of the drafted tokens the full model kept."""
+
+
 class LayerSkipDrafter:
+    """The sessions of one profile's draft, shared by all requests; bind() makes a request's."""
+
     def __init__(self, body: GraphRunner, head: GraphRunner, vocab_ids: np.ndarray | None,
                  vocab_size: int, policy: DraftPolicy):
         self.body, self.head = body, head
@@ -38,24 +59,24 @@ class LayerSkipDrafter:
         return BoundDrafter(self, self.body.bind(cache))
 
 
-class BoundDrafter:
+class BoundDrafter(Drafter):
+    """A LayerSkipDrafter on one request's KV cache. Its policy is fixed, so feedback is a no-op."""
+
     def __init__(self, drafter: LayerSkipDrafter, body: BoundGraph):
-        self.d = drafter
+        self.drafter = drafter
         self.body = body
 
     def logits(self, token: int, position: int) -> np.ndarray:
         """Draft scores for the token after `token` at `position` (over the head's vocabulary)."""
         hidden = self.body.run([token], position)
-        return self.d.head.run_head(hidden[None])[0, -1]
+        return self.drafter.head.run_head(hidden[None])[0, -1]
 
-    def propose(self, last_token: int, start: int, max_tokens: int, sampler: Sampler):
-        """Draft up to max_tokens tokens after last_token (which sits at position `start`).
-        Returns (tokens, draft distributions over the full vocabulary or None when greedy)."""
-        stop = self.d.policy.confidence_stop
-        ids = self.d.vocab_ids
+    def propose(self, last_token: int, start: int, sampler: Sampler, limit: int):
+        policy, ids = self.drafter.policy, self.drafter.vocab_ids
+        stop = policy.confidence_stop
         tokens, probs = [], ([] if not sampler.greedy else None)
         tok = last_token
-        for j in range(max_tokens):
+        for j in range(min(policy.max_tokens, limit)):
             z = self.logits(tok, start + j)
             if sampler.greedy:
                 if stop is None:
@@ -69,7 +90,7 @@ class BoundDrafter:
                 if ids is None:
                     probs.append(q_sub)
                 else:
-                    q = np.zeros(self.d.vocab_size)
+                    q = np.zeros(self.drafter.vocab_size)
                     q[ids] = q_sub
                     probs.append(q)
             tok = int(idx if ids is None else ids[idx])

@@ -7,9 +7,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from dataclasses import dataclass
 
-PRECISIONS = ("fp32", "int8", "int4")
+# fp32, our round-to-nearest int8/int4 blocks, or "native": the model file's own quantized
+# weights (a GGUF's Q4_1, Q4_K, ...), the precision a `--target native` bundle's full graph runs at.
+PRECISIONS = ("fp32", "int8", "int4", "native")
+
+
+def weights_file_name(precision: str) -> str:
+    """The bundle's weights file of a precision: fp32 graphs share the full graph's weights.bin,
+    every graph of another precision shares weights_<precision>.bin."""
+    return "weights.bin" if precision == "fp32" else f"weights_{precision}.bin"
+
+
+def head_key(precision: str, vocab_ids=None) -> str:
+    """Name of a draft head graph: heads with equal precision and vocabulary are one graph."""
+    if vocab_ids is None:
+        return f"{precision}-full"
+    ids = [int(t) for t in vocab_ids]
+    return f"{precision}-{hashlib.sha256(struct.pack(f'<{len(ids)}q', *ids)).hexdigest()[:10]}"
 
 
 @dataclass(frozen=True)

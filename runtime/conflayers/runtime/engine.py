@@ -11,6 +11,7 @@ context length and reused across requests; concurrent requests each take their o
 """
 from __future__ import annotations
 
+import numbers
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,13 +21,26 @@ from .bundle import Bundle
 from .decoding import DecodeStats, SpeculationGuard, generate as decode
 from .drafter import LayerSkipDrafter
 from .ort_backend import GraphRunner, KVCache, create_session, resolve_providers
-from .sampling import Sampler
+from .sampling import Sampler, SamplingError
 from .selection import ProfileSelector
-from .textio import ChatError, TextCodec
+from .textio import ChatError
+
+DEFAULT_MAX_NEW_TOKENS = 256     # max_new_tokens=None: this many, or fewer to fit the context
 
 
 class RequestError(ValueError):
-    """A request the engine cannot serve as asked (bad parameter, too long, unknown task)."""
+    """A request the engine cannot serve as asked (bad parameter, too long, unknown task).
+
+    `param` is the offending argument of Engine.generate (None when no single one is at fault).
+    The message names it as `{param}`, so a front end with other field names (the HTTP server's
+    max_tokens) renders the same message with its own name: message_for(name)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        self.template, self.param = message, param
+        super().__init__(self.message_for(param))
+
+    def message_for(self, name: str | None) -> str:
+        return self.template.replace("{param}", name or "the request")
 
 
 @dataclass
@@ -60,6 +74,18 @@ class GenerationResult:
 
 
 @dataclass
+class Request:
+    """A checked request (Engine.prepare), ready to generate once."""
+    ids: list[int]
+    profile: str | None           # the draft profile, None for plain decoding
+    score: float | None           # task="auto": the chosen profile's selection score
+    sampler: Sampler
+    max_new_tokens: int
+    stops: list[str]
+    use_guard: bool
+
+
+@dataclass
 class StreamChunk:
     text: str
     token_ids: list[int]
@@ -75,25 +101,22 @@ class Engine:
         self.device = "cpu" if self.providers[0] == "CPUExecutionProvider" else "cuda"
         self.capacity = min(max_context or bundle.max_context, bundle.max_context)
         self.use_guard = guard
-        s = lambda path: create_session(path, self.providers, num_threads)
-        self.full = GraphRunner(s(bundle.full_graph), list(range(self.spec.num_layers)), "logits")
+
+        def session(path):
+            return create_session(path, self.providers, num_threads)
+        self.full = GraphRunner(session(bundle.full_graph), list(range(self.spec.num_layers)), "logits")
         bodies, heads = {}, {}
         self.drafters: dict[str, LayerSkipDrafter] = {}
         for task, profile in bundle.profiles.items():
             graphs = bundle.draft_graphs(task)
             if graphs.body not in bodies:
-                bodies[graphs.body] = GraphRunner(s(graphs.body), graphs.kv_layers, "hidden")
+                bodies[graphs.body] = GraphRunner(session(graphs.body), graphs.kv_layers, "hidden")
             if graphs.head not in heads:
-                heads[graphs.head] = GraphRunner(s(graphs.head), [], "logits")
+                heads[graphs.head] = GraphRunner(session(graphs.head), [], "logits")
             self.drafters[task] = LayerSkipDrafter(bodies[graphs.body], heads[graphs.head],
                                                    profile.vocab_ids, self.spec.vocab_size, profile.policy)
-        tok = bundle.tokenizer
-        template = None
-        if tok.get("chat_template"):
-            with open(bundle.file(tok["chat_template"]), encoding="utf-8") as f:
-                template = f.read()
-        self.codec = TextCodec(bundle.file(tok["file"]), template, tok.get("bos_token"), tok.get("eos_token"))
-        self.stop_ids = frozenset(int(t) for t in tok.get("eos_token_ids", []))
+        self.codec = bundle.codec
+        self.stop_ids = bundle.stop_ids
         self.selector = ProfileSelector(bundle.profiles, bundle.default_profile)
         self._caches: list[KVCache] = []
         self._lock = threading.Lock()
@@ -108,19 +131,32 @@ class Engine:
         return sorted(self.bundle.profiles)
 
     # -- requests -----------------------------------------------------------------------------
-    def encode(self, prompt: str | None = None, messages=None) -> list[int]:
-        if (prompt is None) == (messages is None):
-            raise RequestError("give exactly one of prompt or messages")
-        try:
-            if messages is not None:
+    def encode(self, prompt: str | None = None, messages=None, prompt_ids=None) -> list[int]:
+        """The prompt's token ids, from exactly one of: text, chat messages (through the bundle's
+        chat template) or token ids (checked against the vocabulary)."""
+        given = [name for name, v in (("prompt", prompt), ("messages", messages), ("prompt_ids", prompt_ids))
+                 if v is not None]
+        if len(given) != 1:
+            raise RequestError("give exactly one of prompt, messages or prompt_ids", given[-1] if given else "prompt")
+        if messages is not None:
+            try:
                 return self.codec.encode_chat(messages)
-        except ChatError as e:
-            raise RequestError(str(e)) from None
+            except ChatError as e:
+                raise RequestError(str(e), "messages") from None
+        if prompt_ids is not None:
+            if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids or not all(
+                    isinstance(t, numbers.Integral) and not isinstance(t, bool)
+                    and 0 <= t < self.spec.vocab_size for t in prompt_ids):
+                raise RequestError(f"{{param}} must be a non-empty list of token ids in "
+                                   f"0..{self.spec.vocab_size - 1}", "prompt_ids")
+            return [int(t) for t in prompt_ids]
         if not isinstance(prompt, str) or not prompt:
-            raise RequestError("prompt must be a non-empty string")
+            raise RequestError("{param} must be a non-empty string", "prompt")
         return self.codec.encode(prompt)
 
     def choose_profile(self, task: str | None, prompt_ids: list[int]) -> tuple[str | None, float | None]:
+        if task is not None and not isinstance(task, str):
+            raise RequestError("{param} must be a profile name or 'auto'", "task")
         if not self.drafters:
             return None, None
         if task is None:
@@ -129,18 +165,22 @@ class Engine:
             return self.selector.choose(prompt_ids)
         if task not in self.drafters:
             raise RequestError(f"unknown task {task!r}; this bundle has profiles: "
-                               f"{', '.join(self.profiles) or '(none)'} (or use 'auto')")
+                               f"{', '.join(self.profiles) or '(none)'} (or use 'auto')", "task")
         return task, None
 
-    def generate(self, prompt: str | None = None, *, messages=None, task: str | None = None,
-                 max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 seed: int | None = None, stop: list[str] | str | None = None, stream: bool = False,
-                 speculate: bool = True):
+    def generate(self, prompt: str | None = None, *, messages=None, prompt_ids=None, task: str | None = None,
+                 max_new_tokens: int | None = 256, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int | None = None, stop: list[str] | str | None = None,
+                 stream: bool = False, speculate: bool = True):
         """Generate a completion. Returns a GenerationResult, or with stream=True an iterator of
         StreamChunk whose last chunk carries the result. Greedy output (temperature 0) is
-        token-identical to plain decoding with the full graph."""
-        chunks = self._request(prompt, messages, task, max_new_tokens, temperature, top_p, top_k,
-                               seed, stop, speculate)
+        token-identical to plain decoding with the full graph. max_new_tokens=None: up to
+        DEFAULT_MAX_NEW_TOKENS, fewer when the prompt leaves less room in the context.
+        Every argument is checked before the first token: RequestError (with .param) if invalid."""
+        request = self.prepare(prompt, messages=messages, prompt_ids=prompt_ids, task=task,
+                               max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                               top_k=top_k, seed=seed, stop=stop, speculate=speculate)
+        chunks = self._stream(request)
         if stream:
             return chunks
         last = None
@@ -148,47 +188,57 @@ class Engine:
             pass
         return last.result
 
-    def _request(self, prompt, messages, task, max_new_tokens, temperature, top_p, top_k, seed, stop,
-                 speculate) -> Iterator[StreamChunk]:
-        # Validate everything before the first token: errors must come before any output.
+    def prepare(self, prompt: str | None = None, *, messages=None, prompt_ids=None, task: str | None = None,
+                max_new_tokens: int | None = 256, temperature: float = 0.0, top_p: float = 1.0,
+                top_k: int = 0, seed: int | None = None, stop: list[str] | str | None = None,
+                speculate: bool = True) -> Request:
+        """Validate a request (generate's arguments) without generating: the one place requests
+        are checked, so front ends can check a whole batch before any output."""
         try:
             sampler = Sampler(temperature, top_p, top_k, seed)
-        except ValueError as e:
-            raise RequestError(str(e)) from None
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-            raise RequestError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if not all(isinstance(s, str) and s for s in stops):
-            raise RequestError("stop must be a non-empty string or a list of them")
-        ids = self.encode(prompt, messages)
+        except SamplingError as e:
+            raise RequestError(str(e), e.param) from None
+        stops = [stop] if isinstance(stop, str) else stop
+        if stops is None:
+            stops = []
+        if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
+            raise RequestError("{param} must be a non-empty string or a list of them", "stop")
+        if not isinstance(speculate, bool):
+            raise RequestError("{param} must be true or false", "speculate")
+        if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                                           or max_new_tokens <= 0):
+            raise RequestError(f"{{param}} must be a positive integer, got {max_new_tokens!r}", "max_new_tokens")
+        ids = self.encode(prompt, messages, prompt_ids)
+        source = "messages" if messages is not None else "prompt_ids" if prompt_ids is not None else "prompt"
         if len(ids) > self.capacity:
-            raise RequestError(f"the prompt is {len(ids)} tokens, longer than the context of "
-                               f"{self.capacity} tokens; shorten it")
-        if len(ids) + max_new_tokens - 1 > self.capacity:
-            raise RequestError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
-                               f"the context of {self.capacity} tokens; lower max_new_tokens to at most "
-                               f"{self.capacity - len(ids) + 1}")
+            raise RequestError(f"the {{param}} is {len(ids)} tokens, longer than the context of "
+                               f"{self.capacity} tokens; shorten it", source)
+        room = self.capacity - len(ids) + 1     # the last token is returned, never fed back
+        if max_new_tokens is None:
+            max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, room)
+        if max_new_tokens > room:
+            raise RequestError(f"prompt ({len(ids)} tokens) + {{param}} ({max_new_tokens}) exceeds the context "
+                               f"of {self.capacity} tokens; lower {{param}} to at most {room}", "max_new_tokens")
         name, score = self.choose_profile(task, ids)      # also rejects an unknown task
         if not speculate:
             name, score = None, None
         # The guard decides from timings; when it turns drafting off mid-request, sampled output
         # takes another random path. A seeded sampled request must be reproducible: no guard.
-        return self._stream(ids, name, score, sampler, max_new_tokens, stops,
-                            use_guard=sampler.greedy or seed is None)
+        return Request(ids, name, score, sampler, max_new_tokens, list(stops),
+                       use_guard=sampler.greedy or seed is None)
 
-    def _stream(self, ids, name, score, sampler, max_new_tokens, stops,
-                use_guard: bool = True) -> Iterator[StreamChunk]:
+    def _stream(self, request: Request) -> Iterator[StreamChunk]:
+        ids, name, score, stops = request.ids, request.profile, request.score, request.stops
         cache = self._acquire()
         loop = None
         try:
             drafter = self.drafters.get(name) if name else None
             guard = (SpeculationGuard(self.bundle.profiles[name].verify_cost)
-                     if drafter and self.use_guard and use_guard else None)
+                     if drafter and self.use_guard and request.use_guard else None)
             stats = DecodeStats()
             t0 = time.perf_counter()
-            loop = decode(self.full.bind(cache), ids, max_new_tokens, sampler,
+            loop = decode(self.full.bind(cache), ids, request.max_new_tokens, request.sampler,
                           drafter=drafter.bind(cache) if drafter else None,
-                          max_draft=drafter.policy.max_tokens if drafter else 0,
                           stop_ids=self.stop_ids, guard=guard, stats=stats)
             text_out = self.codec.stream()
             out_ids: list[int] = []
@@ -223,8 +273,9 @@ class Engine:
             metrics = GenerationMetrics(
                 profile=name if drafter else None, speculative=drafter is not None,
                 prompt_tokens=len(ids), completion_tokens=len(out_ids),
-                draft_steps=stats.draft_steps, drafted_tokens=stats.drafted, accepted_tokens=stats.accepted,
-                acceptance_rate=stats.acceptance_rate, mean_accepted_tokens=stats.mean_accepted,
+                draft_steps=stats.draft_steps, drafted_tokens=stats.drafted_tokens,
+                accepted_tokens=stats.accepted_tokens, acceptance_rate=stats.acceptance_rate,
+                mean_accepted_tokens=stats.mean_accepted_tokens,
                 tokens_per_s=(stats.tokens - 1) / stats.decode_s if stats.decode_s > 0 else 0.0,
                 time_to_first_token_s=ttft or 0.0, total_s=total, guard_stopped_at=stats.guard_stopped_at,
                 selection_score=score)

@@ -6,6 +6,7 @@ is the check the runtime relies on, with errors that name the field at fault.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 
 from .draftplan import PRECISIONS, DraftPlan
@@ -37,25 +38,23 @@ class Profile:
     policy: DraftPolicy
     vocab_ids: list[int] | None      # draft vocabulary subset (None = full vocabulary)
     raw: dict = field(repr=False, default_factory=dict)
+    # token id -> weight of the calibration prompts' token frequencies (for task="auto")
+    signature: dict[int, float] = field(repr=False, default_factory=dict)
+    verify_relative: list[float] = field(repr=False, default_factory=list)   # see verify_cost
 
     @property
     def figures(self) -> dict:
-        return self.raw.get("figures", {})
-
-    @property
-    def signature(self) -> dict[int, float]:
-        """Token-frequency signature of the calibration prompts (for task='auto')."""
-        sig = self.raw.get("selection", {}).get("signature", {})
-        return {int(k): float(v) for k, v in sig.items()}
+        figures = self.raw.get("figures")
+        return figures if isinstance(figures, dict) else {}
 
     def verify_cost(self, n: int) -> float:
         """Cost of a full-graph pass over n tokens in units of a 1-token pass (compile-time
         measurement on the target backend; linear fallback)."""
-        table = self.raw.get("cost_model", {}).get("verify_relative", [])
+        table = self.verify_relative
         if n - 1 < len(table):
-            return float(table[n - 1])
+            return table[n - 1]
         if table:
-            return float(table[-1]) * (1.0 + 0.04 * (n - len(table)))
+            return table[-1] * (1.0 + 0.04 * (n - len(table)))
         return 1.0 + 0.04 * (n - 1)
 
     @classmethod
@@ -87,7 +86,7 @@ class Profile:
             plan = DraftPlan.from_json(draft, num_layers)
             policy = DraftPolicy(max_tokens=int(_need(draft, "max_draft_tokens", "draft.", int)),
                                  confidence_stop=draft.get("confidence_stop"))
-        except ValueError as e:
+        except (TypeError, ValueError, OverflowError) as e:
             raise ProfileError(f"profile field 'draft' is invalid: {e}") from None
         vocab = draft.get("vocab_subset")
         vocab_ids = None
@@ -97,7 +96,8 @@ class Profile:
                 raise ProfileError("profile field 'draft.vocab_subset.token_ids' must be non-negative ints")
             if len(set(vocab_ids)) != len(vocab_ids):
                 raise ProfileError("profile field 'draft.vocab_subset.token_ids' has duplicates")
-        return cls(task=task, model=model, plan=plan, policy=policy, vocab_ids=vocab_ids, raw=d)
+        return cls(task=task, model=model, plan=plan, policy=policy, vocab_ids=vocab_ids, raw=d,
+                   signature=_signature(d), verify_relative=_verify_relative(d))
 
     @classmethod
     def load(cls, path: str) -> "Profile":
@@ -106,7 +106,7 @@ class Profile:
                 d = json.load(f)
         except FileNotFoundError:
             raise ProfileError(f"profile file {path} does not exist") from None
-        except json.JSONDecodeError as e:
+        except (ValueError, RecursionError) as e:    # bad JSON, huge ints, deep nesting
             raise ProfileError(f"profile file {path} is not valid JSON: {e}") from None
         try:
             return cls.from_json(d)
@@ -119,4 +119,37 @@ class Profile:
             if self.model.get(k) != model.get(k):
                 return (f"profile '{self.task}' was compiled for another model: {k} is "
                         f"{self.model.get(k)!r}, the bundle's model has {model.get(k)!r}")
+        # the target precision its drafts were measured against (before targets existed: fp32)
+        mine, theirs = self.model.get("target", "fp32"), model.get("target", "fp32")
+        if mine != theirs:
+            return (f"profile '{self.task}' was compiled for target precision {mine!r}, the bundle's "
+                    f"full graph is {theirs!r}; compile (or export) it with --target {mine}")
         return None
+
+
+def _section(d: dict, key: str) -> dict:
+    v = d.get(key)
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise ProfileError(f"profile field '{key}' must be an object")
+    return v
+
+
+def _finite(v) -> bool:
+    return (isinstance(v, float) and math.isfinite(v)) or (
+        isinstance(v, int) and not isinstance(v, bool) and abs(v) < 1 << 53)
+
+
+def _signature(d: dict) -> dict[int, float]:
+    sig = _section(_section(d, "selection"), "signature")
+    if not all(isinstance(k, str) and k.isascii() and k.isdigit() and len(k) < 12 and _finite(v) for k, v in sig.items()):
+        raise ProfileError("profile field 'selection.signature' must map token ids to numbers")
+    return {int(k): float(v) for k, v in sig.items()}
+
+
+def _verify_relative(d: dict) -> list[float]:
+    table = _section(d, "cost_model").get("verify_relative", [])
+    if not isinstance(table, list) or not all(_finite(v) and v > 0 for v in table):
+        raise ProfileError("profile field 'cost_model.verify_relative' must be a list of positive numbers")
+    return [float(v) for v in table]

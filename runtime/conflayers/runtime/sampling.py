@@ -13,15 +13,23 @@ import numbers
 import numpy as np
 
 
+class SamplingError(ValueError):
+    """An invalid sampling parameter; `param` names it."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param} {message}")
+        self.param = param
+
+
 def _finite(name: str, v) -> float:
     if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-        raise ValueError(f"{name} must be a finite number, got {v!r}")
+        raise SamplingError(name, f"must be a finite number, got {v!r}")
     return float(v)
 
 
 def _integer(name: str, v) -> int:
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise ValueError(f"{name} must be an integer, got {v!r}")
+        raise SamplingError(name, f"must be an integer, got {v!r}")
     return int(v)
 
 
@@ -30,12 +38,14 @@ class Sampler:
         temperature, top_p, top_k = _finite("temperature", temperature), _finite("top_p", top_p), _integer("top_k", top_k)
         if seed is not None:
             seed = _integer("seed", seed)
+            if seed < 0:
+                raise SamplingError("seed", f"must be >= 0, got {seed}")
         if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+            raise SamplingError("temperature", f"must be >= 0, got {temperature}")
         if not (0.0 < top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+            raise SamplingError("top_p", f"must be in (0, 1], got {top_p}")
         if top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {top_k}")
+            raise SamplingError("top_k", f"must be >= 0, got {top_k}")
         self.temperature = float(temperature)
         self.top_p = float(top_p)
         self.top_k = int(top_k)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import datetime
 import json
 
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -36,13 +38,31 @@ def validate_messages(messages) -> list[dict]:
              else "".join(p["text"] for p in m["content"])} for m in messages]
 
 
+def _raise_exception(msg):
+    raise ChatError(f"chat template refused the messages: {msg}")
+
+
+def compile_chat_template(text: str):
+    """A chat template compiled as transformers compiles it; ChatError on a syntax error, so a
+    broken template is refused when the bundle loads, not at the first chat request."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(
+        x, indent=indent, ensure_ascii=ensure_ascii)
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    try:
+        return env.from_string(text)
+    except TemplateError as e:
+        raise ChatError(f"the chat template does not compile: {e}") from None
+
+
 class TextCodec:
     def __init__(self, tokenizer_file: str, chat_template: str | None = None, bos_token: str | None = None,
                  eos_token: str | None = None):
         self.tok = Tokenizer.from_file(tokenizer_file)
         self.chat_template = chat_template
         self.bos_token, self.eos_token = bos_token, eos_token
-        self._template = None
+        self._template = compile_chat_template(chat_template) if chat_template else None
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=True).ids
@@ -51,18 +71,6 @@ class TextCodec:
         messages = validate_messages(messages)
         if not self.chat_template:
             raise ChatError("this model has no chat template: send a plain prompt instead of messages")
-        if self._template is None:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            def raise_exception(msg):
-                raise ChatError(f"chat template refused the messages: {msg}")
-
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(
-                x, indent=indent, ensure_ascii=ensure_ascii)
-            env.globals["raise_exception"] = raise_exception
-            env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-            self._template = env.from_string(self.chat_template)
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                      bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
