@@ -2,6 +2,7 @@
 writer never leaves a half-written bundle."""
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -144,3 +145,153 @@ def test_failed_write_leaves_nothing_and_keeps_the_old_bundle(copy, tiny_llama, 
     assert [p for p in os.listdir(parent) if p.startswith(".b.")] == []
     assert sha256_file(os.path.join(copy, "manifest.json")) == before
     assert Bundle.open(copy).profiles
+
+
+# -- every gap that once passed verify and failed at generation ---------------------------------
+
+
+def edit_profile(path, task, fn):
+    rel = f"profiles/{task}.json"
+    full = os.path.join(path, rel)
+    with open(full) as f:
+        p = json.load(f)
+    fn(p)
+    with open(full, "w") as f:
+        json.dump(p, f)
+    rehash(path, rel)
+
+
+def refused(path, match):
+    """Bundle.open refuses the bundle with `match`, and verify reports it."""
+    with pytest.raises(BundleError, match=match):
+        Bundle.open(path)
+    problems = verify_bundle(path)
+    assert problems and any(re.search(match, p) for p in problems), problems
+
+
+def test_vocabulary_id_out_of_range(copy):
+    def bad_ids(p):
+        p["draft"]["vocab_subset"]["token_ids"][-1] = 384         # vocab_size is 384
+    edit_profile(copy, "fp32sub", bad_ids)
+    refused(copy, r"fp32sub.*token id 384 is out of range")
+
+
+def test_vocabulary_list_shorter_than_the_head(copy):
+    def shorter(p):
+        p["draft"]["vocab_subset"]["token_ids"] = p["draft"]["vocab_subset"]["token_ids"][:-1]
+    edit_profile(copy, "fp32sub", shorter)
+    refused(copy, r"fp32sub.*drafts over 296 tokens, its head graph scores 297 tokens")
+
+
+def test_max_context_beyond_the_graphs(copy):
+    edit_manifest(copy, lambda m: m.__setitem__("max_context", 2048))    # the graphs hold 512 positions
+    refused(copy, r"max_context.*2048.*2\.\.512")
+
+
+@pytest.mark.parametrize("kv_layers, match", [(None, "must be a list"), ([0, 1, 2, 9], "distinct layers in 0..3"),
+                                               ([0, 1, 1], "distinct layers"), ([0, 1], "its draft body's kv_layers")])
+def test_bad_kv_layers(copy, kv_layers, match):
+    def edit(m):
+        body = m["graphs"]["bodies"][m["profiles"]["fp32sub"]["body"]]
+        if kv_layers is None:
+            del body["kv_layers"]
+        else:
+            body["kv_layers"] = kv_layers
+    edit_manifest(copy, edit)
+    refused(copy, match)
+
+
+@pytest.mark.parametrize("field", ["file", "chat_template"])
+def test_tokenizer_files_must_be_listed(copy, field):
+    def unlist(m):
+        del m["files"][m["tokenizer"][field]]
+    edit_manifest(copy, unlist)
+    with pytest.raises(BundleError, match=f"tokenizer.{field} .* is not listed"):
+        Bundle.open(copy)
+    assert any(f"tokenizer.{field}" in p for p in verify_bundle(copy))
+
+
+def test_unlisted_files_are_reported(copy):
+    with open(os.path.join(copy, "profiles", "extra.json"), "w") as f:
+        f.write("{}")
+    assert verify_bundle(copy) == ["profiles/extra.json: in the bundle directory but not listed in the manifest"]
+
+
+def test_chat_template_syntax_error_is_refused_at_load(copy):
+    with open(os.path.join(copy, "chat_template.jinja"), "w") as f:
+        f.write("{% for message in messages %}{{ message['content'] }")
+    rehash(copy, "chat_template.jinja")
+    refused(copy, r"chat_template.jinja: the chat template does not compile")
+
+
+def _set(path, value):
+    """An edit of the manifest at a dotted path ("a.b.c"; "files.*" is the first file entry)."""
+    def edit(m):
+        keys = path.split(".")
+        node = m
+        for k in keys[:-1]:
+            node = node[next(iter(node))] if k == "*" else node[k]
+        node[next(iter(node)) if keys[-1] == "*" else keys[-1]] = value
+    return edit
+
+
+MALFORMED = [
+    ("files", ["full.onnx"]),
+    ("files.*", "abc"),
+    ("files.*.bytes", "12"),
+    ("files.*.bytes", 10 ** 400),
+    ("graphs", []),
+    ("graphs.full", "full.onnx"),
+    ("graphs.bodies", [1]),
+    ("graphs.heads.*.vocab", "many"),
+    ("profiles", ["int8skip"]),
+    ("profiles.int8skip", "profiles/int8skip.json"),
+    ("profiles.int8skip.body", 5),
+    ("profiles.int8skip.head", "nope"),
+    ("tokenizer", "tokenizer.json"),
+    ("tokenizer.file", None),
+    ("tokenizer.eos_token_ids", [1, "2"]),
+    ("tokenizer.eos_token_ids", [10 ** 30]),
+    ("model", []),
+    ("model.spec", None),
+    ("model.spec.num_layers", "4"),
+    ("model.spec.vocab_size", 10 ** 400),
+    ("model.spec.rms_norm_eps", 10 ** 400),
+    ("model.spec.rope_theta", [1.0]),
+    ("model.spec.sliding_window", None),
+    ("max_context", 10 ** 400),
+    ("max_context", "512"),
+    ("default_profile", ["int8skip"]),
+]
+
+
+@pytest.mark.parametrize("path, value", MALFORMED, ids=[f"{p}={str(v)[:12]}" for p, v in MALFORMED])
+def test_malformed_manifest_shapes_raise_bundle_error(copy, path, value):
+    edit_manifest(copy, _set(path, value))
+    with pytest.raises(BundleError):
+        Bundle.open(copy, verify=False)
+    assert verify_bundle(copy)
+
+
+def test_deeply_nested_or_huge_manifest_values_raise_bundle_error(copy):
+    mpath = os.path.join(copy, "manifest.json")
+    with open(mpath) as f:
+        text = f.read()
+    for junk in ("[" * 100000 + "]" * 100000, "9" * 5000):
+        with open(mpath, "w") as f:
+            f.write(text.replace('"created":', f'"junk": {junk}, "created":', 1))
+        with pytest.raises(BundleError, match="not valid JSON"):
+            Bundle.open(copy, verify=False)
+        assert verify_bundle(copy)
+
+
+@pytest.mark.parametrize("section, value, match", [
+    ("selection", {"signature": {"x": 1}}, "selection.signature"),
+    ("cost_model", [1, 2], "cost_model"),
+    ("cost_model", {"verify_relative": [1.0, "2"]}, "cost_model.verify_relative"),
+    ("draft", {"precision": "int8", "max_draft_tokens": 4, "skip_layers": 3}, "draft"),
+    ("draft", {"precision": "int8", "max_draft_tokens": 4, "confidence_stop": "high"}, "draft"),
+])
+def test_malformed_profile_sections_raise_bundle_error(copy, section, value, match):
+    edit_profile(copy, "int8skip", lambda p: p.__setitem__(section, value))
+    refused(copy, match)

@@ -219,6 +219,12 @@ BAD = [
     ("bad stream flag", C, {"prompt": "x", "stream": "yes"}, None, 400, "stream"),
     ("n above one", C, {"prompt": "x", "n": 2}, None, 400, "n"),
     ("bad seed", C, {"prompt": "x", "seed": "abc"}, None, 400, "seed"),
+    ("negative seed", C, {"prompt": "x", "seed": -1}, None, 400, "seed"),
+    ("bad speculate flag", C, {"prompt": "x", "speculate": "no"}, None, 400, "speculate"),
+    ("max_completion_tokens zero", CH, {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0},
+     None, 400, "max_completion_tokens"),
+    ("chat beyond context", CH, {"messages": [{"role": "user", "content": "apples " * 600}], "max_tokens": 1},
+     None, 400, "messages"),
 ]
 
 
@@ -237,6 +243,8 @@ def test_bad_input(client, name, path, body, ctype, status, param):
 def test_streaming_bad_input_is_a_plain_error(client):
     status, err = client.post(C, {"prompt": "x", "stream": True, "max_tokens": 100000})
     assert status == 400 and err["error"]["param"] == "max_tokens"
+    # the engine's message, in this API's field names
+    assert "max_tokens" in err["error"]["message"] and "max_new_tokens" not in err["error"]["message"]
 
 
 def test_unknown_path_and_wrong_method(client):

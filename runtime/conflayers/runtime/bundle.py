@@ -336,14 +336,14 @@ def verify_bundle(path: str) -> list[str]:
             problems.append(f"{rel}: {os.path.getsize(full)} bytes, the manifest says {meta['bytes']}")
         elif sha256_file(full) != meta["sha256"]:
             problems.append(f"{rel}: sha256 checksum mismatch (corrupt or modified)")
+    if not problems:        # the files are as listed: check what they say (Bundle.open's first error)
+        try:
+            Bundle.open(path, verify=False)
+        except BundleError as e:
+            problems.append(str(e))
     for root, _, names in os.walk(path):
         for name in sorted(names):
             rel = os.path.relpath(os.path.join(root, name), path).replace(os.sep, "/")
             if rel != MANIFEST and rel not in files:
                 problems.append(f"{rel}: in the bundle directory but not listed in the manifest")
-    if not problems:
-        try:
-            Bundle.open(path, verify=False)
-        except BundleError as e:
-            problems.append(str(e))
     return problems

@@ -130,23 +130,21 @@ def _as_request(item: PromptItem, chat: bool) -> dict:
     return {"prompt": item.prompt}
 
 
-def _check_items(engine, items: list[PromptItem], chat: bool, max_new_tokens: int, task: str | None):
-    """Encode every prompt up front: a malformed or too-long line fails before any output."""
+def _check_items(engine, items: list[PromptItem], chat: bool, gen_args: dict):
+    """Let the engine check every request up front: a bad line fails before any output."""
     for item in items:
         try:
-            ids = engine.encode(**_as_request(item, chat))
-            t = item.task or task
-            if t is not None and t != "auto" and t not in engine.profiles:
-                raise RequestError(f"unknown task {t!r}; this bundle has profiles: "
-                                   f"{', '.join(engine.profiles) or '(none)'} (or use 'auto')")
-            if len(ids) >= engine.capacity:
-                raise RequestError(f"the prompt is {len(ids)} tokens, longer than the context of "
-                                   f"{engine.capacity} tokens; shorten it")
-            if len(ids) + max_new_tokens - 1 > engine.capacity:
-                raise RequestError(f"prompt ({len(ids)} tokens) + --max-new-tokens ({max_new_tokens}) "
-                                   f"exceeds the context of {engine.capacity} tokens")
+            engine.prepare(**_request(item, chat, gen_args))
         except RequestError as e:
             raise CliError(f"{item.where()}{e}") from None
+
+
+def _request(item: PromptItem, chat: bool, gen_args: dict) -> dict:
+    """Engine.generate arguments for one prompt (its own task overrides --task)."""
+    request = {**_as_request(item, chat), **gen_args}
+    if item.task is not None:
+        request["task"] = item.task
+    return request
 
 
 # -- run --------------------------------------------------------------------------------------
@@ -178,9 +176,7 @@ def _emit_json(obj: dict):
 def _run_one(engine, index: int, item: PromptItem, chat: bool, gen_args: dict, stream: bool,
              as_json: bool):
     """Generate one completion and print it (streamed as it arrives, or whole)."""
-    request = {**_as_request(item, chat), **gen_args}
-    if item.task is not None:
-        request["task"] = item.task
+    request = _request(item, chat, gen_args)
     if not stream:
         result = engine.generate(**request)
     else:
@@ -276,9 +272,9 @@ def run_main(bundle, prompt, prompts_file, task, stream, no_speculate, chat, max
     items = [PromptItem(0, prompt)] if prompt is not None else read_prompts_file(prompts_file)
     engine = load_engine(bundle, device, max_context, num_threads, verify=not no_verify)
     chat = _resolve_chat(engine, chat)
-    _check_items(engine, items, chat, max_new_tokens, task)
     gen_args = dict(task=task, max_new_tokens=max_new_tokens, temperature=temperature,
                     top_p=top_p, top_k=top_k, seed=seed, stop=list(stop) or None, speculate=not no_speculate)
+    _check_items(engine, items, chat, gen_args)
     for index, item in enumerate(items):
         try:
             _run_one(engine, index, item, chat, gen_args, stream, as_json)
@@ -287,55 +283,6 @@ def run_main(bundle, prompt, prompts_file, task, stream, no_speculate, chat, max
 
 
 # -- inspect ----------------------------------------------------------------------------------
-
-
-def _file_bytes(bundle: Bundle, rel: str) -> int | None:
-    meta = bundle.manifest.get("files", {}).get(rel)
-    return meta.get("bytes") if isinstance(meta, dict) else None
-
-
-def describe_bundle(bundle: Bundle) -> dict:
-    """The manifest summary as plain data: what `inspect --json` prints and the text view renders."""
-    m, spec = bundle.manifest, bundle.spec
-    model = m["model"]
-    graphs = [{"role": "full", "key": "full", "file": m["graphs"]["full"]["file"]}]
-    for key, body in m["graphs"].get("bodies", {}).items():
-        graphs.append({"role": "draft body", "key": key, "file": body["file"],
-                       "kv_layers": body.get("kv_layers")})
-    for key, head in m["graphs"].get("heads", {}).items():
-        graphs.append({"role": "draft head", "key": key, "file": head["file"], "vocab": head.get("vocab")})
-    graph_files = {g["file"] for g in graphs}
-    for g in graphs:
-        g["bytes"] = _file_bytes(bundle, g["file"])
-    weights = [{"file": rel, "bytes": meta.get("bytes")} for rel, meta in sorted(m["files"].items())
-               if rel not in graph_files and rel.endswith((".bin", ".data", ".onnx_data"))]
-    return {
-        "path": bundle.path,
-        "format": m.get("format"), "format_version": m.get("format_version"),
-        "compiler_version": m.get("compiler_version"), "created": m.get("created"),
-        "model": {"name": model.get("name"), "source": model.get("source"),
-                  "architecture": spec.architecture, "num_layers": spec.num_layers,
-                  "hidden_size": spec.hidden_size, "vocab_size": spec.vocab_size,
-                  "config_sha256": model.get("config_sha256"), "weights_sha256": model.get("weights_sha256")},
-        "max_context": bundle.max_context,
-        "tokenizer": {"file": bundle.tokenizer.get("file"),
-                      "chat_template": bool(bundle.tokenizer.get("chat_template"))},
-        "graphs": graphs, "weights": weights,
-        "total_bytes": sum(meta.get("bytes", 0) for meta in m["files"].values()),
-        "default_profile": bundle.default_profile,
-        "profiles": {task: _describe_profile(p) for task, p in sorted(bundle.profiles.items())},
-    }
-
-
-def _describe_profile(profile) -> dict:
-    plan, policy = profile.plan, profile.policy
-    return {
-        "draft": {"skip_layers": list(plan.skip_layers), "skip_attention": list(plan.skip_attention),
-                  "skip_mlp": list(plan.skip_mlp), "precision": plan.precision,
-                  "max_draft_tokens": policy.max_tokens, "confidence_stop": policy.confidence_stop,
-                  "vocab_subset_size": None if profile.vocab_ids is None else len(profile.vocab_ids)},
-        "figures": profile.figures,
-    }
 
 
 # Figure keys the compiler writes (conflayers.compiler.pipeline), with the label inspect shows;
@@ -439,7 +386,7 @@ def inspect_cmd(bundle, as_json):
     predicted and measured speed-up, and the split they were measured on).
 
     Reads the manifest and profiles only (checks file sizes, not checksums: use `verify`)."""
-    description = describe_bundle(Bundle.open(bundle, verify=False))
+    description = Bundle.open(bundle, verify=False).describe()
     click.echo(json.dumps(description, indent=2) if as_json else render_description(description))
 
 

@@ -22,7 +22,6 @@ bundle's default profile) and `speculate` (default true; false decodes with the 
 from __future__ import annotations
 
 import json
-import math
 import signal
 import socket
 import sys
@@ -38,7 +37,6 @@ import click
 from .engine import Engine, RequestError
 
 MAX_BODY_BYTES = 8 << 20
-DEFAULT_MAX_TOKENS = 256
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 ROUTES = {  # path -> allowed methods
     "/v1/completions": ("POST",), "/v1/chat/completions": ("POST",),
@@ -143,103 +141,46 @@ class Metrics:
 
 # -- request parsing --------------------------------------------------------------------------
 
-
-def _number(body: dict, name: str, default, lo=None, hi=None, lo_open=False, integer=False):
-    """A numeric field, type- and range-checked, with the API's field name in the error."""
-    v = body.get(name)
-    if v is None:
-        return default
-    kind = "an integer" if integer else "a number"
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
-        raise ApiError(400, f"'{name}' must be {kind}, got {json.dumps(v)[:40]}", name)
-    if not math.isfinite(v):
-        raise ApiError(400, f"'{name}' must be finite", name)
-    if lo is not None and (v <= lo if lo_open else v < lo):
-        raise ApiError(400, f"'{name}' must be {'>' if lo_open else '>='} {lo}, got {v}", name)
-    if hi is not None and v > hi:
-        raise ApiError(400, f"'{name}' must be <= {hi}, got {v}", name)
-    return v
+# Request fields passed to Engine.generate under another name; the engine checks every value.
+ENGINE_NAMES = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed",
+                "stop": "stop", "task": "task", "speculate": "speculate"}
 
 
-def _bool(body: dict, name: str, default: bool) -> bool:
-    v = body.get(name)
-    if v is None:
-        return default
-    if not isinstance(v, bool):
-        raise ApiError(400, f"'{name}' must be true or false", name)
-    return v
+def parse_request(body, chat: bool) -> tuple[dict, dict]:
+    """An OpenAI-style body as Engine.generate keyword arguments (+ 'stream'), and the map from
+    the engine's parameter names back to the body's fields, for error bodies. Only the HTTP
+    shape is checked here (what decides the response form, which fields carry the prompt);
+    whether the values are valid is the engine's to say."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):
+        raise ApiError(400, "only n=1 is supported", "n")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be true or false", "stream")
+    max_field = "max_completion_tokens" if body.get("max_tokens") is None and \
+        body.get("max_completion_tokens") is not None else "max_tokens"
+    fields = {**ENGINE_NAMES, max_field: "max_new_tokens"}
+    args = {name: body[f] for f, name in fields.items() if body.get(f) is not None}
+    args.setdefault("max_new_tokens", None)        # absent: as many as fit, up to the engine's default
+    args.update(_prompt_input(body, chat), stream=stream)
+    return args, {name: f for f, name in fields.items()}
 
 
 def _prompt_input(body: dict, chat: bool) -> dict:
-    """prompt= or messages= for Engine.generate, shape-checked (the engine checks the content)."""
-    if chat:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
-        return {"messages": messages}
-    prompt = body.get("prompt")
-    if isinstance(prompt, list):
-        if len(prompt) != 1 or not isinstance(prompt[0], str):
+    """prompt= or messages= for Engine.generate: the field must be there; a completion prompt may
+    be a list of exactly one string (OpenAI's batch shape)."""
+    field = "messages" if chat else "prompt"
+    value = body.get(field)
+    if value is None:
+        raise ApiError(400, f"'{field}' is required", field)
+    if not chat and isinstance(value, list):
+        if len(value) != 1 or not isinstance(value[0], str):
             raise ApiError(400, "'prompt' must be a string (a list of exactly one string is accepted; "
                                 "batches and token-id prompts are not supported)", "prompt")
-        prompt = prompt[0]
-    if not isinstance(prompt, str) or not prompt:
-        raise ApiError(400, "'prompt' must be a non-empty string", "prompt")
-    return {"prompt": prompt}
-
-
-def parse_request(body: dict, chat: bool, engine: Engine) -> dict:
-    """Validate an OpenAI-style body into Engine.generate keyword arguments (+ 'stream')."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    args = _prompt_input(body, chat)
-    if _number(body, "n", 1, integer=True) != 1:
-        raise ApiError(400, "only n=1 is supported", "n")
-    name = "max_tokens" if body.get("max_tokens") is not None else "max_completion_tokens"
-    max_tokens = _number(body, name, None, lo=1, integer=True)
-    stop = body.get("stop")
-    if stop is not None and not (isinstance(stop, str) and stop) and not (
-            isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
-        raise ApiError(400, "'stop' must be a non-empty string or a list of them", "stop")
-    task = body.get("task")
-    if task is not None and not isinstance(task, str):
-        raise ApiError(400, "'task' must be a profile name or \"auto\"", "task")
-    if task is not None and task != "auto" and task not in engine.profiles:
-        raise ApiError(400, f"unknown task {task!r}; this bundle has profiles: "
-                            f"{', '.join(engine.profiles) or '(none)'} (or use 'auto')", "task")
-    args.update(
-        temperature=_number(body, "temperature", 0.0, lo=0.0),
-        top_p=_number(body, "top_p", 1.0, lo=0.0, hi=1.0, lo_open=True),
-        top_k=_number(body, "top_k", 0, lo=0, integer=True),
-        seed=_number(body, "seed", None, integer=True),
-        stop=stop or None, task=task, speculate=_bool(body, "speculate", True))
-    args["max_new_tokens"] = max_tokens if max_tokens is not None else _default_max_tokens(engine, args)
-    args["stream"] = _bool(body, "stream", False)
-    return args
-
-
-def _default_max_tokens(engine: Engine, args: dict) -> int:
-    """OpenAI fills the context when max_tokens is absent; we cap at 256 but never overflow."""
-    try:
-        n = len(engine.encode(args.get("prompt"), args.get("messages")))
-    except RequestError:
-        return DEFAULT_MAX_TOKENS     # generate() reports the problem with the prompt
-    return max(1, min(DEFAULT_MAX_TOKENS, engine.capacity - n + 1))
-
-
-def _param_of(message: str, chat: bool) -> str | None:
-    """Which request field an engine RequestError is about (for the error body's `param`)."""
-    m = message.lower()
-    if "task" in m:
-        return "task"
-    if "max_new_tokens" in m:
-        return "max_tokens"
-    if "prompt" in m or "message" in m or "chat template" in m:
-        return "messages" if chat else "prompt"
-    for name in ("temperature", "top_p", "top_k", "stop"):
-        if name in m:
-            return name
-    return None
+        value = value[0]
+    return {field: value}
 
 
 def _profile_hint(engine: Engine, args: dict) -> str | None:
@@ -391,7 +332,7 @@ class Handler(BaseHTTPRequestHandler):
     def _generate(self, chat: bool) -> int:
         engine = self.server.engine
         body = self._read_json()
-        args = parse_request(body, chat, engine)
+        args, names = parse_request(body, chat)
         stream = args.pop("stream")
         model = body.get("model") if isinstance(body.get("model"), str) else self.server.model_name
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
@@ -401,8 +342,8 @@ class Handler(BaseHTTPRequestHandler):
                 try:
                     out = engine.generate(stream=stream, **args)
                 except RequestError as e:
-                    msg = str(e).replace("max_new_tokens", "max_tokens")
-                    raise ApiError(400, msg, _param_of(str(e), chat)) from None
+                    field = names.get(e.param, e.param)
+                    raise ApiError(400, e.message_for(field), field) from None
                 if stream:
                     return self._stream(out, rid, model, chat, _profile_hint(engine, args))
                 self._count(out.metrics.to_dict(), out.metrics.completion_tokens)
