@@ -11,11 +11,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-# Tests and CI read the offline datasets beside the repository (see README).
-_shared = os.path.join(os.path.dirname(REPO), "shared", "datasets")
-if "CONFLAYERS_DATA_DIR" not in os.environ and os.path.isdir(_shared):
-    os.environ["CONFLAYERS_DATA_DIR"] = _shared
-
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory):

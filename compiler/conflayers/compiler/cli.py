@@ -25,7 +25,10 @@ def _csv(kind):
                    "file, or a hub id (org/name; needs the hub to be reachable).")
 @click.option("--calib", default="gsm8k", show_default=True,
               help="Calibration prompts: gsm8k, humaneval, spec_bench, spec_bench:<category> "
-                   "(or spec_bench:mt_bench), a JSONL file or a text file (see README).")
+                   "(or spec_bench:mt_bench) (built in, no download; $CONFLAYERS_DATA_DIR overrides), "
+                   "a JSONL file or a text file, or any Hugging Face hub data set "
+                   "hf:<dataset>[:<config>]:<split>:<field> (e.g. hf:openai/gsm8k:main:train:question; "
+                   "needs the hub) (see README).")
 @click.option("--task", default=None, help="Profile name [default: derived from --calib, e.g. gsm8k].")
 @click.option("--out", default=None, help="Bundle directory [default: bundles/<model>]. An existing bundle "
               "of the same model gains (or replaces) this task's profile.")

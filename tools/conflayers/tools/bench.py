@@ -119,17 +119,6 @@ def parse_args(argv):
 
 # ----------------------------------------------------------------------------- helpers
 
-def default_data_dir() -> None:
-    """Named tasks read CONFLAYERS_DATA_DIR; default to <repo>/../shared/datasets when it exists."""
-    if os.environ.get("CONFLAYERS_DATA_DIR"):
-        return
-    here = os.path.dirname(os.path.abspath(__file__))
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(here)))
-    shared = os.path.join(os.path.dirname(repo), "shared", "datasets")
-    if os.path.isdir(shared):
-        os.environ["CONFLAYERS_DATA_DIR"] = shared
-
-
 def profile_name_for(task: str) -> str:
     """The profile name the compiler gives a calibration spec (pipeline.task_name)."""
     if os.path.exists(task):
@@ -207,7 +196,7 @@ def load_sections(args, bundle) -> list[dict]:
     else:
         default = bundle.default_profile or (sorted(bundle.profiles)[0] if bundle.profiles else None)
         calib = bundle.profiles[default].raw.get("calibration", {}).get("source") if default else None
-        if not isinstance(calib, str) or os.path.exists(calib) or not calib:
+        if not isinstance(calib, str) or os.path.exists(calib) or not calib or calib.startswith("file:"):
             raise BenchError("give the prompts: --task NAME (gsm8k, humaneval, spec_bench:<category>) "
                              "or --prompts FILE.jsonl")
         tasks = [calib]
@@ -625,7 +614,6 @@ def render(doc: dict) -> str:
 # ----------------------------------------------------------------------------- main
 
 def run(args, argv) -> int:
-    default_data_dir()
     # OpenMP threads that spin-wait at barriers make torch 5-10x slower on a shared, busy machine
     # (measured here: SmolLM2 HF generate 1.4 tok/s with 2 spinning threads, 13 tok/s passive), and
     # in one process they would steal the cores from ONNX Runtime after each HF run. Set before

@@ -145,7 +145,8 @@ class BundleWriter:
             raise ValueError(why)
         body, head = self.draft_files(profile.plan, profile.vocab_ids)
         rel = f"profiles/{profile.task}.json"
-        self.write_text(rel, json.dumps(profile_json, indent=1, sort_keys=False) + "\n")
+        from conflayers.runtime.jsonfmt import dump_profile_json   # number lists on one line
+        self.write_text(rel, dump_profile_json(profile_json) + "\n")
         self.profiles[profile.task] = {"file": rel, "body": body, "head": head}
         if default or self.default_profile is None:
             self.default_profile = profile.task

@@ -1,0 +1,105 @@
+"""Artifacts that travel: shipped profiles and freshly compiled bundles carry no machine path (their
+data is a task name + the source's sha256 + row ids), profiles are written compactly, and a fresh
+machine (no CONFLAYERS_DATA_DIR, an empty HOME, working directory outside the repository)
+compiles a named task from the data shipped in the package."""
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from conflayers.runtime.jsonfmt import dump_profile_json
+from portable import machine_paths, scan_bundle
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED = sorted(glob.glob(os.path.join(ROOT, "profiles", "*", "*.json")))
+FORBIDDEN = [ROOT, os.path.expanduser("~"), tempfile.gettempdir() + os.sep]
+SOURCES = ("builtin:", "pypi:", "hf:", "file:", "CONFLAYERS_DATA_DIR:")
+
+
+def test_dump_profile_json_puts_number_lists_on_one_line():
+    doc = {"task": "t", "draft": {"vocab_subset": {"size": 3, "token_ids": [5, 7, 9]}, "skip": []},
+           "timings": [1.5, 2, 3.25], "uids": ["a", "b"], "mixed": [1, "x"], "flags": [True, False],
+           "nested": [{"k": [1, 2]}]}
+    text = dump_profile_json(doc)
+    assert json.loads(text) == doc
+    lines = [line.rstrip(",") for line in text.splitlines()]
+    assert '   "token_ids": [5, 7, 9]' in lines and '  "skip": []' in lines and ' "timings": [1.5, 2, 3.25]' in lines
+    assert ' "uids": [' in lines and '  "a"' in lines            # strings, mixed and bool lists: one per line
+    assert ' "flags": [' in lines and ' "mixed": [' in lines
+    assert '   "k": [1, 2]' in lines
+    # without number lists it is exactly json.dumps(indent=1)
+    plain = {"a": {"b": ["x", {"c": None}]}, "d": "é"}
+    assert dump_profile_json(plain) == json.dumps(plain, indent=1)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: os.path.relpath(p, os.path.join(ROOT, "profiles")))
+def test_shipped_profile_carries_no_machine_path_and_is_compact(path):
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    assert machine_paths(text, FORBIDDEN) == []
+    profile = json.loads(text)
+    cal = profile["calibration"]
+    assert cal["source"] == cal["data"]["calib"] and "/" not in cal["source"].split(":")[0]
+    assert cal["data"]["source"].startswith(SOURCES), cal["data"]["source"]
+    assert len(cal["data"]["source_sha256"]) == 64
+    assert len(cal["search_uids"]) == cal["search_prompts"] and len(cal["validation_uids"]) == cal["validation_prompts"]
+    assert text == dump_profile_json(profile) + "\n"      # token ids on one line, not one per line
+    assert len(text.splitlines()) < 1500
+
+
+# ----------------------------------------------------------------------------- fresh machine
+
+FRESH_ARGS = ["--num-prompts", "5", "--validation-prompts", "2", "--max-new-tokens", "16", "--context-window", "8",
+              "--max-iterations", "2", "--refine-budget", "1", "--vocab-sizes", "128", "--max-context", "512",
+              "--time-budget", "60", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def fresh_compile(tmp_path_factory, tiny_llama, tiny_tokenizer_dir):
+    """conflayers-compile --calib gsm8k in a subprocess as on a new machine: CONFLAYERS_DATA_DIR
+    and CONFLAYERS_CACHE unset, HOME an empty folder, the working directory outside the repository
+    (the model is a tiny local Hugging Face directory there)."""
+    work = tmp_path_factory.mktemp("fresh")
+    home = work / "home"
+    home.mkdir()
+    model = work / "tiny-model"
+    tiny_llama.save_pretrained(str(model))
+    for name in os.listdir(tiny_tokenizer_dir):
+        shutil.copy(os.path.join(tiny_tokenizer_dir, name), str(model))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CONFLAYERS_DATA_DIR", "CONFLAYERS_CACHE", "XDG_CACHE_HOME", "HF_HOME")}
+    env.update(HOME=str(home), HF_HUB_OFFLINE="1")
+    exe = os.path.join(os.path.dirname(sys.executable), "conflayers-compile")
+    r = subprocess.run([exe, "--model", "tiny-model", "--calib", "gsm8k", "--out", "bundle"] + FRESH_ARGS,
+                       cwd=str(work), env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return str(work / "bundle"), str(home), str(work)
+
+
+def test_fresh_machine_compiles_a_named_task_from_package_data(fresh_compile):
+    bundle, home, _ = fresh_compile
+    from conflayers.runtime import Bundle
+    raw = Bundle.open(bundle, verify=True).profiles["gsm8k"].raw
+    data = raw["calibration"]["data"]
+    assert data["source"] == "builtin:gsm8k/train.jsonl" and data["count"] == 7473
+    assert data["source_sha256"] == "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465"
+    assert all(u.startswith("gsm8k/train/") for u in raw["calibration"]["search_uids"])
+    assert raw["figures"]["identical_to_plain"] is True
+    assert not os.path.exists(os.path.join(ROOT, "bundle"))     # written where it was run, not in the repo
+
+
+def test_fresh_bundle_carries_no_machine_path(fresh_compile):
+    """Every text file of the bundle (profiles, manifest, report, tokenizer files). Known exception:
+    the manifest's model.source is the local model directory's absolute path (see
+    tests/test_compile.py::test_bundle_of_local_model_and_file_carries_no_machine_path)."""
+    bundle, home, work = fresh_compile
+    found = scan_bundle(bundle, FORBIDDEN + [home, work], skip={"manifest.json": ["model.source"]})
+    assert found == []
+    with open(os.path.join(bundle, "profiles", "gsm8k.json"), encoding="utf-8") as f:
+        text = f.read()
+    assert text == dump_profile_json(json.loads(text)) + "\n"
