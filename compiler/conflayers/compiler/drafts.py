@@ -12,7 +12,7 @@ from collections import OrderedDict
 import numpy as np
 import onnx
 
-from conflayers.runtime.draftplan import DraftPlan
+from conflayers.runtime.draftplan import DraftPlan, head_key
 from conflayers.runtime.ort_backend import GraphRunner, create_session
 
 from .export.decoder_graph import WeightStores, build
@@ -58,7 +58,7 @@ class DraftFactory:
 
     def head(self, precision: str, vocab_ids=None) -> GraphRunner:
         rows = None if vocab_ids is None else np.asarray(vocab_ids, np.int64)
-        key = f"{precision}-{'full' if rows is None else len(rows)}-{0 if rows is None else int(rows.sum()) % 100003}"
+        key = head_key(precision, vocab_ids)
         if key not in self._heads:
             plan = DraftPlan(self.spec.num_layers, precision=precision)
             path = self._open(build(self.spec, self.stores, plan, "head", head_rows=rows), f"head_{key}.onnx")

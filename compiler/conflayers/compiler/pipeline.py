@@ -3,7 +3,6 @@ validate through the runtime -> report. Each phase is timed; the times go into t
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -14,11 +13,11 @@ import numpy as np
 
 from conflayers.runtime.draftplan import DraftPlan
 from conflayers.runtime.ort_backend import resolve_providers
+from conflayers.runtime.profile import PROFILE_SCHEMA, PROFILE_SCHEMA_VERSION, task_name
 
 from . import __version__
 from .search import SearchSettings
 
-PROFILE_SCHEMA_VERSION = 1
 
 
 @dataclass
@@ -40,16 +39,6 @@ class CompileOptions:
     cost_model: str | None = None                     # reuse measured timings (repeatable compiles)
     settings: SearchSettings = field(default_factory=SearchSettings)
     quiet: bool = False
-
-
-def task_name(calib: str) -> str:
-    """A profile name from the calibration spec: gsm8k, spec_bench-qa, my_prompts (file stem)."""
-    if os.path.exists(calib):
-        base = os.path.splitext(os.path.basename(calib))[0]
-    else:
-        base = calib.replace(":", "-")
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", base).strip("._-")
-    return name or "task"
 
 
 class Log:
@@ -369,7 +358,7 @@ def build_profile(task, identity, opts, resolved, best, result, cost, attn, mlp,
                 "acceptance than it saved time; the draft's speed comes from its precision"
                 + (" and vocabulary subset" if ch.vocab else ""))
     return {
-        "schema": "conflayers.profile",
+        "schema": PROFILE_SCHEMA,
         "schema_version": PROFILE_SCHEMA_VERSION,
         "task": task,
         "model": identity,

@@ -5,8 +5,8 @@ session, the idle session's threads spin and steal the cores from the running on
 2-core CPU: a speculative iteration took 2.6x longer). One process-wide pool avoids that, and its
 spin-waiting makes each pass start sooner: on an idle 2-core machine plain decoding ran at
 46-48 tok/s with it against 39-41 with per-session pools that do not spin.
-On a machine shared with other busy processes spinning turns against you (another engineer
-measured 16 vs 28 tok/s there): set CONFLAYERS_SPIN=0 for per-session pools that sleep instead.
+On a machine shared with other busy processes spinning turns against you (measured there: 16 tok/s
+with spinning against 28 without): set CONFLAYERS_SPIN=0 for per-session pools that sleep instead.
 """
 from __future__ import annotations
 

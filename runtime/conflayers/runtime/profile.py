@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 from dataclasses import dataclass, field
 
 from .draftplan import PRECISIONS, DraftPlan
@@ -18,6 +20,21 @@ PROFILE_SCHEMA_VERSION = 1
 
 class ProfileError(ValueError):
     pass
+
+
+def safe_name(text: str, fallback: str) -> str:
+    """text as a file-name-safe name (runs of other characters become `_`), or fallback."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._-") or fallback
+
+
+def task_name(calib: str) -> str:
+    """The profile name the compiler gives a calibration spec: gsm8k, spec_bench-qa, my_prompts
+    (a file's stem). The bench finds a task's own profile by it."""
+    if os.path.exists(calib):
+        base = os.path.splitext(os.path.basename(calib))[0]
+    else:
+        base = calib.replace(":", "-")
+    return safe_name(base, "task")
 
 
 def _need(d: dict, key: str, where: str, kind=None):

@@ -55,11 +55,13 @@ import gc
 import json
 import os
 import platform
-import re
 import shlex
 import statistics
 import sys
 from collections import Counter
+from importlib.metadata import version
+
+from conflayers.runtime.profile import task_name
 
 from .bench_systems import (GENAI, HF, PROMPT_LOOKUP_TOKENS, RUNTIME, BenchPrompt, GenAIBackend, GenAISystem, HFBackend, HFSystem,
                             RuntimeBackend, RuntimeSystem, Unavailable, genai_model_dir, resolve_hf_dir,
@@ -119,18 +121,8 @@ def parse_args(argv):
 
 # ----------------------------------------------------------------------------- helpers
 
-def profile_name_for(task: str) -> str:
-    """The profile name the compiler gives a calibration spec (pipeline.task_name)."""
-    if os.path.exists(task):
-        base = os.path.splitext(os.path.basename(task))[0]
-    else:
-        base = task.replace(":", "-")
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", base).strip("._-") or "task"
-
-
 def _version(module: str) -> str | None:
     try:
-        from importlib.metadata import version
         return version(module)
     except Exception:  # noqa: BLE001
         return None
@@ -226,22 +218,21 @@ def load_sections(args, bundle) -> list[dict]:
 
 
 def encode_prompts(sections, engine, chat: bool, max_new: int) -> None:
+    """Every prompt's token ids as the runtime makes them, checked by the engine (context, chat
+    template) before any system runs."""
     from conflayers.compiler.data import chat_messages
-    from conflayers.runtime.textio import ChatError
+    from conflayers.runtime import RequestError
     for sec in sections:
         out = []
         for p in sec["prompts"]:
+            messages = chat_messages(p) if chat else None
             try:
-                if chat:
-                    messages = chat_messages(p)
-                    ids = engine.codec.encode_chat(messages)
-                else:
-                    messages, ids = None, engine.codec.encode(p.text)
-            except ChatError as e:
-                raise BenchError(f"{e} (or pass --no-chat)") from None
-            if len(ids) + max_new - 1 > engine.capacity:
-                raise BenchError(f"prompt {p.uid} is {len(ids)} tokens; with --max-new-tokens {max_new} it "
-                                 f"exceeds the bundle's context of {engine.capacity}; lower --max-new-tokens")
+                ids = engine.prepare(**({"messages": messages} if chat else {"prompt": p.text}),
+                                     max_new_tokens=max_new).ids
+            except RequestError as e:
+                hint = {"max_new_tokens": "; lower --max-new-tokens", "messages": " (or pass --no-chat)"}
+                raise BenchError(f"prompt {p.uid}: {e.message_for('--max-new-tokens')}"
+                                 f"{hint.get(e.param, '')}") from None
             out.append(BenchPrompt(p.uid, p.text, messages, ids, p.category))
         sec["bench_prompts"] = out
 
@@ -365,7 +356,7 @@ def build_systems(names, args, runtime: RuntimeBackend, warm_prompt: BenchPrompt
 
 def run_sections(sections, slots, max_new: int, own_profile: bool = False) -> None:
     for sec in sections:
-        own = f"profile:{profile_name_for(sec['task'])}"
+        own = f"profile:{task_name(sec['task'])}"
         active = [s for s in slots if s.ok and not (own_profile and s.name.startswith("profile:") and s.name != own)]
         runs = {s.name: [] for s in active}
         prompts = sec["bench_prompts"]
@@ -394,7 +385,7 @@ def summarize(sec, slots, engine) -> list[dict]:
     runs = sec["runs"]
     plain = runs["plain"]
     plain_tps = _mean(r.tokens_per_s for r in plain)
-    headline = {"auto", f"profile:{profile_name_for(sec['task'])}"}
+    headline = {"auto", f"profile:{task_name(sec['task'])}"}
     out = []
     for s in slots:
         obj = {"name": s.name, "task": sec["task"], "status": s.status if s.status != "pending" else "skipped",
@@ -663,7 +654,7 @@ def run(args, argv) -> int:
                          "source": s["source"], "uids": [p.uid for p in s["prompts"]],
                          "prompt_tokens": [len(p.ids) for p in s["bench_prompts"]],
                          "calibration_overlap": s["calibration_overlap"],
-                         "headline": ["auto", f"profile:{profile_name_for(s['task'])}"]} for s in sections]
+                         "headline": ["auto", f"profile:{task_name(s['task'])}"]} for s in sections]
     doc = {"meta": meta, "systems": systems}
     print(render(doc))
     if args.json:

@@ -51,7 +51,7 @@ def proc_status_kb() -> dict[str, int]:
                 if key in ("VmRSS", "VmHWM"):
                     out[key] = int(rest.split()[0])
     except OSError:
-        import resource
+        import resource         # Unix only, and needed only where /proc is missing
         out["VmHWM"] = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     return out
 
@@ -159,6 +159,7 @@ def weight_accounting(bundle) -> dict:
     leaving out tables used only by Gather (the embedding lookup); needs the `onnx` package.
     Without it: the draft's weights file (weights.bin for fp32, weights_<precision>.bin
     otherwise) scaled by the fraction of layers the draft keeps (a rough estimate)."""
+    from conflayers.runtime.draftplan import weights_file_name
     files = bundle.manifest["files"]
     full = files.get("weights.bin", {}).get("bytes")
     method_full = "manifest size of weights.bin"
@@ -175,7 +176,7 @@ def weight_accounting(bundle) -> dict:
                             "gather-only embedding tables excluded)"
         else:
             precision = profile.plan.precision
-            rel = "weights.bin" if precision == "fp32" else f"weights_{precision}.bin"
+            rel = weights_file_name(precision)
             size = files.get(rel, files.get("weights.bin", {})).get("bytes", full or 0)
             drafts[name] = int(size * (1.0 - profile.plan.skipped_fraction))
             methods[name] = f"estimate: {rel} x kept-layer fraction (install onnx for the exact count)"
@@ -386,16 +387,12 @@ class HFSystem:
 
 # ----------------------------------------------------------------------------- ONNX Runtime GenAI
 
-def _safe_name(name: str) -> str:
-    import re
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._-") or "model"
-
-
 def genai_model_dir(hf_dir: str, model_name: str, log=print) -> str:
     """Build (once) ONNX Runtime GenAI's fp32 CPU model of hf_dir, cached under
     $CONFLAYERS_CACHE/genai/<model-name>-fp32. Raises Unavailable with the builder's error."""
     from conflayers.compiler.models import cache_dir
-    out = os.path.join(cache_dir(), "genai", f"{_safe_name(model_name)}-fp32")
+    from conflayers.runtime.profile import safe_name
+    out = os.path.join(cache_dir(), "genai", f"{safe_name(model_name, 'model')}-fp32")
     stamp = os.path.join(out, "conflayers_source.json")
     src = {"hf_dir": os.path.abspath(hf_dir), "config_mtime": os.path.getmtime(os.path.join(hf_dir, "config.json"))}
     if os.path.isfile(stamp):

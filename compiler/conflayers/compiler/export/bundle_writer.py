@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from conflayers.runtime.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST, sha256_file
-from conflayers.runtime.draftplan import DraftPlan
+from conflayers.runtime.draftplan import DraftPlan, head_key as draft_head_key
 from conflayers.runtime.modelspec import ModelSpec
 from conflayers.runtime.profile import Profile
 
@@ -129,8 +129,7 @@ class BundleWriter:
             self.graphs["bodies"][body_key] = {"file": rel, "kv_layers": plan.kv_layers,
                                                "plan": plan.to_json()}
         rows = None if vocab_ids is None else np.asarray(vocab_ids, np.int64)
-        vocab_tag = "full" if rows is None else hashlib.sha256(rows.tobytes()).hexdigest()[:10]
-        head_key = f"{plan.precision}-{vocab_tag}"
+        head_key = draft_head_key(plan.precision, vocab_ids)
         if head_key not in self.graphs["heads"]:
             rel = f"head_{head_key}.onnx"
             self._save(build(self.spec, self.stores, plan, "head", head_rows=rows), rel)

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from conflayers.runtime.draftplan import DraftPlan
+from conflayers.runtime.draftplan import DraftPlan, weights_file_name
 from conflayers.runtime.modelspec import ModelSpec
 
 from .quantize import BLOCK_SIZE, quantize_matmul_weight
@@ -47,7 +47,7 @@ class WeightStores:
 
     def file(self, precision: str) -> WeightFile:
         if precision not in self.files:
-            name = "weights.bin" if precision == "fp32" else f"weights_{precision}.bin"
+            name = weights_file_name(precision)
             self.files[precision] = WeightFile(self._os.path.join(self.dir, name))
         return self.files[precision]
 
