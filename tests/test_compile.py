@@ -90,6 +90,19 @@ def test_tiny_compile_writes_a_valid_bundle(tiny_compiled):
     assert a.token_ids == b.token_ids
 
 
+def test_policy_table_gives_back_the_compiled_policy_with_the_compiling_machines_costs(tiny_compiled):
+    """Profiles that travel: the runtime's choice (runtime/policy.py) from the profile's policy
+    table and the compile's own costs is the compiled policy, at the compile's predicted speed-up."""
+    from conflayers.runtime.policy import MachineCosts, choose, predicted_speedup
+    profile = Bundle.open(tiny_compiled).profiles["prompts"]
+    raw, rows = profile.raw, profile.policy_table
+    assert len(rows) == 8 * 6 and {r.k for r in rows} == set(range(1, 9))
+    costs = MachineCosts(tuple(raw["cost_model"]["full_ms"]), raw["policy_table"]["draft_ms"])
+    assert choose(rows, costs, min_speedup=0.0) == profile.policy
+    chosen = next(r for r in rows if r.policy == profile.policy)
+    assert predicted_speedup(chosen, costs) == pytest.approx(raw["figures"]["predicted_speedup"], abs=1e-3)
+
+
 def test_same_inputs_seed_and_cost_model_give_the_same_profile(tiny_compiled, tiny_model_dir, tiny_prompts, tmp_path):
     first = os.path.join(tiny_compiled, "profiles", "prompts.json")
     profiles = []
@@ -218,21 +231,21 @@ def test_real_smollm2_compile_small_budget(smollm2_bundle):
 def test_user_file_is_recorded_by_name_and_sha256_not_path(tiny_compiled, tiny_prompts):
     import hashlib
 
-    from portable import scan_bundle
     raw = Bundle.open(tiny_compiled).profiles["prompts"].raw["calibration"]
     assert raw["source"] == raw["data"]["source"] == "file:prompts.jsonl"
     with open(tiny_prompts, "rb") as f:
         assert raw["data"]["source_sha256"] == hashlib.sha256(f.read()).hexdigest()
     assert raw["search_uids"][0].startswith("file:prompts.jsonl:")
-    # known exceptions: see the next test
-    assert scan_bundle(tiny_compiled, [os.path.dirname(tiny_prompts), os.path.expanduser("~")],
-                       skip={"manifest.json": ["model.source"], "profiles/prompts.json": ["compile_seconds"]}) == []
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13 item 4, left: the manifest's model.source is the local model "
-                                       "directory's absolute path (models._resolve_dir), and the profile's "
-                                       "compile_seconds keys are pipeline.Log phase names that embed --model and "
-                                       "--calib; remove this mark when both are path-free")
-def test_bundle_of_local_model_and_file_carries_no_machine_path(tiny_compiled, tiny_prompts):
+def test_bundle_of_local_model_and_file_carries_no_machine_path(tiny_compiled, tiny_model_dir, tiny_prompts):
+    """The manifest names a local model folder by name (its weights sha256 identifies it) and the
+    profile's compile_seconds have fixed phase names (no --model / --calib value in them)."""
     from portable import scan_bundle
-    assert scan_bundle(tiny_compiled, [os.path.dirname(tiny_prompts), os.path.expanduser("~")]) == []
+    assert scan_bundle(tiny_compiled, [os.path.dirname(tiny_prompts), os.path.dirname(tiny_model_dir),
+                                       os.path.expanduser("~")]) == []
+    bundle = Bundle.open(tiny_compiled)
+    assert bundle.manifest["model"]["source"] == "dir:" + os.path.basename(tiny_model_dir)
+    assert set(bundle.profiles["prompts"].raw["compile_seconds"]) == {
+        "resolve model", "calibration data", "reference decoding", "layer confidence", "cost model", "search",
+        "export bundle", "validation", "report"}

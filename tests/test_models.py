@@ -170,7 +170,7 @@ def test_local_dir_resolves_and_loads(tmp_path, tiny_llama, tiny_tokenizer_dir):
     import torch
     folder = save_hf_dir(tmp_path / "tiny-llama", tiny_llama, tiny_tokenizer_dir)
     r = resolve_model(folder, progress=False)
-    assert r == models.ResolvedModel(name="tiny-llama", source=folder, path=folder)
+    assert r == models.ResolvedModel(name="tiny-llama", source="dir:tiny-llama", path=folder)   # no machine path
     model, tok = models.load_model(r)
     assert not model.training
     ids = torch.tensor([tok.encode("Janet has 3 apples")])
@@ -245,7 +245,7 @@ def test_gguf_file_is_converted_once_and_cached_by_sha(tmp_path, monkeypatch, fr
     path = make_gguf(tmp_path / "My-Model.Q4.gguf")
     r = resolve_model(path, progress=False)
     digest = sha256(path)
-    assert r.name == "My-Model.Q4" and r.source == path
+    assert r.name == "My-Model.Q4" and r.source == "gguf:My-Model.Q4.gguf"   # no machine path
     assert r.path == str(fresh_cache / "models" / f"gguf-{digest[:16]}")
     src = json.load(open(os.path.join(r.path, "conflayers_source.json")))
     assert src["kind"] == "gguf" and src["gguf_sha256"] == digest and src["gguf_path"] == path

@@ -1,7 +1,7 @@
 """Artifacts that travel: shipped profiles and freshly compiled bundles carry no machine path (their
 data is a task name + the source's sha256 + row ids), profiles are written compactly, and a fresh
 machine (no CONFLAYERS_DATA_DIR, an empty HOME, working directory outside the repository)
-compiles a named task from the data shipped in the package."""
+compiles a named task from the data shipped in the package and benchmarks the bundle."""
 import glob
 import json
 import os
@@ -59,6 +59,14 @@ FRESH_ARGS = ["--num-prompts", "5", "--validation-prompts", "2", "--max-new-toke
               "--time-budget", "60", "--quiet"]
 
 
+def fresh_env(home) -> dict:
+    """The environment of a new machine: CONFLAYERS_DATA_DIR and caches unset, HOME empty."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CONFLAYERS_DATA_DIR", "CONFLAYERS_CACHE", "XDG_CACHE_HOME", "HF_HOME")}
+    env.update(HOME=str(home), HF_HUB_OFFLINE="1")
+    return env
+
+
 @pytest.fixture(scope="module")
 def fresh_compile(tmp_path_factory, tiny_llama, tiny_tokenizer_dir):
     """conflayers-compile --calib gsm8k in a subprocess as on a new machine: CONFLAYERS_DATA_DIR
@@ -71,12 +79,9 @@ def fresh_compile(tmp_path_factory, tiny_llama, tiny_tokenizer_dir):
     tiny_llama.save_pretrained(str(model))
     for name in os.listdir(tiny_tokenizer_dir):
         shutil.copy(os.path.join(tiny_tokenizer_dir, name), str(model))
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("CONFLAYERS_DATA_DIR", "CONFLAYERS_CACHE", "XDG_CACHE_HOME", "HF_HOME")}
-    env.update(HOME=str(home), HF_HUB_OFFLINE="1")
     exe = os.path.join(os.path.dirname(sys.executable), "conflayers-compile")
     r = subprocess.run([exe, "--model", "tiny-model", "--calib", "gsm8k", "--out", "bundle"] + FRESH_ARGS,
-                       cwd=str(work), env=env, capture_output=True, text=True, timeout=900)
+                       cwd=str(work), env=fresh_env(home), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return str(work / "bundle"), str(home), str(work)
 
@@ -94,12 +99,47 @@ def test_fresh_machine_compiles_a_named_task_from_package_data(fresh_compile):
 
 
 def test_fresh_bundle_carries_no_machine_path(fresh_compile):
-    """Every text file of the bundle (profiles, manifest, report, tokenizer files). Known exception:
-    the manifest's model.source is the local model directory's absolute path (see
-    tests/test_compile.py::test_bundle_of_local_model_and_file_carries_no_machine_path)."""
+    """Every text file of the bundle (profiles, manifest, report, tokenizer files)."""
     bundle, home, work = fresh_compile
-    found = scan_bundle(bundle, FORBIDDEN + [home, work], skip={"manifest.json": ["model.source"]})
+    found = scan_bundle(bundle, FORBIDDEN + [home, work])
     assert found == []
+    with open(os.path.join(bundle, "manifest.json"), encoding="utf-8") as f:
+        assert json.load(f)["model"]["source"] == "dir:tiny-model"
     with open(os.path.join(bundle, "profiles", "gsm8k.json"), encoding="utf-8") as f:
         text = f.read()
     assert text == dump_profile_json(json.loads(text)) + "\n"
+
+
+def test_fresh_machine_benchmarks_the_bundle(fresh_compile):
+    """conflayers-bench on the fresh bundle, same fresh environment: GSM8K's evaluation prompts come
+    from the package, plain and the profile decode identically."""
+    bundle, home, work = fresh_compile
+    exe = os.path.join(os.path.dirname(sys.executable), "conflayers-bench")
+    r = subprocess.run([exe, "bundle", "--task", "gsm8k", "--num-prompts", "2", "--max-new-tokens", "8",
+                        "--systems", "plain,profile:gsm8k", "--json", "bench.json"],
+                       cwd=work, env=fresh_env(home), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    with open(os.path.join(work, "bench.json"), encoding="utf-8") as f:
+        doc = json.load(f)
+    systems = {s["name"]: s for s in doc["systems"]}
+    assert systems["profile:gsm8k"]["identical_to_plain"] is True
+    assert systems["plain"]["status"] == systems["profile:gsm8k"]["status"] == "ok"
+    assert all(len(s["tokens_per_s_per_prompt"]) == 2 for s in systems.values())
+    section = doc["meta"]["sections"][0]
+    assert section["source"].startswith("builtin:gsm8k/") and section["calibration_overlap"] == []
+
+
+def test_bench_finds_a_local_model_by_its_portable_source(tmp_path, monkeypatch, tiny_llama, tiny_tokenizer_dir):
+    """The manifest names a local model folder without its path ("dir:<name>"): the bench finds it
+    from the working directory, and says to pass --hf-model elsewhere."""
+    from conflayers.tools.bench_systems import Unavailable, resolve_hf_dir
+    model = tmp_path / "tiny-model"
+    tiny_llama.save_pretrained(str(model))
+    for name in os.listdir(tiny_tokenizer_dir):
+        shutil.copy(os.path.join(tiny_tokenizer_dir, name), str(model))
+    manifest_model = {"name": "tiny-model", "source": "dir:tiny-model"}
+    monkeypatch.chdir(tmp_path)
+    assert resolve_hf_dir(manifest_model, None) == str(model)
+    monkeypatch.chdir(tmp_path.parent)
+    with pytest.raises(Unavailable, match="--hf-model"):
+        resolve_hf_dir(manifest_model, None)

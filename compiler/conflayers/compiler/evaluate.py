@@ -202,3 +202,18 @@ def replay(blocks: list[BlockRecord], k: int, confidence_stop: float | None) -> 
         drafted += n
         accepted += acc
     return PolicyResult(k, confidence_stop, steps, drafted, accepted)
+
+
+def policy_table(blocks: list[BlockRecord], k_max: int, stops, draft_ms: float) -> dict:
+    """The profile's policy_table: for every policy (k in 1..k_max, each confidence stop) the mean
+    tokens drafted and accepted per step on the recorded blocks, so that the runtime can choose k
+    and the stop for its own machine's costs (conflayers/runtime/policy.py; no stop is written as
+    0, which never stops). draft_ms: the draft step on the compiling machine, for reference."""
+    rows = []
+    for k in range(1, k_max + 1):
+        for stop in stops:
+            r = replay(blocks, k, stop)
+            steps = max(r.draft_steps, 1)
+            rows.append([k, stop or 0, r.drafted_tokens / steps, r.accepted_tokens / steps])   # unrounded: exact ties
+    return {"columns": ["k", "confidence_stop", "drafted_per_step", "accepted_per_step"], "rows": rows,
+            "draft_ms": draft_ms}

@@ -46,10 +46,14 @@ class Drafter:
 
 
 class LayerSkipDrafter:
-    """The sessions of one profile's draft, shared by all requests; bind() makes a request's."""
+    """The sessions of one profile's draft, shared by all requests; bind() makes a request's.
+
+    `policy` starts as the profile's compiled one; the engine may replace it once with the policy
+    chosen for this machine (policy.py), or None when no drafting pays here (then the engine
+    decodes plainly and never binds it)."""
 
     def __init__(self, body: GraphRunner, head: GraphRunner, vocab_ids: np.ndarray | None,
-                 vocab_size: int, policy: DraftPolicy):
+                 vocab_size: int, policy: DraftPolicy | None):
         self.body, self.head = body, head
         self.vocab_ids = None if vocab_ids is None else np.asarray(vocab_ids, np.int64)
         self.vocab_size = vocab_size

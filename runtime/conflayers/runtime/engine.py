@@ -8,6 +8,10 @@
 Sessions for the full graph and every draft are created at load (measured: creating an int8 draft
 session costs ~0.3 s, which a first request should not pay). KV caches are preallocated to the
 context length and reused across requests; concurrent requests each take their own cache.
+
+A profile's drafting policy (draft length, confidence stop) is chosen for this machine on the first
+request that uses it (adapt_policy: a few full and draft steps timed here, policy.py), so a
+profile compiled elsewhere does not slow this one; the speculation guard remains the last line.
 """
 from __future__ import annotations
 
@@ -17,10 +21,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
+from . import probe
 from .bundle import Bundle
 from .decoding import DecodeStats, SpeculationGuard, generate as decode
-from .drafter import LayerSkipDrafter
+from .drafter import DraftPolicy, LayerSkipDrafter
 from .ort_backend import GraphRunner, KVCache, create_session, resolve_providers
+from .policy import MachineCosts, choose as choose_policy
 from .sampling import Sampler, SamplingError
 from .selection import ProfileSelector
 from .textio import ChatError
@@ -94,8 +100,9 @@ class StreamChunk:
 
 class Engine:
     def __init__(self, bundle: Bundle, device: str = "cpu", max_context: int | None = None,
-                 num_threads: int | None = None, guard: bool = True):
+                 num_threads: int | None = None, guard: bool = True, adapt: bool = True):
         self.bundle = bundle
+        self.adapt = adapt            # choose each profile's drafting policy for this machine
         self.spec = bundle.spec
         self.providers = resolve_providers(device)
         self.device = "cpu" if self.providers[0] == "CPUExecutionProvider" else "cuda"
@@ -120,15 +127,35 @@ class Engine:
         self.selector = ProfileSelector(bundle.profiles, bundle.default_profile)
         self._caches: list[KVCache] = []
         self._lock = threading.Lock()
+        self.machine_costs: dict[str, MachineCosts | None] = {}   # per profile, once adapted
+        self._adapt_lock = threading.Lock()
 
     @classmethod
     def load(cls, path: str, device: str = "cpu", max_context: int | None = None,
-             num_threads: int | None = None, verify: bool = True, guard: bool = True) -> "Engine":
-        return cls(Bundle.open(path, verify=verify), device, max_context, num_threads, guard)
+             num_threads: int | None = None, verify: bool = True, guard: bool = True,
+             adapt: bool = True) -> "Engine":
+        return cls(Bundle.open(path, verify=verify), device, max_context, num_threads, guard, adapt)
 
     @property
     def profiles(self) -> list[str]:
         return sorted(self.bundle.profiles)
+
+    def adapt_policy(self, name: str) -> DraftPolicy | None:
+        """The drafting policy of profile `name` on this machine (None: plain decoding is faster
+        here). Chosen once, on first use: the profile's policy table with costs measured here;
+        a profile without a table (or adapt=False) keeps its compiled policy."""
+        drafter = self.drafters[name]
+        with self._adapt_lock:
+            if name not in self.machine_costs:
+                profile, costs = self.bundle.profiles[name], None
+                if self.adapt and profile.policy_table:
+                    width = max(r.k for r in profile.policy_table) + 1
+                    context = max(1, min(profile.cost_context, self.capacity - width - 1))
+                    costs = probe.measure(self.full, drafter, self.spec, width, context,
+                                          profile.verify_cost, self.device)
+                    drafter.policy = choose_policy(profile.policy_table, costs)
+                self.machine_costs[name] = costs
+        return drafter.policy
 
     # -- requests -----------------------------------------------------------------------------
     def encode(self, prompt: str | None = None, messages=None, prompt_ids=None) -> list[int]:
@@ -233,7 +260,10 @@ class Engine:
         loop = None
         try:
             drafter = self.drafters.get(name) if name else None
-            guard = (SpeculationGuard(self.bundle.profiles[name].verify_cost)
+            if drafter is not None and self.adapt_policy(name) is None:
+                drafter = None        # no drafting policy pays on this machine: decode plainly
+            costs = self.machine_costs.get(name) if drafter else None
+            guard = (SpeculationGuard(costs.verify_cost if costs else self.bundle.profiles[name].verify_cost)
                      if drafter and self.use_guard and request.use_guard else None)
             stats = DecodeStats()
             t0 = time.perf_counter()

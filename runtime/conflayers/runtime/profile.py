@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from .draftplan import PRECISIONS, DraftPlan
 from .drafter import DraftPolicy
+from .policy import PolicyRow, parse_table
 
 PROFILE_SCHEMA = "conflayers.profile"
 PROFILE_SCHEMA_VERSION = 1
@@ -58,11 +59,20 @@ class Profile:
     # token id -> weight of the calibration prompts' token frequencies (for task="auto")
     signature: dict[int, float] = field(repr=False, default_factory=dict)
     verify_relative: list[float] = field(repr=False, default_factory=list)   # see verify_cost
+    # per (k, confidence stop): mean drafted/accepted tokens per step (None: an older profile,
+    # whose compiled policy is used as is); see policy.py
+    policy_table: list[PolicyRow] | None = field(repr=False, default=None)
 
     @property
     def figures(self) -> dict:
         figures = self.raw.get("figures")
         return figures if isinstance(figures, dict) else {}
+
+    @property
+    def cost_context(self) -> int:
+        """Tokens of past the compile's timings were taken at (where the runtime re-measures)."""
+        c = (self.raw.get("cost_model") or {}).get("context")
+        return c if isinstance(c, int) and not isinstance(c, bool) and c > 0 else 128
 
     def verify_cost(self, n: int) -> float:
         """Cost of a full-graph pass over n tokens in units of a 1-token pass (compile-time
@@ -113,8 +123,14 @@ class Profile:
                 raise ProfileError("profile field 'draft.vocab_subset.token_ids' must be non-negative ints")
             if len(set(vocab_ids)) != len(vocab_ids):
                 raise ProfileError("profile field 'draft.vocab_subset.token_ids' has duplicates")
+        table = None
+        if d.get("policy_table") is not None:
+            try:
+                table = parse_table(d["policy_table"])
+            except ValueError as e:
+                raise ProfileError(f"profile field 'policy_table' is invalid: {e}") from None
         return cls(task=task, model=model, plan=plan, policy=policy, vocab_ids=vocab_ids, raw=d,
-                   signature=_signature(d), verify_relative=_verify_relative(d))
+                   signature=_signature(d), verify_relative=_verify_relative(d), policy_table=table)
 
     @classmethod
     def load(cls, path: str) -> "Profile":

@@ -227,16 +227,31 @@ class RuntimeSystem:
 
 # ----------------------------------------------------------------------------- transformers
 
+def local_source(source) -> str | None:
+    """A manifest's local model source as a path that exists here, or None. Sources carry no
+    machine path ("dir:<folder name>", "gguf:<file name>"): the name is looked up relative to the
+    working directory (older bundles recorded the absolute path, used as is)."""
+    if not isinstance(source, str):
+        return None
+    for prefix in ("dir:", "gguf:"):
+        if source.startswith(prefix):
+            source = source[len(prefix):]
+            break
+    path = os.path.expanduser(source)
+    return os.path.abspath(path) if os.path.exists(path) else None
+
+
 def resolve_hf_dir(manifest_model: dict, override: str | None) -> str:
-    """The local Hugging Face directory of the bundle's model (or of --hf-model)."""
+    """The local Hugging Face directory of the bundle's model (or of --hf-model): an alias, a hub
+    id, or a local source found from the working directory (local_source)."""
     from conflayers.compiler.models import ALIASES, HUB_ID, ModelResolutionError, resolve_model
     if override:
         candidates = [override]
     else:
         name, source = manifest_model.get("name"), manifest_model.get("source")
         candidates = []
-        if isinstance(source, str) and os.path.exists(os.path.expanduser(source)):
-            candidates.append(source)
+        if local_source(source):
+            candidates.append(local_source(source))
         if name in ALIASES:
             candidates.append(name)
         if isinstance(source, str) and source not in candidates and HUB_ID.match(source):
