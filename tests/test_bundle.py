@@ -80,9 +80,25 @@ def test_profile_from_another_model(copy):
 
 
 def test_newer_bundle_format(copy):
-    edit_manifest(copy, lambda m: m.__setitem__("format_version", 2))
-    with pytest.raises(BundleError, match="format version 2 is newer than this runtime reads"):
+    edit_manifest(copy, lambda m: m.__setitem__("format_version", 3))
+    with pytest.raises(BundleError, match="format version 3 is newer than this runtime reads"):
         Bundle.open(copy)
+
+
+def test_version_1_bundle_still_loads_and_decodes(copy):
+    """A bundle written before format 2 (no model.target, fp32 graphs, no attention padding)
+    loads, and its speculative output equals its plain output."""
+    def to_v1(m):
+        m["format_version"] = 1
+        m["model"].pop("target", None)
+        m["model"].pop("target_info", None)
+    edit_manifest(copy, to_v1)
+    from conflayers.runtime import Engine
+    engine = Engine.load(copy, guard=False)
+    for task in engine.profiles:
+        plain = engine.generate("Janet has 3 apples", max_new_tokens=24, speculate=False)
+        spec = engine.generate("Janet has 3 apples", task=task, max_new_tokens=24)
+        assert spec.token_ids == plain.token_ids and spec.metrics.draft_steps > 0
 
 
 def test_newer_profile_schema(copy):
@@ -142,7 +158,8 @@ def test_failed_write_leaves_nothing_and_keeps_the_old_bundle(copy, tiny_llama, 
     with pytest.raises(RuntimeError, match="simulated"):
         tiny.make_bundle(copy, tiny_llama, tiny_tokenizer_dir)
     parent = os.path.dirname(copy)
-    assert [p for p in os.listdir(parent) if p.startswith(".b.")] == []
+    # nothing half-written beside it (the writer's lock file is not a bundle)
+    assert [p for p in os.listdir(parent) if p.startswith(".b.") and p != ".b.lock"] == []
     assert sha256_file(os.path.join(copy, "manifest.json")) == before
     assert Bundle.open(copy).profiles
 

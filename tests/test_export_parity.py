@@ -23,7 +23,7 @@ import tiny
 from conflayers.compiler.arch import MATMUL_NAMES, canonical_weights, model_spec
 from conflayers.compiler.export import weights as weights_module
 from conflayers.compiler.export.decoder_graph import WeightStores, build
-from conflayers.compiler.export.quantize import dequantize, quantize_matmul_weight
+from conflayers.compiler.export.quantize import quantize_rtn
 from conflayers.compiler.export.reference import draft_reference
 from conflayers.runtime.draftplan import DraftPlan
 from conflayers.runtime.ort_backend import GraphRunner, KVCache, create_session
@@ -278,9 +278,9 @@ def test_quantized_draft_matches_fp32_graph_of_dequantized_weights(exported, pre
     dq = dict(weights)
     for name, w in weights.items():
         if name.split(".")[-1] in MATMUL_NAMES:
-            dq[name] = dequantize(*quantize_matmul_weight(w, bits), bits, w.shape[0])
+            dq[name] = quantize_rtn(w, bits).dequantize()
     lm = weights["lm_head"]                                   # [V, H]; quantized as [H, V]
-    dq["lm_head"] = np.ascontiguousarray(dequantize(*quantize_matmul_weight(lm.T, bits), bits, lm.shape[1]).T)
+    dq["lm_head"] = np.ascontiguousarray(quantize_rtn(lm.T, bits).dequantize().T)
     plan = make_plan(e.spec, "skip_layer")
     stores = WeightStores(str(tmp_path), dq)
     onnx.save(build(e.spec, stores, plan, "body", max_context=MAX_CONTEXT), str(tmp_path / "body.onnx"))
@@ -302,10 +302,11 @@ def test_quantized_draft_matches_fp32_graph_of_dequantized_weights(exported, pre
 def test_quantize_round_trip_within_half_a_step(bits, k):
     w = np.random.default_rng(bits + k).standard_normal((k, 48)).astype(np.float32)
     w[:, 3] = 0.0                                    # an all-zero column (scale 0)
-    packed, scales = quantize_matmul_weight(w, bits)
+    m = quantize_rtn(w, bits)
+    packed, scales = m.codes, m.scales
     n_blocks = -(-k // 32)
     assert packed.shape == (48, n_blocks, 32 * bits // 8) and scales.shape == (48, n_blocks)
-    back = dequantize(packed, scales, bits, k)
+    back = m.dequantize()
     assert back.shape == w.shape
     per_elem = np.repeat(scales, 32, axis=1)[:, :k].T   # scale of each element's block, [K, N]
     assert np.all(np.abs(back - w) <= per_elem / 2 + 1e-6)
@@ -320,7 +321,8 @@ def test_matmulnbits_node_matches_dequantized_matmul(tmp_path, bits, accuracy_le
     rng = np.random.default_rng(bits)
     w = rng.standard_normal((k, n)).astype(np.float32)
     x = rng.standard_normal((1, 5, k)).astype(np.float32)
-    packed, scales = quantize_matmul_weight(w, bits)
+    q = quantize_rtn(w, bits)
+    packed, scales = q.codes, q.scales
     node = helper.make_node("MatMulNBits", ["x", "q", "s"], ["y"], domain="com.microsoft",
                             K=k, N=n, bits=bits, block_size=32, accuracy_level=accuracy_level)
     graph = helper.make_graph(
@@ -334,7 +336,7 @@ def test_matmulnbits_node_matches_dequantized_matmul(tmp_path, bits, accuracy_le
     # InferenceSession in the same process is refused
     sess = create_session(str(tmp_path / "m.onnx"), CPU)
     y = sess.run(None, {"x": x})[0]
-    expect = x @ dequantize(packed, scales, bits, k)
+    expect = x @ q.dequantize()
     rel = np.abs(y - expect).max() / np.abs(expect).max()
     # level 0 computes in fp32; level 4 quantizes the activations to int8 per block as well
     assert rel <= (1e-5 if accuracy_level == 0 else 1e-2), f"relative error {rel:.2g}"

@@ -148,10 +148,34 @@ def recording_search(settings, acceptance_of, seconds_per_eval=0.0):
     return s
 
 
-def test_anchors_are_the_quantized_skip_nothing_drafts_only():
-    s = recording_search(SearchSettings(precisions=("fp32", "int8", "int4")), lambda skip: (0.9, 3.0))
+def test_anchors_are_the_skip_nothing_drafts_cheaper_than_the_target():
+    # without vocabulary subsets, the target's own precision skipping nothing is the target itself
+    s = recording_search(SearchSettings(precisions=("fp32", "int8", "int4"), vocab_sizes=()), lambda skip: (0.9, 3.0))
     s.anchors()
-    assert s.plans == [("int8", ()), ("int4", ())]      # fp32 skipping nothing is the full model itself
+    assert s.plans == [("int8", ()), ("int4", ())]
+    # with them, it is a draft (the whole model, a smaller head), never chosen with the full vocabulary
+    s = recording_search(SearchSettings(precisions=("fp32", "int8")), lambda skip: (0.9, 3.0))
+    s.anchors()
+    assert s.plans == [("fp32", ()), ("int8", ())]
+
+
+def test_the_target_itself_is_never_chosen_with_the_full_vocabulary():
+    cm = CostModel(context=100, full_ms=[20.0] * 9, base_ms={"fp32": 1.0}, attn_ms={"fp32": 0.5},
+                   mlp_ms={"fp32": 0.5}, head_ms={"fp32": {"1000": 5.0, "100": 0.5}})
+    s = Search(None, FakeSpec(), [], 64, cm, SearchSettings(), [])
+    perfect = [block([1] * 8, [0.99] * 8) for _ in range(4)]
+    rec = DraftRecord(8, {None: perfect, 100: perfect})
+    whole = DraftPlan(FakeSpec.num_layers, precision="fp32")
+    assert s.choose(whole, rec).vocab == 100
+    assert s.choose(whole, DraftRecord(8, {None: perfect})).speedup == 0.0
+
+
+def test_the_target_precision_follows_the_target():
+    """A native target: its skip-nothing draft is the target; fp32 is just another draft."""
+    s = recording_search(SearchSettings(precisions=("native", "fp32"), vocab_sizes=()), lambda skip: (0.9, 3.0))
+    s.target = "native"
+    s.anchors()
+    assert s.plans == [("fp32", ())]
 
 
 def test_phase1_stops_at_its_share_of_the_time_budget():
@@ -165,7 +189,8 @@ def test_phase1_stops_at_its_share_of_the_time_budget():
 
 
 def test_refinement_ladder_never_evaluates_the_fp32_full_model():
-    s = recording_search(SearchSettings(precisions=("fp32", "int8"), refine_budget=0), lambda skip: (0.8, 2.0))
+    s = recording_search(SearchSettings(precisions=("fp32", "int8"), refine_budget=0, vocab_sizes=()),
+                         lambda skip: (0.8, 2.0))
     s.refine([3, 5, 1, 7, 2, 9, 4, 8, 6, 10], None)
     assert ("fp32", ()) not in s.plans and ("int8", ()) in s.plans
     assert ("fp32", (3,)) in s.plans and ("int8", (1, 3, 5, 7)) in s.plans

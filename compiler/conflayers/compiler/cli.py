@@ -29,6 +29,13 @@ def _csv(kind):
                    "a JSONL file or a text file, or any Hugging Face hub data set "
                    "hf:<dataset>[:<config>]:<split>:<field> (e.g. hf:openai/gsm8k:main:train:question; "
                    "needs the hub) (see README).")
+@click.option("--target", default=None, type=click.Choice(["native", "fp32", "int8", "int4"]),
+              help="Precision of the full graph, the output every draft must reproduce [default: native; "
+                   "export only: the profiles' own]. native: a GGUF file's own quantized weights, exactly "
+                   "(the two aliases are GGUF files; Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, F16, "
+                   "BF16, F32); for a safetensors checkpoint native means fp32 (also on CUDA for now). "
+                   "fp32: the weights dequantized. int8/int4: round-to-nearest symmetric blocks of 32 "
+                   "(fp32 scale per block), for full-precision checkpoints.")
 @click.option("--task", default=None, help="Profile name [default: derived from --calib, e.g. gsm8k].")
 @click.option("--out", default=None, help="Bundle directory [default: bundles/<model>]. An existing bundle "
               "of the same model gains (or replaces) this task's profile.")
@@ -72,8 +79,9 @@ def _csv(kind):
 @click.option("--allow-skip-last", is_flag=True, help="Allow skipping the last layer.")
 @click.option("--max-draft-tokens", default=D.k_max, show_default=True, type=int,
               help="Longest draft per step considered.")
-@click.option("--precisions", default=",".join(D.precisions), show_default=True, callback=_csv(str),
-              help="Draft weight precisions to consider (fp32, int8, int4).")
+@click.option("--precisions", default="", callback=_csv(str),
+              help="Draft weight precisions to consider (fp32, int8, int4, native) [default: cheaper than "
+                   "the target: fp32 target -> fp32,int8; native -> native,int4; int8 -> int8,int4; int4 -> int4].")
 @click.option("--vocab-sizes", default=",".join(map(str, D.vocab_sizes)), show_default=True, callback=_csv(int),
               help="Draft vocabulary subset sizes to consider besides the full vocabulary ('' for none).")
 @click.option("--sublayers/--no-sublayers", default=True, show_default=True,
@@ -86,7 +94,7 @@ def _csv(kind):
               help="Seconds the search may take (phase 1 + 2) before it stops with the best so far.")
 @click.option("--phase1-share", default=D.phase1_share, show_default=True, type=float,
               help="Most of the time budget ConfLayers iterations (phase 1) may use.")
-def main(model, calib, task, out, profiles, num_prompts, validation_prompts, max_new_tokens, seed, device,
+def main(model, calib, target, task, out, profiles, num_prompts, validation_prompts, max_new_tokens, seed, device,
          dtype, max_context, chat, cost_model, force, quiet, context_window, target_skip_ratio, max_iterations,
          acceptance_target, mean_accepted_target, draft_stop_threshold, lambda_step, base_window,
          allow_skip_first, allow_skip_last, max_draft_tokens, precisions, vocab_sizes, sublayers,
@@ -116,7 +124,8 @@ def main(model, calib, task, out, profiles, num_prompts, validation_prompts, max
     opts = CompileOptions(model=model, calib=calib, task=task, out=out, num_prompts=num_prompts,
                           validation_prompts=validation_prompts, max_new_tokens=max_new_tokens, seed=seed,
                           device=device, dtype=dtype, max_context=max_context, chat=chat, force=force,
-                          profiles=list(profiles), cost_model=cost_model, settings=settings, quiet=quiet)
+                          profiles=list(profiles), cost_model=cost_model, settings=settings, quiet=quiet,
+                          target=target or "native", target_from_profiles=bool(profiles) and target is None)
     try:
         settings.validate()
         path = export_profiles(opts) if profiles else compile_profile(opts)

@@ -20,12 +20,12 @@ from .export.decoder_graph import WeightStores, build
 
 class DraftFactory:
     def __init__(self, workdir: str, spec, weights: dict, max_context: int, providers: list[str],
-                 keep_sessions: int = 3):
+                 keep_sessions: int = 3, target: str = "fp32", native: dict | None = None):
         self.dir = workdir
         self.spec = spec
         self.max_context = max_context
         self.providers = providers
-        self.stores = WeightStores(workdir, weights)
+        self.stores = WeightStores(workdir, weights, target, native)
         self._full = None
         self._bodies: OrderedDict[str, GraphRunner] = OrderedDict()
         self._heads: dict[str, GraphRunner] = {}

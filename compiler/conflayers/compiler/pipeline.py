@@ -16,7 +16,8 @@ from conflayers.runtime.ort_backend import resolve_providers
 from conflayers.runtime.profile import PROFILE_SCHEMA, PROFILE_SCHEMA_VERSION, task_name
 
 from . import __version__
-from .search import SearchSettings
+from .search import STOP_THRESHOLDS, SearchSettings
+from .target import DEFAULT_DRAFT_PRECISIONS
 
 
 
@@ -39,6 +40,8 @@ class CompileOptions:
     cost_model: str | None = None                     # reuse measured timings (repeatable compiles)
     settings: SearchSettings = field(default_factory=SearchSettings)
     quiet: bool = False
+    target: str = "native"                            # see target.py
+    target_from_profiles: bool = False                # export only: take the target from the profiles
 
 
 class Log:
@@ -53,10 +56,12 @@ class Log:
         if not self.quiet:
             print(msg, file=sys.stderr, flush=True)
 
-    def phase(self, name: str):
+    def phase(self, key: str, message: str | None = None):
+        """Start phase `key` (a fixed name: the profile's compile_seconds key, so it never holds
+        a path or an option's value); `message` is what the log shows (default: the key)."""
         self.end()
-        self._name, self._start = name, time.perf_counter()
-        self(f"[{time.perf_counter() - self.t0:6.1f}s] {name}")
+        self._name, self._start = key, time.perf_counter()
+        self(f"[{time.perf_counter() - self.t0:6.1f}s] {message or key}")
 
     def end(self):
         if self._name is not None:
@@ -77,37 +82,69 @@ def _prompt_ids(tokenizer, prompt, chat: bool) -> list[int]:
     return list(tokenizer(prompt.text)["input_ids"])
 
 
-def compile_profile(opts: CompileOptions) -> str:
-    """The whole compile. Returns the bundle path."""
-    import torch
+@dataclass
+class ModelSetup:
+    """resolve -> fingerprint -> target -> tokenizer: what a compile and an export both start from."""
+    resolved: object
+    hf_model: object
+    tokenizer: object
+    spec: object
+    weights: dict
+    target: object                  # target.Target
+    model_info: dict                # name, source, fingerprint, target: the manifest's model section
+    identity: dict                  # the profiles' model section
+    stop_ids: frozenset
+    max_context: int
 
-    from . import confidence, costmodel, data, models, report, vocab
+    def writer(self, out: str, force: bool):
+        from .export.bundle_writer import BundleWriter
+        return BundleWriter(out, self.spec, self.weights, self.model_info, self.max_context, force,
+                            target=self.target.precision, native=self.target.native)
+
+    def write_tokenizer(self, bw, workdir: str):
+        tok_dir = os.path.join(workdir, "tokenizer")
+        self.tokenizer.save_pretrained(tok_dir)
+        gen = os.path.join(self.resolved.path, "generation_config.json")
+        if not os.path.isfile(os.path.join(tok_dir, "generation_config.json")) and os.path.isfile(gen):
+            shutil.copyfile(gen, os.path.join(tok_dir, "generation_config.json"))
+        t = self.tokenizer
+        bw.write_tokenizer(tok_dir, bos_token=t.bos_token, eos_token=t.eos_token,
+                           bos_token_id=t.bos_token_id, eos_token_ids=sorted(self.stop_ids))
+
+
+def setup_model(opts: CompileOptions, log: "Log", dtype: str = "float32") -> ModelSetup:
+    from . import models
     from .arch import canonical_weights, model_spec
-    from .drafts import DraftFactory
-    from .evaluate import make_references
-    from .export.bundle_writer import BundleWriter, check_output_dir, fingerprint, model_identity
-    from .search import run_search
+    from .export.bundle_writer import fingerprint, model_identity
+    from .target import resolve_target
 
-    log = Log(opts.quiet)
-    s = opts.settings
-    providers = resolve_providers(opts.device)
-    task = opts.task or task_name(opts.calib)
-
-    log.phase(f"resolve model {opts.model}")
+    log.phase("resolve model", f"resolve model {opts.model} (target {opts.target})")
     resolved = models.resolve_model(opts.model, progress=not opts.quiet)
-    hf_model, tokenizer = models.load_model(resolved, opts.dtype)
+    hf_model, tokenizer = models.load_model(resolved, dtype)
     spec = model_spec(hf_model.config)
-    s.validate(spec.num_layers)
     weights = canonical_weights(spec, hf_model.state_dict())
-    fp = fingerprint(spec, weights)
-    identity = model_identity(resolved.name, spec, fp)
-    out = opts.out or os.path.join("bundles", resolved.name)
-    check_output_dir(out, opts.force, fp)       # refuse early, before minutes of work
-    chat = opts.chat if opts.chat is not None else bool(getattr(tokenizer, "chat_template", None))
-    max_context = min(opts.max_context, spec.max_position_embeddings)
-    stop_ids = frozenset(_eos_ids(hf_model, tokenizer))
+    target = resolve_target(opts.target, resolved, spec, weights, log)
+    fp = {**fingerprint(spec, weights), "target": target.precision}
+    info = {"name": resolved.name, "source": resolved.source, **fp, "target_info": target.describe()}
+    return ModelSetup(resolved, hf_model, tokenizer, spec, weights, target, info,
+                      model_identity(resolved.name, spec, fp), frozenset(_eos_ids(hf_model, tokenizer)),
+                      min(opts.max_context, spec.max_position_embeddings))
 
-    log.phase(f"calibration data {opts.calib}")
+
+@dataclass
+class Calibration:
+    search_prompts: list
+    val_prompts: list
+    search_ids: list
+    val_ids: list
+    pool_rest: list           # calibration-part prompts not drawn (vocabulary statistics)
+    chat: bool
+
+
+def draw_calibration(opts: CompileOptions, m: ModelSetup, log: "Log") -> Calibration:
+    from . import data
+    log.phase("calibration data", f"calibration data {opts.calib}")
+    chat = opts.chat if opts.chat is not None else bool(getattr(m.tokenizer, "chat_template", None))
     pool = data.load_prompts(opts.calib, "calibration")
     chosen = data.pick(pool, opts.num_prompts, opts.seed)
     n_val = opts.validation_prompts
@@ -115,98 +152,142 @@ def compile_profile(opts: CompileOptions) -> str:
     if len(search_prompts) < 2:
         raise ValueError(f"--num-prompts {opts.num_prompts} with --validation-prompts {n_val} leaves "
                          f"{len(search_prompts)} search prompts; at least 2 are needed")
-    search_ids = [_prompt_ids(tokenizer, p, chat) for p in search_prompts]
-    val_ids = [_prompt_ids(tokenizer, p, chat) for p in val_prompts]
-    too_long = [i for i, ids in enumerate(search_ids + val_ids) if len(ids) + opts.max_new_tokens > max_context]
+    search_ids = [_prompt_ids(m.tokenizer, p, chat) for p in search_prompts]
+    val_ids = [_prompt_ids(m.tokenizer, p, chat) for p in val_prompts]
+    too_long = [i for i, ids in enumerate(search_ids + val_ids) if len(ids) + opts.max_new_tokens > m.max_context]
     if too_long:
-        raise ValueError(f"{len(too_long)} calibration prompts do not fit in --max-context {max_context} "
+        raise ValueError(f"{len(too_long)} calibration prompts do not fit in --max-context {m.max_context} "
                          f"with --max-new-tokens {opts.max_new_tokens}")
-    _check_memory(spec, search_ids + val_ids, opts.max_new_tokens)
+    _check_memory(m.spec, search_ids + val_ids, opts.max_new_tokens)
     used = {p.uid for p in search_prompts + val_prompts}
     pool_rest = [p for p in pool if p.uid not in used][:2000]
+    return Calibration(search_prompts, val_prompts, search_ids, val_ids, pool_rest, chat)
+
+
+@dataclass
+class SearchOutcome:
+    """Everything build_profile records about one compile's search."""
+    task: str
+    result: object            # search.SearchResult
+    cost: object              # costmodel.CostModel
+    attn: np.ndarray
+    mlp: np.ndarray
+    vocab_ids: list | None
+    signature_counts: np.ndarray
+    special: list
+
+
+def reference_decoding(factory, m: ModelSetup, cal: Calibration, opts, log):
+    from .evaluate import make_references
+    log.phase("reference decoding",
+              f"export full graph ({m.target.precision}) + reference decoding (full model, greedy)")
+    full = factory.full()
+    with log.bar(len(cal.search_ids) + len(cal.val_ids), "reference decoding") as bar:
+        refs = make_references(full, m.spec, cal.search_ids, opts.max_new_tokens, m.stop_ids, bar.update)
+        val_refs = make_references(full, m.spec, cal.val_ids, opts.max_new_tokens, m.stop_ids, bar.update)
+    return refs, val_refs
+
+
+def layer_confidence(m: ModelSetup, refs, s: SearchSettings, log):
+    from . import confidence
+    log.phase("layer confidence", f"per-layer confidence (last W={s.context_window} tokens of each context)")
+    contexts = [r.sequence for r in refs]
+    if all(len(c) < s.context_window for c in contexts):
+        raise ValueError(f"every calibration context is shorter than the confidence window "
+                         f"W={s.context_window} tokens (longest {max(len(c) for c in contexts)}); "
+                         "lower --context-window or raise --max-new-tokens")
+    contexts = [c for c in contexts if len(c) >= s.context_window]
+    return confidence.layer_confidences(m.hf_model, m.spec.architecture, contexts, s.context_window)
+
+
+def cost_model(factory, m: ModelSetup, refs, opts, providers, log):
+    from . import costmodel
+    s = opts.settings
+    vocab_sizes = sorted(set(v for v in s.vocab_sizes if v < m.spec.vocab_size)) + [m.spec.vocab_size]
+    if opts.cost_model:
+        log.phase("cost model", f"cost model (reused from {opts.cost_model})")
+        cost = costmodel.CostModel.load(opts.cost_model, s.precisions, s.k_max + 1)
+    else:
+        log.phase("cost model", "cost model (timings on " + providers[0] + ")")
+        ctx_len = int(np.mean([len(r.sequence) for r in refs]))
+        cost = costmodel.measure(factory, m.spec, ctx_len, s.k_max + 1, s.precisions, vocab_sizes)
+    log(f"  full step ({m.target.precision}) {cost.full_ms[0]:.1f} ms, verify {s.k_max + 1} tokens "
+        f"{cost.full_ms[-1]:.1f} ms; "
+        + "; ".join(f"{p} draft (all layers, full vocab) "
+                    f"{cost.draft_ms(DraftPlan(m.spec.num_layers, precision=p), m.spec.vocab_size):.1f} ms"
+                    for p in s.precisions))
+    return cost
+
+
+def search_draft(factory, m: ModelSetup, cal: Calibration, refs, cost, attn, mlp, opts, task, log) -> SearchOutcome:
+    from . import vocab
+    from .search import run_search
+    log.phase("search")
+    s, spec = opts.settings, m.spec
+    special = sorted(m.stop_ids)
+    pool_counts = vocab.counts([_prompt_ids(m.tokenizer, p, False) for p in cal.pool_rest], spec.vocab_size)
+    ref_tokens = [r.prompt + r.output for r in refs]
+    options = vocab.leave_one_out_options(ref_tokens, pool_counts, s.vocab_sizes, spec.vocab_size, special)
+    result = run_search(factory, spec, refs, opts.max_new_tokens, cost, s, options, attn, mlp, log=log,
+                        target=m.target.precision)
+    vocab_ids = None
+    if result.best.choice.vocab is not None:
+        all_counts = pool_counts + vocab.counts(ref_tokens, spec.vocab_size)
+        vocab_ids = vocab.top_ids(all_counts, result.best.choice.vocab, special).tolist()
+    log(f"  chosen: {describe_choice(result.best)}")
+    raw_counts = vocab.counts([_prompt_ids(m.tokenizer, p, False) for p in cal.search_prompts + cal.pool_rest],
+                              spec.vocab_size)
+    return SearchOutcome(task, result, cost, attn, mlp, vocab_ids, raw_counts, special)
+
+
+def compile_profile(opts: CompileOptions) -> str:
+    """The whole compile, phase by phase. Returns the bundle path."""
+    import torch
+
+    from . import report
+    from .drafts import DraftFactory
+    from .export.bundle_writer import check_output_dir
+
+    log = Log(opts.quiet)
+    providers = resolve_providers(opts.device)
+    task = opts.task or task_name(opts.calib)
+    m = setup_model(opts, log, opts.dtype)
+    if not opts.settings.precisions:     # default: drafts cheaper than the target
+        opts.settings.precisions = DEFAULT_DRAFT_PRECISIONS[m.target.precision]
+    opts.settings.validate(m.spec.num_layers)
+    out = opts.out or os.path.join("bundles", m.resolved.name)
+    check_output_dir(out, opts.force, m.model_info)       # refuse early, before minutes of work
+    cal = draw_calibration(opts, m, log)
 
     workdir = tempfile.mkdtemp(prefix="conflayers-work-")
     try:
-        factory = DraftFactory(workdir, spec, weights, max_context, providers)
-        log.phase("export full graph + reference decoding (full model, greedy)")
-        full = factory.full()
-        with log.bar(len(search_ids) + len(val_ids), "reference decoding") as bar:
-            refs = make_references(full, spec, search_ids, opts.max_new_tokens, stop_ids, bar.update)
-            val_refs = make_references(full, spec, val_ids, opts.max_new_tokens, stop_ids, bar.update)
-
-        log.phase(f"per-layer confidence (last W={s.context_window} tokens of each context)")
-        contexts = [r.sequence for r in refs]
-        short = [len(c) for c in contexts if len(c) < s.context_window]
-        if len(short) == len(contexts):
-            raise ValueError(f"every calibration context is shorter than the confidence window "
-                             f"W={s.context_window} tokens (longest {max(len(c) for c in contexts)}); "
-                             "lower --context-window or raise --max-new-tokens")
-        contexts = [c for c in contexts if len(c) >= s.context_window]
-        attn, mlp = confidence.layer_confidences(hf_model, spec.architecture, contexts, s.context_window)
-        del hf_model
+        factory = DraftFactory(workdir, m.spec, m.weights, m.max_context, providers,
+                               target=m.target.precision, native=m.target.native)
+        refs, val_refs = reference_decoding(factory, m, cal, opts, log)
+        attn, mlp = layer_confidence(m, refs, opts.settings, log)
+        m.hf_model = None           # the torch model is not needed past the confidence pass
         torch.set_num_threads(1)
-
-        vocab_sizes = sorted(set(v for v in s.vocab_sizes if v < spec.vocab_size)) + [spec.vocab_size]
-        if opts.cost_model:
-            log.phase(f"cost model (reused from {opts.cost_model})")
-            cost = costmodel.CostModel.load(opts.cost_model, s.precisions, s.k_max + 1)
-        else:
-            log.phase("cost model (timings on " + providers[0] + ")")
-            ctx_len = int(np.mean([len(r.sequence) for r in refs]))
-            cost = costmodel.measure(factory, spec, ctx_len, s.k_max + 1, s.precisions, vocab_sizes)
-        log(f"  full step {cost.full_ms[0]:.1f} ms, verify {s.k_max + 1} tokens {cost.full_ms[-1]:.1f} ms; "
-            + "; ".join(f"{p} draft (all layers, full vocab) "
-                        f"{cost.draft_ms(DraftPlan(spec.num_layers, precision=p), spec.vocab_size):.1f} ms"
-                        for p in s.precisions))
-
-        log.phase("search")
-        special = sorted(stop_ids)
-        pool_counts = vocab.counts([_prompt_ids(tokenizer, p, False) for p in pool_rest], spec.vocab_size)
-        ref_tokens = [r.prompt + r.output for r in refs]
-        options = vocab.leave_one_out_options(ref_tokens, pool_counts, s.vocab_sizes, spec.vocab_size, special)
-        result = run_search(factory, spec, refs, opts.max_new_tokens, cost, s, options, attn, mlp, log=log)
-        best = result.best
-        vocab_ids = None
-        if best.choice.vocab is not None:
-            all_counts = pool_counts + vocab.counts(ref_tokens, spec.vocab_size)
-            vocab_ids = vocab.top_ids(all_counts, best.choice.vocab, special).tolist()
-        log(f"  chosen: {describe_choice(best)}")
+        cost = cost_model(factory, m, refs, opts, providers, log)
+        outcome = search_draft(factory, m, cal, refs, cost, attn, mlp, opts, task, log)
+        factory.close()
 
         log.phase("export bundle")
-        raw_counts = vocab.counts([_prompt_ids(tokenizer, p, False) for p in search_prompts + pool_rest],
-                                  spec.vocab_size)
-        profile = build_profile(task, identity, opts, resolved, best, result, cost, attn, mlp, vocab_ids,
-                                raw_counts, special, log, search_prompts, val_prompts, chat)
-        factory.close()
-        tok_dir = os.path.join(workdir, "tokenizer")
-        tokenizer.save_pretrained(tok_dir)
-        if not os.path.isfile(os.path.join(tok_dir, "generation_config.json")) and os.path.isfile(
-                os.path.join(resolved.path, "generation_config.json")):
-            shutil.copyfile(os.path.join(resolved.path, "generation_config.json"),
-                            os.path.join(tok_dir, "generation_config.json"))
-        tokens = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
-                  "bos_token_id": tokenizer.bos_token_id, "eos_token_ids": sorted(stop_ids)}
-        with BundleWriter(out, spec, weights, {"name": resolved.name, "source": resolved.source, **fp},
-                          max_context, opts.force) as bw:
+        profile = build_profile(m, opts, cal, outcome)
+        with m.writer(out, opts.force) as bw:
             bw.write_full()
             keep = _existing_profiles(bw, task)
             for p in keep:
                 bw.add_profile(p)
-            bw.add_profile(profile, default=not keep)
-            bw.write_tokenizer(tok_dir, **tokens)
-            tmp = bw.finalize()
-
-            log.phase("validation through the runtime (plain vs speculative, validation prompts)")
-            figures = validate(tmp, task, val_prompts, val_refs, opts.max_new_tokens, chat, log)
+            bw.add_profile(profile, default=not keep)      # the writer serialises it at finalize
+            m.write_tokenizer(bw, workdir)
+            log.phase("validation", "validation through the runtime (plain vs speculative, validation prompts)")
+            figures = validate(bw.finalize(), task, cal.val_prompts, val_refs, opts.max_new_tokens, cal.chat, log)
             profile["figures"].update(figures)
-            profile["compile_seconds"] = {**log.phases}
-            bw.add_profile(profile, default=not keep)
             log.phase("report")
-            for rel, blob in report.render(profile, result, cost).items():
+            for rel, blob in report.render(profile, outcome.result, cost).items():
                 bw.write_bytes(f"report/{task}/{rel}", blob)
             log.end()
             profile["compile_seconds"] = {**log.phases}
-            bw.add_profile(profile, default=not keep)
             path = bw.publish()
         log(f"bundle written to {path}")
         log(f"  {task}: predicted x{profile['figures']['predicted_speedup']:.2f}, "
@@ -249,12 +330,8 @@ def _check_memory(spec, prompts, max_new_tokens: int):
 
 def export_profiles(opts: CompileOptions) -> str:
     """Export only: a bundle from shipped profiles, without re-running the search. Each profile
-    must have been compiled for this model (fingerprint check)."""
+    must have been compiled for this model and target (fingerprint check)."""
     from conflayers.runtime.profile import Profile, ProfileError
-
-    from . import models
-    from .arch import canonical_weights, model_spec
-    from .export.bundle_writer import BundleWriter, fingerprint, model_identity
 
     log = Log(opts.quiet)
     loaded = []
@@ -263,29 +340,22 @@ def export_profiles(opts: CompileOptions) -> str:
             loaded.append(Profile.load(path))
         except ProfileError as e:
             raise ValueError(str(e)) from None
-    log.phase(f"resolve model {opts.model}")
-    resolved = models.resolve_model(opts.model, progress=not opts.quiet)
-    hf_model, tokenizer = models.load_model(resolved, "float32")
-    spec = model_spec(hf_model.config)
-    weights = canonical_weights(spec, hf_model.state_dict())
-    fp = fingerprint(spec, weights)
-    identity = model_identity(resolved.name, spec, fp)
+    if opts.target_from_profiles:       # --target not given: the profiles say which target they are for
+        targets = {p.model.get("target", "fp32") for p in loaded}
+        if len(targets) > 1:
+            raise ValueError(f"the profiles are for different targets ({', '.join(sorted(targets))}); "
+                             "export them into separate bundles with --target")
+        opts.target = targets.pop()
+    m = setup_model(opts, log)
     for path, prof in zip(opts.profiles, loaded):
-        why = prof.matches_model(identity)
+        why = prof.matches_model(m.identity)
         if why:
             raise ValueError(f"{path}: {why}; compile a profile for this model instead")
-    stop_ids = frozenset(_eos_ids(hf_model, tokenizer))
-    out = opts.out or os.path.join("bundles", resolved.name)
-    max_context = min(opts.max_context, spec.max_position_embeddings)
+    out = opts.out or os.path.join("bundles", m.resolved.name)
     log.phase("export bundle")
     workdir = tempfile.mkdtemp(prefix="conflayers-export-")
     try:
-        tok_dir = os.path.join(workdir, "tokenizer")
-        tokenizer.save_pretrained(tok_dir)
-        tokens = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
-                  "bos_token_id": tokenizer.bos_token_id, "eos_token_ids": sorted(stop_ids)}
-        with BundleWriter(out, spec, weights, {"name": resolved.name, "source": resolved.source, **fp},
-                          max_context, opts.force) as bw:
+        with m.writer(out, opts.force) as bw:
             bw.write_full()
             new = {p.task for p in loaded}
             for p in _existing_profiles(bw, None):
@@ -293,7 +363,7 @@ def export_profiles(opts: CompileOptions) -> str:
                     bw.add_profile(p)
             for i, p in enumerate(loaded):
                 bw.add_profile(p.raw, default=i == 0 and bw.default_profile is None)
-            bw.write_tokenizer(tok_dir, **tokens)
+            m.write_tokenizer(bw, workdir)
             path = bw.publish()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -337,10 +407,14 @@ def describe_choice(c) -> str:
             + f" (found by: {c.origin}); predicted x{ch.speedup:.2f}")
 
 
-def build_profile(task, identity, opts, resolved, best, result, cost, attn, mlp, vocab_ids, raw_counts,
-                  special, log, search_prompts, val_prompts, chat) -> dict:
+def build_profile(m: ModelSetup, opts: CompileOptions, cal: Calibration, o: SearchOutcome) -> dict:
     from . import data
+    from .evaluate import policy_table
     s = opts.settings
+    result, cost, attn, mlp, vocab_ids = o.result, o.cost, o.attn, o.mlp, o.vocab_ids
+    raw_counts, special, task = o.signature_counts, o.special, o.task
+    search_prompts, val_prompts, chat = cal.search_prompts, cal.val_prompts, cal.chat
+    best = result.best
     ch = best.choice
     sig_order = np.argsort(-raw_counts)
     sig = {}
@@ -361,7 +435,7 @@ def build_profile(task, identity, opts, resolved, best, result, cost, attn, mlp,
         "schema": PROFILE_SCHEMA,
         "schema_version": PROFILE_SCHEMA_VERSION,
         "task": task,
-        "model": identity,
+        "model": m.identity,
         "calibration": {
             "source": data.portable_calib(opts.calib), "data": data.describe(opts.calib, "calibration"),
             "num_prompts": opts.num_prompts, "search_prompts": len(search_prompts),
@@ -404,6 +478,7 @@ def build_profile(task, identity, opts, resolved, best, result, cost, attn, mlp,
             "ranking": result.ranking,
         },
         "cost_model": cost.to_json(),
+        "policy_table": policy_table(best.record.blocks[ch.vocab], s.k_max, STOP_THRESHOLDS, ch.draft_ms),
         "figures": {
             "split": "validation",
             "search_acceptance": round(ch.acceptance, 4),
@@ -425,7 +500,8 @@ def validate(bundle_dir: str, task: str, val_prompts, val_refs, max_new_tokens: 
     from conflayers.runtime.engine import Engine
     from .data import chat_messages
 
-    engine = Engine.load(bundle_dir, verify=True, guard=False)
+    # the compiled policy as written (no adaptation): its prediction is what is checked
+    engine = Engine.load(bundle_dir, verify=True, guard=False, adapt=False)
     identical = True
     time_s = {"plain": 0.0, "spec": 0.0}
     tokens = {"plain": 0, "spec": 0}

@@ -1,12 +1,15 @@
 """The search: which draft makes self-speculative decoding fastest, output unchanged.
 
-Anchors first: for each quantized precision, the draft that skips nothing. They are cheap to
-evaluate, usually strong, and give the screening (below) a bar from the start. (An fp32 draft
-that skips nothing is the full model itself and is never evaluated.)
+Every draft is measured against the target: the full graph at the bundle's target precision
+(fp32, int8/int4, or the GGUF file's own weights). Anchors first: for each draft precision, the
+draft that skips nothing. They are cheap to evaluate, usually strong, and give the screening
+(below) a bar from the start. (A draft that skips nothing at the target's own precision is the
+target itself: it is a candidate only with a vocabulary subset.)
 
 Phase 1, ConfLayers (faithful): iterate over calibration contexts; each iteration applies the
 selection rule (skiprule.select) with the adaptive lambda to that context's confidence curve,
-evaluates the candidate set against the full model (evaluate.evaluate, fp32 draft, the paper's
+evaluates the candidate set against the full model (evaluate.evaluate, a draft at the target's
+precision, the paper's
 drafting policy: up to k_max tokens, stop below the draft-stop threshold), keeps the best set by
 mean accepted tokens, adapts lambda from the skipped fraction, and stops when the acceptance
 target is reached (acceptance >= target and mean accepted > its target) or after max_iterations
@@ -31,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from conflayers.runtime.draftplan import DraftPlan
+from conflayers.runtime.draftplan import PRECISIONS, DraftPlan
 
 from .costmodel import CostModel
 from .evaluate import DraftRecord, evaluate, replay
@@ -53,7 +56,7 @@ class SearchSettings:
     allow_skip_first: bool = False
     allow_skip_last: bool = False
     k_max: int = 8
-    precisions: tuple = ("fp32", "int8")
+    precisions: tuple = ()          # draft precisions; empty: the target's defaults (target.py)
     vocab_sizes: tuple = (4096, 8192, 16384)
     sublayers: bool = True
     refine_budget: int = 16
@@ -85,9 +88,9 @@ class SearchSettings:
             problems.append(f"base window must be >= 1, got {self.base_window}")
         if num_layers is not None and num_layers < 3 and not (self.allow_skip_first or self.allow_skip_last):
             problems.append(f"the model has {num_layers} layers: nothing to skip between first and last")
-        bad = [p for p in self.precisions if p not in ("fp32", "int8", "int4")]
-        if bad or not self.precisions:
-            problems.append(f"precisions must be among fp32, int8, int4, got {list(self.precisions)}")
+        bad = [p for p in self.precisions if p not in PRECISIONS]
+        if bad:
+            problems.append(f"precisions must be among {', '.join(PRECISIONS)}, got {list(self.precisions)}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -129,7 +132,8 @@ class SearchResult:
 
 class Search:
     def __init__(self, factory, spec, refs, max_new_tokens: int, cost: CostModel, settings: SearchSettings,
-                 vocab_options_per_ref: list[dict], log=print):
+                 vocab_options_per_ref: list[dict], log=print, target: str = "fp32"):
+        self.target = target        # the full graph's precision: its skip-nothing draft is the target itself
         self.f, self.spec, self.refs = factory, spec, refs
         self.max_new = max_new_tokens
         self.cost, self.s = cost, settings
@@ -143,15 +147,24 @@ class Search:
     def out_of_time(self, share: float = 1.0) -> bool:
         return time.perf_counter() - self.t0 > share * self.s.time_budget_s
 
+    def is_target(self, plan: DraftPlan) -> bool:
+        """A draft that skips nothing at the target's precision computes what the target does;
+        only its vocabulary subsets make it a draft."""
+        return plan.precision == self.target and plan.skipped_fraction == 0
+
     def anchors(self):
-        """Skip-nothing drafts of each quantized precision (see the module docstring)."""
+        """Skip-nothing drafts of each draft precision (see the module docstring); at the
+        target's own precision only when a vocabulary subset can make it cheaper."""
         for p in self.s.precisions:
-            if p != "fp32":
-                self.evaluate(DraftPlan(self.spec.num_layers, precision=p), f"anchor {p} (skip nothing)")
+            plan = DraftPlan(self.spec.num_layers, precision=p)
+            if not self.is_target(plan) or self.s.vocab_sizes:
+                self.evaluate(plan, f"anchor {p} (skip nothing)")
 
     def choose(self, plan: DraftPlan, record: DraftRecord) -> Choice:
         best = None
         for vocab, blocks in record.blocks.items():
+            if vocab is None and self.is_target(plan):
+                continue
             size = self.spec.vocab_size if vocab is None else vocab
             draft_ms = self.cost.draft_ms(plan, size)
             for k in range(1, self.s.k_max + 1):
@@ -160,7 +173,7 @@ class Search:
                     sp = self.cost.speedup(r, draft_ms)
                     if best is None or sp > best.speedup + 1e-9:
                         best = Choice(k, thr, vocab, sp, r.acceptance_rate, r.mean_accepted_tokens, draft_ms)
-        return best
+        return best or Choice(1, None, None, 0.0, 0.0, 0.0, 0.0)     # the target itself: never chosen
 
     def evaluate(self, plan: DraftPlan, origin: str) -> Candidate:
         key = plan.key
@@ -205,7 +218,7 @@ class Search:
         for it in range(s.max_iterations):
             ctx = it % len(conf_per_context)
             sel = select(conf_per_context[ctx], lam.value, rule)
-            plan = DraftPlan(self.spec.num_layers, skip_layers=sel.skip, precision="fp32")
+            plan = DraftPlan(self.spec.num_layers, skip_layers=sel.skip, precision=self.target)
             new = plan.key not in self.cache
             cand = self.evaluate(plan, f"conflayers it={it} ctx={ctx}")
             if new:
@@ -241,7 +254,9 @@ class Search:
         L = self.spec.num_layers
         budget = s.refine_budget
         for p in s.precisions:
-            ladder = ([] if p == "fp32" else [[]]) + [ranking[:n] for n in (1, 2, 4, 8) if n <= len(ranking)]
+            nothing = DraftPlan(L, precision=p)
+            ladder = ([] if self.is_target(nothing) and not s.vocab_sizes else [[]]) + \
+                [ranking[:n] for n in (1, 2, 4, 8) if n <= len(ranking)]
             if phase1 is not None and list(phase1.plan.skip_layers) not in ladder:
                 ladder.append(list(phase1.plan.skip_layers))
             for skip in ladder:
@@ -289,17 +304,17 @@ def _describe(plan: DraftPlan) -> str:
 
 
 def run_search(factory, spec, refs, max_new_tokens, cost, settings, vocab_options_per_ref,
-               attn_conf: np.ndarray, mlp_conf: np.ndarray, log=print) -> SearchResult:
+               attn_conf: np.ndarray, mlp_conf: np.ndarray, log=print, target: str = "fp32") -> SearchResult:
     """Phase 1 then phase 2; returns every evaluated candidate and the best by predicted tokens/s."""
     conf = attn_conf + mlp_conf
-    search = Search(factory, spec, refs, max_new_tokens, cost, settings, vocab_options_per_ref, log)
+    search = Search(factory, spec, refs, max_new_tokens, cost, settings, vocab_options_per_ref, log, target)
     result = SearchResult(best=None, candidates=[])
     t = time.perf_counter()
     log("anchors: drafts that skip nothing, per quantized precision")
     search.anchors()
     result.seconds["anchors"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
-    log("phase 1: ConfLayers iterations (fp32 drafts, adaptive lambda)")
+    log(f"phase 1: ConfLayers iterations ({target} drafts, adaptive lambda)")
     phase1 = search.conflayers(conf, result)
     result.seconds["conflayers"] = round(time.perf_counter() - t, 1)
     mean = conf.mean(axis=0)

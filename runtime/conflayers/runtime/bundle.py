@@ -26,7 +26,9 @@ from .profile import Profile, ProfileError
 from .textio import ChatError, TextCodec
 
 BUNDLE_FORMAT = "conflayers.bundle"
-BUNDLE_FORMAT_VERSION = 1
+# 2: graphs may run at the model file's own precision (MatMulNBits blocks, model.target) and the
+# full graph writes one spare KV slot (ort_backend.KVCache allocates it). Version 1 bundles load.
+BUNDLE_FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 

@@ -78,7 +78,9 @@ class KVCache:
     def __init__(self, spec: ModelSpec, capacity: int, device: str = "cpu"):
         self.capacity = int(capacity)
         self.length = 0
-        shape = (1, spec.num_kv_heads, self.capacity, spec.head_dim)
+        # + one spare slot: the full graph's attention writes one row past the sequence (see
+        # export/decoder_graph.py: every pass runs attention over >= 2 rows, for exact identity)
+        shape = (1, spec.num_kv_heads, self.capacity + 1, spec.head_dim)
         self.device = device
         if device == "cpu":
             self._host = {}

@@ -1,5 +1,8 @@
 """Write a bundle atomically: everything goes to a hidden sibling directory, which replaces the
-target only when complete. A failure at any point leaves the target as it was.
+target only when complete, in one atomic exchange of the two directories (renameat2
+RENAME_EXCHANGE on Linux). A failure or a kill at any point leaves the target as it was, or the
+new bundle complete in its place; leftover hidden directories are removed by the next write to
+the same target (a lock file keeps two writers of one target apart).
 
 Drafts are deduplicated: profiles with the same draft plan share one body graph, profiles with the
 same precision and vocabulary share one head graph, and all graphs of one precision share one
@@ -8,6 +11,9 @@ weights file. Re-writing a bundle with an extra profile rebuilds every graph fro
 """
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -20,6 +26,7 @@ import onnx
 
 from conflayers.runtime.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST, sha256_file
 from conflayers.runtime.draftplan import DraftPlan, head_key as draft_head_key
+from conflayers.runtime.jsonfmt import dump_profile_json
 from conflayers.runtime.modelspec import ModelSpec
 from conflayers.runtime.profile import Profile
 
@@ -62,6 +69,12 @@ def check_output_dir(out: str, force: bool, model_fingerprint: dict | None = Non
                     return "replace"
                 raise OutputDirError(f"--out {out} is a bundle of another model ({have.get('name')}); "
                                      "choose another directory or pass --force to replace it")
+        if have.get("target", "fp32") != model_fingerprint.get("target", "fp32"):
+            if force:
+                return "replace"
+            raise OutputDirError(f"--out {out} is a bundle of this model at target {have.get('target', 'fp32')}, "
+                                 f"not {model_fingerprint.get('target', 'fp32')}; choose another directory "
+                                 "or pass --force to replace it")
     return "bundle"
 
 
@@ -78,21 +91,24 @@ def fingerprint(spec: ModelSpec, weights: dict[str, np.ndarray]) -> dict:
 
 class BundleWriter:
     def __init__(self, out: str, spec: ModelSpec, weights: dict[str, np.ndarray], model_info: dict,
-                 max_context: int, force: bool = False):
+                 max_context: int, force: bool = False, target: str = "fp32", native: dict | None = None):
         self.out = os.path.abspath(out)
         self.spec, self.weights = spec, weights
-        self.model_info = model_info            # name, source, + fingerprint
+        self.model_info = model_info            # name, source, + fingerprint and target
         self.max_context = max_context
         self.mode = check_output_dir(self.out, force, model_info)
         parent = os.path.dirname(self.out)
         os.makedirs(parent, exist_ok=True)
+        self._lock = _lock_target(self.out)
+        _remove_leftovers(self.out)
         self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out)}.partial-", dir=parent)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(self.tmp, 0o777 & ~umask)      # mkdtemp makes 0700; a bundle is meant to be shared
-        self.stores = WeightStores(self.tmp, weights)
+        self.stores = WeightStores(self.tmp, weights, target, native)
         self.graphs = {"full": None, "bodies": {}, "heads": {}}
         self.profiles: dict[str, dict] = {}
+        self._profile_json: dict[str, dict] = {}    # written at finalize: callers may still add figures
         self.tokenizer: dict = {}
         self.default_profile: str | None = None
         self._closed = False
@@ -111,6 +127,12 @@ class BundleWriter:
         if os.path.isdir(self.tmp):
             shutil.rmtree(self.tmp, ignore_errors=True)
         self._closed = True
+        self._unlock()
+
+    def _unlock(self):
+        if self._lock is not None:
+            self._lock.close()          # releases the flock
+            self._lock = None
 
     # -- contents ---------------------------------------------------------------------------------
     def _save(self, model: onnx.ModelProto, rel: str):
@@ -144,8 +166,7 @@ class BundleWriter:
             raise ValueError(why)
         body, head = self.draft_files(profile.plan, profile.vocab_ids)
         rel = f"profiles/{profile.task}.json"
-        from conflayers.runtime.jsonfmt import dump_profile_json   # number lists on one line
-        self.write_text(rel, dump_profile_json(profile_json) + "\n")
+        self._profile_json[profile.task] = profile_json
         self.profiles[profile.task] = {"file": rel, "body": body, "head": head}
         if default or self.default_profile is None:
             self.default_profile = profile.task
@@ -186,6 +207,8 @@ class BundleWriter:
         if self.graphs["full"] is None:
             raise RuntimeError("write_full() was not called")
         self.stores.close()
+        for task, entry in self.profiles.items():     # number lists on one line (jsonfmt)
+            self.write_text(entry["file"], dump_profile_json(self._profile_json[task]) + "\n")
         files = {}
         for root, _, names in os.walk(self.tmp):
             for n in sorted(names):
@@ -213,47 +236,61 @@ class BundleWriter:
         return self.tmp
 
     def publish(self) -> str:
-        """Move the finished bundle into place. The old bundle (if any) is moved aside first and
-        removed only after the new one is in place."""
+        """Put the finished bundle in place in one atomic step: a rename when the target does not
+        exist, else an exchange of the two directories; the old bundle is then deleted."""
         self.finalize()
-        old = None
         if os.path.exists(self.out):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out)}.old-", dir=os.path.dirname(self.out))
-            os.rename(self.out, os.path.join(old, "bundle"))
-        os.rename(self.tmp, self.out)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+            _exchange(self.tmp, self.out)          # self.tmp now holds the old bundle
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        else:
+            os.rename(self.tmp, self.out)
         self._closed = True
+        self._unlock()
         return self.out
 
-    commit = publish
+
+def _lock_target(out: str):
+    """An exclusive flock on a hidden sibling file for the writer's lifetime."""
+    f = open(os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.lock"), "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise OutputDirError(f"another conflayers process is writing {out}; wait for it to finish") from None
+    return f
+
+
+def _remove_leftovers(out: str):
+    """Hidden directories of killed writes to `out` (we hold its lock: no writer is using them)."""
+    parent, base = os.path.dirname(out), os.path.basename(out)
+    for name in os.listdir(parent):
+        if name.startswith((f".{base}.partial-", f".{base}.old-")):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: str, b: str):
+    """Atomically swap two directories (Linux renameat2). Where it is missing, two renames: a
+    kill between them leaves the new bundle in its hidden directory, and the old one moved aside."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is not None:
+        if fn(_AT_FDCWD, a.encode(), _AT_FDCWD, b.encode(), _RENAME_EXCHANGE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+            raise OSError(err, f"cannot swap {a} into {b}: {os.strerror(err)}")
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(b)}.old-", dir=os.path.dirname(b))
+    os.rename(b, os.path.join(old, "bundle"))
+    os.rename(a, b)
+    os.rename(old, a)
 
 
 def model_identity(name: str, spec: ModelSpec, fp: dict) -> dict:
     """The model section of profiles: what a profile must match to be used with a bundle."""
     return {"name": name, "architecture": spec.architecture, "num_layers": spec.num_layers,
-            "config_sha256": fp["config_sha256"], "weights_sha256": fp["weights_sha256"]}
-
-
-def write_bundle(out: str, spec: ModelSpec, weights: dict[str, np.ndarray], model_info: dict,
-                 tokenizer_dir: str, tokens: dict, profiles: list[dict], max_context: int,
-                 force: bool = False, default_profile: str | None = None,
-                 extra_files: dict[str, bytes] | None = None) -> str:
-    """Export-only path: full graph + the drafts of `profiles` + tokenizer, written atomically.
-    `tokens`: bos_token, eos_token, bos_token_id, eos_token_ids. Profiles already in an existing
-    bundle at `out` (same model) are kept unless a new profile has the same task."""
-    keep = []
-    if check_output_dir(out, force, model_info) == "bundle":
-        from conflayers.runtime.bundle import Bundle
-        old = Bundle.open(out, verify=False)
-        new_tasks = {p["task"] for p in profiles}
-        keep = [p.raw for t, p in sorted(old.profiles.items()) if t not in new_tasks]
-        default_profile = default_profile or (old.default_profile if old.default_profile not in new_tasks else None)
-    with BundleWriter(out, spec, weights, model_info, max_context, force) as bw:
-        bw.write_full()
-        for p in profiles + keep:
-            bw.add_profile(p, default=p["task"] == default_profile)
-        bw.write_tokenizer(tokenizer_dir, **tokens)
-        for rel, data in (extra_files or {}).items():
-            bw.write_bytes(rel, data)
-        return bw.commit()
+            "config_sha256": fp["config_sha256"], "weights_sha256": fp["weights_sha256"],
+            "target": fp.get("target", "fp32")}

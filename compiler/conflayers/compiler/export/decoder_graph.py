@@ -1,7 +1,8 @@
 """Build decoder graphs for ONNX Runtime directly from canonical weights.
 
-One builder makes the full graph and every draft: a draft is the same graph with fewer layers
-(or half-layers), optionally with quantized matmuls, split into a body (kept layers -> final norm)
+One builder makes the full graph and every draft: the full graph at the target's precision
+(fp32, int8/int4 blocks, or the GGUF file's own blocks: `native`), a draft the same graph with
+fewer layers (or half-layers), at its own precision, split into a body (kept layers -> final norm)
 and a head (norm output -> logits over the full or a subset vocabulary), so several task profiles
 can share one body session.
 
@@ -15,6 +16,9 @@ cache is updated in place and rolling back is only a shorter seqlens_k.
 """
 from __future__ import annotations
 
+import hashlib
+import os
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
@@ -22,7 +26,7 @@ from onnx import TensorProto, helper
 from conflayers.runtime.draftplan import DraftPlan, weights_file_name
 from conflayers.runtime.modelspec import ModelSpec
 
-from .quantize import BLOCK_SIZE, quantize_matmul_weight
+from .quantize import QuantMatrix, quantize_rtn
 from .weights import WeightFile
 
 MS = "com.microsoft"
@@ -31,24 +35,29 @@ INT64_MAX = np.iinfo(np.int64).max
 
 
 class WeightStores:
-    """The weights files of one bundle: fp32 (shared with the full graph) and one per precision.
+    """The weights files of one bundle: fp32 (weights.bin) and one per other precision.
 
-    Quantized tensors are computed once per canonical name and cached, so every draft of a given
-    precision refers to the same bytes."""
+    `target` is the full graph's precision: fp32, int8/int4 (our round-to-nearest blocks) or
+    native (the GGUF file's own blocks, `native`). Drafts of the target's precision read the
+    target's file. Quantized tensors are computed once per canonical name and cached, so every
+    graph of a given precision refers to the same bytes."""
 
-    def __init__(self, directory: str, weights: dict[str, np.ndarray]):
-        import os
+    def __init__(self, directory: str, weights: dict[str, np.ndarray], target: str = "fp32",
+                 native: dict[str, QuantMatrix] | None = None):
+        if target == "native" and not native:
+            raise ValueError("the native target needs the GGUF file's own weights")
         self.dir = directory
         self.w = weights
+        self.target = target
+        self.native = native or {}
         self.files: dict[str, WeightFile] = {}
         self._derived: dict[str, np.ndarray] = {}
-        self._quant: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
-        self._os = os
+        self._quant: dict[tuple, QuantMatrix | None] = {}
 
     def file(self, precision: str) -> WeightFile:
         if precision not in self.files:
             name = weights_file_name(precision)
-            self.files[precision] = WeightFile(self._os.path.join(self.dir, name))
+            self.files[precision] = WeightFile(os.path.join(self.dir, name))
         return self.files[precision]
 
     def array(self, name: str) -> np.ndarray:
@@ -67,14 +76,39 @@ class WeightStores:
                 raise KeyError(name)
         return self._derived[name]
 
-    def quantized(self, name: str, bits: int, rows: np.ndarray | None = None):
-        key = (name if rows is None else f"{name}@{_rows_key(rows)}", bits)
+    def quantized(self, name: str, precision: str, rows: np.ndarray | None = None) -> QuantMatrix | None:
+        """`name` as MatMulNBits blocks in `precision`, or None where it stays an fp32 MatMul
+        (fp32, or a native tensor the GGUF file stores unquantized). A packed qkv whose native
+        parts differ in layout is None too: the graph then multiplies q, k and v separately."""
+        key = (name, precision, None if rows is None else _rows_key(rows))
         if key not in self._quant:
-            w = self.array(name)
-            if name == "lm_head":        # stored [V, H]; MatMulNBits wants W as [K=H, N=V]
-                w = (w if rows is None else w[rows]).T
-            self._quant[key] = quantize_matmul_weight(w, bits)
+            self._quant[key] = self._make_quantized(name, precision, rows)
         return self._quant[key]
+
+    def _make_quantized(self, name, precision, rows):
+        if precision == "fp32":
+            return None
+        if precision == "native":
+            if name.endswith(".qkv"):
+                parts = [self.native.get(name[: -len("qkv")] + x) for x in "qkv"]
+                if any(p is None for p in parts) or len({p.layout for p in parts}) != 1:
+                    return None
+                m = QuantMatrix.concat(parts)
+            else:
+                m = self.native.get(name)
+                if m is None:
+                    return None
+            return m if rows is None else m.take_rows(rows)
+        w = self.array(name)
+        if name == "lm_head":        # stored [V, H]; MatMulNBits wants W as [K=H, N=V]
+            w = (w if rows is None else w[rows]).T
+        return quantize_rtn(w, {"int8": 8, "int4": 4}[precision])
+
+    @property
+    def quantized_embedding(self) -> QuantMatrix | None:
+        """The embedding as blocks when the target's file has it so (native): every graph then
+        gathers rows from those bytes instead of an fp32 copy of the table."""
+        return self.native.get("embed")
 
     def close(self):
         for f in self.files.values():
@@ -82,7 +116,6 @@ class WeightStores:
 
 
 def _rows_key(rows: np.ndarray) -> str:
-    import hashlib
     return hashlib.sha256(np.asarray(rows, np.int64).tobytes()).hexdigest()[:12]
 
 
@@ -117,29 +150,73 @@ class _Graph:
 
     def matmul(self, x, wname, label, rows=None):
         """x @ W in this graph's precision. `rows` selects lm_head rows (vocabulary subset)."""
-        if self.precision == "fp32":
-            if wname == "lm_head":
-                w = self.stores.array("lm_head")
-                tname = "lm_head" if rows is None else f"lm_head.rows{_rows_key(rows)}"
-                arr = w if rows is None else w[rows]
-                self.weight(tname, arr, precision="fp32")
-                # Gemm with transB reads the [V,H] embedding layout: no transposed second copy.
-                flat = self.op("Reshape", [x, self.const("shape_flat_h", np.array([-1, arr.shape[1]], np.int64))])
-                y = self.op("Gemm", [flat, tname], name=label, transB=1)
-                return self.op("Reshape", [y, self.const("shape_b1", np.array([1, -1, arr.shape[0]], np.int64))])
-            return self.op("MatMul", [x, self.weight(wname)], name=label)
-        bits = {"int8": 8, "int4": 4}[self.precision]
-        packed, scales = self.stores.quantized(wname, bits, rows)
-        tag = wname if rows is None else f"{wname}.rows{_rows_key(rows)}"
-        qn, sn = f"{tag}.q{bits}", f"{tag}.scales{bits}"
-        if qn not in self._init_names:
-            self._init_names.update((qn, sn))
+        q = self.stores.quantized(wname, self.precision, rows)
+        if q is not None:
+            return self.matmul_blocks(x, q, wname if rows is None else f"{wname}.rows{_rows_key(rows)}", label)
+        if self.precision == "native" and wname.endswith(".qkv"):   # q, k, v of different GGUF types
+            p = wname[: -len("qkv")]
+            parts = [self.matmul(x, p + part, f"{label}_{part}") for part in "qkv"]
+            return self.op("Concat", parts, name=label, axis=-1)
+        if wname == "lm_head":
+            w = self.stores.array("lm_head")
+            tname = "lm_head" if rows is None else f"lm_head.rows{_rows_key(rows)}"
+            arr = w if rows is None else w[rows]
+            self.weight(tname, arr, precision="fp32")
+            # Gemm with transB reads the [V,H] embedding layout: no transposed second copy.
+            flat = self.op("Reshape", [x, self.const("shape_flat_h", np.array([-1, arr.shape[1]], np.int64))])
+            y = self.op("Gemm", [flat, tname], name=label, transB=1)
+            return self.op("Reshape", [y, self.const("shape_b1", np.array([1, -1, arr.shape[0]], np.int64))])
+        return self.op("MatMul", [x, self.weight(wname)], name=label)
+
+    def blocks(self, q: QuantMatrix, tag: str) -> tuple[str, str, str | None]:
+        """Initializer names of a QuantMatrix's codes, scales and offsets (written once)."""
+        names = (f"{tag}.q{q.bits}", f"{tag}.scales{q.bits}", None if q.offsets is None else f"{tag}.offsets{q.bits}")
+        if names[0] not in self._init_names:
             f = self.stores.file(self.precision)
-            self.inits += [f.tensor(qn, packed), f.tensor(sn, scales)]
-        k = self.stores.array(wname).shape[1 if wname == "lm_head" else 0]
-        n = packed.shape[0]
-        return self.op("MatMulNBits", [x, qn, sn], domain=MS, name=label, K=k, N=n, bits=bits,
-                       block_size=BLOCK_SIZE, accuracy_level=4)
+            self._init_names.update(n for n in names if n)
+            self.inits += [f.tensor(names[0], q.codes), f.tensor(names[1], q.scales)]
+            if q.offsets is not None:      # [n_blocks, N]: the layout the correction MatMul reads
+                self.inits.append(f.tensor(names[2], np.ascontiguousarray(q.offsets.T)))
+        return names
+
+    def matmul_blocks(self, x, q: QuantMatrix, tag: str, label: str):
+        codes, scales, offsets = self.blocks(q, tag)
+        y = self.op("MatMulNBits", [x, codes, scales], domain=MS, name=label, K=q.k, N=q.n, bits=q.bits,
+                    block_size=q.block, accuracy_level=4)
+        if offsets is None:
+            return y
+        # + sum over blocks b of (sum of x over block b) * offsets[b, n]
+        nb = q.codes.shape[1]
+        xb = self.op("Reshape", [x, self.const(f"shape_blocks{nb}x{q.block}", np.array([0, 0, nb, q.block], np.int64))])
+        sums = self.op("ReduceSum", [xb, self.const("axis_last", np.array([-1], np.int64))], keepdims=0)
+        return self.op("Add", [y, self.op("MatMul", [sums, offsets], name=f"{label}/offsets")])
+
+    def embedding(self, ids):
+        """Token embeddings: a Gather from the fp32 table, or from the target's blocks (native)
+        dequantized in the graph for the few rows looked up (exact: codes, scale and offset)."""
+        q = self.stores.quantized_embedding
+        if q is None:
+            return self.op("Gather", [self.weight("embed"), ids], name="embed")
+        keep, self.precision = self.precision, "native"       # the bytes live in the native file
+        codes, scales, offsets = self.blocks(q, "embed")
+        self.precision = keep
+        c = self.op("Gather", [codes, ids], name="embed/codes")          # [1, S, nb, blob]
+        if q.bits == 4:
+            last = self.const("axis_last", np.array([-1], np.int64))
+            lo = self.op("BitwiseAnd", [c, self.const("nibble_mask", np.array(15, np.uint8))])
+            hi = self.op("BitShift", [c, self.const("nibble_shift", np.array(4, np.uint8))], direction="RIGHT")
+            c = self.op("Concat", [self.op("Unsqueeze", [lo, last]), self.op("Unsqueeze", [hi, last])], axis=-1)
+        nb = q.codes.shape[1]
+        c = self.op("Reshape", [c, self.const(f"shape_blocks{nb}x{q.block}", np.array([0, 0, nb, q.block], np.int64))])
+        mid = self.const(f"mid{q.bits}", np.array(1 << (q.bits - 1), np.float32))
+        w = self.op("Sub", [self.op("Cast", [c], to=TensorProto.FLOAT), mid])
+        last = self.const("axis_last", np.array([-1], np.int64))
+        w = self.op("Mul", [w, self.op("Unsqueeze", [self.op("Gather", [scales, ids]), last])])
+        if offsets is not None:        # offsets are stored [n_blocks, V]: gather columns
+            per_row = self.op("Gather", [offsets, ids], axis=1)                    # [nb, 1, S]
+            per_row = self.op("Transpose", [per_row], perm=[1, 2, 0])             # [1, S, nb]
+            w = self.op("Add", [w, self.op("Unsqueeze", [per_row, last])])
+        return self.op("Reshape", [w, self.const("shape_flat_k", np.array([0, 0, q.k], np.int64))], name="embed")
 
     def model(self, doc: str) -> onnx.ModelProto:
         g = helper.make_graph(self.nodes, "decoder", self.inputs, self.outputs, self.inits)
@@ -164,9 +241,9 @@ def build(spec: ModelSpec, stores: WeightStores, plan: DraftPlan | None = None, 
           head_rows: np.ndarray | None = None, max_context: int | None = None) -> onnx.ModelProto:
     """part: "full" (fp32, all layers, logits), "body" (plan's layers -> final-normed hidden),
     or "head" (hidden -> logits over head_rows, or the whole vocabulary)."""
-    precision = "fp32" if plan is None else plan.precision
-    if part == "full" and plan is not None and plan.precision != "fp32":
-        raise ValueError("the full graph is fp32")
+    precision = stores.target if plan is None else plan.precision
+    if part == "full" and plan is not None and plan.precision != stores.target:
+        raise ValueError(f"the full graph is at the target's precision ({stores.target})")
     g = _Graph(stores, precision)
     H = spec.hidden_size
     if part == "head":
@@ -176,26 +253,37 @@ def build(spec: ModelSpec, stores: WeightStores, plan: DraftPlan | None = None, 
         g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits_out"))
         return g.model("conflayers head")
 
-    plan = plan or DraftPlan(spec.num_layers)
+    plan = plan or DraftPlan(spec.num_layers, precision=precision)
     g.inputs += [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "S"]),
         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
         helper.make_tensor_value_info("total_seq_len", TensorProto.INT32, []),
         helper.make_tensor_value_info("logits_from", TensorProto.INT64, [1]),
     ]
-    x = g.op("Gather", [g.weight("embed"), "input_ids"], name="embed")
+    x = g.embedding("input_ids")
     if spec.embed_scale != 1.0:
         x = g.op("Mul", [x, g.const("embed_scale", np.array(spec.embed_scale, np.float32))])
 
     caches = {}
     max_len = min(max_context or spec.max_position_embeddings, spec.max_position_embeddings)
+    # The full graph gives attention one extra row (a copy of the last): ONNX Runtime's CPU
+    # GroupQueryAttention takes another code path for a single row, which rounds differently, and
+    # int8 activation quantization (MatMulNBits) amplifies that into different tokens. With every
+    # pass at >= 2 rows, a plain step and a verify pass compute each position bit for bit alike.
+    # The extra row writes one spare KV slot past the sequence (the runtime allocates it).
+    pad = part == "full"
+    if pad:
+        one = g.const("one_i32", np.array(1, np.int32))
+        seqlens, total = g.op("Add", ["seqlens_k", one], name="seqlens_pad"), g.op("Add", ["total_seq_len", one], name="total_pad")
+    else:
+        seqlens, total = "seqlens_k", "total_seq_len"
     pending = None   # sub-layer output not yet added to the residual stream x (fused into the next norm)
     for i in range(spec.num_layers):
         pre = f"layers.{i}."
         if plan.keeps_attention(i):
             theta = spec.rope_theta[i]
             if theta not in caches:
-                cos, sin = _rope_caches(spec, theta, max_len)
+                cos, sin = _rope_caches(spec, theta, max_len + 1)     # + the spare slot
                 tag = f"rope{len(caches)}"
                 caches[theta] = (g.weight(f"{tag}.cos", cos), g.weight(f"{tag}.sin", sin))
             cos_n, sin_n = caches[theta]
@@ -215,11 +303,16 @@ def build(spec: ModelSpec, stores: WeightStores, plan: DraftPlan | None = None, 
             past_k, past_v = f"past_key.{i}", f"past_value.{i}"
             kv_shape = [1, spec.num_kv_heads, "max_len", spec.head_dim]
             g.inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, kv_shape) for n in (past_k, past_v)]
+            if pad:
+                qkv_in = [_pad_last_row(g, t) if t else t for t in qkv_in]
             attn, pk, pv = g.op(
-                "GroupQueryAttention", qkv_in + [past_k, past_v, "seqlens_k", "total_seq_len", cos_n, sin_n],
+                "GroupQueryAttention", qkv_in + [past_k, past_v, seqlens, total, cos_n, sin_n],
                 n_out=3, domain=MS, name=f"L{i}/attn", num_heads=spec.num_heads,
                 kv_num_heads=spec.num_kv_heads, scale=spec.attn_scale,
                 local_window_size=spec.sliding_window[i], do_rotary=1, rotary_interleaved=0)
+            if pad:     # drop the extra row
+                attn = g.op("Slice", [attn, g.const("zero_i64", np.array([0], np.int64)),
+                                      g.const("minus_one_i64", np.array([-1], np.int64)), g.const("axis1", np.array([1], np.int64))])
             for src, dst in ((pk, f"present_key.{i}"), (pv, f"present_value.{i}")):
                 g.nodes.append(helper.make_node("Identity", [src], [dst], name=dst))
                 g.outputs.append(helper.make_tensor_value_info(dst, TensorProto.FLOAT, kv_shape))
@@ -252,6 +345,13 @@ def build(spec: ModelSpec, stores: WeightStores, plan: DraftPlan | None = None, 
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits_out"))
     g.outputs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "S", spec.vocab_size]))
     return g.model("conflayers full")
+
+
+def _pad_last_row(g: _Graph, x):
+    """[1, S, D] -> [1, S + 1, D], the last row repeated."""
+    last = g.op("Slice", [x, g.const("minus_one_i64", np.array([-1], np.int64)),
+                          g.const("int64_max", np.array([INT64_MAX], np.int64)), g.const("axis1", np.array([1], np.int64))])
+    return g.op("Concat", [x, last], axis=1)
 
 
 def _norm(g: _Graph, x, wname, spec):
