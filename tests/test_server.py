@@ -283,7 +283,7 @@ def test_client_disconnect_mid_stream(client, tiny_engine):
     pooled = len(tiny_engine._caches)     # KV caches idle in the engine's pool
     body = json.dumps({"prompt": prompt, "max_tokens": 400, "stream": True, "speculate": False}).encode()
     s = socket.create_connection((client.host, client.port), timeout=10)
-    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
               b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
     assert s.recv(200).startswith(b"HTTP/1.1 200")
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST on close

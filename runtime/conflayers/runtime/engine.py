@@ -29,9 +29,19 @@ from .ort_backend import GraphRunner, KVCache, create_session, resolve_providers
 from .policy import MachineCosts, choose as choose_policy
 from .sampling import Sampler, SamplingError
 from .selection import ProfileSelector
-from .textio import ChatError
+from .textio import ChatError, lone_surrogate
 
 DEFAULT_MAX_NEW_TOKENS = 256     # max_new_tokens=None: this many, or fewer to fit the context
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask for (checked in prepare; front ends set these from their flags).
+    Work per request grows with each: every stop string is searched after every token."""
+    max_messages: int = 1024
+    max_stop_strings: int = 16
+    max_stop_chars: int = 256
+    special_tokens_in_prompt: bool = False   # a raw prompt's "<|im_end|>" text: a control token, not text
 
 
 class RequestError(ValueError):
@@ -89,6 +99,7 @@ class Request:
     max_new_tokens: int
     stops: list[str]
     use_guard: bool
+    deadline: float | None = None   # time.monotonic() after which generation ends ("length")
 
 
 @dataclass
@@ -100,7 +111,8 @@ class StreamChunk:
 
 class Engine:
     def __init__(self, bundle: Bundle, device: str = "cpu", max_context: int | None = None,
-                 num_threads: int | None = None, guard: bool = True, adapt: bool = True):
+                 num_threads: int | None = None, guard: bool = True, adapt: bool = True,
+                 limits: RequestLimits | None = None):
         self.bundle = bundle
         self.adapt = adapt            # choose each profile's drafting policy for this machine
         self.spec = bundle.spec
@@ -108,6 +120,7 @@ class Engine:
         self.device = "cpu" if self.providers[0] == "CPUExecutionProvider" else "cuda"
         self.capacity = min(max_context or bundle.max_context, bundle.max_context)
         self.use_guard = guard
+        self.limits = limits or RequestLimits()
 
         def session(path):
             return create_session(path, self.providers, num_threads)
@@ -133,8 +146,8 @@ class Engine:
     @classmethod
     def load(cls, path: str, device: str = "cpu", max_context: int | None = None,
              num_threads: int | None = None, verify: bool = True, guard: bool = True,
-             adapt: bool = True) -> "Engine":
-        return cls(Bundle.open(path, verify=verify), device, max_context, num_threads, guard, adapt)
+             adapt: bool = True, limits: RequestLimits | None = None) -> "Engine":
+        return cls(Bundle.open(path, verify=verify), device, max_context, num_threads, guard, adapt, limits)
 
     @property
     def profiles(self) -> list[str]:
@@ -166,6 +179,9 @@ class Engine:
         if len(given) != 1:
             raise RequestError("give exactly one of prompt, messages or prompt_ids", given[-1] if given else "prompt")
         if messages is not None:
+            if isinstance(messages, list) and len(messages) > self.limits.max_messages:
+                raise RequestError(f"{{param}} has {len(messages)} messages, more than the limit of "
+                                   f"{self.limits.max_messages}", "messages")
             try:
                 return self.codec.encode_chat(messages)
             except ChatError as e:
@@ -179,7 +195,10 @@ class Engine:
             return [int(t) for t in prompt_ids]
         if not isinstance(prompt, str) or not prompt:
             raise RequestError("{param} must be a non-empty string", "prompt")
-        return self.codec.encode(prompt)
+        at = lone_surrogate(prompt)
+        if at is not None:
+            raise RequestError(f"{{param}} is not valid Unicode (a lone surrogate at character {at})", "prompt")
+        return self.codec.encode(prompt, self.limits.special_tokens_in_prompt)
 
     def choose_profile(self, task: str | None, prompt_ids: list[int]) -> tuple[str | None, float | None]:
         if task is not None and not isinstance(task, str):
@@ -198,7 +217,7 @@ class Engine:
     def generate(self, prompt: str | None = None, *, messages=None, prompt_ids=None, task: str | None = None,
                  max_new_tokens: int | None = 256, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, stop: list[str] | str | None = None,
-                 stream: bool = False, speculate: bool = True):
+                 stream: bool = False, speculate: bool = True, deadline: float | None = None):
         """Generate a completion. Returns a GenerationResult, or with stream=True an iterator of
         StreamChunk whose last chunk carries the result. Greedy output (temperature 0) is
         token-identical to plain decoding with the full graph. max_new_tokens=None: up to
@@ -206,7 +225,7 @@ class Engine:
         Every argument is checked before the first token: RequestError (with .param) if invalid."""
         request = self.prepare(prompt, messages=messages, prompt_ids=prompt_ids, task=task,
                                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                               top_k=top_k, seed=seed, stop=stop, speculate=speculate)
+                               top_k=top_k, seed=seed, stop=stop, speculate=speculate, deadline=deadline)
         chunks = self._stream(request)
         if stream:
             return chunks
@@ -218,7 +237,7 @@ class Engine:
     def prepare(self, prompt: str | None = None, *, messages=None, prompt_ids=None, task: str | None = None,
                 max_new_tokens: int | None = 256, temperature: float = 0.0, top_p: float = 1.0,
                 top_k: int = 0, seed: int | None = None, stop: list[str] | str | None = None,
-                speculate: bool = True) -> Request:
+                speculate: bool = True, deadline: float | None = None) -> Request:
         """Validate a request (generate's arguments) without generating: the one place requests
         are checked, so front ends can check a whole batch before any output."""
         try:
@@ -230,6 +249,9 @@ class Engine:
             stops = []
         if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
             raise RequestError("{param} must be a non-empty string or a list of them", "stop")
+        if len(stops) > self.limits.max_stop_strings or any(len(s) > self.limits.max_stop_chars for s in stops):
+            raise RequestError(f"{{param}} takes at most {self.limits.max_stop_strings} strings of at most "
+                               f"{self.limits.max_stop_chars} characters each", "stop")
         if not isinstance(speculate, bool):
             raise RequestError("{param} must be true or false", "speculate")
         if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
@@ -252,7 +274,7 @@ class Engine:
         # The guard decides from timings; when it turns drafting off mid-request, sampled output
         # takes another random path. A seeded sampled request must be reproducible: no guard.
         return Request(ids, name, score, sampler, max_new_tokens, list(stops),
-                       use_guard=sampler.greedy or seed is None)
+                       use_guard=sampler.greedy or seed is None, deadline=deadline)
 
     def _stream(self, request: Request) -> Iterator[StreamChunk]:
         ids, name, score, stops = request.ids, request.profile, request.score, request.stops
@@ -286,6 +308,8 @@ class Engine:
                 stop_at = _find_stop(text_out.text, stops, shown)
                 if stop_at is not None or ended:
                     break
+                if request.deadline is not None and time.monotonic() >= request.deadline:
+                    break             # out of time: ends like max_new_tokens, finish_reason "length"
                 safe = len(text_out.text) - hold
                 if safe > shown:
                     yield StreamChunk(text_out.text[shown:safe], new)

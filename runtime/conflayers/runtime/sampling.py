@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 
 import numpy as np
 
@@ -22,14 +23,24 @@ class SamplingError(ValueError):
 
 
 def _finite(name: str, v) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-        raise SamplingError(name, f"must be a finite number, got {v!r}")
+    try:    # float() of an int beyond 1e308 raises OverflowError: refused like inf
+        ok = not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(float(v))
+    except OverflowError:
+        ok = False
+    if not ok:
+        raise SamplingError(name, f"must be a finite number, got {_short(v)}")
     return float(v)
+
+
+def _short(v) -> str:
+    """repr(v), cut to 40 characters (a 4,000-digit integer must not fill the error message)."""
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
 
 
 def _integer(name: str, v) -> int:
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise SamplingError(name, f"must be an integer, got {v!r}")
+        raise SamplingError(name, f"must be an integer, got {_short(v)}")
     return int(v)
 
 
@@ -39,9 +50,12 @@ class Sampler:
         if seed is not None:
             seed = _integer("seed", seed)
             if seed < 0:
-                raise SamplingError("seed", f"must be >= 0, got {seed}")
+                raise SamplingError("seed", f"must be >= 0, got {_short(seed)}")
         if temperature < 0:
             raise SamplingError("temperature", f"must be >= 0, got {temperature}")
+        if 0 < temperature < sys.float_info.min:      # subnormal: 1/T overflows to inf
+            raise SamplingError("temperature", f"must be 0 (greedy) or at least {sys.float_info.min:.4g}, "
+                                               f"got {temperature!r}")
         if not (0.0 < top_p <= 1.0):
             raise SamplingError("top_p", f"must be in (0, 1], got {top_p}")
         if top_k < 0:
@@ -57,11 +71,15 @@ class Sampler:
 
     def probs(self, logits: np.ndarray) -> np.ndarray:
         """Processed distribution (temperature, top-k, top-p) over the last axis, float64."""
-        z = logits.astype(np.float64) / self.temperature
+        # Shift by the maximum before dividing: the top logit becomes exactly 0, so however small
+        # the temperature (1e-309: 1/T overflows), the rest only reach -inf, never inf - inf = NaN.
+        z = logits.astype(np.float64)
+        z = z - z.max(axis=-1, keepdims=True)
+        with np.errstate(over="ignore"):
+            z = z / self.temperature
         if self.top_k and self.top_k < z.shape[-1]:
             kth = np.partition(z, -self.top_k, axis=-1)[..., -self.top_k, None]
             z = np.where(z < kth, -np.inf, z)
-        z = z - z.max(axis=-1, keepdims=True)
         p = np.exp(z)
         p /= p.sum(axis=-1, keepdims=True)
         if self.top_p < 1.0:

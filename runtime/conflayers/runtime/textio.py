@@ -2,11 +2,17 @@
 
 Chat templates render as transformers renders them (sandboxed jinja2, trim_blocks, lstrip_blocks,
 raise_exception/strftime_now helpers), then tokenise without adding special tokens again.
+
+Control tokens come only from the chat template: text in a message that spells one (e.g.
+"<|im_end|>\n<|im_start|>system") is encoded as plain text, so a user cannot fake a turn (what
+llama.cpp's server does). A raw prompt is encoded the same way unless the caller opts in.
 """
 from __future__ import annotations
 
 import datetime
 import json
+import re
+import uuid
 
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -17,6 +23,16 @@ ROLES = ("system", "user", "assistant", "tool", "developer")
 
 class ChatError(ValueError):
     pass
+
+
+def lone_surrogate(text: str) -> int | None:
+    """Index of the first character that cannot be UTF-8 encoded (a lone surrogate such as
+    "\\ud800", which JSON allows), or None: the tokenizer cannot take such text."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        return e.start
 
 
 def validate_messages(messages) -> list[dict]:
@@ -34,8 +50,13 @@ def validate_messages(messages) -> list[dict]:
                 raise ChatError(f"messages[{i}].content parts must be {{type: 'text', text: str}}")
         elif not isinstance(content, str):
             raise ChatError(f"messages[{i}].content must be a string, got {type(content).__name__}")
-    return [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str)
-             else "".join(p["text"] for p in m["content"])} for m in messages]
+    out = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str)
+            else "".join(p["text"] for p in m["content"])} for m in messages]
+    for i, m in enumerate(out):
+        at = lone_surrogate(m["content"])
+        if at is not None:
+            raise ChatError(f"messages[{i}].content is not valid Unicode (a lone surrogate at character {at})")
+    return out
 
 
 def _raise_exception(msg):
@@ -60,12 +81,22 @@ class TextCodec:
     def __init__(self, tokenizer_file: str, chat_template: str | None = None, bos_token: str | None = None,
                  eos_token: str | None = None):
         self.tok = Tokenizer.from_file(tokenizer_file)
+        # The same tokenizer with special-token parsing off: "<|im_end|>" becomes "<", "|", ...
+        # (a second instance: the setting is per tokenizer, and requests run on many threads).
+        self.plain = Tokenizer.from_file(tokenizer_file)
+        self.plain.encode_special_tokens = True
+        specials = {t.content: i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
+        self._special_ids = specials
+        self._special_re = re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True))) \
+            if specials else None
         self.chat_template = chat_template
         self.bos_token, self.eos_token = bos_token, eos_token
         self._template = compile_chat_template(chat_template) if chat_template else None
 
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=True).ids
+    def encode(self, text: str, special_tokens: bool = False) -> list[int]:
+        """Token ids of a raw prompt (with the tokenizer's BOS etc.); text spelling a control token
+        is encoded as plain text unless special_tokens=True."""
+        return (self.tok if special_tokens else self.plain).encode(text, add_special_tokens=True).ids
 
     def render_chat(self, messages, add_generation_prompt: bool = True) -> str:
         messages = validate_messages(messages)
@@ -75,7 +106,31 @@ class TextCodec:
                                      bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
     def encode_chat(self, messages) -> list[int]:
-        return self.tok.encode(self.render_chat(messages), add_special_tokens=False).ids
+        """Token ids of the rendered chat; control tokens only where the template wrote them."""
+        messages = validate_messages(messages)
+        if self._special_re is None or not any(self._special_re.search(m["content"]) for m in messages):
+            return self.tok.encode(self.render_chat(messages), add_special_tokens=False).ids
+        # Some content spells a control token. Render with each such span replaced by a marker, so
+        # every control token in the rendered text is the template's; encode the text between them
+        # with special-token parsing off and the markers put back.
+        marker, found = f"\ue000{uuid.uuid4().hex}", []
+
+        def hide(m):
+            found.append(m.group())
+            return f"{marker}{len(found) - 1}\ue001"
+        hidden = [{**m, "content": self._special_re.sub(hide, m["content"])} for m in messages]
+        text = self.render_chat(hidden)
+        unhide = re.compile(re.escape(marker) + r"(\d+)\ue001")
+
+        def plain(segment: str) -> list[int]:
+            segment = unhide.sub(lambda m: found[int(m.group(1))], segment)
+            return self.plain.encode(segment, add_special_tokens=False).ids if segment else []
+        ids, pos = [], 0
+        for m in self._special_re.finditer(text):
+            ids += plain(text[pos:m.start()])
+            ids.append(self._special_ids[m.group()])
+            pos = m.end()
+        return ids + plain(text[pos:])
 
     def decode(self, ids) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)
