@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 
 import pytest
 
@@ -205,3 +206,70 @@ def test_real_bundle_smoke(tmp_path, request):
     for name in ("hf", "hf-prompt-lookup", "genai"):
         assert found[name]["status"] == "ok", found[name].get("reason")
         assert found[name]["identical_to_plain"] is True
+
+
+LLAMACPP_SYSTEMS = ["llamacpp", "llamacpp-prompt-lookup"]
+
+
+def test_llamacpp_install_hint_when_not_installed(tiny_bundle, tmp_path, monkeypatch, capsys):
+    """Without llama-cpp-python: asked for by name, the bench stops with the install hint; as part
+    of the default (all systems), each llama.cpp row carries the hint and the rest runs."""
+    from conflayers.tools.bench_systems import LLAMA_CPP_INSTALL_HINT
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)          # import llama_cpp -> ImportError
+    assert main([tiny_bundle, "--task", "gsm8k", "--num-prompts", "1", "--max-new-tokens", "4",
+                 "--systems", "plain,llamacpp"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"Error: {LLAMA_CPP_INSTALL_HINT}"
+    assert "bash tools/install_llama_cpp.sh" in LLAMA_CPP_INSTALL_HINT
+    rc, doc = bench(tmp_path, tiny_bundle, "--task", "gsm8k", "--num-prompts", 1, "--max-new-tokens", 4)
+    assert rc == 0
+    systems = by_name(doc)
+    for name in LLAMACPP_SYSTEMS:
+        assert systems[name]["status"] == "skipped"
+        assert systems[name]["reason"] == LLAMA_CPP_INSTALL_HINT
+    assert systems["plain"]["status"] == "ok" and systems["plain"]["disk"]["bytes"] > 0
+    assert systems["plain"]["disk"]["what"] == "bundle directory"
+    assert doc["meta"]["settings"]["threads"] > 0
+    out = capsys.readouterr().out
+    assert f"llamacpp               skipped: {LLAMA_CPP_INSTALL_HINT}" in out and "disk MB" in out
+
+
+def test_gguf_location(tmp_path):
+    """--gguf wins; a .gguf source in the manifest is used; otherwise the error says to pass --gguf."""
+    from conflayers.tools.bench_systems import Unavailable, locate_gguf
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF")
+    assert locate_gguf({"name": "x", "source": "random init"}, str(f)) == str(f)
+    assert locate_gguf({"name": "m", "source": str(f)}, None) == str(f)
+    with pytest.raises(Unavailable, match="--gguf .*no such file"):
+        locate_gguf({}, str(tmp_path / "nope.gguf"))
+    with pytest.raises(Unavailable, match="pass --gguf FILE"):
+        locate_gguf({"name": "tiny", "source": "random init"}, None)
+
+
+@pytest.mark.real_model
+def test_llamacpp_on_real_gguf(tmp_path, request):
+    """llama.cpp plain and prompt lookup on the GGUF file of the bundle's model (the alias's
+    file from the model resolver, or CONFLAYERS_TEST_GGUF): both run and report speed, TTFT,
+    identity with plain, disk size and peak RSS (--memory)."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (bash tools/install_llama_cpp.sh)")
+    from conflayers.runtime import Bundle
+    from conflayers.tools.bench_systems import Unavailable, locate_gguf
+    bundle = os.environ.get("CONFLAYERS_TEST_BUNDLE") or request.getfixturevalue("smollm2_bundle")
+    try:
+        gguf = locate_gguf(Bundle.open(bundle, verify=False).manifest["model"], os.environ.get("CONFLAYERS_TEST_GGUF"))
+    except Unavailable as e:
+        pytest.skip(f"no GGUF file for the bundle's model: {e} (set CONFLAYERS_TEST_GGUF)")
+    rc, doc = bench(tmp_path, bundle, "--task", "gsm8k", "--num-prompts", 1, "--max-new-tokens", 16,
+                    "--systems", "plain," + ",".join(LLAMACPP_SYSTEMS), "--gguf", gguf, "--memory")
+    assert rc == 0
+    found = by_name(doc)
+    for name in LLAMACPP_SYSTEMS:
+        s = found[name]
+        assert s["status"] == "ok", s["reason"]
+        assert s["tokens_per_s"] > 0 and s["ttft_s"] > 0
+        assert s["identical_to_plain"] is not None
+        assert s["disk"]["bytes"] == os.path.getsize(gguf)
+        assert s["rss"]["peak_rss_mb"] > 0, s["rss"]
+    assert found["llamacpp-prompt-lookup"]["speculative"] is True
+    assert found["llamacpp-prompt-lookup"]["draft_steps"] >= 0

@@ -3,7 +3,8 @@ systems, on the same prompts, in one process, interleaved.
 
     conflayers-bench BUNDLE [--prompts FILE.jsonl | --task NAME ...] [--num-prompts N]
                      [--max-new-tokens M] [--seed S] [--systems LIST] [--json FILE] [--plot FILE.png]
-                     [--hf-model NAME] [--chat|--no-chat] [--memory] [--no-guard] [--own-profile]
+                     [--hf-model NAME] [--gguf FILE] [--prompt-lookup-tokens N] [--chat|--no-chat]
+                     [--memory] [--no-guard] [--own-profile]
     conflayers-bench plot A.json [B.json ...] -o FILE.png     (one chart from several runs)
 
 Systems (--systems a,b,c; default: all):
@@ -14,6 +15,16 @@ Systems (--systems a,b,c; default: all):
   hf-prompt-lookup  transformers prompt-lookup decoding (prompt_lookup_num_tokens=10), greedy
   genai             ONNX Runtime GenAI plain greedy decoding of the same model (fp32, cpu), built
                     once by its model builder and cached under $CONFLAYERS_CACHE/genai/
+  genai-int4        the same at int4 (builder -p int4: MatMulNBits, block 32, symmetric, accuracy
+                    level 4), the precision matching a Q4 GGUF
+  genai-ngram, genai-int4-ngram
+                    GenAI's own n-gram speculative decoding (ngram_size 3 = match the last 2 tokens,
+                    max_draft_tokens = --prompt-lookup-tokens, fixed width) on those two models
+  llamacpp          llama-cpp-python greedy decoding of the GGUF file the model came from (--gguf),
+                    optional: bash tools/install_llama_cpp.sh
+  llamacpp-prompt-lookup
+                    llama-cpp-python's prompt lookup decoding (LlamaPromptLookupDecoding,
+                    num_pred_tokens = --prompt-lookup-tokens, max_ngram_size 2), greedy
 
 Method:
 - Every system gets the same prompt token ids (the runtime's tokenizer and chat template).
@@ -35,11 +46,15 @@ Method:
   drafted tokens (every drafted token is one pass of the draft body and head; a speculative step
   drafts up to k). HF prompt lookup: full passes = counted forward calls of the model. Plain
   decoding: one full pass per token, i.e. full bytes x tokens/s. KV-cache reads are not counted.
-- Threads: ONNX Runtime (runtime, genai) uses its defaults (one thread per core); torch uses
-  torch.set_num_threads(cores) with OMP_WAIT_POLICY=PASSIVE unless the environment sets it
+- Threads: the runtime, genai and llama.cpp use the runtime's count ($CONFLAYERS_THREADS, else
+  one thread per core); torch uses torch.set_num_threads(cores) with OMP_WAIT_POLICY=PASSIVE unless the environment sets it
   (spin-waiting OpenMP threads made torch 5-10x slower on a busy shared machine).
+- llama.cpp: fed the prompt token ids (not text), a cold prefill per prompt (no KV-cache prefix
+  reuse), temp 0 (its greedy sampler), no repeat penalty, stopped at the runtime's end ids; its
+  context = the bundle's. Full bytes = the GGUF file size.
+- Disk: the bundle directory, the HF model directory, the GenAI model directory, the GGUF file.
 - Memory. Without --memory: the process's VmRSS after loading each backend and warming up its
-  systems, in the order runtime -> hf -> genai (cumulative; the delta is that backend's share;
+  systems, in the order runtime -> hf -> genai -> llamacpp (cumulative; the delta is that backend's share;
   plain, the profiles and auto share one Engine, hf and hf-prompt-lookup one model). With
   --memory: one subprocess per system loads only that system (plain: the full graph alone;
   profile:X: full + X's draft; auto: the bundle as Engine.load opens it) and generates one
@@ -63,11 +78,17 @@ from importlib.metadata import version
 
 from conflayers.runtime.profile import task_name
 
-from .bench_systems import (GENAI, HF, PROMPT_LOOKUP_TOKENS, RUNTIME, BenchPrompt, GenAIBackend, GenAISystem, HFBackend, HFSystem,
-                            RuntimeBackend, RuntimeSystem, Unavailable, genai_model_dir, resolve_hf_dir,
+from .bench_systems import (GENAI, GENAI_NGRAM_SIZE, HF, LLAMA_CPP_INSTALL_HINT, LLAMACPP, PROMPT_LOOKUP_TOKENS, RUNTIME,
+                            BenchPrompt, GenAIBackend, GenAISystem, HFBackend, HFSystem, LlamaCppBackend,
+                            LlamaCppSystem, RuntimeBackend, RuntimeSystem, Unavailable, genai_model_dir,
+                            import_llama_cpp, locate_gguf, path_bytes, resolve_hf_dir, runtime_threads,
                             proc_status_kb, rss_mb, spawn_child)
 
-REFERENCE_SYSTEMS = ("hf", "hf-prompt-lookup", "genai")
+# name -> (builder precision, n-gram speculative mode)
+GENAI_SYSTEMS = {"genai": ("fp32", False), "genai-ngram": ("fp32", True),
+                 "genai-int4": ("int4", False), "genai-int4-ngram": ("int4", True)}
+LLAMACPP_SYSTEMS = ("llamacpp", "llamacpp-prompt-lookup")
+REFERENCE_SYSTEMS = ("hf", "hf-prompt-lookup", *GENAI_SYSTEMS, *LLAMACPP_SYSTEMS)
 MEMORY_TARGET = 1.5
 PART = "evaluation"
 
@@ -84,7 +105,8 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv):
     p = _Parser(prog="conflayers-bench", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                epilog="Systems: plain, profile:<name>, auto, hf, hf-prompt-lookup, genai. "
+                epilog="Systems: plain, profile:<name>, auto, hf, hf-prompt-lookup, genai, genai-ngram, "
+                       "genai-int4, genai-int4-ngram, llamacpp, llamacpp-prompt-lookup. "
                        "Subcommand: conflayers-bench plot A.json [B.json ...] -o FILE.png")
     p.add_argument("bundle", help="a compiled conflayers bundle directory")
     src = p.add_mutually_exclusive_group()
@@ -100,6 +122,12 @@ def parse_args(argv):
     p.add_argument("--plot", metavar="FILE.png", help="speed-up and acceptance-length chart")
     p.add_argument("--hf-model", metavar="NAME", help="model for hf/genai (alias, HF dir, .gguf, hub id); "
                                                       "default: the bundle's model")
+    p.add_argument("--gguf", metavar="FILE", help="GGUF file for llamacpp / llamacpp-prompt-lookup (default: the "
+                                                  "bundle's model source when it is a .gguf, else the model "
+                                                  "resolver's cached GGUF of the alias)")
+    p.add_argument("--prompt-lookup-tokens", type=int, default=PROMPT_LOOKUP_TOKENS, metavar="N",
+                   help=f"tokens per proposal of hf-prompt-lookup, llamacpp-prompt-lookup and the genai n-gram "
+                        f"systems (default {PROMPT_LOOKUP_TOKENS}; GenAI allows 1-16)")
     chat = p.add_mutually_exclusive_group()
     chat.add_argument("--chat", dest="chat", action="store_const", const=True, default=None,
                       help="apply the bundle's chat template to the prompts (default: when it has one)")
@@ -116,6 +144,8 @@ def parse_args(argv):
         raise BenchError("--num-prompts must be at least 1")
     if args.max_new_tokens < 1:
         raise BenchError("--max-new-tokens must be at least 1")
+    if args.prompt_lookup_tokens < 1:
+        raise BenchError("--prompt-lookup-tokens must be at least 1")
     return args
 
 
@@ -143,7 +173,8 @@ def machine_info() -> dict:
 
 
 def versions() -> dict:
-    return {k: _version(k) for k in ("conflayers", "onnxruntime", "onnxruntime-genai", "transformers", "torch")}
+    return {k: _version(k) for k in ("conflayers", "onnxruntime", "onnxruntime-genai", "transformers", "torch",
+                                     "llama-cpp-python")}
 
 
 def _mean(xs):
@@ -248,8 +279,9 @@ class Slot:
         self.reason: str | None = None
         self.status = "pending"
         self.rss: dict = {}
+        self.disk: dict | None = None     # {"bytes", "path", "what"}: the files this system loads
         self.kind = RUNTIME if name in ("plain", "auto") or name.startswith("profile:") else \
-            (GENAI if name == "genai" else HF)
+            (GENAI if name in GENAI_SYSTEMS else LLAMACPP if name in LLAMACPP_SYSTEMS else HF)
 
     @property
     def ok(self) -> bool:
@@ -283,7 +315,7 @@ def build_systems(names, args, runtime: RuntimeBackend, warm_prompt: BenchPrompt
         for s in group:
             if s.ok:
                 s.rss = {"method": "in-process VmRSS after loading and warming up this backend (cumulative "
-                                   "in load order runtime -> hf -> genai)", "rss_mb": now,
+                                   "in load order runtime -> hf -> genai -> llamacpp)", "rss_mb": now,
                          "delta_mb": meta["memory"]["backends"][backend_name]["delta_mb"],
                          "shared": shared_note}
         rss_before = now
@@ -299,6 +331,9 @@ def build_systems(names, args, runtime: RuntimeBackend, warm_prompt: BenchPrompt
             s.system = RuntimeSystem(s.name, runtime, s.name.split(":", 1)[1], speculate=True)
     warm(rt)
     record(rt, "runtime", "one Engine (full graph + every draft) serves plain, the profiles and auto")
+    rt_disk = {"bytes": path_bytes(engine.bundle.path), "path": engine.bundle.path, "what": "bundle directory"}
+    for s in rt:
+        s.disk = rt_disk
 
     hf_dir, hf_reason = None, None
     if any(slots[n].kind in (HF, GENAI) for n in names):
@@ -326,29 +361,75 @@ def build_systems(names, args, runtime: RuntimeBackend, warm_prompt: BenchPrompt
             if backend is None:
                 s.status, s.reason = "skipped", reason
             else:
-                s.system = HFSystem(s.name, backend, engine.stop_ids, prompt_lookup=s.name == "hf-prompt-lookup")
+                s.system = HFSystem(s.name, backend, engine.stop_ids, prompt_lookup=s.name == "hf-prompt-lookup",
+                                    lookup_tokens=args.prompt_lookup_tokens)
+                s.disk = {"bytes": path_bytes(hf_dir), "path": hf_dir, "what": "Hugging Face model directory"}
         warm(hf)
         record(hf, "hf", "one transformers model serves hf and hf-prompt-lookup")
 
-    if "genai" in slots:
-        s = slots["genai"]
-        reason = hf_reason
+    # genai: one model per builder precision, shared by its plain and n-gram systems
+    threads = runtime_threads()
+    for precision in dict.fromkeys(GENAI_SYSTEMS[n][0] for n in names if n in GENAI_SYSTEMS):
+        group = [slots[n] for n in names if n in GENAI_SYSTEMS and GENAI_SYSTEMS[n][0] == precision]
+        reason, backend = hf_reason, None
         if reason is None:
             try:
                 import onnxruntime_genai  # noqa: F401
-                model_dir = genai_model_dir(hf_dir, engine.bundle.manifest["model"].get("name") or "model", _log)
-                s.system = GenAISystem("genai", GenAIBackend(model_dir), engine.stop_ids)
-                meta["genai_model_dir"] = model_dir
+                model_dir = genai_model_dir(hf_dir, engine.bundle.manifest["model"].get("name") or "model", _log,
+                                            precision=precision)
+                backend = GenAIBackend(model_dir, threads)
+                meta.setdefault("genai_model_dirs", {})[precision] = model_dir
+                if precision == "fp32":
+                    meta["genai_model_dir"] = model_dir
             except ImportError as e:
                 reason = f"onnxruntime-genai is not installed ({e}); pip install conflayers[bench]"
             except Unavailable as e:
                 reason = str(e)
             except Exception as e:  # noqa: BLE001
                 reason = f"{type(e).__name__}: {e}"
-        if reason:
-            s.status, s.reason = "skipped", reason
-        warm([s])
-        record([s], "genai", None)
+        for s in group:
+            if backend is None:
+                s.status, s.reason = "skipped", reason
+                continue
+            ngram = args.prompt_lookup_tokens if GENAI_SYSTEMS[s.name][1] else None
+            if ngram is not None and not 1 <= ngram <= 16:
+                s.status, s.reason = "skipped", (f"not available: GenAI's max_draft_tokens must be 1-16, "
+                                                 f"--prompt-lookup-tokens is {ngram}")
+                continue
+            s.system = GenAISystem(s.name, backend, engine.stop_ids, ngram=ngram)
+            s.disk = {"bytes": path_bytes(backend.model_dir), "path": backend.model_dir,
+                      "what": f"GenAI model directory ({precision})"}
+        warm(group)
+        for s in group:
+            if GENAI_SYSTEMS[s.name][1] and s.status == "failed":
+                s.reason = (f"not available: onnxruntime-genai {_version('onnxruntime-genai')}'s n-gram speculative "
+                            f"decoding failed on this model on CPU ({s.reason})")
+        record(group, f"genai-{precision}", f"one GenAI {precision} model serves "
+               + ", ".join(s.name for s in group))
+
+    # llama.cpp: one Llama per system (prompt lookup needs every position's logits), same GGUF file
+    lc = [slots[n] for n in names if slots[n].kind == LLAMACPP]
+    if lc:
+        reason, gguf = None, None
+        try:
+            import_llama_cpp()
+            gguf = locate_gguf(engine.bundle.manifest["model"], args.gguf)
+            meta["gguf"] = {"path": gguf, "bytes": path_bytes(gguf)}
+        except Unavailable as e:
+            reason = str(e)
+        for s in lc:
+            if reason:
+                s.status, s.reason = "skipped", reason
+                continue
+            try:
+                lookup = args.prompt_lookup_tokens if s.name == "llamacpp-prompt-lookup" else None
+                backend = LlamaCppBackend(gguf, engine.capacity, threads, lookup)
+                s.system = LlamaCppSystem(s.name, backend, engine.stop_ids)
+                s.disk = {"bytes": path_bytes(gguf), "path": gguf, "what": "GGUF file"}
+            except Exception as e:  # noqa: BLE001
+                s.status, s.reason = "skipped", f"loading {gguf} failed: {type(e).__name__}: {e}"
+        warm(lc)
+        record(lc, "llamacpp", "one llama.cpp model per system (mmap of the same GGUF file)")
     return [slots[n] for n in names]
 
 
@@ -397,7 +478,8 @@ def summarize(sec, slots, engine) -> list[dict]:
                "drafted_tokens": None, "accepted_tokens": None, "accept_length_histogram": {},
                "completion_tokens_per_prompt": [], "identical_to_plain": None, "mismatches": [],
                "profiles_used": {}, "guard_stopped_prompts": None, "weight_bytes_full": None,
-               "weight_bytes_draft": None, "bytes_per_token": None, "bandwidth_gb_s": None, "rss": s.rss or None}
+               "weight_bytes_draft": None, "bytes_per_token": None, "bandwidth_gb_s": None, "rss": s.rss or None,
+               "disk": s.disk or None}
         if s.ok and s.name not in runs:
             obj.update(status="skipped", reason="not run on this task (--own-profile)")
         if s.ok and s.name in runs:
@@ -471,10 +553,17 @@ def measure_memory(args, slots, runtime, prompt: BenchPrompt, meta: dict) -> Non
             specs[s.name] = {"kind": RUNTIME, "profiles": [p], "runs": [[p, True]]}
             wanted[s.name] = s.name
         elif s.kind == HF:
-            specs[s.name] = {"kind": HF, "hf_dir": s.system.backend.hf_dir, "prompt_lookup": s.name == "hf-prompt-lookup"}
+            specs[s.name] = {"kind": HF, "hf_dir": s.system.backend.hf_dir, "prompt_lookup": s.name == "hf-prompt-lookup",
+                             "lookup_tokens": args.prompt_lookup_tokens}
             wanted[s.name] = s.name
         elif s.kind == GENAI:
-            specs[s.name] = {"kind": GENAI, "genai_dir": s.system.backend.model_dir}
+            specs[s.name] = {"kind": GENAI, "genai_dir": s.system.backend.model_dir, "ngram": s.system.ngram,
+                             "threads": s.system.backend.threads}
+            wanted[s.name] = s.name
+        elif s.kind == LLAMACPP:
+            b = s.system.backend
+            specs[s.name] = {"kind": LLAMACPP, "gguf": b.gguf, "n_ctx": b.n_ctx, "threads": b.threads,
+                             "lookup_tokens": args.prompt_lookup_tokens if b.probe is not None else None}
             wanted[s.name] = s.name
     reports = {}
     for key, spec in specs.items():
@@ -507,6 +596,10 @@ def _f(v, fmt="{:.2f}", none="-"):
     return none if v is None else fmt.format(v)
 
 
+def _disk_cell(disk: dict | None) -> str:
+    return _f(disk.get("bytes") and disk["bytes"] / 1e6, "{:.0f}") if disk else "-"
+
+
 def _rss_cell(rss: dict | None) -> str:
     if not rss:
         return "-"
@@ -524,13 +617,18 @@ def render(doc: dict) -> str:
     lines = [f"conflayers-bench  {meta['date']}",
              f"machine: {m['cores']} CPU cores ({m.get('cpu') or 'unknown CPU'}), {m['platform']}, python {m['python']}; "
              + ", ".join(f"{k} {v[k]}" if v.get(k) else f"{k} not installed"
-                         for k in ("onnxruntime", "onnxruntime-genai", "transformers", "torch")),
+                         for k in ("onnxruntime", "onnxruntime-genai", "transformers", "torch", "llama-cpp-python")),
              f"command: {meta['command']}",
              f"bundle: {meta['bundle']['path']} (model {meta['bundle']['model']}, source {meta['bundle']['source']}; "
              f"profiles: {', '.join(meta['bundle']['profiles']) or '(none)'})",
              f"settings: {meta['settings']['max_new_tokens']} new tokens max, greedy, "
              f"chat template {'on' if meta['settings']['chat'] else 'off'}, speculation guard "
-             f"{'on' if meta['settings']['guard'] else 'off'}, seed {meta['settings']['seed']}"]
+             f"{'on' if meta['settings']['guard'] else 'off'}, seed {meta['settings']['seed']}"
+             + (f", {meta['settings']['threads']} threads" if meta["settings"].get("threads") else "")
+             + (f", prompt lookup {meta['settings']['prompt_lookup_num_tokens']} tokens/proposal")]
+    if meta.get("gguf"):
+        g = meta["gguf"]
+        lines.append(f"gguf: {g['path']} ({_f(g.get('bytes') and g['bytes'] / 1e6, '{:.1f}')} MB)")
     wa = meta.get("weight_accounting") or {}
     if wa:
         parts = [f"full {wa['full_bytes'] / 1e6:.1f} MB ({wa['full_method']})"] if wa.get("full_bytes") else []
@@ -549,7 +647,7 @@ def render(doc: dict) -> str:
             lines.append(f"user prompt file ({sec['split']}): {len(ov)} of {sec['n_prompts']} prompts appear "
                          "among the bundle's recorded calibration prompt ids")
         header = (f"  {'system':<22} {'tok/s':>7} {'speed-up':>8} {'TTFT ms':>8} {'acc/step':>8} {'acc rate':>8} "
-                  f"{'identical':>9} {'RSS MB':>12} {'GB/s':>6}")
+                  f"{'identical':>9} {'RSS MB':>12} {'disk MB':>8} {'GB/s':>6}")
         lines.append(header)
         lines.append("  " + "-" * (len(header) - 2))
         rows = [s for s in doc["systems"] if s["task"] == sec["task"]
@@ -563,7 +661,8 @@ def render(doc: dict) -> str:
             lines.append(f"{mark} {s['name']:<22} {_f(s['tokens_per_s']):>7} {_f(s['speedup_vs_plain'], '{:.2f}x'):>8} "
                          f"{_f(s['ttft_s'] and s['ttft_s'] * 1000, '{:.0f}'):>8} "
                          f"{_f(s['mean_accepted_tokens']):>8} {_f(s['acceptance_rate']):>8} {ident:>9} "
-                         f"{_rss_cell(s['rss']):>12} {_f(s['bandwidth_gb_s'], '{:.1f}'):>6}")
+                         f"{_rss_cell(s['rss']):>12} {_disk_cell(s.get('disk')):>8} "
+                         f"{_f(s['bandwidth_gb_s'], '{:.1f}'):>6}")
         lines.append("  per-prompt tok/s:")
         for s in rows:
             if s["status"] == "ok":
@@ -579,7 +678,8 @@ def render(doc: dict) -> str:
     lines.append("")
     lines.append("* headline systems of a task: auto and the profile compiled for it. tok/s: decode rate after "
                  "the first token, mean over prompts; speed-up: vs plain in this run; acc/step: mean accepted "
-                 "draft tokens per speculative step; GB/s: weight bytes read per token x tok/s.")
+                 "draft tokens per speculative step; GB/s: weight bytes read per token x tok/s; disk MB: the "
+                 "files the system loads (bundle directory, HF / GenAI model directory, GGUF file).")
     mem = meta["memory"]
     if mem.get("mode") == "subprocess":
         rm = meta.get("runtime_memory") or {}
@@ -593,7 +693,7 @@ def render(doc: dict) -> str:
             lines.append(f"memory child {k} failed: {e}")
     else:
         lines.append("RSS MB: process VmRSS after loading each backend and warming up its systems (load order "
-                     "runtime -> hf -> genai), (+increase); systems of one backend share it. Peak: "
+                     "runtime -> hf -> genai -> llamacpp), (+increase); systems of one backend share it. Peak: "
                      f"{_f(mem.get('peak_rss_mb'), '{:.0f}')} MB. Per-system peaks and the runtime's "
                      "full+drafts/full ratio: --memory.")
     if meta.get("hf_matches_bundle_weights") is False:
@@ -616,6 +716,11 @@ def run(args, argv) -> int:
     except BundleError as e:
         raise BenchError(str(e)) from None
     names = resolve_systems(args.systems, sorted(bundle.profiles))
+    if args.systems and any(n in LLAMACPP_SYSTEMS for n in names):
+        try:                    # asked for by name: fail now, not as a row of the table
+            import_llama_cpp()
+        except Unavailable as e:
+            raise BenchError(str(e)) from None
     sections = load_sections(args, bundle)
 
     meta = {"tool": "conflayers-bench", "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
@@ -628,7 +733,8 @@ def run(args, argv) -> int:
                          "chat": args.chat, "guard": not args.no_guard, "systems": names,
                          "memory": args.memory, "greedy": True, "torch_threads": os.cpu_count(),
                          "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
-                         "prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS},
+                         "prompt_lookup_num_tokens": args.prompt_lookup_tokens,
+                         "genai_ngram_size": GENAI_NGRAM_SIZE, "threads": runtime_threads()},
             "memory": {"mode": "subprocess" if args.memory else "in-process", "rss_start_mb": rss_mb(), "backends": {}}}
     _log(f"loading {bundle.path} ...")
     try:

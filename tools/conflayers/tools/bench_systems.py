@@ -5,7 +5,10 @@ template), so outputs can be compared token by token with the runtime's plain de
 
 - runtime systems (`plain`, `profile:<name>`, `auto`) share one `Engine` over the bundle;
 - `hf` / `hf-prompt-lookup` share one transformers model (torch + transformers needed);
-- `genai` is ONNX Runtime GenAI over a model its own builder made from the same HF weights.
+- `genai`, `genai-int4` (+ `-ngram`: its n-gram speculative mode) are ONNX Runtime GenAI over
+  models its own builder made from the same HF weights, at fp32 and int4;
+- `llamacpp` / `llamacpp-prompt-lookup`: llama-cpp-python on the GGUF file the model came from
+  (optional: tools/install_llama_cpp.sh).
 
 Timing matches the runtime's metrics for every system: time to first token = request start to
 the first new token; tokens/s = the decode rate after the first token (tokens after the first
@@ -32,7 +35,36 @@ from dataclasses import dataclass, field
 RUNTIME = "runtime"
 HF = "hf"
 GENAI = "genai"
+LLAMACPP = "llamacpp"
 PROMPT_LOOKUP_TOKENS = 10
+# GenAI's n-gram mode matches the last ngram_size - 1 tokens: 3 = the last 2, like transformers'
+# and llama-cpp-python's prompt lookup (max n-gram 2); fixed width (no adaptive K, no chaining).
+GENAI_NGRAM_SIZE = 3
+LLAMA_CPP_INSTALL_HINT = "llama-cpp-python is not installed: run bash tools/install_llama_cpp.sh"
+
+
+def runtime_threads() -> int:
+    """The thread count the runtime's ONNX Runtime uses: $CONFLAYERS_THREADS, else every core."""
+    try:
+        n = int(os.environ.get("CONFLAYERS_THREADS", "0") or 0)
+    except ValueError:
+        n = 0
+    return n if n > 0 else (os.cpu_count() or 1)
+
+
+def path_bytes(path: str | None) -> int | None:
+    """Size on disk of a file, or of every file under a directory (symlinks not followed)."""
+    if not path or not os.path.exists(path):
+        return None
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            fp = os.path.join(root, f)
+            if not os.path.islink(fp):
+                total += os.path.getsize(fp)
+    return total
 
 
 class Unavailable(Exception):
@@ -359,8 +391,10 @@ def _prompt_lookup_probe(stats: dict):
 class HFSystem:
     kind = HF
 
-    def __init__(self, name: str, backend: HFBackend, stop_ids, prompt_lookup: bool):
+    def __init__(self, name: str, backend: HFBackend, stop_ids, prompt_lookup: bool,
+                 lookup_tokens: int = PROMPT_LOOKUP_TOKENS):
         self.name, self.backend, self.prompt_lookup = name, backend, prompt_lookup
+        self.lookup_tokens = int(lookup_tokens)
         self.stop_ids = frozenset(stop_ids)
 
     @property
@@ -381,7 +415,7 @@ class HFSystem:
         stats = {"steps": 0, "drafted": 0, "accepted": 0, "lengths": []}
         probe = contextlib.nullcontext()
         if self.prompt_lookup:
-            kwargs["prompt_lookup_num_tokens"] = PROMPT_LOOKUP_TOKENS
+            kwargs["prompt_lookup_num_tokens"] = self.lookup_tokens
             probe = _prompt_lookup_probe(stats)
         self.backend.forwards = 0
         t0 = time.perf_counter()
@@ -402,14 +436,16 @@ class HFSystem:
 
 # ----------------------------------------------------------------------------- ONNX Runtime GenAI
 
-def genai_model_dir(hf_dir: str, model_name: str, log=print) -> str:
-    """Build (once) ONNX Runtime GenAI's fp32 CPU model of hf_dir, cached under
-    $CONFLAYERS_CACHE/genai/<model-name>-fp32. Raises Unavailable with the builder's error."""
+def genai_model_dir(hf_dir: str, model_name: str, log=print, precision: str = "fp32") -> str:
+    """Build (once) ONNX Runtime GenAI's CPU model of hf_dir at `precision` (builder -p: fp32, or
+    int4 = its MatMulNBits defaults on CPU: block 32, symmetric, accuracy level 4), cached under
+    $CONFLAYERS_CACHE/genai/<model-name>-<precision>. Raises Unavailable with the builder's error."""
     from conflayers.compiler.models import cache_dir
     from conflayers.runtime.profile import safe_name
-    out = os.path.join(cache_dir(), "genai", f"{safe_name(model_name, 'model')}-fp32")
+    out = os.path.join(cache_dir(), "genai", f"{safe_name(model_name, 'model')}-{precision}")
     stamp = os.path.join(out, "conflayers_source.json")
-    src = {"hf_dir": os.path.abspath(hf_dir), "config_mtime": os.path.getmtime(os.path.join(hf_dir, "config.json"))}
+    src = {"hf_dir": os.path.abspath(hf_dir), "config_mtime": os.path.getmtime(os.path.join(hf_dir, "config.json")),
+           "precision": precision}
     if os.path.isfile(stamp):
         with contextlib.suppress(OSError, ValueError):
             with open(stamp) as f:
@@ -418,10 +454,10 @@ def genai_model_dir(hf_dir: str, model_name: str, log=print) -> str:
     os.makedirs(os.path.dirname(out), exist_ok=True)
     work = tempfile.mkdtemp(prefix=".genai-build-", dir=os.path.dirname(out))
     try:
-        log(f"building the ONNX Runtime GenAI model of {hf_dir} (fp32, cpu) into {out} ...")
+        log(f"building the ONNX Runtime GenAI model of {hf_dir} ({precision}, cpu) into {out} ...")
         t0 = time.perf_counter()
         cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", hf_dir,
-               "-o", os.path.join(work, "model"), "-p", "fp32", "-e", "cpu", "-c", os.path.join(work, "hf_cache")]
+               "-o", os.path.join(work, "model"), "-p", precision, "-e", "cpu", "-c", os.path.join(work, "hf_cache")]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not os.path.isfile(os.path.join(work, "model", "genai_config.json")):
             lines = [ln for ln in (proc.stderr or proc.stdout or "").strip().splitlines() if ln.strip()]
@@ -441,25 +477,31 @@ def genai_model_dir(hf_dir: str, model_name: str, log=print) -> str:
 class GenAIBackend:
     kind = GENAI
 
-    def __init__(self, model_dir: str):
+    def __init__(self, model_dir: str, threads: int | None = None):
         try:
             import onnxruntime_genai as og
         except ImportError as e:
             raise Unavailable(f"onnxruntime-genai is not installed ({e}); pip install conflayers[bench]") from None
         self.og = og
         self.model_dir = model_dir
-        self.model = og.Model(model_dir)
+        self.threads = threads or runtime_threads()
+        config = og.Config(model_dir)      # the runtime's thread count, not GenAI's default
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "intra_op_num_threads": self.threads}}}}))
+        self.model = og.Model(config)
         self.weight_bytes = sum(os.path.getsize(os.path.join(model_dir, f)) for f in os.listdir(model_dir)
                                 if f.endswith((".onnx.data", ".data")) or f.endswith(".onnx"))
 
 
 class GenAISystem:
+    """GenAI greedy decoding; with `ngram` (tokens per proposal) its own n-gram speculative
+    decoding (`set_speculative_options(ngram_size=GENAI_NGRAM_SIZE, max_draft_tokens=ngram)`)."""
     kind = GENAI
-    speculative = False
 
-    def __init__(self, name: str, backend: GenAIBackend, stop_ids):
-        self.name, self.backend = name, backend
+    def __init__(self, name: str, backend: GenAIBackend, stop_ids, ngram: int | None = None):
+        self.name, self.backend, self.ngram = name, backend, ngram
         self.stop_ids = frozenset(stop_ids)
+        self.speculative = bool(ngram)
 
     def weight_bytes(self, run: Run) -> tuple[int, int]:
         return self.backend.weight_bytes, 0
@@ -468,6 +510,8 @@ class GenAISystem:
         og = self.backend.og
         params = og.GeneratorParams(self.backend.model)
         params.set_search_options(do_sample=False, max_length=len(prompt.ids) + max_new)
+        if self.ngram:
+            params.set_speculative_options(ngram_size=GENAI_NGRAM_SIZE, max_draft_tokens=int(self.ngram))
         t0 = time.perf_counter()
         gen = og.Generator(self.backend.model, params)
         gen.append_tokens(prompt.ids)
@@ -480,11 +524,151 @@ class GenAISystem:
             if tok in self.stop_ids:
                 break
         total = time.perf_counter() - t0
+        stats = gen.get_speculative_stats() if self.ngram else {}
         del gen
         tps = (len(out) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
+        # each target pass yields one token of its own plus the proposals it accepts (the runtime's count)
+        passes = len(out) - int(stats.get("draft_tokens_accepted", 0)) if self.ngram else len(out)
         return Run(token_ids=cut_at_stop(out, self.stop_ids), generated=len(out),
                    ttft_s=(times[0] - t0) if times else total, tokens_per_s=tps, total_s=total,
-                   full_passes=len(out))
+                   full_passes=passes, draft_steps=int(stats.get("target_verify_forward_passes", 0)),
+                   drafted=int(stats.get("draft_tokens_evaluated", 0)),
+                   accepted=int(stats.get("draft_tokens_accepted", 0)))
+
+
+# ----------------------------------------------------------------------------- llama.cpp
+
+def import_llama_cpp():
+    """The llama_cpp module, or Unavailable with the install hint."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise Unavailable(LLAMA_CPP_INSTALL_HINT) from None
+    return llama_cpp
+
+
+def locate_gguf(manifest_model: dict, override: str | None) -> str:
+    """The GGUF file the bundle's model came from: --gguf, else the manifest's source when it is a
+    .gguf path, else `conflayers.compiler.models.resolve_model(name).gguf` (where the resolver
+    keeps an alias's GGUF in the model cache). Raises Unavailable saying to pass --gguf."""
+    if override:
+        path = os.path.abspath(os.path.expanduser(override))
+        if not os.path.isfile(path):
+            raise Unavailable(f"--gguf {override}: no such file")
+        return path
+    name, source = manifest_model.get("name"), manifest_model.get("source")
+    local = local_source(source)
+    if local and local.lower().endswith(".gguf") and os.path.isfile(local):
+        return local
+    errors = []
+    try:
+        from conflayers.compiler.models import ALIASES, ModelResolutionError, resolve_model
+    except ImportError as e:
+        raise Unavailable(f"the bundle's GGUF file is not known (the compiler is not installed: {e}); "
+                          "pass --gguf FILE") from None
+    for cand in [c for c in (name, local) if isinstance(c, str) and (c in ALIASES or os.path.exists(c))]:
+        try:
+            gguf = getattr(resolve_model(cand, progress=False), "gguf", None)
+        except ModelResolutionError as e:
+            errors.append(f"{cand}: {e}")
+            continue
+        if gguf and os.path.isfile(gguf):
+            return os.path.abspath(gguf)
+        errors.append(f"{cand}: the model resolver does not give its GGUF file")
+    raise Unavailable(f"the GGUF file of the bundle's model (name {name!r}, source {source!r}) is not known here"
+                      + (f" ({'; '.join(errors)})" if errors else "") + "; pass --gguf FILE")
+
+
+class _LookupProbe:
+    """Wraps llama-cpp-python's draft model: records each proposal and where in the output it
+    starts, so acceptance can be counted against the greedy output afterwards."""
+
+    def __init__(self, draft):
+        self.draft = draft
+        self.out: list[int] = []
+        self.calls: list[tuple[int, list[int]]] = []
+
+    def __call__(self, input_ids, /, **kwargs):
+        d = self.draft(input_ids, **kwargs)
+        self.calls.append((len(self.out), [int(t) for t in d]))
+        return d
+
+
+class LlamaCppBackend:
+    """One llama_cpp.Llama over the GGUF file (plain, or with prompt lookup as its draft model:
+    llama-cpp-python then keeps the logits of every position, which verification needs)."""
+    kind = LLAMACPP
+
+    def __init__(self, gguf: str, n_ctx: int, threads: int | None = None, lookup_tokens: int | None = None):
+        llama_cpp = import_llama_cpp()
+        self.gguf, self.n_ctx = gguf, int(n_ctx)
+        self.threads = threads or runtime_threads()
+        self.probe = None
+        kwargs = {}
+        if lookup_tokens:
+            from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+            self.probe = _LookupProbe(LlamaPromptLookupDecoding(num_pred_tokens=int(lookup_tokens)))
+            kwargs["draft_model"] = self.probe
+        self.llm = llama_cpp.Llama(model_path=gguf, n_ctx=self.n_ctx, n_threads=self.threads,
+                                   n_threads_batch=self.threads, verbose=False, **kwargs)
+        self.version = getattr(llama_cpp, "__version__", None)
+        self.file_bytes = os.path.getsize(gguf)
+
+
+class LlamaCppSystem:
+    """llama-cpp-python greedy decoding (temp 0: its greedy sampler, no repeat penalty) from the
+    prompt token ids; prompt lookup when the backend has its draft model."""
+    kind = LLAMACPP
+
+    def __init__(self, name: str, backend: LlamaCppBackend, stop_ids):
+        self.name, self.backend = name, backend
+        self.stop_ids = frozenset(stop_ids)
+        self.speculative = backend.probe is not None
+
+    def weight_bytes(self, run: Run) -> tuple[int, int]:
+        return self.backend.file_bytes, 0
+
+    def generate(self, prompt: BenchPrompt, max_new: int) -> Run:
+        llm, probe = self.backend.llm, self.backend.probe
+        if len(prompt.ids) + max_new > self.backend.n_ctx:
+            raise RuntimeError(f"prompt {prompt.uid} ({len(prompt.ids)} tokens) + {max_new} new tokens exceed "
+                               f"llama.cpp's context of {self.backend.n_ctx}")
+        llm.reset()             # no KV-cache prefix reuse from the previous prompt: a cold prefill like the others
+        out: list[int] = []
+        if probe is not None:
+            probe.out, probe.calls = out, []
+        times = []
+        t0 = time.perf_counter()
+        gen = llm.generate(prompt.ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True)
+        try:
+            for tok in gen:
+                times.append(time.perf_counter())
+                out.append(int(tok))
+                if int(tok) in self.stop_ids or len(out) >= max_new:
+                    break
+        finally:
+            gen.close()
+        total = time.perf_counter() - t0
+        tps = (len(out) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
+        steps = drafted = accepted = 0
+        lengths = []
+        passes = len(out)                       # plain: the prefill, then one pass per token
+        if probe is not None:
+            passes = 1 + len(probe.calls)       # the prefill, then one verify pass per proposal
+            for pos, d in probe.calls:
+                if not d or pos >= len(out):
+                    continue
+                n = 0
+                while n < len(d) and pos + n < len(out) and d[n] == out[pos + n]:
+                    n += 1
+                steps += 1
+                drafted += len(d)
+                accepted += n
+                lengths.append(n)
+        return Run(token_ids=cut_at_stop(out, self.stop_ids), generated=len(out),
+                   ttft_s=(times[0] - t0) if times else total, tokens_per_s=tps, total_s=total,
+                   full_passes=passes, draft_steps=steps, drafted=drafted, accepted=accepted,
+                   accept_lengths=lengths)
 
 
 # ----------------------------------------------------------------------------- --memory children
@@ -508,7 +692,9 @@ def child_main(spec: dict) -> dict:
 
     kinds: "baseline" (python + the runtime imported, nothing loaded); "runtime" with
     profiles [] (full graph alone), [name] (full + that draft) or "all" (the bundle as Engine.load
-    opens it) and `runs`: [[task, speculate], ...]; "hf" (prompt_lookup true/false); "genai"."""
+    opens it) and `runs`: [[task, speculate], ...]; "hf" (prompt_lookup true/false); "genai"
+    (genai_dir, ngram: tokens per n-gram proposal or null); "llamacpp" (gguf, n_ctx, lookup_tokens
+    or null). `threads`: the runtime's thread count, for genai and llamacpp."""
     kind = spec["kind"]
     p = spec.get("prompt") or {}
     prompt = BenchPrompt(p.get("uid", "p"), p.get("text", ""), p.get("messages"), list(p.get("ids", [])))
@@ -526,10 +712,14 @@ def child_main(spec: dict) -> dict:
             engine.generate(**prompt.runtime_kwargs(), task=task, max_new_tokens=max_new, speculate=speculate)
     elif kind == HF:
         backend = HFBackend(spec["hf_dir"])
-        HFSystem("hf", backend, stop_ids, bool(spec.get("prompt_lookup"))).generate(prompt, max_new)
+        HFSystem("hf", backend, stop_ids, bool(spec.get("prompt_lookup")),
+                 lookup_tokens=int(spec.get("lookup_tokens") or PROMPT_LOOKUP_TOKENS)).generate(prompt, max_new)
     elif kind == GENAI:
-        backend = GenAIBackend(spec["genai_dir"])
-        GenAISystem("genai", backend, stop_ids).generate(prompt, max_new)
+        backend = GenAIBackend(spec["genai_dir"], spec.get("threads"))
+        GenAISystem("genai", backend, stop_ids, ngram=spec.get("ngram")).generate(prompt, max_new)
+    elif kind == LLAMACPP:
+        backend = LlamaCppBackend(spec["gguf"], spec["n_ctx"], spec.get("threads"), spec.get("lookup_tokens"))
+        LlamaCppSystem("llamacpp", backend, stop_ids).generate(prompt, max_new)
     else:
         raise ValueError(f"unknown child kind {kind!r}")
     gc.collect()
