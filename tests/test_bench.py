@@ -187,10 +187,14 @@ def test_missing_bundle(tmp_path, capsys):
 @pytest.mark.real_model
 def test_real_bundle_smoke(tmp_path, request):
     """CI smoke test on a real compiled bundle: every runtime system is lossless; plain is 1.0x;
-    the reference systems (transformers, prompt lookup, ONNX Runtime GenAI) run."""
+    the reference systems (transformers, prompt lookup, ONNX Runtime GenAI, all fp32) run, and give
+    the same tokens when the bundle's target is fp32 too (a native target computes with the GGUF's
+    4-bit weights: other tokens)."""
     bundle = os.environ.get("CONFLAYERS_TEST_BUNDLE") or request.getfixturevalue("smollm2_bundle")
     from conflayers.runtime import Bundle
-    profiles = sorted(Bundle.open(bundle, verify=False).profiles)
+    opened = Bundle.open(bundle, verify=False)
+    profiles = sorted(opened.profiles)
+    fp32_target = opened.manifest["model"].get("target", "fp32") == "fp32"
     systems = ["plain", *[f"profile:{p}" for p in profiles]] + (["auto"] if profiles else []) + \
         ["hf", "hf-prompt-lookup", "genai"]
     task = os.environ.get("CONFLAYERS_TEST_BENCH_TASK")
@@ -199,13 +203,15 @@ def test_real_bundle_smoke(tmp_path, request):
     assert rc == 0
     found = by_name(doc)
     assert found["plain"]["speedup_vs_plain"] == 1.0
-    for name in systems[:-1]:
+    for name in systems[:-3]:
         assert found[name]["status"] == "ok"
         assert found[name]["identical_to_plain"] is True, found[name]["mismatches"]
         assert found[name]["tokens_per_s"] > 0
     for name in ("hf", "hf-prompt-lookup", "genai"):
         assert found[name]["status"] == "ok", found[name].get("reason")
-        assert found[name]["identical_to_plain"] is True
+        assert found[name]["tokens_per_s"] > 0
+        if fp32_target:
+            assert found[name]["identical_to_plain"] is True
 
 
 LLAMACPP_SYSTEMS = ["llamacpp", "llamacpp-prompt-lookup"]

@@ -312,3 +312,38 @@ def test_deeply_nested_or_huge_manifest_values_raise_bundle_error(copy):
 def test_malformed_profile_sections_raise_bundle_error(copy, section, value, match):
     edit_profile(copy, "int8skip", lambda p: p.__setitem__(section, value))
     refused(copy, match)
+
+
+KILLED_PUBLISH = """
+import os, shutil, signal, sys
+sys.path.insert(0, {tests!r})
+import tiny
+from conflayers.compiler.export import bundle_writer
+model = tiny.make_model("llama", {tok!r})
+def killed(path, *a, **k):          # the process dies right after the swap, before the cleanup
+    os.kill(os.getpid(), signal.SIGKILL)
+bundle_writer.shutil.rmtree = killed
+tiny.make_bundle({out!r}, model, {tok!r}, profiles=[lambda ident: tiny.profile_json("after", ident, "int8", k=2)])
+"""
+
+
+def test_kill_between_swap_and_cleanup_leaves_the_new_bundle_whole(copy, tiny_llama, tiny_tokenizer_dir):
+    """Publishing is one atomic swap: a process killed after it (before deleting the old bundle)
+    leaves the complete new bundle at the target; the old one sits in a hidden leftover that the
+    next write to the same path removes."""
+    import subprocess
+    import sys
+
+    import tiny
+    from conflayers.runtime import Bundle
+    script = KILLED_PUBLISH.format(tests=os.path.dirname(os.path.abspath(__file__)), tok=tiny_tokenizer_dir, out=copy)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert set(Bundle.open(copy).profiles) == {"after"}          # the new bundle, checksums verified
+    parent = os.path.dirname(copy)
+    leftovers = [p for p in os.listdir(parent) if p.startswith(".b.partial-")]
+    assert len(leftovers) == 1                                     # the old bundle, moved aside whole
+    assert os.path.isfile(os.path.join(parent, leftovers[0], "manifest.json"))
+    tiny.make_bundle(copy, tiny_llama, tiny_tokenizer_dir)
+    assert [p for p in os.listdir(parent) if p.startswith(".b.") and p != ".b.lock"] == []
+    assert set(Bundle.open(copy).profiles) == {"int8skip", "fp32sub"}

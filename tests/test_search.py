@@ -214,7 +214,7 @@ def test_screening_drops_a_draft_far_behind_the_best_after_a_quarter(monkeypatch
     speed = {(): 2.0, (1,): 1.9, (2,): 1.0}                  # predicted speed-up per skip set
     s.choose = lambda plan, record: Choice(4, None, None, speed[plan.skip_layers], 0.9, 3.0, 1.0)
 
-    def fake_evaluate(body, head, spec, refs, k, max_new, vocab_options, primary, min_stop, give_up):
+    def fake_evaluate(body, head, spec, refs, k, max_new, vocab_options, min_stop, give_up):
         rec = DraftRecord(k, {None: []})
         for r in refs:                                         # asked after each reference
             rec.tokens += len(r.output)

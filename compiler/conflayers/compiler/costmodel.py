@@ -7,6 +7,7 @@ repetitions at a representative context length, so machine noise hits every conf
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -71,7 +72,6 @@ class CostModel:
     def load(cls, path: str, precisions, max_verify: int) -> "CostModel":
         """A cost model saved earlier: a profile JSON (its cost_model) or a bare cost-model JSON.
         Reusing one makes compiles repeatable: the search is then deterministic end to end."""
-        import json
         with open(path, encoding="utf-8") as f:
             d = json.load(f)
         d = d.get("cost_model", d)

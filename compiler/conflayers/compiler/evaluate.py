@@ -100,20 +100,20 @@ def _score(logits: np.ndarray, options: dict) -> dict:
 
 
 def evaluate(body: GraphRunner, head: GraphRunner, spec, refs: list[Reference], k_max: int,
-             max_new_tokens: int, vocab_options: dict | None = None, primary=None,
+             max_new_tokens: int, vocab_options: dict | None = None,
              min_stop: float = 0.5, give_up=None) -> DraftRecord:
     """Walk every reference with the draft.
 
     vocab_options: name -> sorted token ids, or None for the full vocabulary (one dict for all
-    references, or a list with one dict per reference: leave-one-out subsets). The draft feeds the
-    `primary` option's own tokens (exactly the runtime's drafting for that option); the other
-    options are scored on the same path, exact up to their first mismatch, which is all that
-    their accepted counts depend on. give_up(record) -> bool is asked after each reference, to
+    references, or a list with one dict per reference: leave-one-out subsets; None, the full
+    vocabulary, must be among them). The draft feeds the full vocabulary's own tokens (exactly
+    the runtime's drafting with it); the other options are scored on the same path, exact up to
+    their first mismatch, which is all that their accepted counts depend on. give_up(record) -> bool is asked after each reference, to
     screen out hopeless drafts early."""
     vocab_options = vocab_options if vocab_options is not None else {None: None}
     per_ref = vocab_options if isinstance(vocab_options, list) else [vocab_options] * len(refs)
-    if primary not in per_ref[0]:
-        raise ValueError(f"primary vocabulary option {primary!r} is not among the options")
+    if None not in per_ref[0]:
+        raise ValueError("the full vocabulary (None) must be among the vocabulary options")
     record = DraftRecord(k_max, {name: [] for name in per_ref[0]})
     kv_layers = body.kv_layers
     cache = KVCache(spec, max(len(r.sequence) for r in refs) + k_max + 1)
@@ -145,14 +145,14 @@ def evaluate(body: GraphRunner, head: GraphRunner, spec, refs: list[Reference], 
                     matches[name].append(alive[name])
                     confs[name].append(conf)
                     low[name] = low[name] or conf < min_stop
-                    if name == primary:
+                    if name is None:
                         feed = pred
                 if not any(alive.values()) and all(low.values()):
                     break
             for name in vocab_options:
                 record.blocks[name].append(BlockRecord(np.array(matches[name], bool),
                                                        np.array(confs[name], np.float32), n_max))
-            accepted = record.blocks[primary][-1].accepted_full
+            accepted = record.blocks[None][-1].accepted_full
             # Undo the draft's KV writes at positions pos.. before the next block reads them.
             end = min(pos + n_max, t)
             for i in kv_layers:

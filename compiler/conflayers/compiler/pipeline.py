@@ -10,6 +10,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import onnxruntime
 
 from conflayers.runtime.draftplan import DraftPlan
 from conflayers.runtime.ort_backend import resolve_providers
@@ -538,5 +539,5 @@ def validate(bundle_dir: str, task: str, val_prompts, val_refs, max_new_tokens: 
         "speculative_tokens_per_s": round(rate["spec"], 2),
         "measured_speedup": round(rate["spec"] / rate["plain"], 4) if rate["plain"] else 0.0,
         "identical_to_plain": bool(identical),
-        "measured_on": f"{os.cpu_count()} CPU cores, onnxruntime " + __import__("onnxruntime").__version__,
+        "measured_on": f"{os.cpu_count()} CPU cores, onnxruntime " + onnxruntime.__version__,
     }

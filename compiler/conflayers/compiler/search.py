@@ -134,9 +134,9 @@ class Search:
     def __init__(self, factory, spec, refs, max_new_tokens: int, cost: CostModel, settings: SearchSettings,
                  vocab_options_per_ref: list[dict], log=print, target: str = "fp32"):
         self.target = target        # the full graph's precision: its skip-nothing draft is the target itself
-        self.f, self.spec, self.refs = factory, spec, refs
+        self.factory, self.spec, self.refs = factory, spec, refs
         self.max_new = max_new_tokens
-        self.cost, self.s = cost, settings
+        self.cost, self.settings = cost, settings
         self.vocab_per_ref = vocab_options_per_ref
         self.log = log
         self.cache: dict[str, Candidate] = {}
@@ -145,7 +145,7 @@ class Search:
 
     # -- evaluation of one draft ---------------------------------------------------------------
     def out_of_time(self, share: float = 1.0) -> bool:
-        return time.perf_counter() - self.t0 > share * self.s.time_budget_s
+        return time.perf_counter() - self.t0 > share * self.settings.time_budget_s
 
     def is_target(self, plan: DraftPlan) -> bool:
         """A draft that skips nothing at the target's precision computes what the target does;
@@ -155,9 +155,9 @@ class Search:
     def anchors(self):
         """Skip-nothing drafts of each draft precision (see the module docstring); at the
         target's own precision only when a vocabulary subset can make it cheaper."""
-        for p in self.s.precisions:
+        for p in self.settings.precisions:
             plan = DraftPlan(self.spec.num_layers, precision=p)
-            if not self.is_target(plan) or self.s.vocab_sizes:
+            if not self.is_target(plan) or self.settings.vocab_sizes:
                 self.evaluate(plan, f"anchor {p} (skip nothing)")
 
     def choose(self, plan: DraftPlan, record: DraftRecord) -> Choice:
@@ -167,7 +167,7 @@ class Search:
                 continue
             size = self.spec.vocab_size if vocab is None else vocab
             draft_ms = self.cost.draft_ms(plan, size)
-            for k in range(1, self.s.k_max + 1):
+            for k in range(1, self.settings.k_max + 1):
                 for thr in STOP_THRESHOLDS:
                     r = replay(blocks, k, thr)
                     sp = self.cost.speedup(r, draft_ms)
@@ -179,8 +179,8 @@ class Search:
         key = plan.key
         if key in self.cache:
             return self.cache[key]
-        body = self.f.body(plan)
-        head = self.f.head(plan.precision)
+        body = self.factory.body(plan)
+        head = self.factory.head(plan.precision)
 
         total = sum(len(r.output) for r in self.refs)
 
@@ -188,13 +188,13 @@ class Search:
             """Screening: after a quarter of the tokens, drop drafts far behind the best so far."""
             if self.best is None or record.tokens < 0.25 * total:
                 return False
-            return self.choose(plan, record).speedup < self.s.screen_ratio * self.best.choice.speedup
+            return self.choose(plan, record).speedup < self.settings.screen_ratio * self.best.choice.speedup
 
-        record = evaluate(body, head, self.spec, self.refs, self.s.k_max, self.max_new,
-                          vocab_options=self.vocab_per_ref, primary=None,
+        record = evaluate(body, head, self.spec, self.refs, self.settings.k_max, self.max_new,
+                          vocab_options=self.vocab_per_ref,
                           min_stop=min(t for t in STOP_THRESHOLDS if t is not None), give_up=give_up)
         choice = self.choose(plan, record)
-        paper = replay(record.blocks[None], self.s.k_max, self.s.draft_stop_threshold)
+        paper = replay(record.blocks[None], self.settings.k_max, self.settings.draft_stop_threshold)
         cand = Candidate(plan, origin, record, choice,
                          {"acceptance": paper.acceptance_rate, "mean_accepted": paper.mean_accepted_tokens})
         self.cache[key] = cand
@@ -208,7 +208,7 @@ class Search:
 
     # -- phase 1: ConfLayers ------------------------------------------------------------------
     def conflayers(self, conf_per_context: np.ndarray, result: SearchResult):
-        s = self.s
+        s = self.settings
         rule = RuleSettings(s.base_window, not s.allow_skip_first, not s.allow_skip_last)
         n_cand = len(rule.candidates(self.spec.num_layers))
         lam = AdaptiveLambda(target=s.target_skip_ratio, step=s.lambda_step)
@@ -250,7 +250,7 @@ class Search:
 
     # -- phase 2: cost-aware refinement --------------------------------------------------------
     def refine(self, ranking: list[int], phase1: Candidate | None):
-        s = self.s
+        s = self.settings
         L = self.spec.num_layers
         budget = s.refine_budget
         for p in s.precisions:
