@@ -57,9 +57,14 @@ def _use_global_pool(num_threads: int | None) -> bool:
         return _global_pool
 
 
-def create_session(path: str, providers: list[str], num_threads: int | None = None) -> ort.InferenceSession:
+def create_session(path: str | bytes, providers: list[str], num_threads: int | None = None,
+                   external_dir: str | None = None) -> ort.InferenceSession:
+    """A session for a model file, or for serialized model bytes whose external weights files lie
+    in `external_dir` (the batched engine's derived graphs)."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    if external_dir is not None:
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", external_dir)
     if providers[0] == "CPUExecutionProvider" and _use_global_pool(num_threads):
         so.use_per_session_threads = False
     else:

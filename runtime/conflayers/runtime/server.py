@@ -778,7 +778,13 @@ class ConflayersServer(ThreadingHTTPServer):
 
     def gauges(self) -> dict:
         a = self.admission
-        return {"running_requests": ("Generation requests generating now.", a.running),
+        batch = {}
+        if hasattr(self.engine, "max_batch"):     # a BatchedEngine (--max-batch > 1)
+            batch = {"batch_active_sequences": ("Sequences in the decoding batch now (batch occupancy).",
+                                                self.engine.active),
+                     "batch_waiting_requests": ("Requests waiting for a batch slot.", self.engine.waiting),
+                     "max_batch": ("Sequences decoded together at most (--max-batch).", self.engine.max_batch)}
+        return {**batch, "running_requests": ("Generation requests generating now.", a.running),
                 "queued_requests": ("Generation requests waiting for a slot.", a.waiting),
                 "max_concurrency": ("Requests that may generate at once (--max-concurrency).", a.slots),
                 "max_queue": ("Requests that may wait for a slot (--max-queue).", a.queue),
@@ -897,6 +903,9 @@ def _interrupt(signum, frame):
               help="Where to run: cpu, cuda (needs onnxruntime-gpu), or auto (cuda when available).")
 @click.option("--max-concurrency", type=click.IntRange(min=1), default=4, show_default=True,
               help="Requests generating at once. Each holds a KV cache of --max-context tokens.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Decode up to N requests together (continuous batching, one pass per step, CPU; "
+                   "needs the onnx package). 1: each request decodes alone on its thread.")
 @click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
               help="Requests waiting for a generation slot; beyond that, 503 with Retry-After.")
 @click.option("--max-connections", type=click.IntRange(min=1), default=128, show_default=True,
@@ -924,7 +933,7 @@ def _interrupt(signum, frame):
               help="CPU threads for ONNX Runtime (default: all cores, or $CONFLAYERS_THREADS).")
 @click.option("--no-verify", is_flag=True, help="Skip re-hashing the bundle's files at load "
               "(faster start for large bundles; sizes are still checked).")
-def main(bundle, host, port, max_context, device, max_concurrency, max_queue, max_connections, request_timeout,
+def main(bundle, host, port, max_context, device, max_concurrency, max_batch, max_queue, max_connections, request_timeout,
          max_body_bytes, max_messages, max_stop, max_stop_chars, allow_special_tokens_in_prompt, api_key,
          allowed_hosts, num_threads, no_verify):
     """Serve a compiled BUNDLE over an OpenAI-compatible HTTP API.
@@ -955,8 +964,16 @@ def main(bundle, host, port, max_context, device, max_concurrency, max_queue, ma
     def start():
         engine = Engine.load(bundle, device=device, max_context=max_context, num_threads=num_threads,
                              verify=not no_verify, limits=limits)
+        concurrency = max_concurrency
+        if max_batch > 1:
+            from .batching import BatchedEngine, BatchingError
+            try:
+                engine = BatchedEngine(engine, max_batch=max_batch)
+            except BatchingError as e:
+                raise CliError(f"--max-batch: {e}") from None
+            concurrency = max(max_concurrency, max_batch)   # every batch slot can be filled
         try:
-            return make_server(engine, host, port, max_concurrency, max_queue=max_queue,
+            return make_server(engine, host, port, concurrency, max_queue=max_queue,
                                max_connections=max_connections, max_body_bytes=max_body_bytes,
                                request_timeout=request_timeout, api_key=api_key or None,
                                allowed_hosts=tuple(allowed_hosts))
@@ -968,7 +985,8 @@ def main(bundle, host, port, max_context, device, max_concurrency, max_queue, ma
     h, p = server.server_address[:2]
     click.echo(f"conflayers-serve: {server.model_name} on http://{h}:{p} (profiles: "
                f"{', '.join(server.engine.profiles) or 'none'}; default {server.engine.bundle.default_profile}; "
-               f"max concurrency {max_concurrency}, queue {max_queue}, connections {max_connections}; "
+               f"max concurrency {server.max_concurrency}, batch {max_batch}, queue {max_queue}, "
+               f"connections {max_connections}; "
                f"API key {'required' if api_key else 'off'}; device {server.engine.device})", err=True)
     try:
         server.serve_forever()

@@ -1,0 +1,217 @@
+"""Continuous batching (runtime/batching.py): every request's output equals its solo output.
+
+The identity is asserted first (greedy, then seeded sampling); then admission, chunked prefill
+and cancellation."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnx")
+
+
+@pytest.fixture(scope="module")
+def batched(tiny_engine):
+    from conflayers.runtime.batching import BatchedEngine
+    # small slots and chunks so that 16 requests queue, join mid-stream and prefill in chunks;
+    # drafting at every batch size so that batched draft and verify passes are exercised
+    be = BatchedEngine(tiny_engine, max_batch=6, prefill_chunk=8, spec_max_batch=99)
+    yield be
+    be.close()
+
+
+def _requests():
+    rng = np.random.default_rng(1)
+    prompts = ["Janet has 3 apples and buys 5 more.", "The train leaves at 9", "def add(a, b):",
+               "Write a short poem about the sea, the wind and the old lighthouse keeper.",
+               "A farmer sells 40 eggs a day", "Question: what is 12 times 7?", "Summarize the article",
+               "Translate the following sentence into French:"]
+    tasks = [None, "int8skip", "fp32sub", "auto"]
+    reqs = []
+    for i in range(16):
+        r = {"max_new_tokens": int(rng.integers(5, 48)), "task": tasks[i % 4]}
+        if i % 5 == 3:
+            r["prompt_ids"] = [int(t) for t in rng.integers(3, 380, int(rng.integers(30, 90)))]   # long: chunked
+        else:
+            r["prompt"] = prompts[i % len(prompts)]
+        if i % 7 == 6:
+            r["speculate"] = False
+        if i == 9:
+            r["stop"] = ["e"]
+        reqs.append(r)
+    return reqs
+
+
+def test_packed_passes_are_bit_identical_to_solo_passes(tiny_engine):
+    """Chunked prefill, ragged passes (plain steps, verifies and a prompt chunk together, empty
+    slots) and draft bodies give each sequence exactly its solo logits."""
+    from conflayers.runtime.batching import BatchedKVCache, PackedGraph
+    from conflayers.runtime.ort_backend import KVCache
+    eng = tiny_engine
+    rng = np.random.default_rng(0)
+    cap, n_slots = 128, 4
+    cache = BatchedKVCache(eng.spec, n_slots, cap)
+    full = PackedGraph(eng.bundle.full_graph, list(range(eng.spec.num_layers)), "logits", cache, eng.providers, None)
+    prompts = [list(rng.integers(3, 300, n)) for n in (7, 23, 3)]
+    solo, last = [], []
+    for b, p in enumerate(prompts):
+        c = KVCache(eng.spec, cap)
+        g = eng.full.bind(c)
+        ref = g.run(p, 0, logits_from=len(p) - 1)[-1]
+        c.length = len(p)
+        solo.append((c, g))
+        pos = 0
+        while pos < len(p):
+            chunk = p[pos:pos + 5]
+            segs = [([], cache.slot[s].length) for s in range(n_slots)]
+            segs[b] = (chunk, pos)
+            out = full.run(segs, [len(chunk) - 1])
+            pos += len(chunk)
+        cache.slot[b].length = len(p)
+        assert np.array_equal(out[-1], ref)
+        last.append(int(np.argmax(ref)))
+    for widths in ([1, 4, 2, 0], [3, 1, 0, 0], [1, 1, 1, 0], [9, 0, 1, 0], [2, 1, 5, 0]):
+        segs, offsets, at = [], [], 0
+        for b in range(n_slots):
+            w = widths[b] if b < len(prompts) else 0
+            toks = [last[b]] + [int(t) for t in rng.integers(3, 300, w - 1)] if w else []
+            segs.append((toks, cache.slot[b].length))
+            offsets.append(at)
+            at += w
+        out = full.run(segs, list(range(at)))
+        for b in range(len(prompts)):
+            toks, start = segs[b]
+            if not toks:
+                continue
+            c, g = solo[b]
+            ref = g.run(toks, start)
+            assert np.array_equal(out[offsets[b]:offsets[b] + len(toks)], ref), (widths, b)
+            last[b] = int(np.argmax(ref[0]))
+            c.length = cache.slot[b].length = start + 1
+    drafter = eng.drafters["int8skip"]
+    body = PackedGraph(eng.bundle.draft_graphs("int8skip").body, drafter.body.kv_layers, "hidden", cache,
+                       eng.providers, None)
+    segs = [([last[b]], cache.slot[b].length) if b != 1 else ([], cache.slot[b].length) for b in range(3)]
+    out = body.run(segs + [([], 0)], [0, 1])
+    for r, b in enumerate((0, 2)):
+        c, _ = solo[b]
+        assert np.array_equal(out[r], drafter.body.bind(c).run([last[b]], c.length)[0])
+
+
+def test_16_concurrent_requests_equal_their_solo_output(tiny_engine, batched):
+    """16 requests of mixed lengths and tasks, more than the slots, half of them joining while
+    the first half decode, three cancelled mid-stream: each greedy output equals Engine.generate's
+    (a cancelled one: a prefix of it), and every slot is free at the end."""
+    reqs = _requests()
+    solo = [tiny_engine.generate(**r) for r in reqs]
+    cancel = {2, 7, 12}
+    out: dict[int, object] = {}
+    errors = []
+
+    def run(i):
+        try:
+            if i in cancel:
+                ids = []
+                chunks = batched.generate(stream=True, **reqs[i])
+                for chunk in chunks:
+                    ids.extend(chunk.token_ids)
+                    if len(ids) >= 3:
+                        break
+                chunks.close()
+                out[i] = ids
+            else:
+                out[i] = batched.generate(**reqs[i])
+        except Exception as e:      # noqa: BLE001
+            errors.append((i, e))
+
+    first = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in first:
+        t.start()
+    time.sleep(0.05)                 # the rest join while the first ones decode
+    rest = [threading.Thread(target=run, args=(i,)) for i in range(8, 16)]
+    for t in rest:
+        t.start()
+    for t in first + rest:
+        t.join(timeout=60)
+    assert not errors, errors
+    for i, r in enumerate(reqs):
+        if i in cancel:
+            assert out[i] == solo[i].token_ids[:len(out[i])], i
+            continue
+        assert out[i].token_ids == solo[i].token_ids, (i, r)
+        assert out[i].text == solo[i].text
+        assert out[i].finish_reason == solo[i].finish_reason
+    assert any(out[i].metrics.draft_steps for i in range(16) if i not in cancel)   # batched speculation ran
+    deadline = time.monotonic() + 5
+    while (batched.active or batched.waiting) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert batched.active == 0 and batched.waiting == 0
+
+
+def test_seeded_sampling_equals_solo(tiny_engine, batched):
+    """A seeded sampled request drafts as it would alone, so its sample is its solo sample."""
+    args = [dict(prompt="The train leaves at 9", task=t, temperature=0.8, top_p=0.95, seed=s, max_new_tokens=30)
+            for s, t in ((1, "int8skip"), (2, "fp32sub"), (3, None), (4, "int8skip"))]
+    solo = [tiny_engine.generate(**a).token_ids for a in args]
+    out = [None] * len(args)
+
+    def run(i):
+        out[i] = batched.generate(**args[i]).token_ids
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(args))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert out == solo
+
+
+def test_speculation_turns_off_as_the_batch_grows(tiny_engine):
+    """Without an override, each profile drafts below the batch size where its predicted
+    tokens/s falls under batched plain decoding (at least alone when it drafts alone)."""
+    from conflayers.runtime.batching import BatchedEngine
+    be = BatchedEngine(tiny_engine, max_batch=4)
+    try:
+        for name in tiny_engine.profiles:
+            if tiny_engine.adapt_policy(name) is None:
+                continue
+            limit = be.spec_batch_limit(name)
+            assert 0 <= limit <= be.max_batch + 1
+        r = be.generate("def add(a, b):", task="int8skip", max_new_tokens=8)
+        assert r.token_ids == tiny_engine.generate("def add(a, b):", task="int8skip", max_new_tokens=8).token_ids
+    finally:
+        be.close()
+
+
+def test_server_with_batched_engine(tiny_engine, batched):
+    """conflayers-serve --max-batch: concurrent HTTP requests equal their solo completions and
+    /metrics reports the batch occupancy."""
+    from test_server import Client, parse_prometheus, start
+    srv = start(batched, max_concurrency=6)
+    try:
+        c = Client(srv)
+        bodies = [{"prompt": p, "max_tokens": 30, "task": t} for p, t in
+                  (("def add(a, b):", "int8skip"), ("The train leaves at 9", None),
+                   ("Janet has 3 apples", "fp32sub"), ("Summarize the article", "auto"))]
+        solo = [tiny_engine.generate(b["prompt"], task=b["task"], max_new_tokens=30).text for b in bodies]
+        got = [None] * len(bodies)
+
+        def work(i):
+            got[i] = c.post("/v1/completions", bodies[i])[1]["choices"][0]["text"]
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(bodies))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert got == solo
+        samples = parse_prometheus(c.get("/metrics")[1])
+        names = {n for n, _ in samples}
+        assert {"conflayers_batch_active_sequences", "conflayers_max_batch"} <= names
+        assert samples[("conflayers_max_batch", frozenset())] == 6
+    finally:
+        srv.shutdown()
+        srv.server_close()
