@@ -245,7 +245,7 @@ def compile_profile(opts: CompileOptions) -> str:
     """The whole compile, phase by phase. Returns the bundle path."""
     import torch
 
-    from . import report
+    from . import ngram_search, report
     from .drafts import DraftFactory
     from .export.bundle_writer import check_output_dir
 
@@ -274,6 +274,10 @@ def compile_profile(opts: CompileOptions) -> str:
 
         log.phase("export bundle")
         profile = build_profile(m, opts, cal, outcome)
+        drafter = ngram_search.search(refs, opts.max_new_tokens, cost, outcome.result.best.record,
+                                      outcome.result.best.choice, opts.settings.k_max)
+        ngram_search.apply(profile, drafter)
+        log(f"  drafter: {drafter['kind']} ({drafter['why']})")
         with m.writer(out, opts.force) as bw:
             bw.write_full()
             keep = _existing_profiles(bw, task)

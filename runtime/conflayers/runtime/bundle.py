@@ -173,8 +173,11 @@ class Bundle:
     def default_profile(self) -> str | None:
         return self.manifest.get("default_profile")
 
-    def draft_graphs(self, task: str) -> DraftGraphs:
+    def draft_graphs(self, task: str) -> DraftGraphs | None:
+        """The model draft's graphs of profile `task`; None for an n-gram profile (it has none)."""
         entry = self.manifest["profiles"][task]
+        if entry.get("body") is None:
+            return None
         g = self.manifest["graphs"]
         body = g["bodies"][entry["body"]]
         head = g["heads"][entry["head"]]
@@ -218,8 +221,11 @@ class Bundle:
 
 def _describe_profile(profile: Profile) -> dict:
     plan, policy = profile.plan, profile.policy
+    if plan is None:
+        return {"draft": {"kind": profile.kind, "ngram": profile.ngram.to_json()}, "figures": profile.figures}
+    extra = {} if profile.ngram is None else {"kind": profile.kind, "ngram": profile.ngram.to_json()}
     return {
-        "draft": {"skip_layers": list(plan.skip_layers), "skip_attention": list(plan.skip_attention),
+        "draft": {**extra, "skip_layers": list(plan.skip_layers), "skip_attention": list(plan.skip_attention),
                   "skip_mlp": list(plan.skip_mlp), "precision": plan.precision,
                   "max_draft_tokens": policy.max_tokens, "confidence_stop": policy.confidence_stop,
                   "vocab_subset_size": None if profile.vocab_ids is None else len(profile.vocab_ids)},
@@ -287,13 +293,6 @@ def _load_profile(path: str, task: str, entry, manifest: dict, files: dict, spec
     where = f"profiles.{task}"
     _field(entry, dict, where)
     rel = _listed(entry.get("file"), files, f"{where}.file")
-    graphs = manifest["graphs"]
-    body = graphs.get("bodies", {}).get(_field(entry.get("body"), str, f"{where}.body"))
-    head = graphs.get("heads", {}).get(_field(entry.get("head"), str, f"{where}.head"))
-    if body is None or head is None:
-        missing = "body" if body is None else "head"
-        raise BundleError(f"profile {task!r}: its draft {missing} {entry.get(missing)!r} is not among the "
-                          f"manifest's graphs")
     try:
         profile = Profile.load(safe_join(path, rel))
     except ProfileError as e:
@@ -303,6 +302,17 @@ def _load_profile(path: str, task: str, entry, manifest: dict, files: dict, spec
         raise BundleError(why)
     if profile.task != task:
         raise BundleError(f"profile file {rel} holds task {profile.task!r}, the manifest says {task!r}")
+    if profile.plan is None:        # an n-gram profile: no draft graphs
+        if entry.get("body") is not None or entry.get("head") is not None:
+            raise BundleError(f"profile {task!r} drafts by n-gram lookup, yet the manifest gives it draft graphs")
+        return profile
+    graphs = manifest["graphs"]
+    body = graphs.get("bodies", {}).get(_field(entry.get("body"), str, f"{where}.body"))
+    head = graphs.get("heads", {}).get(_field(entry.get("head"), str, f"{where}.head"))
+    if body is None or head is None:
+        missing = "body" if body is None else "head"
+        raise BundleError(f"profile {task!r}: its draft {missing} {entry.get(missing)!r} is not among the "
+                          f"manifest's graphs")
     if sorted(body["kv_layers"]) != profile.plan.kv_layers:
         raise BundleError(f"profile {task!r} keeps attention in layers {profile.plan.kv_layers}, its draft "
                           f"body's kv_layers are {body['kv_layers']}")

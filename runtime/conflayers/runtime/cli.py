@@ -355,6 +355,11 @@ def render_description(d: dict) -> str:
     out.append(f"Profiles (default: {d['default_profile'] or 'none'})")
     for task, p in d["profiles"].items():
         dr = p["draft"]
+        if dr.get("kind") == "ngram":
+            out.append(f"  {task}{' (default)' if task == d['default_profile'] else ''}")
+            out.append(f"    draft: n-gram lookup {dr['ngram']}")
+            out.append(f"    figures: {_figures_text(p['figures'])}")
+            continue
         vocab = "full" if dr["vocab_subset_size"] is None else f"{dr['vocab_subset_size']} tokens"
         stop = "-" if dr["confidence_stop"] is None else f"{dr['confidence_stop']:g}"
         out.append(f"  {task}{' (default)' if task == d['default_profile'] else ''}")

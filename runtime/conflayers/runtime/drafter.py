@@ -1,7 +1,8 @@
 """Drafters: cheap proposers of the next few tokens (the candidate generators).
 
 The decoding loop knows drafters only through the Drafter protocol (propose, then feedback after
-each verify), so other drafters (prompt lookup, a small model) plug into the same loop.
+each verify), so other drafters plug into the same loop: ngram.py has prompt lookup (n-gram) and
+the hybrid of n-gram and model drafts. Every drafter kind has bind(cache, prompt) -> a Drafter.
 
 A LayerSkipDrafter is a subgraph of the full model (its kept layers, maybe quantized) plus a
 head that scores the full vocabulary or a frequent-token subset. It reads and writes the full
@@ -59,7 +60,12 @@ class LayerSkipDrafter:
         self.vocab_size = vocab_size
         self.policy = policy
 
-    def bind(self, cache: KVCache) -> "BoundDrafter":
+    @property
+    def model(self) -> "LayerSkipDrafter":
+        """The model draft whose policy the engine adapts (a hybrid drafter has one too)."""
+        return self
+
+    def bind(self, cache: KVCache, prompt: list[int] | None = None) -> "BoundDrafter":
         return BoundDrafter(self, self.body.bind(cache))
 
 

@@ -25,6 +25,7 @@ from . import probe
 from .bundle import Bundle
 from .decoding import DecodeStats, SpeculationGuard, generate as decode
 from .drafter import DraftPolicy, LayerSkipDrafter
+from .ngram import HybridDrafter, NGramDrafter
 from .ort_backend import GraphRunner, KVCache, create_session, resolve_providers
 from .policy import MachineCosts, choose as choose_policy
 from .sampling import Sampler, SamplingError
@@ -126,15 +127,21 @@ class Engine:
             return create_session(path, self.providers, num_threads)
         self.full = GraphRunner(session(bundle.full_graph), list(range(self.spec.num_layers)), "logits")
         bodies, heads = {}, {}
-        self.drafters: dict[str, LayerSkipDrafter] = {}
+        self.drafters: dict[str, LayerSkipDrafter | NGramDrafter | HybridDrafter] = {}
         for task, profile in bundle.profiles.items():
             graphs = bundle.draft_graphs(task)
+            if graphs is None:          # draft.kind "ngram": no graphs
+                self.drafters[task] = NGramDrafter(profile.ngram, self.spec.vocab_size)
+                continue
             if graphs.body not in bodies:
                 bodies[graphs.body] = GraphRunner(session(graphs.body), graphs.kv_layers, "hidden")
             if graphs.head not in heads:
                 heads[graphs.head] = GraphRunner(session(graphs.head), [], "logits")
             self.drafters[task] = LayerSkipDrafter(bodies[graphs.body], heads[graphs.head],
                                                    profile.vocab_ids, self.spec.vocab_size, profile.policy)
+            if profile.kind == "hybrid":
+                self.drafters[task] = HybridDrafter(NGramDrafter(profile.ngram, self.spec.vocab_size),
+                                                    self.drafters[task])
         self.codec = bundle.codec
         self.stop_ids = bundle.stop_ids
         self.selector = ProfileSelector(bundle.profiles, bundle.default_profile)
@@ -156,17 +163,19 @@ class Engine:
     def adapt_policy(self, name: str) -> DraftPolicy | None:
         """The drafting policy of profile `name` on this machine (None: plain decoding is faster
         here). Chosen once, on first use: the profile's policy table with costs measured here;
-        a profile without a table (or adapt=False) keeps its compiled policy."""
+        a profile without a table (or adapt=False) keeps its compiled policy. An n-gram or hybrid
+        profile always drafts (n-gram proposals cost ~nothing); a hybrid's model part is adapted."""
         drafter = self.drafters[name]
+        model = drafter.model         # the model draft (None for an n-gram profile)
         with self._adapt_lock:
             if name not in self.machine_costs:
                 profile, costs = self.bundle.profiles[name], None
-                if self.adapt and profile.policy_table:
+                if model is not None and self.adapt and profile.policy_table:
                     width = max(r.k for r in profile.policy_table) + 1
                     context = max(1, min(profile.cost_context, self.capacity - width - 1))
-                    costs = probe.measure(self.full, drafter, self.spec, width, context,
+                    costs = probe.measure(self.full, model, self.spec, width, context,
                                           profile.verify_cost, self.device)
-                    drafter.policy = choose_policy(profile.policy_table, costs)
+                    model.policy = choose_policy(profile.policy_table, costs)
                 self.machine_costs[name] = costs
         return drafter.policy
 
@@ -290,7 +299,7 @@ class Engine:
             stats = DecodeStats()
             t0 = time.perf_counter()
             loop = decode(self.full.bind(cache), ids, request.max_new_tokens, request.sampler,
-                          drafter=drafter.bind(cache) if drafter else None,
+                          drafter=drafter.bind(cache, ids) if drafter else None,
                           stop_ids=self.stop_ids, guard=guard, stats=stats)
             text_out = self.codec.stream()
             out_ids: list[int] = []

@@ -1,4 +1,9 @@
-"""Skip profiles: the JSON the compiler writes and model publishers ship (schema version 1).
+"""Skip profiles: the JSON the compiler writes and model publishers ship (schema version 2).
+
+Version 2 adds the drafter kind (`draft.kind`): "model" (the layer-skip draft; the default, and
+what every version 1 profile is), "ngram" (prompt lookup, `draft.ngram`; no draft graphs, no
+plan) or "hybrid" (n-gram when its match is long enough, else the model draft). Version 1
+profiles still load.
 
 The JSON Schema in profiles/profile.schema.json documents the same structure; `Profile.from_json`
 is the check the runtime relies on, with errors that name the field at fault.
@@ -13,10 +18,12 @@ from dataclasses import dataclass, field
 
 from .draftplan import PRECISIONS, DraftPlan
 from .drafter import DraftPolicy
+from .ngram import NGramPolicy
 from .policy import PolicyRow, parse_table
 
 PROFILE_SCHEMA = "conflayers.profile"
-PROFILE_SCHEMA_VERSION = 1
+PROFILE_SCHEMA_VERSION = 2
+DRAFTER_KINDS = ("model", "ngram", "hybrid")
 
 
 class ProfileError(ValueError):
@@ -52,8 +59,8 @@ def _need(d: dict, key: str, where: str, kind=None):
 class Profile:
     task: str
     model: dict                      # name, architecture, num_layers, config_sha256, weights_sha256
-    plan: DraftPlan
-    policy: DraftPolicy
+    plan: DraftPlan | None           # None for an n-gram profile (no draft graphs)
+    policy: DraftPolicy | None       # the model draft's policy (None for an n-gram profile)
     vocab_ids: list[int] | None      # draft vocabulary subset (None = full vocabulary)
     raw: dict = field(repr=False, default_factory=dict)
     # token id -> weight of the calibration prompts' token frequencies (for task="auto")
@@ -62,6 +69,12 @@ class Profile:
     # per (k, confidence stop): mean drafted/accepted tokens per step (None: an older profile,
     # whose compiled policy is used as is); see policy.py
     policy_table: list[PolicyRow] | None = field(repr=False, default=None)
+    kind: str = "model"              # draft.kind: model | ngram | hybrid
+    ngram: NGramPolicy | None = None  # draft.ngram, for ngram and hybrid
+
+    @property
+    def has_model_draft(self) -> bool:
+        return self.plan is not None
 
     @property
     def figures(self) -> dict:
@@ -106,6 +119,18 @@ class Profile:
             _need(model, k, "model.", str)
         num_layers = _need(model, "num_layers", "model.", int)
         draft = _need(d, "draft", "", dict)
+        kind = draft.get("kind", "model")
+        if kind not in DRAFTER_KINDS:
+            raise ProfileError(f"profile field 'draft.kind' must be one of {DRAFTER_KINDS}, got {kind!r}")
+        ngram = None
+        if kind != "model":
+            try:
+                ngram = NGramPolicy.from_json(_need(draft, "ngram", "draft.", dict))
+            except ValueError as e:
+                raise ProfileError(f"profile field 'draft.ngram' is invalid: {e}") from None
+        if kind == "ngram":        # no model draft: its fields, if any, are ignored
+            return cls(task=task, model=model, plan=None, policy=None, vocab_ids=None, raw=d,
+                       signature=_signature(d), verify_relative=_verify_relative(d), kind=kind, ngram=ngram)
         precision = _need(draft, "precision", "draft.", str)
         if precision not in PRECISIONS:
             raise ProfileError(f"profile field 'draft.precision' must be one of {PRECISIONS}, got {precision!r}")
@@ -130,7 +155,8 @@ class Profile:
             except ValueError as e:
                 raise ProfileError(f"profile field 'policy_table' is invalid: {e}") from None
         return cls(task=task, model=model, plan=plan, policy=policy, vocab_ids=vocab_ids, raw=d,
-                   signature=_signature(d), verify_relative=_verify_relative(d), policy_table=table)
+                   signature=_signature(d), verify_relative=_verify_relative(d), policy_table=table,
+                   kind=kind, ngram=ngram)
 
     @classmethod
     def load(cls, path: str) -> "Profile":

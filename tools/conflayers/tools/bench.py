@@ -11,6 +11,8 @@ Systems (--systems a,b,c; default: all):
   plain             the runtime, plain greedy decoding with the full graph: the baseline (always run)
   profile:<name>    the runtime, speculative decoding with that profile's draft
   auto              the runtime, task="auto" (the profile is chosen per prompt)
+  ngram             the runtime with its n-gram drafter (prompt lookup, default settings: match the
+                    last 3..1 tokens, propose up to 8) on the bundle's full graph
   hf                transformers generate(), greedy, same model, torch threads = cores
   hf-prompt-lookup  transformers prompt-lookup decoding (prompt_lookup_num_tokens=10), greedy
   genai             ONNX Runtime GenAI plain greedy decoding of the same model (fp32, cpu), built
@@ -78,7 +80,8 @@ from importlib.metadata import version
 
 from conflayers.runtime.profile import task_name
 
-from .bench_systems import (GENAI, GENAI_NGRAM_SIZE, HF, LLAMA_CPP_INSTALL_HINT, LLAMACPP, PROMPT_LOOKUP_TOKENS, RUNTIME,
+from .bench_systems import (GENAI, GENAI_NGRAM_SIZE, HF, LLAMA_CPP_INSTALL_HINT, LLAMACPP, NGRAM, PROMPT_LOOKUP_TOKENS,
+                            RUNTIME, NGramBackend,
                             BenchPrompt, GenAIBackend, GenAISystem, HFBackend, HFSystem, LlamaCppBackend,
                             LlamaCppSystem, RuntimeBackend, RuntimeSystem, Unavailable, genai_model_dir,
                             import_llama_cpp, locate_gguf, path_bytes, resolve_hf_dir, runtime_threads,
@@ -105,7 +108,7 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv):
     p = _Parser(prog="conflayers-bench", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                epilog="Systems: plain, profile:<name>, auto, hf, hf-prompt-lookup, genai, genai-ngram, "
+                epilog="Systems: plain, profile:<name>, auto, ngram, hf, hf-prompt-lookup, genai, genai-ngram, "
                        "genai-int4, genai-int4-ngram, llamacpp, llamacpp-prompt-lookup. "
                        "Subcommand: conflayers-bench plot A.json [B.json ...] -o FILE.png")
     p.add_argument("bundle", help="a compiled conflayers bundle directory")
@@ -189,7 +192,8 @@ def _log(msg: str) -> None:
 # ----------------------------------------------------------------------------- inputs
 
 def resolve_systems(spec: str | None, profiles: list[str]) -> list[str]:
-    available = ["plain", *[f"profile:{p}" for p in profiles]] + (["auto"] if profiles else []) + list(REFERENCE_SYSTEMS)
+    available = ["plain", *[f"profile:{p}" for p in profiles]] + (["auto"] if profiles else []) + [NGRAM] \
+        + list(REFERENCE_SYSTEMS)
     if not spec or spec.strip() == "all":
         return available
     names = []
@@ -280,7 +284,7 @@ class Slot:
         self.status = "pending"
         self.rss: dict = {}
         self.disk: dict | None = None     # {"bytes", "path", "what"}: the files this system loads
-        self.kind = RUNTIME if name in ("plain", "auto") or name.startswith("profile:") else \
+        self.kind = RUNTIME if name in ("plain", "auto", NGRAM) or name.startswith("profile:") else \
             (GENAI if name in GENAI_SYSTEMS else LLAMACPP if name in LLAMACPP_SYSTEMS else HF)
 
     @property
@@ -327,6 +331,8 @@ def build_systems(names, args, runtime: RuntimeBackend, warm_prompt: BenchPrompt
             s.system = RuntimeSystem("plain", runtime, None, speculate=False)
         elif s.name == "auto":
             s.system = RuntimeSystem("auto", runtime, "auto", speculate=True)
+        elif s.name == NGRAM:
+            s.system = RuntimeSystem(NGRAM, NGramBackend(runtime), NGRAM, speculate=True)
         else:
             s.system = RuntimeSystem(s.name, runtime, s.name.split(":", 1)[1], speculate=True)
     warm(rt)

@@ -3,7 +3,8 @@
 Every system generates greedily from the *same prompt token ids* (the runtime's tokenizer and chat
 template), so outputs can be compared token by token with the runtime's plain decoding.
 
-- runtime systems (`plain`, `profile:<name>`, `auto`) share one `Engine` over the bundle;
+- runtime systems (`plain`, `profile:<name>`, `auto`) share one `Engine` over the bundle; `ngram`
+  (the runtime drafting by n-gram lookup, default settings) has its own over the full graph;
 - `hf` / `hf-prompt-lookup` share one transformers model (torch + transformers needed);
 - `genai`, `genai-int4` (+ `-ngram`: its n-gram speculative mode) are ONNX Runtime GenAI over
   models its own builder made from the same HF weights, at fp32 and int4;
@@ -201,6 +202,9 @@ def weight_accounting(bundle) -> dict:
     drafts, methods = {}, {}
     for name, profile in bundle.profiles.items():
         graphs = bundle.draft_graphs(name)
+        if graphs is None:            # an n-gram profile: no draft weights
+            drafts[name], methods[name] = 0, "n-gram lookup: no draft graphs"
+            continue
         exact = _read_bytes(graphs.body, graphs.head)
         if exact is not None:
             drafts[name] = exact
@@ -224,6 +228,37 @@ class RuntimeBackend:
         from conflayers.runtime import Engine
         self.engine = Engine.load(bundle_path, verify=verify, guard=guard)
         self.accounting = weight_accounting(self.engine.bundle)
+
+
+NGRAM = "ngram"
+
+
+def ngram_profile_json(model: dict, task: str = NGRAM) -> dict:
+    """A profile that drafts by n-gram lookup with the runtime's default settings (NGramPolicy())."""
+    from conflayers.runtime.ngram import NGramPolicy
+    from conflayers.runtime.profile import PROFILE_SCHEMA, PROFILE_SCHEMA_VERSION
+    return {"schema": PROFILE_SCHEMA, "schema_version": PROFILE_SCHEMA_VERSION, "task": task,
+            "model": {k: v for k, v in model.items() if k != "spec"},
+            "draft": {"kind": "ngram", "ngram": NGramPolicy().to_json()}}
+
+
+class NGramBackend:
+    """The `ngram` system: the runtime with an n-gram drafter (default settings) on the bundle's
+    full graph. Its own Engine over the same bundle with only that profile, so that the bundle's
+    profiles (and task="auto") are untouched."""
+    kind = RUNTIME
+
+    def __init__(self, runtime: RuntimeBackend):
+        import copy
+
+        from conflayers.runtime import Engine
+        from conflayers.runtime.profile import Profile
+        base = runtime.engine
+        bundle = copy.copy(base.bundle)
+        bundle.manifest = {**bundle.manifest, "profiles": {NGRAM: {}}, "default_profile": NGRAM}
+        bundle.profiles = {NGRAM: Profile.from_json(ngram_profile_json(bundle.manifest["model"]))}
+        self.engine = Engine(bundle, guard=base.use_guard)
+        self.accounting = {**runtime.accounting, "draft_bytes": {NGRAM: 0}}
 
 
 class RuntimeSystem:

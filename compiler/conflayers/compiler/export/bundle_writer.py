@@ -164,10 +164,13 @@ class BundleWriter:
                                      "num_layers": self.spec.num_layers})
         if why:
             raise ValueError(why)
-        body, head = self.draft_files(profile.plan, profile.vocab_ids)
         rel = f"profiles/{profile.task}.json"
         self._profile_json[profile.task] = profile_json
-        self.profiles[profile.task] = {"file": rel, "body": body, "head": head}
+        if profile.plan is None:      # an n-gram profile drafts without graphs
+            self.profiles[profile.task] = {"file": rel}
+        else:                         # a model or hybrid profile: its model draft's graphs
+            body, head = self.draft_files(profile.plan, profile.vocab_ids)
+            self.profiles[profile.task] = {"file": rel, "body": body, "head": head}
         if default or self.default_profile is None:
             self.default_profile = profile.task
 
