@@ -1,7 +1,8 @@
-"""The profiles the repository ships (profiles/<model>/<task>.json): each is valid under the JSON
-Schema, names the model its folder names, carries measured figures next to its prediction, and
-turns into a bundle through the export-only path (fingerprint checked against the model the alias
-resolves to today) whose speculative greedy output equals plain greedy output."""
+"""The profiles the repository ships (profiles/<model>/<task>.json for an fp32 target,
+profiles/<model>/<target>/<task>.json for another): each is valid under the JSON Schema, names the
+model and target its folders name, carries measured figures next to its prediction, and turns into
+a bundle through the export-only path (fingerprint checked against the model the alias resolves to
+today) whose speculative greedy output equals plain greedy output."""
 import glob
 import json
 import os
@@ -14,16 +15,24 @@ from conflayers.runtime import Engine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROFILES = os.path.join(ROOT, "profiles")
-SHIPPED = sorted(glob.glob(os.path.join(PROFILES, "*", "*.json")))
+SHIPPED = sorted(glob.glob(os.path.join(PROFILES, "*", "*.json")) + glob.glob(os.path.join(PROFILES, "*", "*", "*.json")))
 PROMPTS = ["Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
            "How many clips did Natalia sell altogether in April and May?",
            "Translate to French: The weather is nice today and we are going to the park."]
 
 
-def _by_model():
+def _model_and_target(path):
+    """(model, target) a shipped profile's folders name: <model>/ is fp32, <model>/<target>/."""
+    folder = os.path.relpath(os.path.dirname(path), PROFILES).split(os.sep)
+    return folder[0], folder[1] if len(folder) > 1 else "fp32"
+
+
+def _by_model(target="fp32"):
     models = {}
     for path in SHIPPED:
-        models.setdefault(os.path.basename(os.path.dirname(path)), []).append(path)
+        model, t = _model_and_target(path)
+        if t == target:
+            models.setdefault(model, []).append(path)
     return models
 
 
@@ -40,7 +49,8 @@ def test_shipped_profile_is_valid_and_measured(path):
     with open(path) as f:
         profile = json.load(f)
     jsonschema.validate(profile, schema)
-    assert profile["model"]["name"] == os.path.basename(os.path.dirname(path))
+    model, target = _model_and_target(path)
+    assert profile["model"]["name"] == model and profile["model"].get("target", "fp32") == target
     assert profile["task"] == os.path.splitext(os.path.basename(path))[0]
     figures = profile["figures"]
     # Shipped only when the runtime measured it lossless and faster than plain decoding.
@@ -56,7 +66,7 @@ def _export_and_decode(model, paths, tmp_path):
         args += ["--profile", p]
     result = CliRunner().invoke(compile_main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    engine = Engine.load(out, guard=False)
+    engine = Engine.load(out, guard=False, adapt=False)     # the profile's own policy: drafting runs
     assert set(engine.bundle.profiles) == {os.path.splitext(os.path.basename(p))[0] for p in paths}
     for task in sorted(engine.bundle.profiles):
         for prompt in PROMPTS:
@@ -80,3 +90,16 @@ def test_smollm2_shipped_profiles_export_only_and_decode_losslessly(tmp_path):
 @pytest.mark.skipif("gemma3-270m" not in _by_model(), reason="no shipped gemma3-270m profile")
 def test_gemma3_shipped_profiles_export_only_and_decode_losslessly(tmp_path):
     _export_and_decode("gemma3-270m", _by_model()["gemma3-270m"], tmp_path)
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif("smollm2-135m-instruct" not in _by_model("native"), reason="no shipped native profile")
+def test_smollm2_native_profiles_export_only_and_decode_losslessly(tmp_path):
+    _export_and_decode("smollm2-135m-instruct", _by_model("native")["smollm2-135m-instruct"], tmp_path)
+
+
+@pytest.mark.gemma
+@pytest.mark.slow
+@pytest.mark.skipif("gemma3-270m" not in _by_model("native"), reason="no shipped native gemma3-270m profile")
+def test_gemma3_native_profiles_export_only_and_decode_losslessly(tmp_path):
+    _export_and_decode("gemma3-270m", _by_model("native")["gemma3-270m"], tmp_path)

@@ -338,6 +338,9 @@ def render_description(d: dict) -> str:
            f"created {d['created']}, {_size(d['total_bytes'])} in all",
            f"Model {model['name']} ({model['architecture']}, {model['num_layers']} layers, hidden "
            f"{model['hidden_size']}, vocabulary {model['vocab_size']})",
+           f"  target {model.get('target', 'fp32')}"
+           + (" (GGUF tensors: " + ", ".join(f"{n} {t}" for t, n in model["gguf_types"].items()) + ")"
+              if model.get("gguf_types") else ""),
            f"  config sha256  {model['config_sha256']}",
            f"  weights sha256 {model['weights_sha256']}",
            f"  max context {d['max_context']} tokens; tokenizer {d['tokenizer']['file']}"
