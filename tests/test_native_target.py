@@ -188,3 +188,25 @@ def test_sampling_distribution_equals_the_native_target(engine):
     assert 0 < accepted < drafted
     ps, tvs = _projections(counts, levels, n)
     assert min(ps) > 1e-4, f"speculative sampling at native differs from the target: p={ps} tv={tvs}"
+
+
+def test_verify_identity_check_passes_an_exact_target_and_refuses_one_that_is_not(engine):
+    """The compile-time guard of a quantized target: the tiny native graph computes a verify pass
+    bit for bit like single steps; a graph whose rows depend on the pass width is refused."""
+    from conflayers.compiler.target import TargetNotExact, check_verify_identity
+    check_verify_identity(engine.full, engine.spec, [2, 3, 5], length=40)
+
+    class WidthDependent:            # a graph whose result depends on how many rows a pass has
+        def __init__(self, full):
+            self.full = full
+
+        def bind(self, cache):
+            inner = self.full.bind(cache)
+
+            class Bound:
+                def run(self, tokens, start, logits_from=0):
+                    out = inner.run(tokens, start, logits_from)
+                    return out + (len(tokens) - 1) * 1e-6
+            return Bound()
+    with pytest.raises(TargetNotExact, match="2-token verify pass computes position 0 differently"):
+        check_verify_identity(WidthDependent(engine.full), engine.spec, [2], length=20)

@@ -183,6 +183,9 @@ def reference_decoding(factory, m: ModelSetup, cal: Calibration, opts, log):
     log.phase("reference decoding",
               f"export full graph ({m.target.precision}) + reference decoding (full model, greedy)")
     full = factory.full()
+    if m.target.precision != "fp32":     # int8 activations: the verify/step identity must be exact
+        from .target import check_verify_identity
+        check_verify_identity(full, m.spec, sorted({2, 3, 5, opts.settings.k_max + 1}))
     with log.bar(len(cal.search_ids) + len(cal.val_ids), "reference decoding") as bar:
         refs = make_references(full, m.spec, cal.search_ids, opts.max_new_tokens, m.stop_ids, bar.update)
         val_refs = make_references(full, m.spec, cal.val_ids, opts.max_new_tokens, m.stop_ids, bar.update)

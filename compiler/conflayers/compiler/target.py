@@ -61,3 +61,32 @@ def _check_block_shapes(spec, choice: str):
     if bad:
         raise ValueError(f"--target {choice} quantizes in blocks of {BLOCK_SIZE} inputs, which do not divide "
                          f"the model's {', '.join(bad)}; use --target fp32 (or native for a GGUF file)")
+
+
+class TargetNotExact(ValueError):
+    pass
+
+
+def check_verify_identity(full, spec, widths, length: int = 160, seed: int = 0):
+    """A quantized target is only lossless if a verify pass over n tokens computes each position
+    bit for bit as n single steps do: MatMulNBits' int8 activations turn the smallest rounding
+    difference into other tokens. Checked on the built full graph over `length` positions (past
+    64: kernels change paths with the context) for every verify width. Measured: SmolLM2 holds;
+    Gemma 3 (head_dim 256) does not, as ONNX Runtime's CPU GroupQueryAttention rounds differently
+    for different row counts past 64 tokens of context."""
+    from conflayers.runtime.ort_backend import KVCache
+    ids = [int(x) for x in np.random.default_rng(seed).integers(10, spec.vocab_size - 10, length)]
+    steps_cache = KVCache(spec, length + 2)
+    steps = full.bind(steps_cache)
+    expected = np.stack([steps.run([t], j)[-1] for j, t in enumerate(ids)])
+    for n in widths:
+        bound = full.bind(KVCache(spec, length + 2))
+        got = np.concatenate([bound.run(ids[j:j + n], j) for j in range(0, length, n)])
+        if not np.array_equal(got, expected):
+            first = int(np.nonzero(np.abs(got - expected).max(-1) > 0)[0][0])
+            raise TargetNotExact(
+                f"this target is not exact on this backend: a {n}-token verify pass computes position "
+                f"{first} differently from single steps (max logit difference "
+                f"{float(np.abs(got - expected).max()):.3g}), so speculative output could differ from plain "
+                "decoding. Compile with --target fp32 (or int8/int4 of a model without this attention "
+                "shape)")

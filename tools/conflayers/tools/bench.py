@@ -49,7 +49,8 @@ Method:
   drafts up to k). HF prompt lookup: full passes = counted forward calls of the model. Plain
   decoding: one full pass per token, i.e. full bytes x tokens/s. KV-cache reads are not counted.
 - Threads: the runtime, genai and llama.cpp use the runtime's count ($CONFLAYERS_THREADS, else
-  one thread per core); torch uses torch.set_num_threads(cores) with OMP_WAIT_POLICY=PASSIVE unless the environment sets it
+  one thread per core); torch uses torch.set_num_threads(cores) with OMP_WAIT_POLICY=PASSIVE (only when a torch system
+  runs: it slows llama.cpp's OpenMP threads ~3x, so bench llama.cpp and hf in separate runs) unless the environment sets it
   (spin-waiting OpenMP threads made torch 5-10x slower on a busy shared machine).
 - llama.cpp: fed the prompt token ids (not text), a cold prefill per prompt (no KV-cache prefix
   reuse), temp 0 (its greedy sampler), no repeat penalty, stopped at the runtime's end ids; its
@@ -711,17 +712,20 @@ def render(doc: dict) -> str:
 # ----------------------------------------------------------------------------- main
 
 def run(args, argv) -> int:
-    # OpenMP threads that spin-wait at barriers make torch 5-10x slower on a shared, busy machine
-    # (measured here: SmolLM2 HF generate 1.4 tok/s with 2 spinning threads, 13 tok/s passive), and
-    # in one process they would steal the cores from ONNX Runtime after each HF run. Set before
-    # torch is imported (libgomp reads it once); the user's own setting wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from conflayers.runtime import Bundle, BundleError
     try:
         bundle = Bundle.open(args.bundle, verify=False)
     except BundleError as e:
         raise BenchError(str(e)) from None
     names = resolve_systems(args.systems, sorted(bundle.profiles))
+    # OpenMP threads that spin-wait at barriers make torch 5-10x slower on a shared, busy machine
+    # (measured here: SmolLM2 HF generate 1.4 tok/s with 2 spinning threads, 13 tok/s passive), and
+    # in one process they would steal the cores from ONNX Runtime after each HF run: passive when a
+    # torch system runs. Not otherwise: llama.cpp's OpenMP build decodes SmolLM2 Q4_1 at ~30 tok/s
+    # passive against ~100 spinning (measured here, quiet machine). Set before torch or llama.cpp
+    # is imported (libgomp reads it once); the user's own setting wins.
+    if any(n.startswith("hf") for n in names):
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.systems and any(n in LLAMACPP_SYSTEMS for n in names):
         try:                    # asked for by name: fail now, not as a row of the table
             import_llama_cpp()
