@@ -125,7 +125,8 @@ def main(model, calib, target, task, out, profiles, num_prompts, validation_prom
                           validation_prompts=validation_prompts, max_new_tokens=max_new_tokens, seed=seed,
                           device=device, dtype=dtype, max_context=max_context, chat=chat, force=force,
                           profiles=list(profiles), cost_model=cost_model, settings=settings, quiet=quiet,
-                          target=target or "native", target_from_profiles=bool(profiles) and target is None)
+                          target=target or "native", target_explicit=target is not None,
+                          target_from_profiles=bool(profiles) and target is None)
     try:
         settings.validate()
         path = export_profiles(opts) if profiles else compile_profile(opts)

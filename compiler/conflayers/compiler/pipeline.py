@@ -42,6 +42,7 @@ class CompileOptions:
     settings: SearchSettings = field(default_factory=SearchSettings)
     quiet: bool = False
     target: str = "native"                            # see target.py
+    target_explicit: bool = False                     # --target given (no fallback when not exact)
     target_from_profiles: bool = False                # export only: take the target from the profiles
 
 
@@ -116,7 +117,6 @@ class ModelSetup:
 def setup_model(opts: CompileOptions, log: "Log", dtype: str = "float32") -> ModelSetup:
     from . import models
     from .arch import canonical_weights, model_spec
-    from .export.bundle_writer import fingerprint, model_identity
     from .target import resolve_target
 
     log.phase("resolve model", f"resolve model {opts.model} (target {opts.target})")
@@ -125,11 +125,44 @@ def setup_model(opts: CompileOptions, log: "Log", dtype: str = "float32") -> Mod
     spec = model_spec(hf_model.config)
     weights = canonical_weights(spec, hf_model.state_dict())
     target = resolve_target(opts.target, resolved, spec, weights, log)
-    fp = {**fingerprint(spec, weights), "target": target.precision}
-    info = {"name": resolved.name, "source": resolved.source, **fp, "target_info": target.describe()}
-    return ModelSetup(resolved, hf_model, tokenizer, spec, weights, target, info,
-                      model_identity(resolved.name, spec, fp), frozenset(_eos_ids(hf_model, tokenizer)),
-                      min(opts.max_context, spec.max_position_embeddings))
+    m = ModelSetup(resolved, hf_model, tokenizer, spec, weights, target, {}, {},
+                   frozenset(_eos_ids(hf_model, tokenizer)), min(opts.max_context, spec.max_position_embeddings))
+    return _with_target(m, target)
+
+
+def _with_target(m: ModelSetup, target) -> ModelSetup:
+    """m at `target`: the manifest's and the profiles' model sections record it."""
+    from .export.bundle_writer import fingerprint, model_identity
+    fp = {**fingerprint(m.spec, m.weights), "target": target.precision}
+    m.target = target
+    m.model_info = {"name": m.resolved.name, "source": m.resolved.source, **fp, "target_info": target.describe()}
+    m.identity = model_identity(m.resolved.name, m.spec, fp)
+    return m
+
+
+def ensure_exact_target(m: ModelSetup, opts: CompileOptions, providers, log) -> ModelSetup:
+    """A quantized target must compute a verify pass bit for bit like single steps (see
+    target.check_verify_identity). When it does not and the target was only the default, the
+    compile falls back to fp32 and says so; an explicit --target fails with the reason."""
+    from .drafts import DraftFactory
+    from .target import Target, TargetNotExact, check_verify_identity
+    if m.target.precision == "fp32":
+        return m
+    log.phase("target check", f"check that the {m.target.precision} target is exact (verify vs single steps)")
+    workdir = tempfile.mkdtemp(prefix="conflayers-check-")
+    try:
+        factory = DraftFactory(workdir, m.spec, m.weights, m.max_context, providers,
+                               target=m.target.precision, native=m.target.native)
+        check_verify_identity(factory.full(), m.spec, sorted({2, 3, 5, opts.settings.k_max + 1}))
+        factory.close()
+    except TargetNotExact as e:
+        if opts.target_explicit:
+            raise
+        log(f"  {e}\n  -> falling back to --target fp32 (pass --target to choose)")
+        return _with_target(m, Target("fp32"))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return m
 
 
 @dataclass
@@ -183,9 +216,6 @@ def reference_decoding(factory, m: ModelSetup, cal: Calibration, opts, log):
     log.phase("reference decoding",
               f"export full graph ({m.target.precision}) + reference decoding (full model, greedy)")
     full = factory.full()
-    if m.target.precision != "fp32":     # int8 activations: the verify/step identity must be exact
-        from .target import check_verify_identity
-        check_verify_identity(full, m.spec, sorted({2, 3, 5, opts.settings.k_max + 1}))
     with log.bar(len(cal.search_ids) + len(cal.val_ids), "reference decoding") as bar:
         refs = make_references(full, m.spec, cal.search_ids, opts.max_new_tokens, m.stop_ids, bar.update)
         val_refs = make_references(full, m.spec, cal.val_ids, opts.max_new_tokens, m.stop_ids, bar.update)
@@ -255,7 +285,7 @@ def compile_profile(opts: CompileOptions) -> str:
     log = Log(opts.quiet)
     providers = resolve_providers(opts.device)
     task = opts.task or task_name(opts.calib)
-    m = setup_model(opts, log, opts.dtype)
+    m = ensure_exact_target(setup_model(opts, log, opts.dtype), opts, providers, log)
     if not opts.settings.precisions:     # default: drafts cheaper than the target
         opts.settings.precisions = DEFAULT_DRAFT_PRECISIONS[m.target.precision]
     opts.settings.validate(m.spec.num_layers)

@@ -64,7 +64,7 @@ def _check_block_shapes(spec, choice: str):
 
 
 class TargetNotExact(ValueError):
-    pass
+    """A quantized target whose verify passes are not bit-identical to single steps here."""
 
 
 def check_verify_identity(full, spec, widths, length: int = 160, seed: int = 0):
