@@ -47,12 +47,11 @@ import numpy as np
 import onnxruntime as ort
 
 from .decoding import DecodeStats
-from .drafter import LayerSkipDrafter
+from .drafter import LayerSkipDrafter, draft_token
 from .engine import Engine, Request, StreamChunk
 from .modelspec import ModelSpec
 from .ort_backend import GraphRunner, create_session
 from .policy import MachineCosts
-from .sampling import softmax_max
 
 class BatchingError(RuntimeError):
     """The bundle, device or environment cannot be served by the batched engine."""
@@ -611,26 +610,12 @@ class BatchedEngine:
 
 
 def _draft_one(s: _Seq, z: np.ndarray):
-    """One drafted token from draft scores z (BoundDrafter.propose's body, one step)."""
-    d, sampler = s.drafter, s.request.sampler
-    stop, ids = d.policy.confidence_stop, d.vocab_ids
-    if sampler.greedy:
-        if stop is None:
-            idx, conf = int(np.argmax(z)), 1.0
-        else:
-            idx, conf = softmax_max(z)
-    else:
-        q_sub = sampler.probs(z)
-        idx = sampler.draw(q_sub)
-        conf = float(q_sub.max())
-        if ids is None:
-            s.draft_q.append(q_sub)
-        else:
-            q = np.zeros(d.vocab_size)
-            q[ids] = q_sub
-            s.draft_q.append(q)
-    s.drafted.append(int(idx if ids is None else ids[idx]))
-    if stop is not None and conf < stop:
+    """One drafted token from draft scores z (the same step as BoundDrafter.propose)."""
+    tok, q, more = draft_token(s.drafter, z, s.request.sampler)
+    s.drafted.append(tok)
+    if q is not None:
+        s.draft_q.append(q)
+    if not more:
         s.drafting = False
 
 
@@ -655,56 +640,9 @@ def _limit(profile, policy, costs: MachineCosts | None, max_batch: int) -> int:
 
 
 def _present(engine: Engine, seq: _Seq, loop: Iterator[list[int]]) -> Iterator[StreamChunk]:
-    """Engine._stream's text side (detokenizing, stop strings, deadline, metrics) over the
-    scheduler's tokens for one request."""
-    from .engine import GenerationMetrics, GenerationResult, _find_stop
-    request, stats = seq.request, seq.stats
-    stops = request.stops
-    t0 = time.perf_counter()
+    """Engine.present over the scheduler's tokens for one request."""
     try:
-        text_out = engine.codec.stream()
-        out_ids: list[int] = []
-        shown = 0
-        finish, ttft, stop_at = "length", None, None
-        hold = max((len(s) for s in stops), default=1) - 1
-        for new in loop:
-            if ttft is None:
-                ttft = time.perf_counter() - t0
-            ended = new[-1] in engine.stop_ids
-            if ended:
-                new, finish = new[:-1], "stop"
-            out_ids.extend(new)
-            text_out.push(new)
-            stop_at = _find_stop(text_out.text, stops, shown)
-            if stop_at is not None or ended:
-                break
-            if request.deadline is not None and time.monotonic() >= request.deadline:
-                break
-            safe = len(text_out.text) - hold
-            if safe > shown:
-                yield StreamChunk(text_out.text[shown:safe], new)
-                shown = safe
-            else:
-                yield StreamChunk("", new)
-        loop.close()
-        total = time.perf_counter() - t0
-        if stop_at is None:
-            text_out.flush()
-            stop_at = _find_stop(text_out.text, stops, shown)
-        text = text_out.text if stop_at is None else text_out.text[:stop_at]
-        if stop_at is not None:
-            finish = "stop"
-        drafted = seq.drafter is not None
-        metrics = GenerationMetrics(
-            profile=seq.name if drafted else None, speculative=drafted,
-            prompt_tokens=len(request.ids), completion_tokens=len(out_ids),
-            draft_steps=stats.draft_steps, drafted_tokens=stats.drafted_tokens,
-            accepted_tokens=stats.accepted_tokens, acceptance_rate=stats.acceptance_rate,
-            mean_accepted_tokens=stats.mean_accepted_tokens,
-            tokens_per_s=(stats.tokens - 1) / stats.decode_s if stats.decode_s > 0 else 0.0,
-            time_to_first_token_s=ttft or 0.0, total_s=total, guard_stopped_at=None,
-            selection_score=request.score)
-        yield StreamChunk(text[shown:], [], GenerationResult(text, out_ids, finish, metrics,
-                                                             list(stats.accept_lengths)))
+        yield from engine.present(loop, seq.request, seq.stats, seq.name if seq.drafter is not None else None,
+                                  len(seq.request.ids), seq.request.score)
     finally:
         loop.close()

@@ -82,29 +82,38 @@ class BoundDrafter(Drafter):
         return self.drafter.head.run_head(hidden[None])[0, -1]
 
     def propose(self, last_token: int, start: int, sampler: Sampler, limit: int):
-        policy, ids = self.drafter.policy, self.drafter.vocab_ids
-        stop = policy.confidence_stop
+        policy = self.drafter.policy
         tokens, probs = [], ([] if not sampler.greedy else None)
         tok = last_token
         for j in range(min(policy.max_tokens, limit)):
-            z = self.logits(tok, start + j)
-            if sampler.greedy:
-                if stop is None:
-                    idx, conf = int(np.argmax(z)), 1.0
-                else:
-                    idx, conf = softmax_max(z)
-            else:
-                q_sub = sampler.probs(z)
-                idx = sampler.draw(q_sub)
-                conf = float(q_sub.max())
-                if ids is None:
-                    probs.append(q_sub)
-                else:
-                    q = np.zeros(self.drafter.vocab_size)
-                    q[ids] = q_sub
-                    probs.append(q)
-            tok = int(idx if ids is None else ids[idx])
+            tok, q, more = draft_token(self.drafter, self.logits(tok, start + j), sampler)
             tokens.append(tok)
-            if stop is not None and conf < stop:
+            if q is not None:
+                probs.append(q)
+            if not more:
                 break
         return tokens, probs
+
+
+def draft_token(drafter: LayerSkipDrafter, z: np.ndarray, sampler: Sampler):
+    """One drafted token from the draft's scores z over its head's vocabulary: (token, its draft
+    distribution over the full vocabulary or None when greedy, whether drafting goes on under the
+    confidence stop). Shared by the single-request and the batched loops."""
+    stop, ids = drafter.policy.confidence_stop, drafter.vocab_ids
+    q = None
+    if sampler.greedy:
+        if stop is None:
+            idx, conf = int(np.argmax(z)), 1.0
+        else:
+            idx, conf = softmax_max(z)
+    else:
+        q_sub = sampler.probs(z)
+        idx = sampler.draw(q_sub)
+        conf = float(q_sub.max())
+        if ids is None:
+            q = q_sub
+        else:
+            q = np.zeros(drafter.vocab_size)
+            q[ids] = q_sub
+    tok = int(idx if ids is None else ids[idx])
+    return tok, q, stop is None or conf >= stop

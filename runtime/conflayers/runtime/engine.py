@@ -286,7 +286,7 @@ class Engine:
                        use_guard=sampler.greedy or seed is None, deadline=deadline)
 
     def _stream(self, request: Request) -> Iterator[StreamChunk]:
-        ids, name, score, stops = request.ids, request.profile, request.score, request.stops
+        ids, name, score = request.ids, request.profile, request.score
         cache = self._acquire()
         loop = None
         try:
@@ -297,57 +297,65 @@ class Engine:
             guard = (SpeculationGuard(costs.verify_cost if costs else self.bundle.profiles[name].verify_cost)
                      if drafter and self.use_guard and request.use_guard else None)
             stats = DecodeStats()
-            t0 = time.perf_counter()
             loop = decode(self.full.bind(cache), ids, request.max_new_tokens, request.sampler,
                           drafter=drafter.bind(cache, ids) if drafter else None,
                           stop_ids=self.stop_ids, guard=guard, stats=stats)
-            text_out = self.codec.stream()
-            out_ids: list[int] = []
-            shown = 0              # characters already yielded
-            finish, ttft, stop_at = "length", None, None
-            hold = max((len(s) for s in stops), default=1) - 1   # may be the start of a stop string
-            for new in loop:
-                if ttft is None:
-                    ttft = time.perf_counter() - t0
-                ended = new[-1] in self.stop_ids
-                if ended:
-                    new, finish = new[:-1], "stop"
-                out_ids.extend(new)
-                text_out.push(new)
-                stop_at = _find_stop(text_out.text, stops, shown)
-                if stop_at is not None or ended:
-                    break
-                if request.deadline is not None and time.monotonic() >= request.deadline:
-                    break             # out of time: ends like max_new_tokens, finish_reason "length"
-                safe = len(text_out.text) - hold
-                if safe > shown:
-                    yield StreamChunk(text_out.text[shown:safe], new)
-                    shown = safe
-                else:
-                    yield StreamChunk("", new)
-            loop.close()
-            total = time.perf_counter() - t0
-            if stop_at is None:
-                text_out.flush()
-                stop_at = _find_stop(text_out.text, stops, shown)
-            text = text_out.text if stop_at is None else text_out.text[:stop_at]
-            if stop_at is not None:
-                finish = "stop"
-            metrics = GenerationMetrics(
-                profile=name if drafter else None, speculative=drafter is not None,
-                prompt_tokens=len(ids), completion_tokens=len(out_ids),
-                draft_steps=stats.draft_steps, drafted_tokens=stats.drafted_tokens,
-                accepted_tokens=stats.accepted_tokens, acceptance_rate=stats.acceptance_rate,
-                mean_accepted_tokens=stats.mean_accepted_tokens,
-                tokens_per_s=(stats.tokens - 1) / stats.decode_s if stats.decode_s > 0 else 0.0,
-                time_to_first_token_s=ttft or 0.0, total_s=total, guard_stopped_at=stats.guard_stopped_at,
-                selection_score=score)
-            result = GenerationResult(text, out_ids, finish, metrics, stats.accept_lengths)
-            yield StreamChunk(text[shown:], [], result)
+            yield from self.present(loop, request, stats, name if drafter else None, len(ids), score)
         finally:
             if loop is not None:
                 loop.close()          # stop the decoding loop before its cache goes back to the pool
             self._release(cache)
+
+    def present(self, loop: Iterator[list[int]], request, stats: DecodeStats, profile: str | None,
+                prompt_tokens: int, score: float | None) -> Iterator[StreamChunk]:
+        """The text side of a request, over the tokens a decoding loop yields (this engine's own
+        loop or the batching scheduler's): detokenizing, stop strings held back until they cannot
+        start one, the deadline, and the metrics on the last chunk."""
+        stops = request.stops
+        t0 = time.perf_counter()
+        text_out = self.codec.stream()
+        out_ids: list[int] = []
+        shown = 0              # characters already yielded
+        finish, ttft, stop_at = "length", None, None
+        hold = max((len(s) for s in stops), default=1) - 1   # may be the start of a stop string
+        for new in loop:
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+            ended = new[-1] in self.stop_ids
+            if ended:
+                new, finish = new[:-1], "stop"
+            out_ids.extend(new)
+            text_out.push(new)
+            stop_at = _find_stop(text_out.text, stops, shown)
+            if stop_at is not None or ended:
+                break
+            if request.deadline is not None and time.monotonic() >= request.deadline:
+                break             # out of time: ends like max_new_tokens, finish_reason "length"
+            safe = len(text_out.text) - hold
+            if safe > shown:
+                yield StreamChunk(text_out.text[shown:safe], new)
+                shown = safe
+            else:
+                yield StreamChunk("", new)
+        loop.close()
+        total = time.perf_counter() - t0
+        if stop_at is None:
+            text_out.flush()
+            stop_at = _find_stop(text_out.text, stops, shown)
+        text = text_out.text if stop_at is None else text_out.text[:stop_at]
+        if stop_at is not None:
+            finish = "stop"
+        metrics = GenerationMetrics(
+            profile=profile, speculative=profile is not None,
+            prompt_tokens=prompt_tokens, completion_tokens=len(out_ids),
+            draft_steps=stats.draft_steps, drafted_tokens=stats.drafted_tokens,
+            accepted_tokens=stats.accepted_tokens, acceptance_rate=stats.acceptance_rate,
+            mean_accepted_tokens=stats.mean_accepted_tokens,
+            tokens_per_s=(stats.tokens - 1) / stats.decode_s if stats.decode_s > 0 else 0.0,
+            time_to_first_token_s=ttft or 0.0, total_s=total, guard_stopped_at=stats.guard_stopped_at,
+            selection_score=score)
+        yield StreamChunk(text[shown:], [], GenerationResult(text, out_ids, finish, metrics,
+                                                             list(stats.accept_lengths)))
 
     # -- KV cache pool --------------------------------------------------------------------------
     def _acquire(self) -> KVCache:
