@@ -48,7 +48,7 @@ import onnxruntime as ort
 
 from .decoding import DecodeStats
 from .drafter import LayerSkipDrafter, draft_token
-from .engine import Engine, Request, StreamChunk
+from .engine import Engine, Request, StreamChunk, stream_or_result
 from .modelspec import ModelSpec
 from .ort_backend import GraphRunner, create_session
 from .policy import MachineCosts
@@ -409,14 +409,7 @@ class BatchedEngine:
     # -- requests ---------------------------------------------------------------------------------
     def generate(self, prompt: str | None = None, *, stream: bool = False, **kwargs):
         """Engine.generate's arguments and results, decoded in the batch."""
-        request = self.engine.prepare(prompt, **kwargs)
-        chunks = self.stream_request(request)
-        if stream:
-            return chunks
-        last = None
-        for last in chunks:
-            pass
-        return last.result
+        return stream_or_result(self.stream_request(self.engine.prepare(prompt, **kwargs)), stream)
 
     def stream_request(self, request: Request) -> Iterator[StreamChunk]:
         name, drafter = request.profile, None

@@ -235,13 +235,7 @@ class Engine:
         request = self.prepare(prompt, messages=messages, prompt_ids=prompt_ids, task=task,
                                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                top_k=top_k, seed=seed, stop=stop, speculate=speculate, deadline=deadline)
-        chunks = self._stream(request)
-        if stream:
-            return chunks
-        last = None
-        for last in chunks:
-            pass
-        return last.result
+        return stream_or_result(self._stream(request), stream)
 
     def prepare(self, prompt: str | None = None, *, messages=None, prompt_ids=None, task: str | None = None,
                 max_new_tokens: int | None = 256, temperature: float = 0.0, top_p: float = 1.0,
@@ -369,6 +363,16 @@ class Engine:
     def _release(self, cache: KVCache):
         with self._lock:
             self._caches.append(cache)
+
+
+def stream_or_result(chunks: Iterator[StreamChunk], stream: bool):
+    """generate's return value: the chunks themselves, or the result their last one carries."""
+    if stream:
+        return chunks
+    last = None
+    for last in chunks:
+        pass
+    return last.result
 
 
 def _find_stop(text: str, stops: list[str], start: int) -> int | None:
