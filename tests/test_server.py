@@ -106,6 +106,18 @@ def total(samples: dict, name: str, **labels) -> float:
     return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
 
 
+def metrics_after_next_request(client, before: dict, endpoint: str, poll: float = 0.02) -> dict:
+    """/metrics once the server has counted one more request on `endpoint` than in `before`
+    (the count lands after the handler ends; gives up after 10 s and returns the last sample)."""
+    deadline = time.time() + 10
+    while True:
+        after = parse_prometheus(client.get("/metrics")[1])
+        if total(after, "conflayers_requests_total", endpoint=endpoint) > \
+                total(before, "conflayers_requests_total", endpoint=endpoint) or time.time() >= deadline:
+            return after
+        time.sleep(poll)
+
+
 # -- basic endpoints --------------------------------------------------------------------------
 
 def test_health_and_models(client, tiny_engine):
@@ -288,13 +300,7 @@ def test_client_disconnect_mid_stream(client, tiny_engine):
     assert s.recv(200).startswith(b"HTTP/1.1 200")
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST on close
     s.close()
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        after = parse_prometheus(client.get("/metrics")[1])
-        if total(after, "conflayers_requests_total", endpoint=C) > total(before, "conflayers_requests_total",
-                                                                          endpoint=C):
-            break
-        time.sleep(0.05)
+    after = metrics_after_next_request(client, before, C, poll=0.05)
     assert total(after, "conflayers_requests_total", endpoint=C, status="499") == \
         total(before, "conflayers_requests_total", endpoint=C, status="499") + 1
     assert total(after, "conflayers_client_disconnects_total") >= 1

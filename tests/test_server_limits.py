@@ -18,7 +18,7 @@ from conflayers.runtime import Engine
 from conflayers.runtime.engine import RequestLimits
 from conflayers.runtime.sampling import Sampler, SamplingError
 from conflayers.runtime.server import ConflayersServer, label, main, make_server
-from test_server import Client, parse_prometheus, total
+from test_server import Client, metrics_after_next_request, parse_prometheus, total
 
 C, CH = "/v1/completions", "/v1/chat/completions"
 
@@ -227,13 +227,7 @@ def test_non_streaming_disconnect_stops_generation(serve, tiny_engine):
     s = socket.create_connection((c.host, c.port), timeout=10)
     s.sendall(request_bytes(C, body))
     s.close()                      # gone before the first decode step ends
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        after = parse_prometheus(c.get("/metrics")[1])
-        if total(after, "conflayers_requests_total", endpoint=C) > total(before, "conflayers_requests_total",
-                                                                          endpoint=C):
-            break
-        time.sleep(0.02)
+    after = metrics_after_next_request(c, before, C)
     assert total(after, "conflayers_requests_total", endpoint=C, status="499") == 1
     gained = total(after, "conflayers_generated_tokens_total") - total(before, "conflayers_generated_tokens_total")
     assert 0 < gained < 400
