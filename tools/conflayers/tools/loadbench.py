@@ -1,26 +1,101 @@
-"""Load bench: N concurrent closed-loop HTTP clients against a running conflayers-serve.
+"""Load bench: closed-loop concurrent HTTP clients against conflayers-serve and ONNX Runtime GenAI's engine.
 
-    python -m conflayers.tools.loadbench --url http://127.0.0.1:8000 --task gsm8k \
-        --concurrency 1,2,4,8 --requests 8 --max-tokens 64
+    python -m conflayers.tools.loadbench BUNDLE --systems batched,unbatched,genai --max-batch 8 \
+        --concurrency 1,2,4,8,16 --requests 32 --max-tokens 128 --task gsm8k [--rss-requests 1000]
+    python -m conflayers.tools.loadbench --url http://127.0.0.1:8000 --concurrency 1,2,4,8   # a running server
 
-Each client streams a completion (Server-Sent Events), then sends the next, until the level's
-requests are done. Per concurrency level: aggregate generated tokens/s (tokens over wall time),
-p50/p95 time to first token, p50/p95 inter-token latency (gaps between streamed text chunks, each
-divided by the mean tokens per chunk: a speculative step's tokens share its time) and errors. Prompts come from
-a task's test prompts (the compiler's task data) or a JSONL file of {"prompt": ...} lines.
-Standard library only, besides the task loader.
+With a BUNDLE, the bench starts every server it needs itself, each a subprocess on 127.0.0.1 (port
+chosen by the OS; its log in a temporary directory, kept and named when something fails), and
+stops them at the end. Systems:
+
+- `batched`: `conflayers-serve BUNDLE --max-batch N` (continuous batching), the bundle's default
+  profile (speculative decoding where its policy pays); `batched-plain`: the same server, requests
+  with `"speculate": false`;
+- `unbatched`: `conflayers-serve BUNDLE --max-concurrency N` (one request per thread, each decoding
+  alone); `unbatched-plain`: the same, `"speculate": false`;
+- `genai`: ONNX Runtime GenAI's batching engine (`og.Engine` / `og.Request`, onnxruntime-genai 0.18)
+  over the model its builder makes from the bundle's Hugging Face checkpoint (`--genai-precision`,
+  int4 by default: the precision of a Q4 GGUF; the same cached build as `conflayers-bench`'s
+  genai-int4), served by `genai-serve` below.
+
+How the anchor is served (the choice): GenAI has no HTTP server of its own, so this module has a
+small one, `python -m conflayers.tools.loadbench genai-serve` (standard library
+ThreadingHTTPServer, 127.0.0.1 only). It speaks the subset of the chat / text completions API
+the clients use (streaming Server-Sent Events, or one JSON body; `max_tokens`; greedy), so the
+same closed-loop clients hit both systems over the same HTTP hop, and its RSS is one process's,
+like conflayers-serve's. One scheduler thread owns the og.Engine (GenAI requires every engine
+call from its owner thread): it admits new requests between `Engine.run` calls, hands each token
+event to the request's HTTP thread and cancels the turn of a client that left. Prompts are the
+same token ids as conflayers-serve's (the bundle's tokenizer and chat template, chat content
+encoded as plain text), text is detokenized by the same stream decoder, generation stops at the
+bundle's end-of-generation ids, and each request's GenAI session is capped at prompt +
+max_tokens tokens (GenAI's default reserves a KV cache of the model's whole context per row).
+GenAI 0.18's engine batches dynamically only for PagedAttention models, which its builder makes
+for CUDA (fp16/bf16) alone; a CPU model gets its static batch scheduler: requests waiting when a
+batch starts decode together, a newcomer waits until that whole batch has finished. Measured with
+SmolLM2's int4 CPU model: at most 4 rows per pass, whatever `engine.static_batching.max_batch_size`
+says (the bench sets it to --max-batch; it changes only the reported capability). The table's
+`rows/pass` column shows what it did (sequences advanced per Engine.run, from the wrapper's /stats).
+
+Each client streams a chat completion, then sends the next, until the level's requests (at least
+one per client) are done. Per system and concurrency level: aggregate generated tokens/s (tokens
+over the level's wall time), p50/p95/p99 time to first token, p50/p95/p99 inter-token latency
+(gaps between streamed text chunks, each divided by the mean tokens per chunk: a speculative
+step's tokens share its time) and errors (non-200 answers, in-band errors, broken streams). Levels
+run interleaved (for each concurrency, every system in turn), so machine noise hits them alike.
+Every server gets two warm-up requests first (the first request runs the adaptive-policy probe).
+
+`--rss-requests N` then sends each server N short requests (`--rss-max-tokens`, `--rss-concurrency`
+clients, at most `--rss-time-limit` seconds) and samples its resident set (VmRSS of the server's
+pid in /proc) before the first, after every `--rss-every` requests and after the last: the curve,
+the growth over the run and over its second half (past the allocator's warm-up). With --url the
+server is not ours: pass its pid with --server-pid for the RSS run.
+
+Prompts come from a task's evaluation prompts (the compiler's task data) or a JSONL file of
+{"prompt": ...} lines. Only loopback URLs are accepted. Standard library and numpy, besides the
+task loader, the runtime's text codec (genai-serve) and the GenAI model build (genai).
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import http.client
 import json
+import os
+import platform
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 import numpy as np
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# system -> (server kind, extra request fields)
+SYSTEMS = {
+    "batched": ("conflayers-batched", {}),
+    "batched-plain": ("conflayers-batched", {"speculate": False}),
+    "unbatched": ("conflayers", {}),
+    "unbatched-plain": ("conflayers", {"speculate": False}),
+    "genai": ("genai-engine", {}),
+}
+DEFAULT_SYSTEMS = "batched,unbatched,genai"
+WARMUP_REQUESTS = 2
+
+
+class LoadBenchError(Exception):
+    """Bad input or a server that would not start: one `Error:` line, exit status 2."""
+
+
+# ----------------------------------------------------------------------------- clients
 
 def load_prompts(task: str, n: int) -> list[str]:
     if task.endswith(".jsonl"):
@@ -31,35 +106,52 @@ def load_prompts(task: str, n: int) -> list[str]:
     return [p.text for p in task_prompts(task, "evaluation")[:n]]
 
 
-def one_request(url, prompt: str, max_tokens: int, timeout: float = 600.0) -> dict:
+def check_loopback(url: str) -> str:
+    host = urlsplit(url).hostname
+    if host not in LOOPBACK:
+        raise LoadBenchError(f"--url {url}: the load bench only drives servers on this machine "
+                             f"({', '.join(LOOPBACK)})")
+    return url
+
+
+def one_request(url, prompt: str, max_tokens: int, extra: dict | None = None, timeout: float = 600.0) -> dict:
+    """One streamed chat completion: its time to first token, inter-token gaps, completion tokens
+    (the server's usage) and total time; {"error": ...} for a refusal, an in-band error or a
+    stream that ends before its [DONE]."""
     u = urlsplit(url)
     conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=timeout)
     body = json.dumps({"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-                       "stream": True})
+                       "stream": True, **(extra or {})})
     t0 = time.perf_counter()
-    conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    if resp.status != 200:
-        resp.read()
+    try:
+        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            resp.read()
+            return {"error": str(resp.status)}
+        times, tokens, done, usage = [], 0, False, False
+        while True:
+            line = resp.readline()
+            if not line:
+                break
+            line = line.strip()
+            if not line.startswith(b"data: "):
+                continue
+            data = line[len(b"data: "):]
+            if data == b"[DONE]":
+                done = True
+                break
+            ev = json.loads(data)
+            if ev.get("error"):
+                return {"error": "in-band"}
+            if ev.get("usage"):
+                tokens, usage = ev["usage"].get("completion_tokens", tokens), True
+            elif ev.get("choices") and ev["choices"][0].get("delta", {}).get("content"):
+                times.append(time.perf_counter() - t0)
+    finally:
         conn.close()
-        return {"error": resp.status}
-    times, tokens = [], 0
-    while True:
-        line = resp.readline()
-        if not line:
-            break
-        line = line.strip()
-        if not line.startswith(b"data: "):
-            continue
-        data = line[len(b"data: "):]
-        if data == b"[DONE]":
-            break
-        ev = json.loads(data)
-        if ev.get("usage"):
-            tokens = ev["usage"].get("completion_tokens", tokens)
-        elif ev.get("choices") and ev["choices"][0].get("delta", {}).get("content"):
-            times.append(time.perf_counter() - t0)
-    conn.close()
+    if not (done and usage):
+        return {"error": "truncated"}
     end = time.perf_counter() - t0
     # the gaps between streamed text chunks, each shared by the tokens it carries (on average)
     per_chunk = max(tokens - 1, 1) / max(len(times) - 1, 1)
@@ -67,7 +159,11 @@ def one_request(url, prompt: str, max_tokens: int, timeout: float = 600.0) -> di
     return {"ttft": times[0] if times else end, "itl": itl, "tokens": tokens, "seconds": end}
 
 
-def run_level(url, prompts: list[str], concurrency: int, requests: int, max_tokens: int) -> dict:
+def run_clients(url, prompts: list[str], concurrency: int, requests: int, max_tokens: int,
+                extra: dict | None = None, deadline: float | None = None, on_done=None) -> tuple[list, float]:
+    """`concurrency` closed-loop clients share `requests` requests (none started after `deadline`,
+    a time.monotonic() value); on_done(count) runs after each answer, under the clients' lock.
+    Returns (results, wall seconds)."""
     lock = threading.Lock()
     todo = list(range(requests))
     results = []
@@ -75,55 +171,739 @@ def run_level(url, prompts: list[str], concurrency: int, requests: int, max_toke
     def client():
         while True:
             with lock:
-                if not todo:
+                if not todo or (deadline is not None and time.monotonic() >= deadline):
                     return
                 i = todo.pop(0)
             try:
-                r = one_request(url, prompts[i % len(prompts)], max_tokens)
+                r = one_request(url, prompts[i % len(prompts)], max_tokens, extra)
             except Exception as e:        # noqa: BLE001 - counted as an error
                 r = {"error": type(e).__name__}
             with lock:
                 results.append(r)
+                if on_done is not None:
+                    on_done(len(results))
 
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
+    return results, time.perf_counter() - t0
+
+
+def _pct(xs, q) -> float:
+    return float(np.percentile(xs, q)) if xs else float("nan")
+
+
+def summarize(results: list, wall: float, concurrency: int) -> dict:
     ok = [r for r in results if "error" not in r]
+    errors: dict[str, int] = {}
+    for r in results:
+        if "error" in r:
+            errors[r["error"]] = errors.get(r["error"], 0) + 1
     ttft = [r["ttft"] for r in ok]
     itl = [x for r in ok for x in r["itl"]]
-    pct = lambda xs, q: float(np.percentile(xs, q)) if xs else float("nan")    # noqa: E731
+    tokens = sum(r["tokens"] for r in ok)
     return {"concurrency": concurrency, "requests": len(results), "errors": len(results) - len(ok),
-            "tokens": sum(r["tokens"] for r in ok), "wall_s": wall,
-            "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
-            "ttft_p50_s": pct(ttft, 50), "ttft_p95_s": pct(ttft, 95),
-            "itl_p50_ms": pct(itl, 50) * 1000, "itl_p95_ms": pct(itl, 95) * 1000}
+            "error_kinds": errors, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall if wall else 0.0,
+            "ttft_p50_s": _pct(ttft, 50), "ttft_p95_s": _pct(ttft, 95), "ttft_p99_s": _pct(ttft, 99),
+            "itl_p50_ms": _pct(itl, 50) * 1000, "itl_p95_ms": _pct(itl, 95) * 1000,
+            "itl_p99_ms": _pct(itl, 99) * 1000}
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--url", default="http://127.0.0.1:8000")
-    ap.add_argument("--task", default="gsm8k", help="a named task (its test prompts) or a .jsonl file")
-    ap.add_argument("--concurrency", default="1,2,4,8")
-    ap.add_argument("--requests", type=int, default=8, help="requests per concurrency level")
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--json", action="store_true")
+def run_level(url, prompts: list[str], concurrency: int, requests: int, max_tokens: int,
+              extra: dict | None = None) -> dict:
+    results, wall = run_clients(url, prompts, concurrency, max(requests, concurrency), max_tokens, extra)
+    return summarize(results, wall, concurrency)
+
+
+# ----------------------------------------------------------------------------- resident memory
+
+def read_rss_kb(pid: int) -> int:
+    """VmRSS of process `pid` in kB, from /proc/<pid>/status (Linux)."""
+    with open(f"/proc/{int(pid)}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise OSError(f"/proc/{pid}/status has no VmRSS (a zombie or a kernel thread?)")
+
+
+def rss_run(url, pid: int, prompts: list[str], requests: int, concurrency: int = 4, max_tokens: int = 8,
+            every: int = 100, time_limit: float = 900.0, extra: dict | None = None) -> dict:
+    """`requests` short requests from `concurrency` clients (none started after `time_limit`
+    seconds); the server's VmRSS before the first, after every `every` answers and after the last."""
+    samples = [(0, read_rss_kb(pid))]
+
+    def on_done(count):
+        if count % every == 0:
+            samples.append((count, read_rss_kb(pid)))
+
+    results, wall = run_clients(url, prompts, concurrency, requests, max_tokens, extra,
+                                deadline=time.monotonic() + time_limit, on_done=on_done)
+    if samples[-1][0] != len(results):
+        samples.append((len(results), read_rss_kb(pid)))
+    mb = [(n, kb / 1024.0) for n, kb in samples]
+    mid = min(mb, key=lambda s: abs(s[0] - len(results) / 2))
+    return {"pid": pid, "requests": len(results), "asked": requests, "stopped_at_time_limit": len(results) < requests,
+            "errors": sum(1 for r in results if "error" in r), "concurrency": concurrency, "max_tokens": max_tokens,
+            "wall_s": wall, "rss_mb": [[n, round(v, 1)] for n, v in mb],
+            "growth_mb": mb[-1][1] - mb[0][1], "growth_second_half_mb": mb[-1][1] - mid[1]}
+
+
+# ----------------------------------------------------------------------------- servers
+
+class ServerProcess:
+    """A server subprocess on 127.0.0.1 whose log (stdout + stderr) goes to a file; ready once its
+    start line names the URL and GET /health answers 200."""
+
+    def __init__(self, name: str, cmd: list[str], log_path: str, env: dict | None = None):
+        self.name, self.cmd, self.log_path = name, cmd, log_path
+        self.url = None
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=env)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return ""
+
+    def wait_ready(self, timeout: float) -> str:
+        end = time.monotonic() + timeout
+        pattern = re.compile(r" on (http://127\.0\.0\.1:\d+)")
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise LoadBenchError(f"{self.name} exited with status {self.proc.returncode} while starting "
+                                     f"({self.log_path}):\n{self.log_tail()}")
+            if self.url is None:
+                m = pattern.search(self.log_tail(50))
+                if m:
+                    self.url = m.group(1)
+            if self.url is not None:
+                try:
+                    u = urlsplit(self.url)
+                    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=5)
+                    conn.request("GET", "/health")
+                    ok = conn.getresponse().status == 200
+                    conn.close()
+                    if ok:
+                        return self.url
+                except OSError:
+                    pass
+            time.sleep(0.2)
+        raise LoadBenchError(f"{self.name} was not ready after {timeout:.0f} s ({self.log_path}):\n{self.log_tail()}")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def conflayers_command(bundle: str, batched: bool, max_batch: int, max_context: int | None) -> list[str]:
+    cmd = [sys.executable, "-m", "conflayers.runtime.server", bundle, "--host", "127.0.0.1", "--port", "0"]
+    cmd += ["--max-batch", str(max_batch)] if batched else ["--max-concurrency", str(max_batch)]
+    if max_context:
+        cmd += ["--max-context", str(max_context)]
+    return cmd
+
+
+def genai_command(bundle: str, model_dir: str, max_batch: int, threads: int) -> list[str]:
+    return [sys.executable, "-m", "conflayers.tools.loadbench", "genai-serve", "--bundle", bundle,
+            "--model-dir", model_dir, "--max-batch", str(max_batch), "--threads", str(threads), "--port", "0"]
+
+
+def build_genai_model(bundle: str, precision: str, hf_model: str | None, log) -> str:
+    """The GenAI model directory of the bundle's model: conflayers-bench's cached build
+    (bench_systems.genai_model_dir). Raises Unavailable with the reason."""
+    from conflayers.runtime.bundle import read_manifest
+
+    from .bench_systems import Unavailable, genai_model_dir, resolve_hf_dir
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError as e:
+        raise Unavailable(f"onnxruntime-genai is not installed ({e}); pip install conflayers[bench]") from None
+    model = read_manifest(os.path.abspath(bundle))["model"]
+    hf_dir = resolve_hf_dir(model, hf_model)
+    return genai_model_dir(hf_dir, model.get("name") or "model", log, precision=precision)
+
+
+def http_json(url: str, path: str, timeout: float = 10.0) -> dict | None:
+    u = urlsplit(url)
+    try:
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        data = resp.read()
+        conn.close()
+        return json.loads(data) if resp.status == 200 else None
+    except (OSError, ValueError):
+        return None
+
+
+# ----------------------------------------------------------------------------- GenAI engine server
+
+class _Job:
+    def __init__(self, ids: list[int], max_tokens: int):
+        self.ids, self.max_tokens = ids, max_tokens
+        self.events: queue.Queue = queue.Queue()     # ("token", id) ... ("end", finish reason, error or None)
+        self.cancelled = threading.Event()
+        self.request = None
+        self.turn = None
+        self.finished = False       # the scheduler saw its last event (or cancelled it at a stop id)
+
+
+def _cancel_turn(job: _Job):
+    try:
+        job.request.cancel_turn(job.turn)
+    except Exception:  # noqa: BLE001 - the turn may have ended inside the engine already
+        pass
+
+
+class GenAIEngineHost:
+    """One og.Engine, owned by a scheduler thread: it admits submitted requests between
+    Engine.run calls, routes each token event to its request and cancels the turns of requests
+    whose client left. stats: passes (Engine.run calls that advanced a sequence), rows (sequences
+    advanced, summed) and the most in one pass."""
+
+    def __init__(self, model_dir: str, threads: int, max_batch: int, stop_ids):
+        self.model_dir, self.threads, self.max_batch = model_dir, threads, max_batch
+        self.stop_ids = frozenset(int(t) for t in stop_ids)
+        self.stats = {"passes": 0, "rows": 0, "max_rows": 0, "requests": 0, "capability_max_batch": None}
+        self._inbox: queue.Queue = queue.Queue()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="genai-engine", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, ids: list[int], max_tokens: int) -> _Job:
+        job = _Job(ids, max_tokens)
+        self._inbox.put(job)
+        return job
+
+    def cancel(self, job: _Job):
+        job.cancelled.set()
+        self._inbox.put(None)          # wake the scheduler if it is idle
+
+    def _main(self):
+        try:
+            import onnxruntime_genai as og
+            config = og.Config(self.model_dir)
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+                "intra_op_num_threads": self.threads}}}, "engine": {"static_batching": {
+                    "max_batch_size": self.max_batch}}}))
+            model = og.Model(config)
+            engine = og.Engine(model)
+            self.stats["capability_max_batch"] = engine.get_capabilities().configured_max_batch_size
+            buf = engine.create_event_buffer(max(64, 4 * self.max_batch))
+        except BaseException as e:      # noqa: BLE001 - re-raised in the constructor
+            self._error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        token_flag, done_flag = int(og.EngineEventFlags.TOKEN), int(og.EngineEventFlags.TURN_FINISHED)
+        failed_flag = int(og.EngineEventFlags.FAILED)
+        active: list[_Job] = []
+
+        def finish(job: _Job, reason: str, error: str | None = None):
+            if not job.finished:
+                job.finished = True
+                job.events.put(("end", reason, error))
+
+        while True:
+            new = []
+            try:
+                item = self._inbox.get(block=not active)
+                while True:
+                    if item is not None:
+                        new.append(item)
+                    item = self._inbox.get_nowait()
+            except queue.Empty:
+                pass
+            for job in new:
+                if job.cancelled.is_set():
+                    finish(job, "cancelled")
+                    continue
+                try:
+                    opts = og.RequestOptions()
+                    opts.set_max_session_tokens(len(job.ids) + job.max_tokens)
+                    job.request = engine.create_request(options=opts)
+                    turn = og.TurnOptions(job.request)
+                    turn.set_max_generated_tokens(job.max_tokens)
+                    job.turn = job.request.begin_turn(np.asarray(job.ids, dtype=np.int32), turn)
+                    active.append(job)
+                    self.stats["requests"] += 1
+                except Exception as e:  # noqa: BLE001 - this request fails, the engine carries on
+                    finish(job, "error", f"{type(e).__name__}: {e}")
+            for job in active:
+                if job.cancelled.is_set() and not job.finished:
+                    _cancel_turn(job)
+                    finish(job, "cancelled")
+            if not active:
+                continue
+            if not engine.has_pending_requests():     # every turn ended without its event (not expected)
+                for job in active:
+                    finish(job, "error", "the engine dropped the request")
+                    job.request.close()
+                active.clear()
+                continue
+            try:
+                engine.run(buf)
+            except Exception as e:  # noqa: BLE001 - fail what is running; the next requests try again
+                for job in active:
+                    finish(job, "error", f"{type(e).__name__}: {e}")
+                active.clear()
+                continue
+            rows = 0
+            for k in range(len(buf)):
+                ev = buf[k]
+                req = ev.request
+                job = next((j for j in active if j.request == req), None)
+                flags = int(ev.flags)
+                if flags & token_flag:
+                    rows += 1
+                    if job is not None and not job.finished:
+                        tok = int(ev.token)
+                        job.events.put(("token", tok))
+                        if tok in self.stop_ids:
+                            if not flags & done_flag:
+                                _cancel_turn(job)      # the row stops at the next step
+                            finish(job, "stop")
+                if job is not None and flags & (done_flag | failed_flag):
+                    if flags & failed_flag:
+                        finish(job, "error", ev.error_code.name)
+                    else:
+                        finish(job, "stop" if ev.finish_reason.name in ("EOS", "STOP_STRING") else "length")
+                    active.remove(job)
+                    job.request.close()
+            if rows:
+                self.stats["passes"] += 1
+                self.stats["rows"] += rows
+                self.stats["max_rows"] = max(self.stats["max_rows"], rows)
+
+
+class _GenAIHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"
+    server_version = "genai-engine-serve"
+    MAX_BODY = 4 << 20
+
+    def log_message(self, format, *args):      # noqa: A002 - quiet: thousands of requests in an RSS run
+        pass
+
+    def _json(self, status: int, obj: dict):
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, status: int, message: str):
+        self._json(status, {"error": {"message": message, "type": "invalid_request_error"}})
+
+    def do_HEAD(self):
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+
+    def do_GET(self):
+        if self.path == "/health":
+            self._json(200, {"status": "ok"})
+        elif self.path == "/stats":
+            self._json(200, dict(self.server.host.stats))
+        else:
+            self._error(404, f"no route {self.path}")
+
+    def do_POST(self):
+        chat = self.path == "/v1/chat/completions"
+        if not chat and self.path != "/v1/completions":
+            return self._error(404, f"no route {self.path}")
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            return self._error(400, "bad Content-Length")
+        if length > self.MAX_BODY:
+            return self._error(413, "body too large")
+        codec = self.server.codec
+        try:
+            body = json.loads(self.rfile.read(length))
+            ids = codec.encode_chat(body["messages"]) if chat else codec.encode(body["prompt"])
+            max_tokens = int(body.get("max_tokens") or 256)
+            if max_tokens < 1:
+                raise ValueError("max_tokens must be at least 1")
+        except (KeyError, TypeError, ValueError) as e:     # ChatError is a ValueError
+            return self._error(400, f"bad request: {e}")
+        host = self.server.host
+        job = host.submit(ids, max_tokens)
+        try:
+            if body.get("stream"):
+                self._stream(job, chat, len(ids))
+            else:
+                self._complete(job, chat, len(ids))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        finally:
+            if not job.finished:
+                host.cancel(job)
+
+    def _tokens(self, job: _Job):
+        """(text delta, None) per decoded piece, then (tail, (finish_reason, completion tokens, error))."""
+        dec, n = self.server.codec.stream(), 0
+        stop_ids = self.server.host.stop_ids
+        while True:
+            kind, *rest = job.events.get(timeout=self.server.request_timeout)
+            if kind == "token":
+                if rest[0] in stop_ids:
+                    yield dec.flush(), ("stop", n, None)
+                    return
+                n += 1
+                delta = dec.push([rest[0]])
+                if delta:
+                    yield delta, None
+            else:
+                reason, error = rest
+                yield dec.flush(), ("stop" if reason == "stop" else "length", n, error)
+                return
+
+    def _stream(self, job: _Job, chat: bool, prompt_tokens: int):
+        rid, created = f"genai-{uuid.uuid4().hex[:12]}", int(time.time())
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+
+        def chunk(delta: str | None, finish=None, usage=None):
+            choice = {"index": 0, "finish_reason": finish}
+            if chat:
+                choice["delta"] = {} if delta is None else {"content": delta}
+            else:
+                choice["text"] = delta or ""
+            obj = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                   "created": created, "model": "genai-engine", "choices": [choice]}
+            if usage:
+                obj["usage"] = usage
+            self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+            self.wfile.flush()
+
+        if chat:
+            self.wfile.write(b"data: " + json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created,
+                                                     "model": "genai-engine", "choices": [{"index": 0, "delta": {
+                                                         "role": "assistant", "content": ""},
+                                                         "finish_reason": None}]}).encode() + b"\n\n")
+        try:
+            for text, end in self._tokens(job):
+                if text:
+                    chunk(text)
+                if end is not None:
+                    finish, n, error = end
+                    if error:
+                        self.wfile.write(b"data: " + json.dumps({"error": {"message": error}}).encode() + b"\n\n")
+                        return
+                    chunk(None, finish, {"prompt_tokens": prompt_tokens, "completion_tokens": n,
+                                         "total_tokens": prompt_tokens + n})
+                    self.wfile.write(b"data: [DONE]\n\n")
+                    return
+        except queue.Empty:
+            self.wfile.write(b"data: " + json.dumps({"error": {"message": "timed out"}}).encode() + b"\n\n")
+
+    def _complete(self, job: _Job, chat: bool, prompt_tokens: int):
+        parts = []
+        try:
+            for text, end in self._tokens(job):
+                parts.append(text)
+                if end is not None:
+                    finish, n, error = end
+        except queue.Empty:
+            return self._error(503, "timed out")
+        if error:
+            return self._json(500, {"error": {"message": error, "type": "server_error"}})
+        text = "".join(parts)
+        choice = {"index": 0, "finish_reason": finish,
+                  **({"message": {"role": "assistant", "content": text}} if chat else {"text": text})}
+        self._json(200, {"id": f"genai-{uuid.uuid4().hex[:12]}", "object": "chat.completion" if chat else
+                         "text_completion", "created": int(time.time()), "model": "genai-engine",
+                         "choices": [choice], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n,
+                                                        "total_tokens": prompt_tokens + n}})
+
+
+class GenAIEngineServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024
+
+    def __init__(self, address, host: GenAIEngineHost, codec, request_timeout: float = 600.0):
+        self.host, self.codec, self.request_timeout = host, codec, request_timeout
+        super().__init__(address, _GenAIHandler)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def genai_serve_main(argv) -> int:
+    ap = argparse.ArgumentParser(prog="python -m conflayers.tools.loadbench genai-serve",
+                                 description="ONNX Runtime GenAI's engine (og.Engine) behind a minimal streaming "
+                                             "chat/text completions endpoint, on 127.0.0.1, for the load bench.")
+    ap.add_argument("--bundle", required=True, help="conflayers bundle: its tokenizer, chat template and stop ids")
+    ap.add_argument("--model-dir", required=True, help="the GenAI model directory (genai_config.json)")
+    ap.add_argument("--max-batch", type=int, default=8, help="engine.static_batching.max_batch_size")
+    ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the runtime's count)")
+    ap.add_argument("--host", default="127.0.0.1", choices=["127.0.0.1"])
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--request-timeout", type=float, default=600.0)
     a = ap.parse_args(argv)
-    levels = [int(x) for x in a.concurrency.split(",")]
-    prompts = load_prompts(a.task, max(a.requests, max(levels)))
-    one_request(a.url, prompts[0], 4)                        # warm-up (first-use policy probe)
-    rows = [run_level(a.url, prompts, c, a.requests, a.max_tokens) for c in levels]
+    from conflayers.runtime.bundle import Bundle
+
+    from .bench_systems import runtime_threads
+    bundle = Bundle.open(a.bundle, verify=False)          # tokenizer and template only: no graph is loaded
+    host = GenAIEngineHost(a.model_dir, a.threads or runtime_threads(), a.max_batch, bundle.stop_ids)
+    server = GenAIEngineServer((a.host, a.port), host, bundle.codec, a.request_timeout)
+    signal.signal(signal.SIGTERM, _interrupt)          # the bench stops it with SIGTERM
+    h, p = server.server_address[:2]
+    print(f"genai-serve: {os.path.basename(a.model_dir.rstrip('/'))} on http://{h}:{p} (og.Engine, "
+          f"capability max batch {host.stats['capability_max_batch']}, threads {host.threads})", file=sys.stderr,
+          flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+# ----------------------------------------------------------------------------- the bench
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+    out = {}
+    for name in ("conflayers", "onnxruntime", "onnxruntime-genai"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _log(msg: str):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _fmt(x, spec: str) -> str:
+    return "-" if x is None or (isinstance(x, float) and x != x) else format(x, spec)
+
+
+def markdown_table(report: dict) -> str:
+    rows = ["| system | conc | reqs | errors | tok/s | TTFT p50 / p95 / p99 s | ITL p50 / p95 / p99 ms | rows/pass |",
+            "|---|---|---|---|---|---|---|---|"]
+    for r in report["levels"]:
+        rp = r.get("rows_per_pass")
+        ttft = " / ".join(_fmt(r[f"ttft_p{q}_s"], ".2f") for q in (50, 95, 99))
+        itl = " / ".join(_fmt(r[f"itl_p{q}_ms"], ".1f") for q in (50, 95, 99))
+        rows.append(f"| {r['system']} | {r['concurrency']} | {r['requests']} | {r['errors']} | "
+                    f"{_fmt(r['tokens_per_s'], '.1f')} | {ttft} | {itl} | "
+                    f"{'-' if rp is None else f'{rp[0]:.1f} (max {rp[1]})'} |")
+    for name, why in report.get("skipped", {}).items():
+        rows.append(f"| {name} | skipped: {why} | | | | | | |")
+    return "\n".join(rows)
+
+
+def rss_table(report: dict) -> str:
+    out = []
+    for server, r in report.get("rss", {}).items():
+        if "error" in r:
+            out.append(f"{server}: RSS run failed: {r['error']}")
+            continue
+        curve = ", ".join(f"{n}: {mb:.0f}" for n, mb in r["rss_mb"])
+        out.append(f"{server} (pid {r['pid']}): {r['requests']} requests x {r['max_tokens']} tokens, "
+                   f"{r['concurrency']} clients, {r['errors']} errors, {r['wall_s']:.0f} s"
+                   f"{' (stopped at the time limit)' if r['stopped_at_time_limit'] else ''}; RSS MB after n requests: "
+                   f"{curve}; growth {r['growth_mb']:+.1f} MB, second half {r['growth_second_half_mb']:+.1f} MB")
+    return "\n".join(out)
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="python -m conflayers.tools.loadbench", description=__doc__.split("\n\n")[0],
+                                 epilog="Systems: " + ", ".join(SYSTEMS) + ". Subcommand: genai-serve (see "
+                                        "genai-serve --help).")
+    ap.add_argument("bundle", nargs="?", help="a compiled bundle: the bench starts the servers itself")
+    ap.add_argument("--url", help="instead of a bundle: a running server on this machine")
+    ap.add_argument("--server-pid", type=int, help="with --url: the server's pid, for --rss-requests")
+    ap.add_argument("--systems", default=DEFAULT_SYSTEMS, help=f"with a bundle (default {DEFAULT_SYSTEMS})")
+    ap.add_argument("--max-batch", type=int, default=8,
+                    help="batched: --max-batch; unbatched: --max-concurrency; genai: its max batch (default 8)")
+    ap.add_argument("--max-context", type=int, default=None,
+                    help="conflayers-serve --max-context (KV cache per request; default the bundle's)")
+    ap.add_argument("--genai-precision", default="int4", choices=["int4", "fp32"],
+                    help="the GenAI builder's precision (default int4)")
+    ap.add_argument("--hf-model", help="the model GenAI's builder converts (default: the bundle's model)")
+    ap.add_argument("--task", default="gsm8k", help="a named task (its evaluation prompts) or a .jsonl file")
+    ap.add_argument("--concurrency", default="1,2,4,8,16")
+    ap.add_argument("--requests", type=int, default=32, help="requests per level (at least the concurrency)")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--rss-requests", type=int, default=0, help="N short requests per server, sampling its RSS")
+    ap.add_argument("--rss-concurrency", type=int, default=4)
+    ap.add_argument("--rss-max-tokens", type=int, default=8)
+    ap.add_argument("--rss-every", type=int, default=100)
+    ap.add_argument("--rss-time-limit", type=float, default=900.0, help="seconds per server (default 900)")
+    ap.add_argument("--startup-timeout", type=float, default=600.0)
+    ap.add_argument("--json", nargs="?", const="-", metavar="FILE", help="write the report as JSON (- or no "
+                                                                         "FILE: stdout, instead of the tables)")
+    a = ap.parse_args(argv)
+    if bool(a.bundle) == bool(a.url):
+        raise LoadBenchError("give a BUNDLE (the bench starts the servers) or --url (a running server)")
+    try:
+        a.levels = [int(x) for x in a.concurrency.split(",")]
+    except ValueError:
+        raise LoadBenchError(f"--concurrency {a.concurrency}: a comma-separated list of integers") from None
+    if not a.levels or min(a.levels) < 1 or max(a.levels) > 256:
+        raise LoadBenchError("--concurrency: each level must be 1..256")
+    if a.requests < 1 or a.max_tokens < 1 or a.rss_requests < 0 or a.rss_every < 1 or a.rss_concurrency < 1:
+        raise LoadBenchError("--requests, --max-tokens, --rss-every and --rss-concurrency must be positive")
+    if a.rss_requests > 100_000:
+        raise LoadBenchError("--rss-requests: at most 100000")
+    a.system_names = [s.strip() for s in a.systems.split(",") if s.strip()]
+    unknown = [s for s in a.system_names if s not in SYSTEMS]
+    if a.bundle and (unknown or not a.system_names):
+        raise LoadBenchError(f"--systems: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(SYSTEMS)}")
+    if a.url:
+        check_loopback(a.url)
+        if a.rss_requests and not a.server_pid:
+            raise LoadBenchError("--rss-requests with --url needs --server-pid")
+    return a
+
+
+def run_bench(a) -> dict:
+    from .bench_systems import Unavailable, runtime_threads
+    prompts = load_prompts(a.task, max(a.requests, max(a.levels), 64))
+    if not prompts:
+        raise LoadBenchError(f"--task {a.task}: no prompts")
+    threads = runtime_threads()
+    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "bundle": a.bundle, "url": a.url, "task": a.task, "prompts": len(prompts),
+              "concurrency": a.levels, "requests_per_level": a.requests, "max_tokens": a.max_tokens,
+              "max_batch": a.max_batch, "threads": threads, "cpus": os.cpu_count(),
+              "platform": f"{platform.system()} {platform.machine()}", "versions": _versions(),
+              "systems": [], "servers": {}, "skipped": {}, "levels": [], "rss": {}}
+    servers: dict[str, ServerProcess] = {}
+    urls: dict[str, str] = {}
+    logdir = tempfile.mkdtemp(prefix="loadbench-")
+    keep_logs = False
+    try:
+        if a.url:
+            systems = [("url", "url", {})]
+            urls["url"] = a.url
+        else:
+            systems = [(name, *SYSTEMS[name]) for name in a.system_names]
+            for kind in dict.fromkeys(k for _, k, _ in systems):
+                log = os.path.join(logdir, f"{kind}.log")
+                if kind == "genai-engine":
+                    try:
+                        model_dir = build_genai_model(a.bundle, a.genai_precision, a.hf_model, _log)
+                    except Unavailable as e:
+                        for name, k, _ in systems:
+                            if k == kind:
+                                report["skipped"][name] = str(e)
+                        continue
+                    report["genai_model_dir"] = model_dir
+                    cmd = genai_command(a.bundle, model_dir, a.max_batch, threads)
+                else:
+                    cmd = conflayers_command(a.bundle, kind == "conflayers-batched", a.max_batch, a.max_context)
+                _log(f"starting {kind}: {' '.join(cmd[1:])}")
+                servers[kind] = ServerProcess(kind, cmd, log)
+            for kind, srv in servers.items():
+                urls[kind] = srv.wait_ready(a.startup_timeout)
+                report["servers"][kind] = {"url": urls[kind], "pid": srv.pid, "command": srv.cmd[1:]}
+                _log(f"{kind} ready on {urls[kind]} (pid {srv.pid}, RSS {read_rss_kb(srv.pid) / 1024:.0f} MB)")
+            systems = [s for s in systems if s[1] in urls]
+        report["systems"] = [name for name, _, _ in systems]
+        for name, kind, extra in systems:            # warm-up: the first request probes the draft policy
+            for _ in range(WARMUP_REQUESTS):
+                r = one_request(urls[kind], prompts[0], 8, extra)
+                if "error" in r:
+                    _log(f"warning: {name}'s warm-up request failed ({r['error']})")
+        for c in a.levels:
+            for name, kind, extra in systems:
+                before = http_json(urls[kind], "/stats") if kind == "genai-engine" else None
+                row = {"system": name, **run_level(urls[kind], prompts, c, a.requests, a.max_tokens, extra)}
+                after = http_json(urls[kind], "/stats") if before else None
+                if after and after["passes"] > before["passes"]:
+                    row["rows_per_pass"] = [(after["rows"] - before["rows"]) / (after["passes"] - before["passes"]),
+                                            after["max_rows"]]
+                report["levels"].append(row)
+                _log(f"{name:>16} c={c:<3} {row['requests']} requests, {row['errors']} errors, "
+                     f"{row['tokens_per_s']:.1f} tok/s, TTFT p50 {_fmt(row['ttft_p50_s'], '.2f')} s, "
+                     f"ITL p50 {_fmt(row['itl_p50_ms'], '.1f')} ms")
+        if a.rss_requests:
+            pids = {"url": a.server_pid} if a.url else {k: s.pid for k, s in servers.items()}
+            for kind, pid in pids.items():
+                extra = next(e for _, k, e in systems if k == kind)
+                _log(f"RSS run: {a.rss_requests} requests against {kind} (pid {pid}) ...")
+                try:
+                    report["rss"][kind] = rss_run(urls[kind], pid, prompts, a.rss_requests, a.rss_concurrency,
+                                                  a.rss_max_tokens, a.rss_every, a.rss_time_limit, extra)
+                except OSError as e:
+                    report["rss"][kind] = {"error": str(e)}
+        for kind, srv in servers.items():
+            if srv.proc.poll() is not None:
+                keep_logs = True
+                raise LoadBenchError(f"{kind} died during the bench ({srv.log_path}):\n{srv.log_tail()}")
+        if any(r["errors"] for r in report["levels"]):
+            keep_logs = True
+    except LoadBenchError:
+        keep_logs = True
+        raise
+    finally:
+        for srv in servers.values():
+            srv.stop()
+        if keep_logs:
+            _log(f"server logs kept in {logdir}")
+            report["logs"] = logdir
+        else:
+            shutil.rmtree(logdir, ignore_errors=True)
+    return report
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["genai-serve"]:
+        return genai_serve_main(argv[1:])
+    try:
+        a = parse_args(argv)
+        report = run_bench(a)
+    except LoadBenchError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 2
     if a.json:
-        print(json.dumps(rows, indent=1))
-        return
-    print(f"{'conc':>4} {'reqs':>4} {'err':>3} {'tok/s':>7} {'TTFT p50':>9} {'p95':>7} {'ITL p50 ms':>10} {'p95':>7}")
-    for r in rows:
-        print(f"{r['concurrency']:>4} {r['requests']:>4} {r['errors']:>3} {r['tokens_per_s']:>7.1f} "
-              f"{r['ttft_p50_s']:>9.2f} {r['ttft_p95_s']:>7.2f} {r['itl_p50_ms']:>10.1f} {r['itl_p95_ms']:>7.1f}")
+        text = json.dumps(report, indent=1)
+        if a.json == "-":
+            print(text)
+            return 0
+        with open(a.json, "w") as f:
+            f.write(text + "\n")
+    print(f"load bench {report['date']}: {report['bundle'] or report['url']}, task {report['task']}, "
+          f"{report['requests_per_level']} requests per level (at least the concurrency), max_tokens "
+          f"{report['max_tokens']}, max batch {report['max_batch']}, {report['threads']} threads, "
+          f"{report['cpus']} CPUs, onnxruntime {report['versions']['onnxruntime']}, onnxruntime-genai "
+          f"{report['versions']['onnxruntime-genai']}")
+    print(markdown_table(report))
+    if report["rss"]:
+        print()
+        print(rss_table(report))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
