@@ -31,6 +31,9 @@ sequences decode: the smallest batch at which the profile's predicted tokens/s (
 the costs measured on this machine, policy.py) falls below batched plain decoding, with a batched
 pass over n rows costed as a full pass over n tokens. Above it every greedy request steps plainly.
 
+Drafters: a model profile drafts in the batch; a cascade drafts with its top stage alone (the
+stages' check passes are not batched yet); n-gram and hybrid profiles decode plainly.
+
 CPU only (the slots are views of one host buffer); bundles written before the graphs had a batch
 dimension are refused with a message saying to recompile.
 """
@@ -46,6 +49,7 @@ from typing import Iterator
 import numpy as np
 import onnxruntime as ort
 
+from .cascade import CascadeDrafter
 from .decoding import DecodeStats
 from .drafter import LayerSkipDrafter, draft_token
 from .engine import Engine, Request, StreamChunk, stream_or_result
@@ -354,7 +358,8 @@ class BatchedEngine:
         self.bodies: dict[str, PackedGraph] = {}          # body graph path -> packed graph
         self._body_of: dict[str, PackedGraph] = {}        # profile -> its packed body
         for name, drafter in engine.drafters.items():
-            if not isinstance(drafter, LayerSkipDrafter):
+            drafter = batched_draft(drafter)
+            if drafter is None:
                 continue                                   # n-gram drafters: plain under batching
             graphs = bundle.draft_graphs(name)
             if graphs.body not in self.bodies:
@@ -413,8 +418,8 @@ class BatchedEngine:
 
     def stream_request(self, request: Request) -> Iterator[StreamChunk]:
         name, drafter = request.profile, None
-        d = self.engine.drafters.get(name) if name else None
-        if isinstance(d, LayerSkipDrafter) and self.engine.adapt_policy(name) is not None:
+        d = batched_draft(self.engine.drafters.get(name)) if name else None
+        if d is not None and self.engine.adapt_policy(name) is not None:
             drafter = d
         seq = _Seq(request, drafter, name, queue.Queue(),
                    always_draft=not request.sampler.greedy and not request.use_guard)
@@ -600,6 +605,16 @@ class BatchedEngine:
                         _draft_one(order[r], z_all[zi])
             j += 1
             going = [s for s in going if s.drafting and len(s.drafted) < s.limit]
+
+
+def batched_draft(drafter) -> LayerSkipDrafter | None:
+    """The model draft the batched loop drafts with for a profile's drafter: the drafter itself,
+    a cascade's top stage alone (its check passes over several tokens per sequence are not
+    batched yet; the top stage drafting alone is a model draft like any other, so output is
+    unchanged), or None for n-gram and hybrid drafters (plain decoding under batching)."""
+    if isinstance(drafter, CascadeDrafter):
+        return drafter.top
+    return drafter if isinstance(drafter, LayerSkipDrafter) else None
 
 
 def _draft_one(s: _Seq, z: np.ndarray):

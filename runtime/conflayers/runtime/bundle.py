@@ -11,7 +11,8 @@ A bundle is a directory:
   draft_<key>.onnx         one draft body per distinct draft plan (kept layers -> final norm),
                            fp32 bodies share weights.bin, quantized ones weights_<precision>.bin
   head_<key>.onnx          one draft head per (precision, vocabulary subset)
-  profiles/<task>.json     the skip profiles
+  profiles/<task>.json     the skip profiles (the manifest names each one's draft body and head;
+                           a cascade's also those of its cheaper stages, cheapest first)
   tokenizer.json, chat_template.jinja, generation_config.json, report/ ...
 """
 from __future__ import annotations
@@ -178,6 +179,13 @@ class Bundle:
         entry = self.manifest["profiles"][task]
         if entry.get("body") is None:
             return None
+        return self._graphs(entry)
+
+    def stage_graphs(self, task: str) -> list[DraftGraphs]:
+        """The graphs of a cascade profile's cheaper stages, cheapest first ([] for other kinds)."""
+        return [self._graphs(st) for st in self.manifest["profiles"][task].get("stages", [])]
+
+    def _graphs(self, entry: dict) -> DraftGraphs:
         g = self.manifest["graphs"]
         body = g["bodies"][entry["body"]]
         head = g["heads"][entry["head"]]
@@ -226,13 +234,17 @@ def _describe_profile(profile: Profile) -> dict:
     if plan is None:
         return {"draft": {"kind": profile.kind, "ngram": profile.ngram.to_json()}, "figures": profile.figures}
     extra = {} if profile.ngram is None else {"kind": profile.kind, "ngram": profile.ngram.to_json()}
-    return {
-        "draft": {**extra, "skip_layers": list(plan.skip_layers), "skip_attention": list(plan.skip_attention),
-                  "skip_mlp": list(plan.skip_mlp), "precision": plan.precision,
-                  "max_draft_tokens": policy.max_tokens, "confidence_stop": policy.confidence_stop,
-                  "vocab_subset_size": None if profile.vocab_ids is None else len(profile.vocab_ids)},
-        "figures": profile.figures,
-    }
+    if profile.stages:
+        extra = {"kind": profile.kind, "stages": [_describe_draft(s.plan, s.policy, s.vocab_ids)
+                                                  for s in profile.stages]}
+    return {"draft": {**extra, **_describe_draft(plan, policy, profile.vocab_ids)}, "figures": profile.figures}
+
+
+def _describe_draft(plan, policy, vocab_ids) -> dict:
+    return {"skip_layers": list(plan.skip_layers), "skip_attention": list(plan.skip_attention),
+            "skip_mlp": list(plan.skip_mlp), "precision": plan.precision,
+            "max_draft_tokens": policy.max_tokens, "confidence_stop": policy.confidence_stop,
+            "vocab_subset_size": None if vocab_ids is None else len(vocab_ids)}
 
 
 # -- validation of the manifest's sections ------------------------------------------------------
@@ -308,25 +320,37 @@ def _load_profile(path: str, task: str, entry, manifest: dict, files: dict, spec
         if entry.get("body") is not None or entry.get("head") is not None:
             raise BundleError(f"profile {task!r} drafts by n-gram lookup, yet the manifest gives it draft graphs")
         return profile
+    _check_draft(task, "", entry, where, profile.plan, profile.vocab_ids, manifest, spec)
+    stages = _field(entry.get("stages", []), list, f"{where}.stages")
+    if len(stages) != len(profile.stages):
+        raise BundleError(f"profile {task!r} has {len(profile.stages)} cascade stage(s) below its draft, the "
+                          f"manifest gives graphs for {len(stages)}")
+    for i, (st, stage) in enumerate(zip(stages, profile.stages)):
+        _field(st, dict, f"{where}.stages[{i}]")
+        _check_draft(task, f"cascade stage {i} ", st, f"{where}.stages[{i}]", stage.plan, stage.vocab_ids,
+                     manifest, spec)
+    return profile
+
+
+def _check_draft(task: str, what: str, entry: dict, where: str, plan, ids, manifest: dict, spec: ModelSpec):
+    """A model draft's graphs (entry's body and head keys) exist and fit its plan and vocabulary."""
     graphs = manifest["graphs"]
     body = graphs.get("bodies", {}).get(_field(entry.get("body"), str, f"{where}.body"))
     head = graphs.get("heads", {}).get(_field(entry.get("head"), str, f"{where}.head"))
     if body is None or head is None:
         missing = "body" if body is None else "head"
-        raise BundleError(f"profile {task!r}: its draft {missing} {entry.get(missing)!r} is not among the "
-                          f"manifest's graphs")
-    if sorted(body["kv_layers"]) != profile.plan.kv_layers:
-        raise BundleError(f"profile {task!r} keeps attention in layers {profile.plan.kv_layers}, its draft "
-                          f"body's kv_layers are {body['kv_layers']}")
-    ids = profile.vocab_ids
+        raise BundleError(f"profile {task!r}: its {what}draft {missing} {entry.get(missing)!r} is not among "
+                          f"the manifest's graphs")
+    if sorted(body["kv_layers"]) != plan.kv_layers:
+        raise BundleError(f"profile {task!r}: its {what}draft keeps attention in layers {plan.kv_layers}, its "
+                          f"draft body's kv_layers are {body['kv_layers']}")
     if ids is not None and max(ids) >= spec.vocab_size:
-        raise BundleError(f"profile {task!r}: vocabulary subset token id {max(ids)} is out of range "
+        raise BundleError(f"profile {task!r}: {what}vocabulary subset token id {max(ids)} is out of range "
                           f"(vocabulary size {spec.vocab_size})")
     if head.get("vocab") != (None if ids is None else len(ids)):
         size = lambda n: "the full vocabulary" if n is None else f"{n} tokens"    # noqa: E731
-        raise BundleError(f"profile {task!r} drafts over {size(None if ids is None else len(ids))}, its "
-                          f"head graph scores {size(head.get('vocab'))}")
-    return profile
+        raise BundleError(f"profile {task!r}: its {what}draft drafts over {size(None if ids is None else len(ids))}, "
+                          f"its head graph scores {size(head.get('vocab'))}")
 
 
 def verify_bundle(path: str) -> list[str]:

@@ -23,6 +23,7 @@ from typing import Iterator
 
 from . import probe
 from .bundle import Bundle
+from .cascade import CascadeDrafter
 from .decoding import DecodeStats, SpeculationGuard, generate as decode
 from .drafter import DraftPolicy, LayerSkipDrafter
 from .ngram import HybridDrafter, NGramDrafter
@@ -127,18 +128,26 @@ class Engine:
             return create_session(path, self.providers, num_threads)
         self.full = GraphRunner(session(bundle.full_graph), list(range(self.spec.num_layers)), "logits")
         bodies, heads = {}, {}
-        self.drafters: dict[str, LayerSkipDrafter | NGramDrafter | HybridDrafter] = {}
+        self.drafters: dict[str, LayerSkipDrafter | NGramDrafter | HybridDrafter | CascadeDrafter] = {}
+
+        def model_draft(graphs, vocab_ids, policy) -> LayerSkipDrafter:
+            """A model draft over sessions shared by every profile (and stage) with the same graphs."""
+            if graphs.body not in bodies:
+                bodies[graphs.body] = GraphRunner(session(graphs.body), graphs.kv_layers, "hidden")
+            if graphs.head not in heads:
+                heads[graphs.head] = GraphRunner(session(graphs.head), [], "logits")
+            return LayerSkipDrafter(bodies[graphs.body], heads[graphs.head], vocab_ids, self.spec.vocab_size, policy)
+
         for task, profile in bundle.profiles.items():
             graphs = bundle.draft_graphs(task)
             if graphs is None:          # draft.kind "ngram": no graphs
                 self.drafters[task] = NGramDrafter(profile.ngram, self.spec.vocab_size)
                 continue
-            if graphs.body not in bodies:
-                bodies[graphs.body] = GraphRunner(session(graphs.body), graphs.kv_layers, "hidden")
-            if graphs.head not in heads:
-                heads[graphs.head] = GraphRunner(session(graphs.head), [], "logits")
-            self.drafters[task] = LayerSkipDrafter(bodies[graphs.body], heads[graphs.head],
-                                                   profile.vocab_ids, self.spec.vocab_size, profile.policy)
+            self.drafters[task] = model_draft(graphs, profile.vocab_ids, profile.policy)
+            if profile.kind == "cascade":
+                stages = [model_draft(g, st.vocab_ids, st.policy)
+                          for g, st in zip(bundle.stage_graphs(task), profile.stages)]
+                self.drafters[task] = CascadeDrafter.of(stages + [self.drafters[task]])
             if profile.kind == "hybrid":
                 self.drafters[task] = HybridDrafter(NGramDrafter(profile.ngram, self.spec.vocab_size),
                                                     self.drafters[task])
@@ -164,9 +173,10 @@ class Engine:
         """The drafting policy of profile `name` on this machine (None: plain decoding is faster
         here). Chosen once, on first use: the profile's policy table with costs measured here;
         a profile without a table (or adapt=False) keeps its compiled policy. An n-gram or hybrid
-        profile always drafts (n-gram proposals cost ~nothing); a hybrid's model part is adapted."""
+        profile always drafts (n-gram proposals cost ~nothing); a hybrid's model part is adapted;
+        a cascade keeps its compiled policy (see cascade.py)."""
         drafter = self.drafters[name]
-        model = drafter.model         # the model draft (None for an n-gram profile)
+        model = drafter.model         # the model draft (None for an n-gram profile or a cascade)
         with self._adapt_lock:
             if name not in self.machine_costs:
                 profile, costs = self.bundle.profiles[name], None

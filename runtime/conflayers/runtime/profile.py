@@ -1,9 +1,11 @@
-"""Skip profiles: the JSON the compiler writes and model publishers ship (schema version 2).
+"""Skip profiles: the JSON the compiler writes and model publishers ship (schema version 3).
 
 Version 2 adds the drafter kind (`draft.kind`): "model" (the layer-skip draft; the default, and
 what every version 1 profile is), "ngram" (prompt lookup, `draft.ngram`; no draft graphs, no
-plan) or "hybrid" (n-gram when its match is long enough, else the model draft). Version 1
-profiles still load.
+plan) or "hybrid" (n-gram when its match is long enough, else the model draft). Version 3 adds
+"cascade": the draft's own fields describe the top stage (the draft that proposes for the
+target) and `draft.cascade.stages` the cheaper drafts below it, cheapest first (see cascade.py).
+Versions 1 and 2 still load.
 
 The JSON Schema in profiles/profile.schema.json documents the same structure; `Profile.from_json`
 is the check the runtime relies on, with errors that name the field at fault.
@@ -22,12 +24,21 @@ from .ngram import NGramPolicy
 from .policy import PolicyRow, parse_table
 
 PROFILE_SCHEMA = "conflayers.profile"
-PROFILE_SCHEMA_VERSION = 2
-DRAFTER_KINDS = ("model", "ngram", "hybrid")
+PROFILE_SCHEMA_VERSION = 3
+DRAFTER_KINDS = ("model", "ngram", "hybrid", "cascade")
+KIND_SINCE = {"model": 1, "ngram": 2, "hybrid": 2, "cascade": 3}    # schema version that added it
 
 
 class ProfileError(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One cheaper draft of a cascade: its plan, its own drafting policy, its vocabulary."""
+    plan: DraftPlan
+    policy: DraftPolicy
+    vocab_ids: list[int] | None
 
 
 def safe_name(text: str, fallback: str) -> str:
@@ -69,8 +80,9 @@ class Profile:
     # per (k, confidence stop): mean drafted/accepted tokens per step (None: an older profile,
     # whose compiled policy is used as is); see policy.py
     policy_table: list[PolicyRow] | None = field(repr=False, default=None)
-    kind: str = "model"              # draft.kind: model | ngram | hybrid
+    kind: str = "model"              # draft.kind: model | ngram | hybrid | cascade
     ngram: NGramPolicy | None = None  # draft.ngram, for ngram and hybrid
+    stages: list[Stage] = field(default_factory=list)   # draft.cascade.stages, cheapest first
 
     @property
     def has_model_draft(self) -> bool:
@@ -122,8 +134,11 @@ class Profile:
         kind = draft.get("kind", "model")
         if kind not in DRAFTER_KINDS:
             raise ProfileError(f"profile field 'draft.kind' must be one of {DRAFTER_KINDS}, got {kind!r}")
+        if KIND_SINCE[kind] > version:
+            raise ProfileError(f"profile field 'draft.kind' is {kind!r}, which needs schema_version >= "
+                               f"{KIND_SINCE[kind]}, the profile says {version}")
         ngram = None
-        if kind != "model":
+        if kind in ("ngram", "hybrid"):
             try:
                 ngram = NGramPolicy.from_json(_need(draft, "ngram", "draft.", dict))
             except ValueError as e:
@@ -131,23 +146,8 @@ class Profile:
         if kind == "ngram":        # no model draft: its fields, if any, are ignored
             return cls(task=task, model=model, plan=None, policy=None, vocab_ids=None, raw=d,
                        signature=_signature(d), verify_relative=_verify_relative(d), kind=kind, ngram=ngram)
-        precision = _need(draft, "precision", "draft.", str)
-        if precision not in PRECISIONS:
-            raise ProfileError(f"profile field 'draft.precision' must be one of {PRECISIONS}, got {precision!r}")
-        try:
-            plan = DraftPlan.from_json(draft, num_layers)
-            policy = DraftPolicy(max_tokens=int(_need(draft, "max_draft_tokens", "draft.", int)),
-                                 confidence_stop=draft.get("confidence_stop"))
-        except (TypeError, ValueError, OverflowError) as e:
-            raise ProfileError(f"profile field 'draft' is invalid: {e}") from None
-        vocab = draft.get("vocab_subset")
-        vocab_ids = None
-        if vocab is not None:
-            vocab_ids = _need(vocab, "token_ids", "draft.vocab_subset.", list)
-            if not vocab_ids or not all(isinstance(t, int) and t >= 0 for t in vocab_ids):
-                raise ProfileError("profile field 'draft.vocab_subset.token_ids' must be non-negative ints")
-            if len(set(vocab_ids)) != len(vocab_ids):
-                raise ProfileError("profile field 'draft.vocab_subset.token_ids' has duplicates")
+        plan, policy, vocab_ids = _model_draft(draft, "draft.", num_layers)
+        stages = _stages(draft, plan, num_layers) if kind == "cascade" else []
         table = None
         if d.get("policy_table") is not None:
             try:
@@ -156,7 +156,7 @@ class Profile:
                 raise ProfileError(f"profile field 'policy_table' is invalid: {e}") from None
         return cls(task=task, model=model, plan=plan, policy=policy, vocab_ids=vocab_ids, raw=d,
                    signature=_signature(d), verify_relative=_verify_relative(d), policy_table=table,
-                   kind=kind, ngram=ngram)
+                   kind=kind, ngram=ngram, stages=stages)
 
     @classmethod
     def load(cls, path: str) -> "Profile":
@@ -184,6 +184,56 @@ class Profile:
             return (f"profile '{self.task}' was compiled for target precision {mine!r}, the bundle's "
                     f"full graph is {theirs!r}; compile (or export) it with --target {mine}")
         return None
+
+
+def _model_draft(d: dict, where: str, num_layers: int) -> tuple[DraftPlan, DraftPolicy, list[int] | None]:
+    """A model draft's plan, policy and vocabulary subset from a draft (or cascade stage) object."""
+    precision = _need(d, "precision", where, str)
+    if precision not in PRECISIONS:
+        raise ProfileError(f"profile field '{where}precision' must be one of {PRECISIONS}, got {precision!r}")
+    try:
+        plan = DraftPlan.from_json(d, num_layers)
+        policy = DraftPolicy(max_tokens=int(_need(d, "max_draft_tokens", where, int)),
+                             confidence_stop=d.get("confidence_stop"))
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ProfileError(f"profile field '{where.rstrip('.')}' is invalid: {e}") from None
+    vocab = d.get("vocab_subset")
+    vocab_ids = None
+    if vocab is not None:
+        vocab_ids = _need(vocab, "token_ids", where + "vocab_subset.", list)
+        if not vocab_ids or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in vocab_ids):
+            raise ProfileError(f"profile field '{where}vocab_subset.token_ids' must be non-negative ints")
+        if len(set(vocab_ids)) != len(vocab_ids):
+            raise ProfileError(f"profile field '{where}vocab_subset.token_ids' has duplicates")
+    return plan, policy, vocab_ids
+
+
+def _stages(draft: dict, top: DraftPlan, num_layers: int) -> list[Stage]:
+    """draft.cascade.stages, cheapest first. A stage keeps attention only in layers the stage
+    above it keeps: the stage above rewrites every KV position the cascade decides on, so a layer
+    only the cheaper stage keeps would read positions nobody wrote (cascade.py)."""
+    cascade = _need(draft, "cascade", "draft.", dict)
+    unknown = set(cascade) - {"stages"}
+    if unknown:
+        raise ProfileError(f"profile field 'draft.cascade' has unknown settings {sorted(unknown)}")
+    raw = _need(cascade, "stages", "draft.cascade.", list)
+    if not raw:
+        raise ProfileError("profile field 'draft.cascade.stages' must list at least one stage")
+    stages = []
+    for i, st in enumerate(raw):
+        where = f"draft.cascade.stages[{i}]."
+        if not isinstance(st, dict):
+            raise ProfileError(f"profile field '{where.rstrip('.')}' must be an object")
+        stages.append(Stage(*_model_draft(st, where, num_layers)))
+    plans = [s.plan for s in stages] + [top]
+    for i, (lower, upper) in enumerate(zip(plans, plans[1:])):
+        extra = sorted(set(lower.kv_layers) - set(upper.kv_layers))
+        if extra:
+            above = "the top draft" if i == len(stages) - 1 else f"stage {i + 1}"
+            raise ProfileError(f"profile field 'draft.cascade.stages[{i}]' keeps attention in layers {extra}, "
+                               f"which {above} skips: a cheaper stage may keep attention only where the "
+                               "stage above it does")
+    return stages
 
 
 def _section(d: dict, key: str) -> dict:

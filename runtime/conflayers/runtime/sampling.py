@@ -112,7 +112,11 @@ class Sampler:
             while n < len(drafted) and drafted[n] == targets[n]:
                 n += 1
             return n, int(targets[n])
-        p = self.probs(target_logits)
+        return self.verify_probs(drafted, draft_probs, self.probs(target_logits))
+
+    def verify_probs(self, drafted: list[int], draft_probs: list[np.ndarray], p: np.ndarray) -> tuple[int, int]:
+        """verify's sampling rule over processed target distributions p [len(drafted)+1, V] (a
+        draft cascade checks with its top stage's distributions, which it also passes on)."""
         for j, d in enumerate(drafted):
             q = draft_probs[j]
             if self.rng.random() * q[d] <= p[j, d]:     # accept with prob min(1, p/q)

@@ -168,9 +168,12 @@ class BundleWriter:
         self._profile_json[profile.task] = profile_json
         if profile.plan is None:      # an n-gram profile drafts without graphs
             self.profiles[profile.task] = {"file": rel}
-        else:                         # a model or hybrid profile: its model draft's graphs
+        else:                         # a model, hybrid or cascade profile: its model draft's graphs
             body, head = self.draft_files(profile.plan, profile.vocab_ids)
             self.profiles[profile.task] = {"file": rel, "body": body, "head": head}
+            if profile.stages:        # a cascade's cheaper stages, cheapest first
+                self.profiles[profile.task]["stages"] = [
+                    dict(zip(("body", "head"), self.draft_files(s.plan, s.vocab_ids))) for s in profile.stages]
         if default or self.default_profile is None:
             self.default_profile = profile.task
 
