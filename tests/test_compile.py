@@ -78,6 +78,8 @@ def test_tiny_compile_writes_a_valid_bundle(tiny_compiled):
     assert fig["identical_to_plain"] is True
     assert fig["validation_prompts"] == 2 and fig["predicted_speedup"] > 0
     assert 1 <= len(raw["search"]["iterations"]) <= 5
+    assert raw["search"]["cascade"]["kind"] in ("model", "cascade") and raw["search"]["cascade"]["why"]
+    assert raw["cost_model"]["draft_relative"]["int8"][0] == 1.0       # the check pass width curve
     assert {c["precision"] for c in raw["search"]["candidates"]} == {"fp32", "int8"}
     assert len(raw["confidence"]["layer"]) == 4
     assert not set(raw["calibration"]["search_uids"]) & set(raw["calibration"]["validation_uids"])
@@ -248,4 +250,4 @@ def test_bundle_of_local_model_and_file_carries_no_machine_path(tiny_compiled, t
     assert bundle.manifest["model"]["source"] == "dir:" + os.path.basename(tiny_model_dir)
     assert set(bundle.profiles["prompts"].raw["compile_seconds"]) == {
         "resolve model", "calibration data", "reference decoding", "layer confidence", "cost model", "search",
-        "export bundle", "validation", "report"}
+        "cascade search", "export bundle", "validation", "report"}

@@ -2,7 +2,8 @@
 
 A draft step costs: embedding + final norm (a body with no layers), plus per kept attention block
 and per kept MLP block (measured from bodies that keep only attention or only MLPs), plus the head
-for its vocabulary. A verify pass of n tokens costs full(n). Timings are medians of interleaved
+for its vocabulary. A verify pass of n tokens costs full(n); a draft pass over n tokens (a
+cascade's check pass) a draft step times its precision's width curve. Timings are medians of interleaved
 repetitions at a representative context length, so machine noise hits every configuration alike.
 """
 from __future__ import annotations
@@ -28,6 +29,9 @@ class CostModel:
     mlp_ms: dict = field(default_factory=dict)    # precision -> one MLP block
     head_ms: dict = field(default_factory=dict)   # precision -> {vocab size (str): ms}
     backend: str = "onnxruntime-cpu"
+    # precision -> [a draft pass over n tokens / over 1 token, n = 1..]: a cascade's check pass
+    # (cascade_search.py); measured on the all-layer body + full head; {} in older cost models
+    draft_relative: dict = field(default_factory=dict)
 
     def verify_ms(self, n: float) -> float:
         """Full-graph pass over n tokens (interpolated for a mean width, extrapolated beyond)."""
@@ -60,6 +64,17 @@ class CostModel:
         step_ms = avg_drafted * draft_ms + self.verify_ms(avg_drafted + 1)
         return (tokens / result.draft_steps) / (step_ms / self.full_ms[0])
 
+    def check_ms(self, plan: DraftPlan, vocab: int, n: int) -> float:
+        """A draft pass over n tokens at once (a cascade's check pass): the draft step scaled by
+        its precision's width curve, else by the full graph's (older cost models)."""
+        rel = self.draft_relative.get(plan.precision) or [v / self.full_ms[0] for v in self.full_ms]
+        widths = np.arange(1, len(rel) + 1)
+        if n <= len(rel):
+            r = float(np.interp(n, widths, rel))
+        else:
+            r = rel[-1] + (rel[-1] - rel[0]) / max(len(rel) - 1, 1) * (n - len(rel))
+        return self.draft_ms(plan, vocab) * r
+
     def verify_relative(self) -> list:
         return [round(v / self.full_ms[0], 4) for v in self.full_ms]
 
@@ -78,7 +93,7 @@ class CostModel:
         try:
             cm = cls(context=int(d["context"]), full_ms=list(d["full_ms"]), base_ms=dict(d["base_ms"]),
                      attn_ms=dict(d["attn_ms"]), mlp_ms=dict(d["mlp_ms"]), head_ms=dict(d["head_ms"]),
-                     backend=d.get("backend", "onnxruntime-cpu"))
+                     backend=d.get("backend", "onnxruntime-cpu"), draft_relative=dict(d.get("draft_relative", {})))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path} is not a conflayers cost model (missing or bad field: {e})") from None
         missing = [p for p in precisions if p not in cm.base_ms]
@@ -121,6 +136,10 @@ def measure(factory, spec, context: int, max_verify: int, precisions, vocab_size
             jobs[(p, name)] = (lambda b=body: b.run(prefix[:1], context))
             if progress:
                 progress(1)
+        # the whole draft (all layers, full head) over n tokens: a cascade's check pass
+        body, head = factory.body(DraftPlan(L, precision=p)).bind(cache), factory.head(p)
+        for n in range(1, max_verify + 1):
+            jobs[(p, "width", n)] = (lambda b=body, h=head, n=n: h.run_head(b.run(prefix[:n], context)[None]))
         hidden = np.zeros((1, 1, spec.hidden_size), np.float32)
         for v in vocab_sizes:
             ids = None if v >= spec.vocab_size else np.arange(v)
@@ -142,4 +161,6 @@ def measure(factory, spec, context: int, max_verify: int, precisions, vocab_size
         cm.attn_ms[p] = round(max(med[(p, "attn")] - base, 0.0) / L, 4)
         cm.mlp_ms[p] = round(max(med[(p, "mlp")] - base, 0.0) / L, 4)
         cm.head_ms[p] = {str(v): round(med[(p, "head", v)], 3) for v in vocab_sizes}
+        one = med[(p, "width", 1)]
+        cm.draft_relative[p] = [round(med[(p, "width", n)] / one, 4) for n in range(1, max_verify + 1)]
     return cm

@@ -209,6 +209,12 @@ class SearchOutcome:
     vocab_ids: list | None
     signature_counts: np.ndarray
     special: list
+    vocab_counts: np.ndarray | None = None    # token counts the vocabulary subsets are drawn from
+
+    def ids_for(self, size: int) -> list[int]:
+        """The draft vocabulary subset of `size` tokens (the chosen draft's, or a cascade stage's)."""
+        from . import vocab
+        return vocab.top_ids(self.vocab_counts, size, self.special).tolist()
 
 
 def reference_decoding(factory, m: ModelSetup, cal: Calibration, opts, log):
@@ -265,20 +271,34 @@ def search_draft(factory, m: ModelSetup, cal: Calibration, refs, cost, attn, mlp
     result = run_search(factory, spec, refs, opts.max_new_tokens, cost, s, options, attn, mlp, log=log,
                         target=m.target.precision)
     vocab_ids = None
+    all_counts = pool_counts + vocab.counts(ref_tokens, spec.vocab_size)
     if result.best.choice.vocab is not None:
-        all_counts = pool_counts + vocab.counts(ref_tokens, spec.vocab_size)
         vocab_ids = vocab.top_ids(all_counts, result.best.choice.vocab, special).tolist()
     log(f"  chosen: {describe_choice(result.best)}")
     raw_counts = vocab.counts([_prompt_ids(m.tokenizer, p, False) for p in cal.search_prompts + cal.pool_rest],
                               spec.vocab_size)
-    return SearchOutcome(task, result, cost, attn, mlp, vocab_ids, raw_counts, special)
+    return SearchOutcome(task, result, cost, attn, mlp, vocab_ids, raw_counts, special, all_counts)
+
+
+def search_cascade(factory, m: ModelSetup, refs, outcome: SearchOutcome, opts, log) -> dict:
+    """A cheaper evaluated draft proposing for the chosen one (cascade_search.py), measured
+    against the chosen draft alone when predicted faster (the factory's graphs are still open),
+    unless the cost model was reused: that compile must be repeatable, so prediction decides."""
+    from . import cascade_search
+    log.phase("cascade search", "cascade search (cheaper drafts proposing for the chosen draft)")
+    measure = None if opts.cost_model else cascade_search.measurer(factory, m.spec, refs, outcome.result.best,
+                                                                    outcome.ids_for)
+    section = cascade_search.search(refs, opts.max_new_tokens, outcome.cost, outcome.result, m.spec.vocab_size,
+                                    opts.settings.k_max, measure, log)
+    log(f"  cascade: {section['kind']} ({section['why']})")
+    return section
 
 
 def compile_profile(opts: CompileOptions) -> str:
     """The whole compile, phase by phase. Returns the bundle path."""
     import torch
 
-    from . import ngram_search, report
+    from . import cascade_search, ngram_search, report
     from .drafts import DraftFactory
     from .export.bundle_writer import check_output_dir
 
@@ -303,6 +323,7 @@ def compile_profile(opts: CompileOptions) -> str:
         torch.set_num_threads(1)
         cost = cost_model(factory, m, refs, opts, providers, log)
         outcome = search_draft(factory, m, cal, refs, cost, attn, mlp, opts, task, log)
+        cascade = search_cascade(factory, m, refs, outcome, opts, log)
         factory.close()
 
         log.phase("export bundle")
@@ -311,6 +332,7 @@ def compile_profile(opts: CompileOptions) -> str:
                                       outcome.result.best.choice, opts.settings.k_max)
         ngram_search.apply(profile, drafter)
         log(f"  drafter: {drafter['kind']} ({drafter['why']})")
+        cascade_search.apply(profile, cascade, outcome.ids_for)
         with m.writer(out, opts.force) as bw:
             bw.write_full()
             keep = _existing_profiles(bw, task)

@@ -93,6 +93,15 @@ def render(profile: dict, result, cost) -> dict[str, bytes]:
           "", f"ConfLayers phase: final lambda {conf['lambda']}, stop: {profile['search']['stop_reason']}."]
     if profile["search"].get("note"):
         md += ["", f"**Note:** {profile['search']['note']}."]
+    for key, title in (("drafter", "Drafter kind (model, n-gram, hybrid)"), ("cascade", "Draft cascade")):
+        section = profile["search"].get(key)
+        if section:
+            md += ["", f"**{title}:** {section['kind']}: {section['why']}."]
+    if draft.get("kind") == "cascade":
+        for i, st in enumerate(draft["cascade"]["stages"]):
+            md += [f"Cascade stage {i} (proposes for the draft above): {st['precision']}, skipped layers "
+                   f"{st['skip_layers'] or 'none'}, up to {st['max_draft_tokens']} tokens, confidence stop "
+                   f"{st['confidence_stop']}, vocabulary {st['vocab_subset']['size'] if st['vocab_subset'] else 'full'}."]
     md += ["", f"Cost model ({cost.backend}, {cost.context} tokens of context): full step {cost.full_ms[0]} ms, "
            f"verify of {len(cost.full_ms)} tokens {cost.full_ms[-1]} ms.", "",
            "![confidence](confidence.png)", "", "![search](search.png)", "", "![acceptance](acceptance.png)", ""]

@@ -210,6 +210,9 @@ def weight_accounting(bundle) -> dict:
             drafts[name] = exact
             methods[name] = "external data read by the draft body + head graphs (each byte range once, " \
                             "gather-only embedding tables excluded)"
+            if profile.kind == "cascade":
+                methods[name] += "; a cascade: its top stage only, as if it drafted every token alone " \
+                                 "(the lower stages' passes are not counted)"
         else:
             precision = profile.plan.precision
             rel = weights_file_name(precision)
