@@ -16,7 +16,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # torch first, pinned: an unpinned torch would pull a multi-GB CUDA build. On machines without
   # the CPU wheel on disk, set PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu.
   .venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[compiler,bench,dev]"
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[compiler,bench,dev,ray]"
   echo "$want" > "$stamp"
 fi
 export PATH="$REPO/.venv/bin:$PATH"

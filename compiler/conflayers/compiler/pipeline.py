@@ -413,23 +413,46 @@ def export_profiles(opts: CompileOptions) -> str:
             raise ValueError(f"{path}: {why}; compile a profile for this model instead")
     out = opts.out or os.path.join("bundles", m.resolved.name)
     log.phase("export bundle")
-    workdir = tempfile.mkdtemp(prefix="conflayers-export-")
-    try:
-        with m.writer(out, opts.force) as bw:
-            bw.write_full()
-            new = {p.task for p in loaded}
-            for p in _existing_profiles(bw, None):
-                if p["task"] not in new:
-                    bw.add_profile(p)
-            for i, p in enumerate(loaded):
-                bw.add_profile(p.raw, default=i == 0 and bw.default_profile is None)
-            m.write_tokenizer(bw, workdir)
-            path = bw.publish()
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    new = {p.task for p in loaded}
+    path = publish_profiles(m, out, [p.raw for p in loaded], opts.force)
     log.end()
     log(f"bundle written to {path} ({', '.join(sorted(new))}; export took {sum(log.phases.values()):.0f} s)")
     return path
+
+
+def publish_profiles(m: ModelSetup, out: str, profiles: list[dict], force: bool = False,
+                     files: dict[str, bytes] | None = None, keep_reports: bool = False) -> str:
+    """Add (or replace) `profiles` in the bundle at `out` over one full graph, keeping the
+    bundle's other profiles, in one atomic publish (export-only, and conflayers-sweep's driver).
+    files: more bundle files (relative path -> bytes, e.g. the new profiles' reports);
+    keep_reports: carry the kept profiles' report/<task>/ files over."""
+    workdir = tempfile.mkdtemp(prefix="conflayers-export-")
+    try:
+        with m.writer(out, force) as bw:
+            bw.write_full()
+            new = {p["task"] for p in profiles}
+            for p in _existing_profiles(bw, None):
+                if p["task"] not in new:
+                    bw.add_profile(p)
+                    if keep_reports:
+                        _copy_report(bw, p["task"])
+            for i, p in enumerate(profiles):
+                bw.add_profile(p, default=i == 0 and bw.default_profile is None)
+            for rel, blob in (files or {}).items():
+                bw.write_bytes(rel, blob)
+            m.write_tokenizer(bw, workdir)
+            return bw.publish()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _copy_report(bw, task: str):
+    src = os.path.join(bw.out, "report", task)
+    for root, _, names in os.walk(src):
+        for n in names:
+            full = os.path.join(root, n)
+            with open(full, "rb") as f:
+                bw.write_bytes(os.path.relpath(full, bw.out).replace(os.sep, "/"), f.read())
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
