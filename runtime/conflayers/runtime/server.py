@@ -604,13 +604,13 @@ class Handler(BaseHTTPRequestHandler):
             return 200
         except ClientGone:
             raise
-        except Exception:  # noqa: BLE001 - headers are sent: report in-band, then close
-            error = self._internal_error()
+        except Exception as e:  # noqa: BLE001 - headers are sent: report in-band, then close
+            error = e if isinstance(e, ApiError) else self._internal_error()
             try:
                 self._sse(error.body())
             except ClientGone:
                 pass
-            return 500
+            return error.status
         finally:
             chunks.close()
 
@@ -933,9 +933,18 @@ def _interrupt(signum, frame):
               help="CPU threads for ONNX Runtime (default: all cores, or $CONFLAYERS_THREADS).")
 @click.option("--no-verify", is_flag=True, help="Skip re-hashing the bundle's files at load "
               "(faster start for large bundles; sizes are still checked).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="Generate on Ray Serve replicas (needs conflayers[ray]): on the cluster at ADDRESS (auto, "
+                   "host:6379, ray://host:10001), or a local Ray instance when none is given. This server "
+                   "stays the HTTP front; every replica loads BUNDLE from the same path.")
+@click.option("--replicas", type=click.IntRange(min=1), default=None, help="With --ray: replicas [default: 1].")
+@click.option("--autoscale", default=None, metavar="MIN,MAX",
+              help="With --ray: let Ray Serve scale between MIN and MAX replicas by ongoing requests.")
+@click.option("--replica-cpus", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="With --ray: CPUs each replica reserves (and its ONNX Runtime threads, unless --num-threads).")
 def main(bundle, host, port, max_context, device, max_concurrency, max_batch, max_queue, max_connections, request_timeout,
          max_body_bytes, max_messages, max_stop, max_stop_chars, allow_special_tokens_in_prompt, api_key,
-         allowed_hosts, num_threads, no_verify):
+         allowed_hosts, num_threads, no_verify, ray_address, replicas, autoscale, replica_cpus):
     """Serve a compiled BUNDLE over an OpenAI-compatible HTTP API.
 
     \b
@@ -960,12 +969,24 @@ def main(bundle, host, port, max_context, device, max_concurrency, max_batch, ma
     limits = RequestLimits(max_messages=max_messages, max_stop_strings=max_stop, max_stop_chars=max_stop_chars,
                            special_tokens_in_prompt=allow_special_tokens_in_prompt)
 
+    if ray_address is None and (replicas or autoscale):
+        raise click.UsageError("--replicas and --autoscale need --ray")
+    if replicas and autoscale:
+        raise click.UsageError("--replicas and --autoscale exclude each other")
+
     @friendly_errors
     def start():
-        engine = Engine.load(bundle, device=device, max_context=max_context, num_threads=num_threads,
-                             verify=not no_verify, limits=limits)
-        concurrency = max_concurrency
-        if max_batch > 1:
+        if ray_address is not None:      # Ray Serve replicas behind this same front (ray_serve.py)
+            from .ray_serve import deploy_from_cli
+            engine, concurrency = deploy_from_cli(
+                bundle, ray_address, replicas, autoscale, replica_cpus, max_batch, max_concurrency,
+                dict(device=device, max_context=max_context, num_threads=num_threads, verify=not no_verify,
+                     limits=limits))
+        else:
+            engine = Engine.load(bundle, device=device, max_context=max_context, num_threads=num_threads,
+                                 verify=not no_verify, limits=limits)
+            concurrency = max_concurrency
+        if max_batch > 1 and ray_address is None:
             from .batching import BatchedEngine, BatchingError
             try:
                 engine = BatchedEngine(engine, max_batch=max_batch)
@@ -994,6 +1015,8 @@ def main(bundle, host, port, max_context, device, max_concurrency, max_batch, ma
         click.echo("conflayers-serve: shutting down", err=True)
     finally:
         server.server_close()
+        if ray_address is not None:
+            server.engine.close()      # the replicas go with their front
 
 
 if __name__ == "__main__":  # pragma: no cover
