@@ -70,7 +70,7 @@ def test_rounds_of_a_lower_stage_that_always_or_never_agrees():
     refs = _refs()
     top = cs.as_stage(_cand(refs, TOP, accept=K), refs, 1000, COST, V)
     steps = cs.top_steps(refs, top, 4, None, 1000)
-    assert {(d, a) for _, _, d, a in steps if d == 4} == {(4, 4)}
+    assert {(d, a, most) for _, _, d, a, most in steps if d == 4} == {(4, 4, 4)}
     full = [s for s in steps if s[2] == 4]
     # always agrees: one round per step, 3 lower tokens + the top's own, one check pass of 4
     agree = cs.as_stage(_cand(refs, LOW, accept=K), refs, 1000, COST, V)

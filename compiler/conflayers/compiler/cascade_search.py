@@ -116,8 +116,9 @@ class Walk:
 
 
 def top_steps(refs, top: Draft, k: int, stop, max_new_tokens: int) -> list[tuple]:
-    """The target steps of the top stage under (k, stop): (reference, position, drafted, accepted)
-    per step, exact at recorded blocks, its mean step elsewhere (ngram_search.walk's model walk)."""
+    """The target steps of the top stage under (k, stop): (reference, position, drafted, accepted,
+    most it could draft) per step, exact at recorded blocks, its mean step elsewhere
+    (ngram_search.walk's model walk)."""
     mean = replay(top.chosen, k, stop)
     mean_d = mean.drafted_tokens / max(mean.draft_steps, 1)
     mean_a = mean.accepted_tokens / max(mean.draft_steps, 1)
@@ -136,7 +137,7 @@ def top_steps(refs, top: Draft, k: int, stop, max_new_tokens: int) -> list[tuple
                 a = min(a, d)
             else:
                 d, a = min(mean_d, limit), min(mean_a, limit)
-            out.append((r, pos, d, a))
+            out.append((r, pos, d, a, min(k, limit)))
             pos += int(round(a)) + 1
     return out
 
@@ -152,7 +153,7 @@ def walk(steps, top: Draft, cost, low: Draft | None = None, k1: int = 0, stop1=N
     plan, size = top.cand.plan, top.size
     if low is not None:    # check[n]: a check pass over n lower tokens + the fed one
         check = [cost.check_ms(plan, size, n + 1) for n in range(k1 + 1)]
-    for r, pos, d, a in steps:
+    for r, pos, d, a, most in steps:
         w.steps += 1
         w.drafted += d
         w.accepted += a
@@ -164,7 +165,9 @@ def walk(steps, top: Draft, cost, low: Draft | None = None, k1: int = 0, stop1=N
         made = 0.0
         while made < d - 1e-9:          # rounds: lower steps, then one check pass over them
             room = d - made
-            n1 = min(k1, int(np.ceil(room)) - 1)
+            # the lower stage drafts for the room the policy leaves (the runtime cannot know
+            # where the top stage's confidence stop will end the draft)
+            n1 = min(k1, int(np.ceil(most - made)) - 1)
             m = 0.0
             if n1 > 0:
                 run = stopped_run(low, r, pos + int(round(made)), stop1)
