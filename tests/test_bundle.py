@@ -80,8 +80,10 @@ def test_profile_from_another_model(copy):
 
 
 def test_newer_bundle_format(copy):
-    edit_manifest(copy, lambda m: m.__setitem__("format_version", 3))
-    with pytest.raises(BundleError, match="format version 3 is newer than this runtime reads"):
+    from conflayers.runtime.bundle import BUNDLE_FORMAT_VERSION
+    newer = BUNDLE_FORMAT_VERSION + 1
+    edit_manifest(copy, lambda m: m.__setitem__("format_version", newer))
+    with pytest.raises(BundleError, match=f"format version {newer} is newer than this runtime reads"):
         Bundle.open(copy)
 
 

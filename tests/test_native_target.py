@@ -208,5 +208,101 @@ def test_verify_identity_check_passes_an_exact_target_and_refuses_one_that_is_no
                     out = inner.run(tokens, start, logits_from)
                     return out + (len(tokens) - 1) * 1e-6
             return Bound()
-    with pytest.raises(TargetNotExact, match="2-token verify pass computes position 0 differently"):
+    with pytest.raises(TargetNotExact, match="2-token verify pass at position 0 computes its tokens differently"):
         check_verify_identity(WidthDependent(engine.full), engine.spec, [2], length=20)
+
+
+class _Boundaries:
+    """A full graph whose rows come out slightly different when their pass reaches past a length
+    B in `bounds` that their own single step does not reach (row p's step reaches p + 2): the shape
+    of ONNX Runtime's GroupQueryAttention on head_dim 256, whose lengths are 64, 192, 320, ..."""
+
+    def __init__(self, full, bounds, verify_boundaries=None):
+        self.full, self.bounds, self.verify_boundaries = full, list(bounds), verify_boundaries
+        self.passes = []              # (start, tokens) of every pass
+
+    def verify_room(self, start):
+        from conflayers.runtime.ort_backend import GraphRunner
+        return GraphRunner.verify_room(self, start)
+
+    def bind(self, cache):
+        inner, graph = self.full.bind(cache), self
+
+        class Bound:
+            def __init__(self):
+                self.cache, self.graph = cache, graph
+
+            def run(self, tokens, start, logits_from=0):
+                graph.passes.append((start, len(tokens)))
+                out = inner.run(tokens, start, logits_from)
+                reach = start + len(tokens) + 1
+                rows = start + logits_from + np.arange(out.shape[0])
+                off = np.array([any(p + 2 <= b < reach for b in graph.bounds) for p in rows])
+                return out + np.where(off, 1e-6, 0.0)[:, None].astype(out.dtype)
+        return Bound()
+
+
+def test_verify_identity_check_finds_the_boundaries_verify_passes_must_not_cross(engine):
+    """Passes that reach past 12, 22, 32, ... from below compute those rows differently: the
+    check finds (12, 10); boundaries with no regular spacing are refused."""
+    from conflayers.compiler.target import TargetNotExact, check_verify_identity
+    assert check_verify_identity(engine.full, engine.spec, [2, 3, 5], length=40) is None
+    every10 = _Boundaries(engine.full, range(12, 200, 10))
+    assert check_verify_identity(every10, engine.spec, [3, 5], length=60) == (12, 10)
+    with pytest.raises(TargetNotExact, match="no regular boundary"):
+        check_verify_identity(_Boundaries(engine.full, [12, 30]), engine.spec, [3], length=60)
+
+
+def test_verify_room_stops_a_pass_at_the_next_boundary():
+    from conflayers.runtime.ort_backend import GraphRunner
+
+    class G:
+        verify_boundaries = (64, 128)
+    room = lambda start: GraphRunner.verify_room(G, start)   # noqa: E731
+    assert [room(s) for s in (0, 55, 62, 63, 64, 190, 191, 300)] == [62, 7, 0, 127, 126, 0, 127, 18]
+    G.verify_boundaries = None
+    assert room(62) is None
+
+
+def test_drafts_never_cross_a_verify_boundary_and_output_stays_plain(engine):
+    """On a graph with boundaries every 8 tokens from 24, the loop shortens each draft so no
+    verify pass crosses one, and output equals plain decoding; without the boundaries recorded,
+    passes do cross them (the control)."""
+    prompt = engine.encode(**_kw("Janet has 3 apples and buys 5 more."))
+    bounds = range(24, 400, 8)
+    assert len(prompt) + 2 < 24
+    full = _Boundaries(engine.full, bounds)
+    plain = [t for it in generate(full.bind(KVCache(engine.spec, 128)), prompt, 60, Sampler()) for t in it]
+    name = next(iter(engine.drafters))
+    for recorded in ((24, 8), None):
+        full.verify_boundaries, full.passes = recorded, []
+        cache = KVCache(engine.spec, 128)
+        st = DecodeStats()
+        out = [t for it in generate(full.bind(cache), prompt, 60, Sampler(),
+                                    drafter=engine.drafters[name].bind(cache, prompt), stats=st) for t in it]
+        crossing = [(s, n) for s, n in full.passes[1:] if any(s + 2 <= b < s + n + 1 for b in bounds)]
+        if recorded:
+            assert out == plain
+            assert st.draft_steps > 0 and not crossing
+        else:
+            assert crossing                 # the control: unconstrained drafts do cross them
+
+
+def test_bundle_records_and_validates_verify_boundaries(native_bundle, tmp_path):
+    """graphs.full.verify_boundaries reaches the engine's full graph; bad values are refused;
+    bundles without it (formats 1 and 2, exact targets) have no limit."""
+    copy = str(tmp_path / "b")
+    shutil.copytree(native_bundle, copy)
+    mpath = os.path.join(copy, "manifest.json")
+    manifest = json.load(open(mpath))
+    assert "verify_boundaries" not in manifest["graphs"]["full"]      # the tiny native graph is exact
+    assert Bundle.open(copy, verify=False).verify_boundaries is None
+    manifest["graphs"]["full"]["verify_boundaries"] = {"first": 64, "every": 128}
+    json.dump(manifest, open(mpath, "w"))
+    assert Bundle.open(copy, verify=False).verify_boundaries == (64, 128)
+    assert Engine.load(copy, verify=False, guard=False, adapt=False).full.verify_room(62) == 0
+    for bad in ({"first": 1, "every": 128}, {"first": 64}, {"first": 64, "every": "x"}, [64, 128]):
+        manifest["graphs"]["full"]["verify_boundaries"] = bad
+        json.dump(manifest, open(mpath, "w"))
+        with pytest.raises(BundleError, match="graphs.full.verify_boundaries"):
+            Bundle.open(copy, verify=False)

@@ -20,7 +20,8 @@ from .export.decoder_graph import WeightStores, build
 
 class DraftFactory:
     def __init__(self, workdir: str, spec, weights: dict, max_context: int, providers: list[str],
-                 keep_sessions: int = 3, target: str = "fp32", native: dict | None = None):
+                 keep_sessions: int = 3, target: str = "fp32", native: dict | None = None,
+                 verify_boundaries: tuple | None = None):
         self.dir = workdir
         self.spec = spec
         self.max_context = max_context
@@ -30,6 +31,7 @@ class DraftFactory:
         self._bodies: OrderedDict[str, GraphRunner] = OrderedDict()
         self._heads: dict[str, GraphRunner] = {}
         self.keep = keep_sessions
+        self.verify_boundaries = verify_boundaries      # the target's (target.check_verify_identity)
 
     def _open(self, model: onnx.ModelProto, name: str) -> str:
         path = os.path.join(self.dir, name)
@@ -41,7 +43,8 @@ class DraftFactory:
     def full(self) -> GraphRunner:
         if self._full is None:
             path = self._open(build(self.spec, self.stores, None, "full", max_context=self.max_context), "full.onnx")
-            self._full = GraphRunner(create_session(path, self.providers), list(range(self.spec.num_layers)), "logits")
+            self._full = GraphRunner(create_session(path, self.providers), list(range(self.spec.num_layers)), "logits",
+                                     verify_boundaries=self.verify_boundaries)
         return self._full
 
     def body(self, plan: DraftPlan) -> GraphRunner:

@@ -101,7 +101,8 @@ class ModelSetup:
     def writer(self, out: str, force: bool):
         from .export.bundle_writer import BundleWriter
         return BundleWriter(out, self.spec, self.weights, self.model_info, self.max_context, force,
-                            target=self.target.precision, native=self.target.native)
+                            target=self.target.precision, native=self.target.native,
+                            verify_boundaries=self.target.verify_boundaries)
 
     def write_tokenizer(self, bw, workdir: str):
         tok_dir = os.path.join(workdir, "tokenizer")
@@ -153,8 +154,12 @@ def ensure_exact_target(m: ModelSetup, opts: CompileOptions, providers, log) -> 
     try:
         factory = DraftFactory(workdir, m.spec, m.weights, m.max_context, providers,
                                target=m.target.precision, native=m.target.native)
-        check_verify_identity(factory.full(), m.spec, sorted({2, 3, 5, opts.settings.k_max + 1}))
+        bounds = check_verify_identity(factory.full(), m.spec, sorted({2, 3, opts.settings.k_max + 1}))
         factory.close()
+        if bounds:
+            log(f"  verify passes are exact unless they reach past a length {bounds[0]} + i*{bounds[1]} "
+                "(on this backend): the runtime shortens drafts there")
+        m.target.verify_boundaries = bounds
     except TargetNotExact as e:
         if opts.target_explicit:
             raise
@@ -316,7 +321,8 @@ def compile_profile(opts: CompileOptions) -> str:
     workdir = tempfile.mkdtemp(prefix="conflayers-work-")
     try:
         factory = DraftFactory(workdir, m.spec, m.weights, m.max_context, providers,
-                               target=m.target.precision, native=m.target.native)
+                               target=m.target.precision, native=m.target.native,
+                               verify_boundaries=m.target.verify_boundaries)
         refs, val_refs = reference_decoding(factory, m, cal, opts, log)
         attn, mlp = layer_confidence(m, refs, opts.settings, log)
         m.hf_model = None           # the torch model is not needed past the confidence pass
@@ -406,7 +412,8 @@ def export_profiles(opts: CompileOptions) -> str:
             raise ValueError(f"the profiles are for different targets ({', '.join(sorted(targets))}); "
                              "export them into separate bundles with --target")
         opts.target = targets.pop()
-    m = setup_model(opts, log)
+    opts.target_explicit = True          # the profiles' target, or none: no fallback
+    m = ensure_exact_target(setup_model(opts, log), opts, resolve_providers(opts.device), log)
     for path, prof in zip(opts.profiles, loaded):
         why = prof.matches_model(m.identity)
         if why:

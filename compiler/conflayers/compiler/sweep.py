@@ -297,13 +297,17 @@ class Publisher:
     def __call__(self, cell: Cell, result: dict) -> str:
         from conflayers.runtime.profile import Profile
 
-        from .pipeline import CompileOptions, Log, publish_profiles, setup_model
+        from conflayers.runtime.ort_backend import resolve_providers
+
+        from .pipeline import CompileOptions, Log, ensure_exact_target, publish_profiles, setup_model
         profile = {**result["profile"], "sweep": {"inputs_sha256": cell.key}}
         target = profile["model"].get("target", "fp32")     # what the cell compiled for (fallback included)
         key = (cell.model, target, result["max_context"])
         if key not in self._setups:
-            opts = CompileOptions(model=cell.model, target=target, max_context=result["max_context"], quiet=True)
-            m = setup_model(opts, Log(True))
+            opts = CompileOptions(model=cell.model, target=target, max_context=result["max_context"], quiet=True,
+                                  target_explicit=True)
+            # the check finds where the target's verify passes are exact (the bundle records it)
+            m = ensure_exact_target(setup_model(opts, Log(True)), opts, resolve_providers(opts.device), Log(True))
             m.hf_model = None            # the writer needs the weights, not the torch model
             self._setups[key] = m
         m = self._setups[key]

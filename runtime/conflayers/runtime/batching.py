@@ -496,12 +496,15 @@ class BatchedEngine:
         # who drafts this step, and how far
         for s in decoding:
             s.drafted, s.draft_q, s.drafting, s.speculating = [], None, False, False
-            remaining = s.request.max_new_tokens - s.stats.tokens
-            if s.drafter is not None and remaining > 1 and (
+            room = self.engine.full.verify_room(s.length)        # as the solo loop (decoding.generate)
+            limit = s.request.max_new_tokens - s.stats.tokens - 1
+            if room is not None:
+                limit = min(limit, room)
+            if s.drafter is not None and limit > 0 and (
                     s.always_draft or len(decoding) < self.spec_batch_limit(s.name)):
                 s.drafting = s.speculating = True
                 s.draft_q = None if s.request.sampler.greedy else []
-                s.limit = min(s.drafter.policy.max_tokens, remaining - 1)
+                s.limit = min(s.drafter.policy.max_tokens, limit)
         self._draft([s for s in decoding if s.speculating])
         # one full pass: the newcomer's prompt chunk, every decoding sequence's token (+ drafts)
         segments = [([], 0)] * self.max_batch

@@ -28,8 +28,10 @@ from .textio import ChatError, TextCodec
 
 BUNDLE_FORMAT = "conflayers.bundle"
 # 2: graphs may run at the model file's own precision (MatMulNBits blocks, model.target) and the
-# full graph writes one spare KV slot (ort_backend.KVCache allocates it). Version 1 bundles load.
-BUNDLE_FORMAT_VERSION = 2
+# full graph writes one spare KV slot (ort_backend.KVCache allocates it). 3: graphs.full may name
+# lengths its verify passes must not reach past (verify_boundaries; drafts are shortened there).
+# Versions 1 and 2 load.
+BUNDLE_FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 
 
@@ -167,6 +169,14 @@ class Bundle:
         return self.file(self.manifest["graphs"]["full"]["file"])
 
     @property
+    def verify_boundaries(self) -> tuple[int, int] | None:
+        """(first, every): the lengths first + i * every a verify pass must not reach past unless
+        it starts past them (the compiler found this target's passes inexact only there on this
+        backend). None: no limit."""
+        b = self.manifest["graphs"]["full"].get("verify_boundaries")
+        return None if b is None else (b["first"], b["every"])
+
+    @property
     def max_context(self) -> int:
         return self.manifest.get("max_context", self.spec.max_position_embeddings)
 
@@ -260,7 +270,15 @@ def _listed(rel, files: dict, where: str) -> str:
 
 def _check_graphs(graphs, files: dict, spec: ModelSpec):
     _field(graphs, dict, "graphs")
-    _listed(_field(graphs.get("full"), dict, "graphs.full").get("file"), files, "graphs.full.file")
+    full = _field(graphs.get("full"), dict, "graphs.full")
+    _listed(full.get("file"), files, "graphs.full.file")
+    bounds = _field(full.get("verify_boundaries"), dict, "graphs.full.verify_boundaries", optional=True)
+    if bounds is not None:
+        first = _field(bounds.get("first"), int, "graphs.full.verify_boundaries.first")
+        every = _field(bounds.get("every"), int, "graphs.full.verify_boundaries.every")
+        if first < 2 or every < 1:
+            raise BundleError("manifest field 'graphs.full.verify_boundaries' needs first >= 2 and every >= 1, "
+                              f"got {bounds}")
     for key, body in _field(graphs.get("bodies", {}), dict, "graphs.bodies").items():
         where = f"graphs.bodies.{key}"
         _listed(_field(body, dict, where).get("file"), files, f"{where}.file")

@@ -97,7 +97,8 @@ def generate(target: BoundGraph, prompt: list[int], max_new_tokens: int, sampler
              drafter: Drafter | None = None, stop_ids: frozenset = frozenset(),
              guard: SpeculationGuard | None = None, stats: DecodeStats | None = None) -> Iterator[list[int]]:
     """Yield the new tokens of each iteration (1 or more at a time) until max_new_tokens, a stop
-    token (included) or the end of the KV cache."""
+    token (included) or the end of the KV cache. A draft never carries a verify pass past one of
+    the full graph's verify boundaries (GraphRunner.verify_room)."""
     stats = stats if stats is not None else DecodeStats()
     cache = target.cache
     if not prompt:
@@ -118,8 +119,12 @@ def generate(target: BoundGraph, prompt: list[int], max_new_tokens: int, sampler
     while stats.tokens < max_new_tokens:
         remaining = max_new_tokens - stats.tokens
         # Drafts beyond remaining - 1 could never be returned: the verify pass adds one token.
-        if drafter is not None and remaining > 1 and (guard is None or guard.active):
-            new = draft_and_verify(target, drafter, token, sampler, remaining - 1, stats, guard)
+        limit = remaining - 1
+        room = target.graph.verify_room(cache.length)
+        if room is not None:
+            limit = min(limit, room)
+        if drafter is not None and limit > 0 and (guard is None or guard.active):
+            new = draft_and_verify(target, drafter, token, sampler, limit, stats, guard)
             if guard is not None and not guard.active:
                 stats.guard_stopped_at = stats.tokens + len(new)
         else:

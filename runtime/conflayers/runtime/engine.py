@@ -126,7 +126,8 @@ class Engine:
 
         def session(path):
             return create_session(path, self.providers, num_threads)
-        self.full = GraphRunner(session(bundle.full_graph), list(range(self.spec.num_layers)), "logits")
+        self.full = GraphRunner(session(bundle.full_graph), list(range(self.spec.num_layers)), "logits",
+                                verify_boundaries=bundle.verify_boundaries)
         bodies, heads = {}, {}
         self.drafters: dict[str, LayerSkipDrafter | NGramDrafter | HybridDrafter | CascadeDrafter] = {}
 

@@ -113,10 +113,14 @@ class KVCache:
 
 
 class GraphRunner:
-    """One decoder graph (full, draft body or draft head) and the layers whose KV it uses."""
+    """One decoder graph (full, draft body or draft head) and the layers whose KV it uses.
+    verify_boundaries (full graph): (first, every), the lengths a verify pass must not reach past
+    unless it starts past them (bundle.verify_boundaries); None: every pass is exact."""
 
-    def __init__(self, session: ort.InferenceSession, kv_layers: list[int], output: str):
+    def __init__(self, session: ort.InferenceSession, kv_layers: list[int], output: str,
+                 verify_boundaries: tuple[int, int] | None = None):
         self.session = session
+        self.verify_boundaries = verify_boundaries
         self.kv_layers = list(kv_layers)
         self.output = output
         self.input_names = {i.name for i in session.get_inputs()}
@@ -126,6 +130,17 @@ class GraphRunner:
 
     def bind(self, cache: KVCache) -> "BoundGraph":
         return BoundGraph(self, cache)
+
+    def verify_room(self, start: int) -> int | None:
+        """The most draft tokens a verify pass feeding position `start` may carry (None: no
+        limit). The pass over 1 + k tokens, its padding row included, reaches length
+        start + k + 2; the next boundary B >= start + 2 must not be passed (k <= B - start - 2);
+        0 means a plain step."""
+        if self.verify_boundaries is None:
+            return None
+        first, every = self.verify_boundaries
+        b = first if start + 2 <= first else first + every * -(-(start + 2 - first) // every)
+        return b - start - 2
 
     def run_head(self, hidden: np.ndarray) -> np.ndarray:
         return self.session.run([self.output], {"hidden": hidden})[0]
