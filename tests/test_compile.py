@@ -251,3 +251,15 @@ def test_bundle_of_local_model_and_file_carries_no_machine_path(tiny_compiled, t
     assert set(bundle.profiles["prompts"].raw["compile_seconds"]) == {
         "resolve model", "calibration data", "reference decoding", "layer confidence", "cost model", "search",
         "cascade search", "export bundle", "validation", "report"}
+
+
+def test_precisions_without_the_targets_own_still_compile(tiny_model_dir, tiny_prompts, tmp_path):
+    """--precisions int8 at the fp32 target: phase 1's drafts are at the target's precision, so
+    the cost model measures it too (it was a KeyError: 'fp32'); every draft found is int8 or fp32."""
+    out = str(tmp_path / "b")
+    code, output = run(["--model", tiny_model_dir, "--calib", tiny_prompts, "--out", out,
+                        "--target", "fp32", "--precisions", "int8"] + TINY_ARGS)
+    assert code == 0, output
+    with open(os.path.join(out, "profiles", "prompts.json")) as f:
+        profile = json.load(f)
+    assert profile["draft"].get("precision", "fp32") in ("int8", "fp32")

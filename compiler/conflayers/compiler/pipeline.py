@@ -249,13 +249,15 @@ def cost_model(factory, m: ModelSetup, refs, opts, providers, log):
     from . import costmodel
     s = opts.settings
     vocab_sizes = sorted(set(v for v in s.vocab_sizes if v < m.spec.vocab_size)) + [m.spec.vocab_size]
+    # phase 1's drafts are at the target's precision, even when --precisions leaves it out
+    precisions = list(s.precisions) + [p for p in [m.target.precision] if p not in s.precisions]
     if opts.cost_model:
         log.phase("cost model", f"cost model (reused from {opts.cost_model})")
-        cost = costmodel.CostModel.load(opts.cost_model, s.precisions, s.k_max + 1)
+        cost = costmodel.CostModel.load(opts.cost_model, precisions, s.k_max + 1)
     else:
         log.phase("cost model", "cost model (timings on " + providers[0] + ")")
         ctx_len = int(np.mean([len(r.sequence) for r in refs]))
-        cost = costmodel.measure(factory, m.spec, ctx_len, s.k_max + 1, s.precisions, vocab_sizes)
+        cost = costmodel.measure(factory, m.spec, ctx_len, s.k_max + 1, precisions, vocab_sizes)
     log(f"  full step ({m.target.precision}) {cost.full_ms[0]:.1f} ms, verify {s.k_max + 1} tokens "
         f"{cost.full_ms[-1]:.1f} ms; "
         + "; ".join(f"{p} draft (all layers, full vocab) "
