@@ -62,7 +62,7 @@ def cost_model(tmp_path_factory, tiny_model_dir, calibs):
 
 def sweep(args):
     result = CliRunner().invoke(sweep_main, args, catch_exceptions=False)     # click 8.2: stdout apart
-    return result.exit_code, json.loads(result.stdout[result.stdout.index("{"):])
+    return result.exit_code, json.loads(result.stdout)
 
 
 def test_sweep_on_ray_equals_local_compiles_and_skips_what_is_up_to_date(ray_local, tiny_model_dir, calibs,

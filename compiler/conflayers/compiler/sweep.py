@@ -331,7 +331,7 @@ def sweep(cells: list[Cell], compile_args: list[str], executor, redo: bool = Fal
             jobs.append((i, cell_payload(cell, compile_args)))
     publish = Publisher(force)
     with tqdm(total=len(cells), desc="sweep", unit="cell", disable=not progress, file=sys.stderr) as bar:
-        say = echo or bar.write
+        say = echo or (lambda line: bar.write(line, file=sys.stderr))     # stdout: --json only
         for i, o in sorted(outcomes.items()):
             say(f"[skipped] {o.cell.label}: up to date in {o.cell.bundle}")
             bar.update(1)

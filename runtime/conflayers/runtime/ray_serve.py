@@ -204,8 +204,10 @@ def deploy(bundle: str, address: str | None, engine_args: dict, replicas: int = 
 def deploy_from_cli(bundle: str, address: str, replicas: int | None, autoscale: str | None, replica_cpus: float,
                     max_batch: int, max_concurrency: int, engine_args: dict) -> tuple[RayEngine, int]:
     """conflayers-serve --ray: the RayEngine, and the front's concurrency (every replica full)."""
+    from .bundle import Bundle
     from .cli import CliError
     from .rayutil import RayMissing
+    Bundle.open(bundle, verify=False)      # a bad path fails here, in a line, not in every replica
     try:
         bounds = parse_autoscale(autoscale) if autoscale else None
         per_replica = max(max_concurrency, max_batch) if max_batch > 1 else max_concurrency
