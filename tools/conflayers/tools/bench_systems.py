@@ -194,8 +194,10 @@ def weight_accounting(bundle) -> dict:
     otherwise) scaled by the fraction of layers the draft keeps (a rough estimate)."""
     from conflayers.runtime.draftplan import weights_file_name
     files = bundle.manifest["files"]
-    full = files.get("weights.bin", {}).get("bytes")
-    method_full = "manifest size of weights.bin"
+    # the target's own weights file (a native target's weights.bin holds only small tables)
+    target_file = weights_file_name(bundle.manifest["model"].get("target", "fp32"))
+    full = files.get(target_file, {}).get("bytes")
+    method_full = f"manifest size of {target_file}"
     if full is None:
         full = _read_bytes(bundle.full_graph)
         method_full = "external data referenced by the full graph"
