@@ -40,8 +40,9 @@ Method:
   lossless guarantee: the tool exits with status 1 when one of them differs.
 - Achieved weight bandwidth (as gpt-fast prints it) = bytes of weights read per generated token
   x tokens/s, where bytes per token = (full passes x full bytes + draft passes x draft bytes) /
-  generated tokens, summed over the prompts. Full bytes = the manifest size of weights.bin (every
-  parameter; the HF model's parameter bytes for hf, the GenAI model's weight files for genai).
+  generated tokens, summed over the prompts. Full bytes = the manifest size of the target's weights
+  file (weights.bin, or weights_native.bin for a native target: every parameter; the HF model's
+  parameter bytes for hf, the GenAI model's weight files for genai).
   Draft bytes = the weights the draft body and head graphs read (see bench_systems.
   weight_accounting). Full passes = generated tokens - accepted draft tokens (each full pass,
   the prefill included, yields one token of its own plus the drafts it accepts); draft passes =
