@@ -335,3 +335,65 @@ def test_bench_ngram_system(tiny_bundle, tmp_path):
     assert rows["ngram"]["mean_accepted_tokens"] is not None
     assert rows["auto"]["identical_to_plain"] is True     # the bundle's own profiles are untouched
     assert Bundle.open(tiny_bundle).profiles.keys() == {"int8skip", "fp32sub"}
+
+
+# -- 5. under continuous batching ------------------------------------------------------------------
+@pytest.mark.parametrize("spec_max_batch", [99, 2])
+def test_batched_ngram_and_hybrid_equal_solo_and_draft(engine, spec_max_batch):
+    """Under continuous batching, n-gram and hybrid requests propose as they would alone and
+    their drafts join the batched verify pass: each greedy output equals its solo output, each
+    seeded sample its solo sample, and a greedy request drafts and keeps what it does alone.
+    With drafting off above a batch of 1 (spec_max_batch=2), greedy requests step plainly while
+    others decode and the index still follows their text."""
+    import threading
+
+    from conflayers.runtime.batching import BatchedEngine
+    args = []
+    for i, p in enumerate(PROMPTS * 3):
+        a = dict(_kw(p), task=("ng", "hy", "model")[i % 3], max_new_tokens=N_NEW - 3 * i)
+        if i % 4 == 3:
+            a.update(temperature=0.9, top_k=20, seed=i)
+        args.append(a)
+    solo = [engine.generate(**a) for a in args]
+    be = BatchedEngine(engine, max_batch=4, prefill_chunk=16, spec_max_batch=spec_max_batch)
+    out = [None] * len(args)
+
+    def run(i):
+        out[i] = be.generate(**args[i])
+
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(args))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        be.close()
+    assert [o.token_ids for o in out] == [s.token_ids for s in solo]
+    for task in ("ng", "hy"):
+        metrics = [o.metrics for a, o in zip(args, out) if a["task"] == task]
+        assert all(m.profile == task and m.speculative for m in metrics)
+        assert sum(m.drafted_tokens for m in metrics) > 0
+        if spec_max_batch < 99:
+            continue
+        # a greedy request's proposals are its solo ones (the index follows the same text)
+        greedy = [(o.metrics, s.metrics) for a, o, s in zip(args, out, solo) if a["task"] == task and "seed" not in a]
+        assert [(b.drafted_tokens, b.accepted_tokens, b.draft_steps) for b, _ in greedy] == \
+            [(m.drafted_tokens, m.accepted_tokens, m.draft_steps) for _, m in greedy]
+
+
+@pytest.mark.parametrize("rate,accepted,verify,want", [
+    (1.0, 3.0, [1.0] * 16, 9),               # free verify rows, 4 tokens per step: pays at every size
+    (0.05, 0.05, [1.0 + n for n in range(16)], 1),     # rows cost a full pass each: never pays
+    (0.5, 1.0, [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 4.0, 7.0, 10.0, 13.0, 16.0, 19.0, 22.0, 25.0, 28.0, 31.0], 3),
+])
+def test_ngram_batch_limit_known_answers(engine, rate, accepted, verify, want):
+    """n-gram proposals stop at the smallest batch where n*(a+1)/verify(n*(d+1)) <= n/verify(n),
+    d = a / rate, with the profile's figures and compile-time verify costs (no draft pass)."""
+    from conflayers.runtime.batching import _ngram_limit
+    raw = copy.deepcopy(engine.bundle.profiles["ng"].raw)
+    raw["figures"] = {"acceptance_rate": rate, "mean_accepted_tokens": accepted}
+    raw["cost_model"] = {"verify_relative": verify}
+    assert _ngram_limit(Profile.from_json(raw), None, 8) == want
+    raw.pop("figures")
+    assert _ngram_limit(Profile.from_json(raw), None, 8) == 2     # nothing measured: alone only

@@ -26,13 +26,17 @@ cancelled around it. A seeded sampled request always drafts as it would alone (t
 below and the guard do not apply to it), so it reproduces its solo sample too.
 
 Speculation and batch size. Batching and speculation both spend spare compute; on a CPU the
-batch soon uses it all. A profile drafts only while fewer than `spec_batch_limit(profile)`
+batch soon uses it all. A profile drafts only while fewer than `spec_batch_limit(profile, kind)`
 sequences decode: the smallest batch at which the profile's predicted tokens/s (its policy with
 the costs measured on this machine, policy.py) falls below batched plain decoding, with a batched
 pass over n rows costed as a full pass over n tokens. Above it every greedy request steps plainly.
+Model drafts and n-gram proposals have a limit each: a proposal costs no draft pass, only the
+verify rows it adds.
 
 Drafters: a model profile drafts in the batch; a cascade drafts with its top stage alone (the
-stages' check passes are not batched yet); n-gram and hybrid profiles decode plainly.
+stages' check passes are not batched yet); an n-gram profile proposes from its own index per
+sequence (no pass at all) and a hybrid proposes as alone (NGramIndex match, else its model draft
+in the batched draft passes), so every kind's drafts join the one batched verify pass.
 
 CPU only (the slots are views of one host buffer); bundles written before the graphs had a batch
 dimension are refused with a message saying to recompile.
@@ -54,6 +58,7 @@ from .decoding import DecodeStats
 from .drafter import LayerSkipDrafter, draft_token
 from .engine import Engine, Request, StreamChunk, stream_or_result
 from .modelspec import ModelSpec
+from .ngram import BoundNGramDrafter, HybridDrafter, NGramDrafter, one_hot
 from .ort_backend import GraphRunner, create_session
 from .policy import MachineCosts
 
@@ -308,7 +313,8 @@ class PackedGraph:
 class _Seq:
     """One request in the batch (owned by the scheduler thread once admitted)."""
     request: Request
-    drafter: LayerSkipDrafter | None         # its model draft with a policy, or None: plain
+    drafter: LayerSkipDrafter | None         # its model draft with a policy, or None
+    ngram: BoundNGramDrafter | None          # its n-gram proposer (n-gram and hybrid profiles)
     name: str | None                         # its profile
     out: queue.Queue
     always_draft: bool                       # seeded sampling: draft as alone, whatever the batch
@@ -360,13 +366,13 @@ class BatchedEngine:
         for name, drafter in engine.drafters.items():
             drafter = batched_draft(drafter)
             if drafter is None:
-                continue                                   # n-gram drafters: plain under batching
+                continue                                   # n-gram drafters: no draft passes
             graphs = bundle.draft_graphs(name)
             if graphs.body not in self.bodies:
                 self.bodies[graphs.body] = PackedGraph(graphs.body, graphs.kv_layers, "hidden", self.cache,
                                                        engine.providers, threads, solo=drafter.body)
             self._body_of[name] = self.bodies[graphs.body]
-        self._limits: dict[str, int] = {}
+        self._limits: dict[tuple[str, str], int] = {}
         self._pending: list[_Seq] = []
         self._slots: list[_Seq | None] = [None] * self.max_batch
         self._order: list[_Seq] = []                      # admitted, oldest first
@@ -401,15 +407,21 @@ class BatchedEngine:
         self._thread.join(timeout=10)
 
     # -- speculation vs batch size ---------------------------------------------------------------
-    def spec_batch_limit(self, name: str) -> int:
-        """Profile `name` drafts only while fewer sequences than this decode (see the module
-        docstring); max_batch + 1 when drafting pays at every batch size."""
+    def spec_batch_limit(self, name: str, kind: str = "model") -> int:
+        """Profile `name` drafts with its model draft (kind "model") or proposes n-grams (kind
+        "ngram") only while fewer sequences than this decode (see the module docstring);
+        max_batch + 1 when it pays at every batch size."""
         if self.spec_max_batch is not None:
             return self.spec_max_batch
-        if name not in self._limits:
-            self._limits[name] = _limit(self.engine.bundle.profiles[name], self.engine.drafters[name].policy,
-                                        self.engine.machine_costs.get(name), self.max_batch)
-        return self._limits[name]
+        key = (name, kind)
+        if key not in self._limits:
+            profile, costs = self.engine.bundle.profiles[name], self.engine.machine_costs.get(name)
+            if kind == "ngram":
+                self._limits[key] = _ngram_limit(profile, costs, self.max_batch)
+            else:
+                model = batched_draft(self.engine.drafters[name])
+                self._limits[key] = _limit(profile, model.policy if model else None, costs, self.max_batch)
+        return self._limits[key]
 
     # -- requests ---------------------------------------------------------------------------------
     def generate(self, prompt: str | None = None, *, stream: bool = False, **kwargs):
@@ -417,11 +429,14 @@ class BatchedEngine:
         return stream_or_result(self.stream_request(self.engine.prepare(prompt, **kwargs)), stream)
 
     def stream_request(self, request: Request) -> Iterator[StreamChunk]:
-        name, drafter = request.profile, None
-        d = batched_draft(self.engine.drafters.get(name)) if name else None
-        if d is not None and self.engine.adapt_policy(name) is not None:
-            drafter = d
-        seq = _Seq(request, drafter, name, queue.Queue(),
+        name, drafter, ngram = request.profile, None, None
+        whole = self.engine.drafters.get(name) if name else None
+        if whole is not None and self.engine.adapt_policy(name) is not None:
+            model = batched_draft(whole)
+            drafter = model if model is not None and model.policy is not None else None
+            ng = ngram_part(whole)
+            ngram = ng.bind(None, request.ids) if ng is not None else None
+        seq = _Seq(request, drafter, ngram, name, queue.Queue(),
                    always_draft=not request.sampler.greedy and not request.use_guard)
         return _present(self.engine, seq, self._tokens(seq))
 
@@ -495,17 +510,8 @@ class BatchedEngine:
         prefill = next((s for s in order if s.token is None), None)
         # who drafts this step, and how far
         for s in decoding:
-            s.drafted, s.draft_q, s.drafting, s.speculating = [], None, False, False
-            room = self.engine.full.verify_room(s.length)        # as the solo loop (decoding.generate)
-            limit = s.request.max_new_tokens - s.stats.tokens - 1
-            if room is not None:
-                limit = min(limit, room)
-            if s.drafter is not None and limit > 0 and (
-                    s.always_draft or len(decoding) < self.spec_batch_limit(s.name)):
-                s.drafting = s.speculating = True
-                s.draft_q = None if s.request.sampler.greedy else []
-                s.limit = min(s.drafter.policy.max_tokens, limit)
-        self._draft([s for s in decoding if s.speculating])
+            self._plan(s, len(decoding))
+        self._draft([s for s in decoding if s.drafting])
         # one full pass: the newcomer's prompt chunk, every decoding sequence's token (+ drafts)
         segments = [([], 0)] * self.max_batch
         for b, s in enumerate(self._slots):
@@ -556,7 +562,10 @@ class BatchedEngine:
                 st.accept_lengths.append(n)
                 new = s.drafted[:n] + [nxt]
             else:
-                new = [s.request.sampler.pick(logits[r])]
+                n, new = 0, [s.request.sampler.pick(logits[r])]
+            if s.ngram is not None:               # the index follows the text, drafted or not
+                s.ngram.kept(s.drafted)
+                s.ngram.feedback(len(s.drafted), n)
             st.full_passes += 1
             s.length += len(new)
             s.drafted = []
@@ -572,6 +581,34 @@ class BatchedEngine:
             s.out.put(new)
             if new[-1] in self.engine.stop_ids or st.tokens >= s.request.max_new_tokens:
                 self._finish(s)
+
+    def _plan(self, s: _Seq, batch: int):
+        """This step's proposal for a decoding sequence, as its solo drafter would make it
+        (BoundHybridDrafter.propose): an n-gram match is taken now; a model draft is marked
+        `drafting` for the batched draft passes; otherwise the sequence steps plainly."""
+        s.drafted, s.draft_q, s.drafting, s.speculating = [], None, False, False
+        room = self.engine.full.verify_room(s.length)        # as the solo loop (decoding.generate)
+        limit = s.request.max_new_tokens - s.stats.tokens - 1
+        if room is not None:
+            limit = min(limit, room)
+        if s.ngram is not None:
+            s.ngram.observe(s.token, s.length)               # every step: the index stays in sync
+        if limit <= 0:
+            return
+
+        def allowed(kind):
+            return s.always_draft or batch < self.spec_batch_limit(s.name, kind)
+        greedy = s.request.sampler.greedy
+        if s.ngram is not None and allowed("ngram"):
+            tokens, n = s.ngram.match(limit)
+            if s.drafter is None or (tokens and n >= s.ngram.policy.min_match):
+                s.speculating, s.drafted = True, list(tokens)      # (empty: a verify of one token)
+                s.draft_q = None if greedy else one_hot(s.drafted, self.engine.spec.vocab_size)
+                return
+        if s.drafter is not None and allowed("model"):
+            s.drafting = s.speculating = True
+            s.draft_q = None if greedy else []
+            s.limit = min(s.drafter.policy.max_tokens, limit)
 
     def _draft(self, drafting: list[_Seq]):
         """Batched draft steps: per draft position, one pass per draft body over the sequences of
@@ -614,10 +651,19 @@ def batched_draft(drafter) -> LayerSkipDrafter | None:
     """The model draft the batched loop drafts with for a profile's drafter: the drafter itself,
     a cascade's top stage alone (its check passes over several tokens per sequence are not
     batched yet; the top stage drafting alone is a model draft like any other, so output is
-    unchanged), or None for n-gram and hybrid drafters (plain decoding under batching)."""
+    unchanged), a hybrid's model part, or None for an n-gram drafter."""
     if isinstance(drafter, CascadeDrafter):
         return drafter.top
+    if isinstance(drafter, HybridDrafter):
+        return drafter.model
     return drafter if isinstance(drafter, LayerSkipDrafter) else None
+
+
+def ngram_part(drafter) -> NGramDrafter | None:
+    """The n-gram proposer of an n-gram or hybrid profile's drafter, else None."""
+    if isinstance(drafter, HybridDrafter):
+        return drafter.ngram
+    return drafter if isinstance(drafter, NGramDrafter) else None
 
 
 def _draft_one(s: _Seq, z: np.ndarray):
@@ -650,10 +696,29 @@ def _limit(profile, policy, costs: MachineCosts | None, max_batch: int) -> int:
     return max_batch + 1
 
 
+def _ngram_limit(profile, costs: MachineCosts | None, max_batch: int) -> int:
+    """_limit for n-gram proposals: no draft pass, d drafted and a kept per step as the profile's
+    validation measured them (a hybrid's figures mix its n-gram and model steps: an estimate),
+    verify costs measured here or, for an n-gram profile (no draft to time), at compile time."""
+    fig = profile.figures
+    rate, a = fig.get("acceptance_rate"), fig.get("mean_accepted_tokens")
+    if not isinstance(rate, (int, float)) or not isinstance(a, (int, float)) or rate <= 0 or a <= 0:
+        return 2                     # nothing measured: propose only when decoding alone
+    d = a / rate
+
+    def verify(n: float) -> float:
+        return costs.verify(n) if costs is not None else profile.verify_cost(max(1, round(n)))
+    for n in range(1, max_batch + 1):
+        if n * (a + 1) / verify(n * (d + 1)) <= n / verify(n):
+            return n
+    return max_batch + 1
+
+
 def _present(engine: Engine, seq: _Seq, loop: Iterator[list[int]]) -> Iterator[StreamChunk]:
     """Engine.present over the scheduler's tokens for one request."""
+    speculates = seq.drafter is not None or seq.ngram is not None
     try:
-        yield from engine.present(loop, seq.request, seq.stats, seq.name if seq.drafter is not None else None,
+        yield from engine.present(loop, seq.request, seq.stats, seq.name if speculates else None,
                                   len(seq.request.ids), seq.request.score)
     finally:
         loop.close()
