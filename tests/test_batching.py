@@ -169,17 +169,30 @@ def test_seeded_sampling_equals_solo(tiny_engine, batched):
     assert out == solo
 
 
-def test_speculation_turns_off_as_the_batch_grows(tiny_engine):
-    """Without an override, each profile drafts below the batch size where its predicted
-    tokens/s falls under batched plain decoding (at least alone when it drafts alone)."""
-    from conflayers.runtime.batching import BatchedEngine
+def test_speculation_follows_the_costs_measured_at_start(tiny_engine):
+    """Without an override, the engine measures its packed passes when it starts (every size up
+    to max_batch, both widths, each profile's draft) and each profile's draft length per batch
+    size is the prediction from them (alone: the engine's policy): the limit is the first size
+    where it is None."""
+    from conflayers.runtime import batchcost
+    from conflayers.runtime.batching import BatchedEngine, _model_rows
     be = BatchedEngine(tiny_engine, max_batch=4)
     try:
+        c = be.costs
+        assert c.sizes == (1, 2, 4) and len(c.full) == 3 and set(c.draft) == set(tiny_engine.profiles)
+        assert all(ms > 0 for f in c.full for ms in f) and all(ms > 0 for d in c.draft.values() for ms in d)
         for name in tiny_engine.profiles:
-            if tiny_engine.adapt_policy(name) is None:
+            policy = tiny_engine.adapt_policy(name)
+            if policy is None:
                 continue
+            rows = _model_rows(tiny_engine.bundle.profiles[name], policy)
+            lengths = [be.draft_length(name, n) for n in range(1, 5)]
+            assert lengths[0] == policy.max_tokens          # alone: the engine's own policy
+            if rows:
+                assert lengths[1:] == [batchcost.model_draft_length(rows, c, name, n) for n in range(2, 5)]
             limit = be.spec_batch_limit(name)
-            assert 0 <= limit <= be.max_batch + 1
+            assert 1 <= limit <= be.max_batch + 1 and all(lengths[: limit - 1])
+            assert limit == be.max_batch + 1 or lengths[limit - 1] is None
         r = be.generate("def add(a, b):", task="int8skip", max_new_tokens=8)
         assert r.token_ids == tiny_engine.generate("def add(a, b):", task="int8skip", max_new_tokens=8).token_ids
     finally:
@@ -215,3 +228,35 @@ def test_server_with_batched_engine(tiny_engine, batched):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def _costs(full, draft):
+    from conflayers.runtime.batchcost import BatchCosts
+    return BatchCosts((1, 2, 4, 8), 9, tuple(full), {"p": tuple(draft)})
+
+
+def test_batch_costs_interpolate_and_extrapolate():
+    c = _costs([(10, 18), (12, 28), (16, 48), (24, 88)], [2, 3, 4, 6])
+    assert c.full_ms(1, 1) == 10 and c.full_ms(8, 9) == 88
+    assert c.full_ms(3, 1) == 14 and c.full_ms(1, 5) == 14        # linear in n, in rows
+    assert c.full_ms(1, 17) == 26                                  # past the measured width
+    assert c.draft_ms("p", 6) == 5
+
+
+@pytest.mark.parametrize("n,want", [(1, 6), (2, 4), (4, 2), (8, None)])
+def test_draft_length_known_answers(n, want):
+    """n * (a + 1) / (draft passes + full(n, d + 1)) against n / full(n, 1), for each row; from 2
+    sequences on a draft needs a predicted gain of batchcost.MARGIN (n=4: k=2 at 1.12x)."""
+    from conflayers.runtime.batchcost import model_draft_length
+    # passes cheap in width alone, expensive in rows once batched (a CPU's shape)
+    c = _costs([(10, 12), (11, 20), (12, 60), (16, 150)], [1, 1.2, 1.5, 2])
+    rows = [(2, 1.8, 1.4), (4, 3.0, 2.0), (6, 3.8, 2.3)]
+    assert model_draft_length(rows, c, "p", n) == want
+
+
+@pytest.mark.parametrize("n,want", [(1, True), (2, True), (4, False), (8, False)])
+def test_ngram_proposals_known_answers(n, want):
+    """No draft pass: rows alone. n=4 predicts 1.09x, under the margin."""
+    from conflayers.runtime.batchcost import proposals_pay
+    c = _costs([(10, 12), (11, 20), (12, 60), (16, 150)], [1, 1, 1, 1])
+    assert proposals_pay(2.4, 1.4, c, n) is want

@@ -380,20 +380,3 @@ def test_batched_ngram_and_hybrid_equal_solo_and_draft(engine, spec_max_batch):
         greedy = [(o.metrics, s.metrics) for a, o, s in zip(args, out, solo) if a["task"] == task and "seed" not in a]
         assert [(b.drafted_tokens, b.accepted_tokens, b.draft_steps) for b, _ in greedy] == \
             [(m.drafted_tokens, m.accepted_tokens, m.draft_steps) for _, m in greedy]
-
-
-@pytest.mark.parametrize("rate,accepted,verify,want", [
-    (1.0, 3.0, [1.0] * 16, 9),               # free verify rows, 4 tokens per step: pays at every size
-    (0.05, 0.05, [1.0 + n for n in range(16)], 1),     # rows cost a full pass each: never pays
-    (0.5, 1.0, [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 4.0, 7.0, 10.0, 13.0, 16.0, 19.0, 22.0, 25.0, 28.0, 31.0], 3),
-])
-def test_ngram_batch_limit_known_answers(engine, rate, accepted, verify, want):
-    """n-gram proposals stop at the smallest batch where n*(a+1)/verify(n*(d+1)) <= n/verify(n),
-    d = a / rate, with the profile's figures and compile-time verify costs (no draft pass)."""
-    from conflayers.runtime.batching import _ngram_limit
-    raw = copy.deepcopy(engine.bundle.profiles["ng"].raw)
-    raw["figures"] = {"acceptance_rate": rate, "mean_accepted_tokens": accepted}
-    raw["cost_model"] = {"verify_relative": verify}
-    assert _ngram_limit(Profile.from_json(raw), None, 8) == want
-    raw.pop("figures")
-    assert _ngram_limit(Profile.from_json(raw), None, 8) == 2     # nothing measured: alone only

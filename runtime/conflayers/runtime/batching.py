@@ -26,12 +26,12 @@ cancelled around it. A seeded sampled request always drafts as it would alone (t
 below and the guard do not apply to it), so it reproduces its solo sample too.
 
 Speculation and batch size. Batching and speculation both spend spare compute; on a CPU the
-batch soon uses it all. A profile drafts only while fewer than `spec_batch_limit(profile, kind)`
-sequences decode: the smallest batch at which the profile's predicted tokens/s (its policy with
-the costs measured on this machine, policy.py) falls below batched plain decoding, with a batched
-pass over n rows costed as a full pass over n tokens. Above it every greedy request steps plainly.
-Model drafts and n-gram proposals have a limit each: a proposal costs no draft pass, only the
-verify rows it adds.
+batch soon uses it all. Each step, with n sequences in the batch (decoding or still prefilling),
+a greedy request drafts with its profile's model draft only as far as `draft_length(profile, n)`
+says (the draft length whose predicted tokens/s beats batched plain decoding most, or none), and
+takes n-gram proposals only where `ngram_proposes(profile, n)`: predictions from what the batched
+passes cost on this machine, measured through the packed graphs when the engine starts
+(batchcost.py). A seeded sampled request always drafts as alone.
 
 Drafters: a model profile drafts in the batch; a cascade drafts with its top stage alone (the
 stages' check passes are not batched yet); an n-gram profile proposes from its own index per
@@ -60,7 +60,7 @@ from .engine import Engine, Request, StreamChunk, stream_or_result
 from .modelspec import ModelSpec
 from .ngram import BoundNGramDrafter, HybridDrafter, NGramDrafter, one_hot
 from .ort_backend import GraphRunner, create_session
-from .policy import MachineCosts
+from . import batchcost
 
 class BatchingError(RuntimeError):
     """The bundle, device or environment cannot be served by the batched engine."""
@@ -355,7 +355,7 @@ class BatchedEngine:
             raise ValueError("max_batch and prefill_chunk must be >= 1")
         self.engine = engine
         self.max_batch, self.prefill_chunk = int(max_batch), int(prefill_chunk)
-        self.spec_max_batch = spec_max_batch     # None: from each profile's costs (spec_batch_limit)
+        self.spec_max_batch = spec_max_batch     # None: from costs measured here (draft_length)
         spec, bundle = engine.spec, engine.bundle
         self.cache = BatchedKVCache(spec, self.max_batch, engine.capacity)
         threads = getattr(engine, "num_threads", None)
@@ -372,13 +372,16 @@ class BatchedEngine:
                 self.bodies[graphs.body] = PackedGraph(graphs.body, graphs.kv_layers, "hidden", self.cache,
                                                        engine.providers, threads, solo=drafter.body)
             self._body_of[name] = self.bodies[graphs.body]
-        self._limits: dict[tuple[str, str], int] = {}
+        self._decisions: dict[tuple, int | bool | None] = {}
         self._pending: list[_Seq] = []
         self._slots: list[_Seq | None] = [None] * self.max_batch
         self._order: list[_Seq] = []                      # admitted, oldest first
         self._cond = threading.Condition()
         self._closed = False
         self.steps = 0
+        self.costs: batchcost.BatchCosts | None = None     # measured here, before any request
+        if self.spec_max_batch is None and engine.drafters:
+            self.costs = self._measure_costs()
         self._thread = threading.Thread(target=self._run, name="conflayers-batch", daemon=True)
         self._thread.start()
 
@@ -407,21 +410,61 @@ class BatchedEngine:
         self._thread.join(timeout=10)
 
     # -- speculation vs batch size ---------------------------------------------------------------
-    def spec_batch_limit(self, name: str, kind: str = "model") -> int:
-        """Profile `name` drafts with its model draft (kind "model") or proposes n-grams (kind
-        "ngram") only while fewer sequences than this decode (see the module docstring);
-        max_batch + 1 when it pays at every batch size."""
+    def _measure_costs(self) -> batchcost.BatchCosts:
+        """BatchCosts at the widest step any profile may take (batchcost.measure)."""
+        widths = [2]
+        for name, drafter in self.engine.drafters.items():
+            profile, model, ngram = self.engine.bundle.profiles[name], batched_draft(drafter), ngram_part(drafter)
+            if model is not None and model.policy is not None:
+                widths.append(model.policy.max_tokens + 1)
+            widths += [r.k + 1 for r in profile.policy_table or []]
+            if ngram is not None:
+                widths.append(ngram.policy.max_tokens + 1)
+        width = min(max(widths), 16)
+        drafts = {name: (body, batched_draft(self.engine.drafters[name]).head) for name, body in self._body_of.items()}
+        context = max(1, min(128, self.engine.capacity - width - 2))
+        return batchcost.measure(self.full, drafts, self.max_batch, width, context)
+
+    def draft_length(self, name: str, batch: int) -> int | None:
+        """How many tokens profile `name`'s model draft drafts at most when `batch` sequences
+        decode (None: none; see the module docstring)."""
+        model = batched_draft(self.engine.drafters[name])
+        policy = model.policy if model is not None else None
+        if policy is None:
+            return None
         if self.spec_max_batch is not None:
-            return self.spec_max_batch
-        key = (name, kind)
-        if key not in self._limits:
-            profile, costs = self.engine.bundle.profiles[name], self.engine.machine_costs.get(name)
-            if kind == "ngram":
-                self._limits[key] = _ngram_limit(profile, costs, self.max_batch)
+            return policy.max_tokens if batch < self.spec_max_batch else None
+        if batch <= 1:
+            return policy.max_tokens          # alone: the engine's own choice for this machine
+        key = (name, "model", batch)
+        if key not in self._decisions:
+            rows = _model_rows(self.engine.bundle.profiles[name], policy)
+            if rows and self.costs is not None:
+                self._decisions[key] = batchcost.model_draft_length(rows, self.costs, name, batch)
+            else:            # nothing to predict from: draft only when decoding alone
+                self._decisions[key] = policy.max_tokens if batch < 2 else None
+        return self._decisions[key]
+
+    def ngram_proposes(self, name: str, batch: int) -> bool:
+        """Whether profile `name`'s n-gram proposals are taken when `batch` sequences decode."""
+        if self.spec_max_batch is not None:
+            return batch < self.spec_max_batch
+        key = (name, "ngram", batch)
+        if key not in self._decisions:
+            rate = _figures_rate(self.engine.bundle.profiles[name])
+            if rate is not None and self.costs is not None:
+                self._decisions[key] = batchcost.proposals_pay(*rate, self.costs, batch)
             else:
-                model = batched_draft(self.engine.drafters[name])
-                self._limits[key] = _limit(profile, model.policy if model else None, costs, self.max_batch)
-        return self._limits[key]
+                self._decisions[key] = batch < 2
+        return self._decisions[key]
+
+    def spec_batch_limit(self, name: str, kind: str = "model") -> int:
+        """The smallest batch at which profile `name` stops drafting with its model draft (kind
+        "model") or taking n-gram proposals (kind "ngram"); max_batch + 1 when it never does."""
+        for n in range(1, self.max_batch + 1):
+            if not (self.draft_length(name, n) if kind == "model" else self.ngram_proposes(name, n)):
+                return n
+        return self.max_batch + 1
 
     # -- requests ---------------------------------------------------------------------------------
     def generate(self, prompt: str | None = None, *, stream: bool = False, **kwargs):
@@ -508,9 +551,10 @@ class BatchedEngine:
         order = [s for s in self._order if not s.cancelled]
         decoding = [s for s in order if s.token is not None]
         prefill = next((s for s in order if s.token is None), None)
-        # who drafts this step, and how far
+        # who drafts this step, and how far: the batch counts the sequences still prefilling too
+        # (they join the decoding ones within a few steps, and long draft steps hold them back)
         for s in decoding:
-            self._plan(s, len(decoding))
+            self._plan(s, len(order))
         self._draft([s for s in decoding if s.drafting])
         # one full pass: the newcomer's prompt chunk, every decoding sequence's token (+ drafts)
         segments = [([], 0)] * self.max_batch
@@ -596,19 +640,20 @@ class BatchedEngine:
         if limit <= 0:
             return
 
-        def allowed(kind):
-            return s.always_draft or batch < self.spec_batch_limit(s.name, kind)
         greedy = s.request.sampler.greedy
-        if s.ngram is not None and allowed("ngram"):
+        if s.ngram is not None and (s.always_draft or self.ngram_proposes(s.name, batch)):
             tokens, n = s.ngram.match(limit)
             if s.drafter is None or (tokens and n >= s.ngram.policy.min_match):
                 s.speculating, s.drafted = True, list(tokens)      # (empty: a verify of one token)
                 s.draft_q = None if greedy else one_hot(s.drafted, self.engine.spec.vocab_size)
                 return
-        if s.drafter is not None and allowed("model"):
+        if s.drafter is None:
+            return
+        k = s.drafter.policy.max_tokens if s.always_draft else self.draft_length(s.name, batch)
+        if k:
             s.drafting = s.speculating = True
             s.draft_q = None if greedy else []
-            s.limit = min(s.drafter.policy.max_tokens, limit)
+            s.limit = min(k, limit)
 
     def _draft(self, drafting: list[_Seq]):
         """Batched draft steps: per draft position, one pass per draft body over the sequences of
@@ -676,42 +721,26 @@ def _draft_one(s: _Seq, z: np.ndarray):
         s.drafting = False
 
 
-def _limit(profile, policy, costs: MachineCosts | None, max_batch: int) -> int:
-    """The smallest batch at which this profile's drafting is predicted slower than batched plain
-    decoding (a pass over n rows costed as a full pass over n tokens, a draft step scaled alike)."""
-    if policy is None:
-        return 0
-    if costs is None or not profile.policy_table:
-        return 2                     # no costs measured here: draft only when decoding alone
-    row = next((r for r in profile.policy_table
-                if r.k == policy.max_tokens and r.confidence_stop == policy.confidence_stop), None)
-    if row is None:
-        return 2
-    d, a = row.drafted_per_step, row.accepted_per_step
-    for n in range(1, max_batch + 1):
-        plain = n / costs.verify(n)
-        spec = n * (a + 1) / (d * costs.draft_ms * costs.verify(n) / costs.verify(1) + costs.verify(n * (d + 1)))
-        if spec <= plain:
-            return n
-    return max_batch + 1
+def _model_rows(profile, policy) -> list[tuple]:
+    """(k, drafted per step, accepted per step) for the draft lengths up to the policy's, at its
+    confidence stop: from the profile's policy table, else its validation figures (one row)."""
+    rows = [(r.k, r.drafted_per_step, r.accepted_per_step) for r in profile.policy_table or []
+            if r.confidence_stop == policy.confidence_stop and r.k <= policy.max_tokens]
+    if not rows:
+        rate = _figures_rate(profile)
+        rows = [(policy.max_tokens, *rate)] if rate is not None else []
+    return rows
 
 
-def _ngram_limit(profile, costs: MachineCosts | None, max_batch: int) -> int:
-    """_limit for n-gram proposals: no draft pass, d drafted and a kept per step as the profile's
-    validation measured them (a hybrid's figures mix its n-gram and model steps: an estimate),
-    verify costs measured here or, for an n-gram profile (no draft to time), at compile time."""
+def _figures_rate(profile) -> tuple[float, float] | None:
+    """(drafted, accepted) per step as the profile's validation measured them (a hybrid's mix
+    its n-gram and model steps), or None when it has no such figures."""
     fig = profile.figures
     rate, a = fig.get("acceptance_rate"), fig.get("mean_accepted_tokens")
-    if not isinstance(rate, (int, float)) or not isinstance(a, (int, float)) or rate <= 0 or a <= 0:
-        return 2                     # nothing measured: propose only when decoding alone
-    d = a / rate
-
-    def verify(n: float) -> float:
-        return costs.verify(n) if costs is not None else profile.verify_cost(max(1, round(n)))
-    for n in range(1, max_batch + 1):
-        if n * (a + 1) / verify(n * (d + 1)) <= n / verify(n):
-            return n
-    return max_batch + 1
+    if isinstance(rate, bool) or isinstance(a, bool) or not isinstance(rate, (int, float)) \
+            or not isinstance(a, (int, float)) or rate <= 0 or a <= 0:
+        return None
+    return a / rate, float(a)
 
 
 def _present(engine: Engine, seq: _Seq, loop: Iterator[list[int]]) -> Iterator[StreamChunk]:
