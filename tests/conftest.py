@@ -56,3 +56,19 @@ def smollm2_bundle(tmp_path_factory):
                                 + SMOLLM2_SMALL_BUDGET, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return out
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray instance of 2 CPUs for one test module (Serve, if the module started it, and
+    Ray shut down after it)."""
+    import time
+
+    ray = pytest.importorskip("ray")
+    t0 = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    print(f"\nRay start-up: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    yield ray
+    if "ray.serve" in sys.modules:
+        sys.modules["ray.serve"].shutdown()
+    ray.shutdown()

@@ -28,18 +28,6 @@ HANG_GUARD_S = 120
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-    from ray import serve
-    t0 = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    print(f"\nRay start-up: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    yield ray
-    serve.shutdown()
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def slow_bundle(tmp_path_factory, tiny_tokenizer_dir):
     """A small random Llama, slow enough (~3 ms a token) that a long request is still generating
     when a replica is killed; the end-of-text token is never greedy (its output row is zero while

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import time
 
 import pytest
 from click.testing import CliRunner
@@ -19,16 +17,6 @@ from test_compile import TINY_ARGS, strip_timings, tiny_model_dir  # noqa: E402,
 from conflayers.compiler.cli import main as compile_main  # noqa: E402
 from conflayers.compiler.sweep_cli import main as sweep_main  # noqa: E402
 from conflayers.runtime import Bundle  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-    t0 = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    print(f"\nRay start-up: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

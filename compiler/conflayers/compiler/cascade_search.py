@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .evaluate import replay
+from . import ngram_search
 from .ngram_search import _model_step, model_block_positions
 
 MARGIN = 1.03                 # a cascade must beat the top stage alone by 3%
@@ -101,18 +102,12 @@ def stopped_run(low: Draft, r: int, x: int, stop):
 
 
 @dataclass
-class Walk:
-    steps: int = 0
-    drafted: float = 0.0
-    accepted: float = 0.0
-    tokens: float = 0.0
-    ms: float = 0.0
+class Walk(ngram_search.Walk):
+    """A cascade policy's replay: ngram_search.Walk's tallies, plus the lower stage's rounds,
+    drafted and accepted tokens."""
     rounds: float = 0.0
     lower_drafted: float = 0.0
     lower_accepted: float = 0.0
-
-    def speedup(self, step_ms: float) -> float:
-        return self.tokens * step_ms / self.ms if self.ms else 0.0
 
 
 def top_steps(refs, top: Draft, k: int, stop, max_new_tokens: int) -> list[tuple]:
