@@ -193,6 +193,8 @@ def test_speculation_follows_the_costs_measured_at_start(tiny_engine):
             limit = be.spec_batch_limit(name)
             assert 1 <= limit <= be.max_batch + 1 and all(lengths[: limit - 1])
             assert limit == be.max_batch + 1 or lengths[limit - 1] is None
+            assert be.speculation_plan()[name] == \
+                "model draft k " + ",".join(str(k) if k else "-" for k in lengths) + " (batch 1..4)"
         r = be.generate("def add(a, b):", task="int8skip", max_new_tokens=8)
         assert r.token_ids == tiny_engine.generate("def add(a, b):", task="int8skip", max_new_tokens=8).token_ids
     finally:

@@ -458,6 +458,24 @@ class BatchedEngine:
                 self._decisions[key] = batch < 2
         return self._decisions[key]
 
+    def speculation_plan(self) -> dict[str, str]:
+        """Per drafting profile, what a greedy request drafts at each batch size, in words (the
+        server prints it at start-up)."""
+        out = {}
+        for name, drafter in sorted(self.engine.drafters.items()):
+            if self.engine.adapt_policy(name) is None:
+                out[name] = "plain decoding (no drafting pays on this machine)"
+                continue
+            parts = []
+            if batched_draft(drafter) is not None:
+                ks = [self.draft_length(name, n) for n in range(1, self.max_batch + 1)]
+                parts.append("model draft k " + ",".join(str(k) if k else "-" for k in ks))
+            if ngram_part(drafter) is not None:
+                on = [self.ngram_proposes(name, n) for n in range(1, self.max_batch + 1)]
+                parts.append("n-gram " + ",".join("y" if x else "-" for x in on))
+            out[name] = "; ".join(parts) + f" (batch 1..{self.max_batch})"
+        return out
+
     def spec_batch_limit(self, name: str, kind: str = "model") -> int:
         """The smallest batch at which profile `name` stops drafting with its model draft (kind
         "model") or taking n-gram proposals (kind "ngram"); max_batch + 1 when it never does."""

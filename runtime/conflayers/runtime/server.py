@@ -992,6 +992,8 @@ def main(bundle, host, port, max_context, device, max_concurrency, max_batch, ma
                 engine = BatchedEngine(engine, max_batch=max_batch)
             except BatchingError as e:
                 raise CliError(f"--max-batch: {e}") from None
+            for name, plan in engine.speculation_plan().items():
+                click.echo(f"conflayers-serve: batched speculation, {name}: {plan}", err=True)
             concurrency = max(max_concurrency, max_batch)   # every batch slot can be filled
         try:
             return make_server(engine, host, port, concurrency, max_queue=max_queue,
