@@ -262,3 +262,28 @@ def test_ngram_proposals_known_answers(n, want):
     from conflayers.runtime.batchcost import proposals_pay
     c = _costs([(10, 12), (11, 20), (12, 60), (16, 150)], [1, 1, 1, 1])
     assert proposals_pay(2.4, 1.4, c, n) is want
+
+
+def test_serve_cli_prints_the_batched_speculation_plan(tiny_bundle):
+    """conflayers-serve --max-batch --prefill-chunk starts the batched engine and says at start-up
+    what each profile drafts at each batch size; a chunk of 0 is refused before anything loads."""
+    import subprocess
+    import sys
+    base = [sys.executable, "-m", "conflayers.runtime.server", tiny_bundle, "--host", "127.0.0.1", "--port", "0",
+            "--max-batch", "2"]
+    bad = subprocess.run(base + ["--prefill-chunk", "0"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--prefill-chunk" in bad.stderr
+    proc = subprocess.Popen(base + ["--prefill-chunk", "8"], stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if " on http://" in line or len(lines) > 50:
+                break
+        text = "".join(lines)
+        assert " on http://127.0.0.1:" in text and "batch 2" in text, text
+        for name in ("int8skip", "fp32sub"):
+            assert f"batched speculation, {name}: " in text and "(batch 1..2)" in text, text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

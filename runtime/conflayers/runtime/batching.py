@@ -347,7 +347,7 @@ class BatchedEngine:
     generate() from any number of threads; one scheduler thread runs the passes. Attributes it
     does not define (prepare, profiles, bundle, capacity, device, ...) are the engine's."""
 
-    def __init__(self, engine: Engine, max_batch: int = 8, prefill_chunk: int = 64,
+    def __init__(self, engine: Engine, max_batch: int = 8, prefill_chunk: int = 32,
                  spec_max_batch: int | None = None):
         if engine.device != "cpu":
             raise BatchingError("the batched engine runs on the CPU only (device='cpu')")
@@ -386,7 +386,7 @@ class BatchedEngine:
         self._thread.start()
 
     @classmethod
-    def load(cls, path: str, max_batch: int = 8, prefill_chunk: int = 64, spec_max_batch: int | None = None,
+    def load(cls, path: str, max_batch: int = 8, prefill_chunk: int = 32, spec_max_batch: int | None = None,
              **engine_args) -> "BatchedEngine":
         return cls(Engine.load(path, **engine_args), max_batch, prefill_chunk, spec_max_batch)
 

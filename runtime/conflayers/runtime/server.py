@@ -906,6 +906,9 @@ def _interrupt(signum, frame):
 @click.option("--max-batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="Decode up to N requests together (continuous batching, one pass per step, CPU; "
                    "needs the onnx package). 1: each request decodes alone on its thread.")
+@click.option("--prefill-chunk", type=click.IntRange(min=1), default=32, show_default=True,
+              help="With --max-batch: a newcomer's prompt enters the batch N tokens per step, so the "
+                   "streams already decoding wait at most one such chunk per step.")
 @click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
               help="Requests waiting for a generation slot; beyond that, 503 with Retry-After.")
 @click.option("--max-connections", type=click.IntRange(min=1), default=128, show_default=True,
@@ -942,9 +945,10 @@ def _interrupt(signum, frame):
               help="With --ray: let Ray Serve scale between MIN and MAX replicas by ongoing requests.")
 @click.option("--replica-cpus", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="With --ray: CPUs each replica reserves (and its ONNX Runtime threads, unless --num-threads).")
-def main(bundle, host, port, max_context, device, max_concurrency, max_batch, max_queue, max_connections, request_timeout,
-         max_body_bytes, max_messages, max_stop, max_stop_chars, allow_special_tokens_in_prompt, api_key,
-         allowed_hosts, num_threads, no_verify, ray_address, replicas, autoscale, replica_cpus):
+def main(bundle, host, port, max_context, device, max_concurrency, max_batch, prefill_chunk, max_queue,
+         max_connections, request_timeout, max_body_bytes, max_messages, max_stop, max_stop_chars,
+         allow_special_tokens_in_prompt, api_key, allowed_hosts, num_threads, no_verify, ray_address, replicas,
+         autoscale, replica_cpus):
     """Serve a compiled BUNDLE over an OpenAI-compatible HTTP API.
 
     \b
@@ -989,7 +993,7 @@ def main(bundle, host, port, max_context, device, max_concurrency, max_batch, ma
         if max_batch > 1 and ray_address is None:
             from .batching import BatchedEngine, BatchingError
             try:
-                engine = BatchedEngine(engine, max_batch=max_batch)
+                engine = BatchedEngine(engine, max_batch=max_batch, prefill_chunk=prefill_chunk)
             except BatchingError as e:
                 raise CliError(f"--max-batch: {e}") from None
             for name, plan in engine.speculation_plan().items():
