@@ -64,6 +64,9 @@ def test_conflayers_batched_and_unbatched(tiny_bundle, prompts_file, tmp_path):
     assert set(report["servers"]) == set(report["rss"]) == {"conflayers-batched", "conflayers"}
     assert "--max-batch" in report["servers"]["conflayers-batched"]["command"]
     assert "--max-concurrency" in report["servers"]["conflayers"]["command"]
+    plan = report["servers"]["conflayers-batched"]["speculation_plan"]     # what it printed at start-up
+    assert set(plan) == {"int8skip", "fp32sub"} and all(p.endswith("(batch 1..2)") for p in plan.values())
+    assert "speculation_plan" not in report["servers"]["conflayers"]
     for kind, server in report["servers"].items():
         check_rss(report["rss"][kind], server["pid"], 20, 10)
         assert not os.path.exists(f"/proc/{server['pid']}/status") or \

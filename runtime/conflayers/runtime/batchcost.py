@@ -6,7 +6,8 @@ batching the question is what a pass over n sequences costs, which a CPU answers
 (the matrix products stop being memory-bound as rows grow, and each sequence has its own
 attention node). So the batched engine measures it, once when it starts, through its packed graphs
 themselves: a full pass over n sequences of 1 row and of `width` rows each, and one draft position
-over n sequences (draft body + head), for a few sizes n up to max_batch. Costs in between are
+over n sequences (draft body + head), for a few sizes n up to max_batch (the fastest of 5 runs:
+whatever else runs on the machine only adds time). Costs in between are
 interpolated (linearly in n, and in rows per sequence; past `width` extrapolated linearly).
 
 A step in which n sequences draft at most k tokens, d on average, and keep a of them yields
@@ -87,7 +88,7 @@ def sizes_up_to(max_batch: int) -> tuple:
     return tuple(out + [max_batch])
 
 
-def measure(full, drafts: dict, max_batch: int, width: int, context: int, reps: int = 3) -> BatchCosts:
+def measure(full, drafts: dict, max_batch: int, width: int, context: int, reps: int = 5) -> BatchCosts:
     """BatchCosts through the packed full graph `full` and drafts {profile: (packed body, head
     GraphRunner)} (batching.PackedGraph), at `context` tokens of past in every slot. Writes
     scratch KV at positions context.. of the first slots: call it before any request is admitted."""
@@ -101,7 +102,7 @@ def measure(full, drafts: dict, max_batch: int, width: int, context: int, reps: 
             t = time.perf_counter()
             job()
             samples.append(time.perf_counter() - t)
-        return float(np.median(samples)) * 1000.0
+        return min(samples) * 1000.0                    # the least disturbed run: others only add
 
     def segments(n, rows):
         return [([token] * rows, context)] * n + [([], context)] * (max_batch - n)

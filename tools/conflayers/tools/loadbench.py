@@ -275,6 +275,16 @@ class ServerProcess:
         except OSError:
             return ""
 
+    def speculation_plan(self) -> dict:
+        """What conflayers-serve --max-batch printed at start-up: per profile, what it drafts at
+        each batch size ({} for other servers)."""
+        pattern = re.compile(r"^conflayers-serve: batched speculation, (\S+): (.*)$", re.M)
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return dict(pattern.findall(f.read()))
+        except OSError:
+            return {}
+
     def wait_ready(self, timeout: float) -> str:
         end = time.monotonic() + timeout
         pattern = re.compile(r" on (http://127\.0\.0\.1:\d+)")
@@ -717,6 +727,9 @@ def markdown_table(report: dict) -> str:
                     f"{'-' if rp is None else f'{rp[0]:.1f} (max {rp[1]})'} |")
     for name, why in report.get("skipped", {}).items():
         rows.append(f"| {name} | skipped: {why} | | | | | | |")
+    for kind, server in report.get("servers", {}).items():
+        for name, plan in server.get("speculation_plan", {}).items():
+            rows.append(f"\n{kind} speculation plan, {name}: {plan}")
     return "\n".join(rows)
 
 
@@ -821,12 +834,17 @@ def run_bench(a) -> dict:
                     cmd = genai_command(a.bundle, model_dir, a.max_batch, threads)
                 else:
                     cmd = conflayers_command(a.bundle, kind == "conflayers-batched", a.max_batch, a.max_context)
+                # one at a time: the batched server times its passes at start-up (its speculation
+                # plan), which another server loading beside it would distort
                 _log(f"starting {kind}: {' '.join(cmd[1:])}")
-                servers[kind] = ServerProcess(kind, cmd, log)
-            for kind, srv in servers.items():
+                srv = servers[kind] = ServerProcess(kind, cmd, log)
                 urls[kind] = srv.wait_ready(a.startup_timeout)
                 report["servers"][kind] = {"url": urls[kind], "pid": srv.pid, "command": srv.cmd[1:]}
-                _log(f"{kind} ready on {urls[kind]} (pid {srv.pid}, RSS {read_rss_kb(srv.pid) / 1024:.0f} MB)")
+                plan = srv.speculation_plan()
+                if plan:
+                    report["servers"][kind]["speculation_plan"] = plan
+                _log(f"{kind} ready on {urls[kind]} (pid {srv.pid}, RSS {read_rss_kb(srv.pid) / 1024:.0f} MB)"
+                     + "".join(f"; {name}: {p}" for name, p in plan.items()))
             systems = [s for s in systems if s[1] in urls]
         report["systems"] = [name for name, _, _ in systems]
         for name, kind, extra in systems:            # warm-up: the first request probes the draft policy
