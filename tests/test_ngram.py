@@ -380,3 +380,32 @@ def test_batched_ngram_and_hybrid_equal_solo_and_draft(engine, spec_max_batch):
         greedy = [(o.metrics, s.metrics) for a, o, s in zip(args, out, solo) if a["task"] == task and "seed" not in a]
         assert [(b.drafted_tokens, b.accepted_tokens, b.draft_steps) for b, _ in greedy] == \
             [(m.drafted_tokens, m.accepted_tokens, m.draft_steps) for _, m in greedy]
+
+
+def test_batched_ngram_decisions_follow_the_served_acceptance(engine):
+    """Until OBSERVE_AFTER proposals are verified, n-gram decisions come from the profile's
+    figures (none here: proposals only alone); then from the rate served, revised as it changes;
+    the model draft's plan is untouched. Costs are set by hand so the answers are known."""
+    from conflayers.runtime.batchcost import BatchCosts, proposals_pay
+    from conflayers.runtime.batching import OBSERVE_AFTER, BatchedEngine
+    be = BatchedEngine(engine, max_batch=4)
+    try:
+        be.costs = BatchCosts((1, 2, 4), 9, ((10, 12), (11, 20), (12, 60)), {"hy": (1, 1, 1)})
+        be._decisions.clear()
+        assert be.proposal_rate("ng") is None                       # no figures in this profile
+        assert [be.ngram_proposes("ng", n) for n in (1, 2, 4)] == [True, False, False]
+        model_plan = [be.draft_length("hy", n) for n in (1, 2, 3, 4)]
+        for _ in range(OBSERVE_AFTER - 1):
+            be._observe_proposal("ng", 6, 6)                        # every proposal kept
+        assert be.proposal_rate("ng") is None and be.ngram_proposes("ng", 2) is False    # not yet
+        be._observe_proposal("ng", 6, 6)
+        assert be.proposal_rate("ng") == (6.0, 6.0)
+        assert [be.ngram_proposes("ng", n) for n in (1, 2, 4)] == [True, True, True]
+        for _ in range(3 * OBSERVE_AFTER):
+            be._observe_proposal("ng", 6, 0)                        # then none kept
+        assert be.proposal_rate("ng") == (6.0, 1.5)
+        assert [be.ngram_proposes("ng", n) for n in (1, 2, 4)] == [proposals_pay(6.0, 1.5, be.costs, n)
+                                                                  for n in (1, 2, 4)] == [True, True, False]
+        assert [be.draft_length("hy", n) for n in (1, 2, 3, 4)] == model_plan
+    finally:
+        be.close()

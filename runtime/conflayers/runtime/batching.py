@@ -31,7 +31,7 @@ a greedy request drafts with its profile's model draft only as far as `draft_len
 says (the draft length whose predicted tokens/s beats batched plain decoding most, or none), and
 takes n-gram proposals only where `ngram_proposes(profile, n)`: predictions from what the batched
 passes cost on this machine, measured through the packed graphs when the engine starts
-(batchcost.py). A seeded sampled request always drafts as alone.
+(batchcost.py), and for n-gram proposals from their acceptance as served (proposal_rate). A seeded sampled request always drafts as alone.
 
 Drafters: a model profile drafts in the batch; a cascade drafts with its top stage alone (the
 stages' check passes are not batched yet); an n-gram profile proposes from its own index per
@@ -61,6 +61,9 @@ from .modelspec import ModelSpec
 from .ngram import BoundNGramDrafter, HybridDrafter, NGramDrafter, one_hot
 from .ort_backend import GraphRunner, create_session
 from . import batchcost
+
+OBSERVE_AFTER = 64          # verified n-gram proposals before their served rate replaces the figures
+
 
 class BatchingError(RuntimeError):
     """The bundle, device or environment cannot be served by the batched engine."""
@@ -326,6 +329,7 @@ class _Seq:
     drafted: list = field(default_factory=list)
     draft_q: list | None = None
     speculating: bool = False                # drafts this step
+    proposed: bool = False                   # this step's drafts are an n-gram proposal
     drafting: bool = False                   # still drafting in this step's draft passes
     cancelled: bool = False
     t_start: float = 0.0
@@ -373,6 +377,7 @@ class BatchedEngine:
                                                        engine.providers, threads, solo=drafter.body)
             self._body_of[name] = self.bodies[graphs.body]
         self._decisions: dict[tuple, int | bool | None] = {}
+        self._proposals: dict[str, tuple[int, int, int]] = {}    # profile -> n-gram (steps, drafted, kept)
         self._pending: list[_Seq] = []
         self._slots: list[_Seq | None] = [None] * self.max_batch
         self._order: list[_Seq] = []                      # admitted, oldest first
@@ -451,7 +456,7 @@ class BatchedEngine:
             return batch < self.spec_max_batch
         key = (name, "ngram", batch)
         if key not in self._decisions:
-            rate = _figures_rate(self.engine.bundle.profiles[name])
+            rate = self.proposal_rate(name)
             if rate is not None and self.costs is not None:
                 self._decisions[key] = batchcost.proposals_pay(*rate, self.costs, batch)
             else:
@@ -475,6 +480,25 @@ class BatchedEngine:
                 parts.append("n-gram " + ",".join("y" if x else "-" for x in on))
             out[name] = "; ".join(parts) + f" (batch 1..{self.max_batch})"
         return out
+
+    def proposal_rate(self, name: str) -> tuple[float, float] | None:
+        """(drafted, accepted) per n-gram proposal of profile `name`: as served here once
+        OBSERVE_AFTER proposals were verified, else the profile's validation figures (a hybrid's
+        mix its n-gram and model steps, so they are only a first guess)."""
+        steps, drafted, accepted = self._proposals.get(name, (0, 0, 0))
+        if steps >= OBSERVE_AFTER:
+            return drafted / steps, accepted / steps
+        return _figures_rate(self.engine.bundle.profiles[name])
+
+    def _observe_proposal(self, name: str, drafted: int, accepted: int):
+        """Count a verified n-gram proposal; the decisions follow the served rate, revised at
+        OBSERVE_AFTER proposals and each doubling after."""
+        steps, d, a = self._proposals.get(name, (0, 0, 0))
+        steps += 1
+        self._proposals[name] = (steps, d + drafted, a + accepted)
+        if steps >= OBSERVE_AFTER and steps & (steps - 1) == 0:
+            for key in [k for k in list(self._decisions) if k[0] == name and k[1] == "ngram"]:
+                del self._decisions[key]
 
     def spec_batch_limit(self, name: str, kind: str = "model") -> int:
         """The smallest batch at which profile `name` stops drafting with its model draft (kind
@@ -628,6 +652,8 @@ class BatchedEngine:
             if s.ngram is not None:               # the index follows the text, drafted or not
                 s.ngram.kept(s.drafted)
                 s.ngram.feedback(len(s.drafted), n)
+            if s.proposed:
+                self._observe_proposal(s.name, len(s.drafted), n)
             st.full_passes += 1
             s.length += len(new)
             s.drafted = []
@@ -648,7 +674,7 @@ class BatchedEngine:
         """This step's proposal for a decoding sequence, as its solo drafter would make it
         (BoundHybridDrafter.propose): an n-gram match is taken now; a model draft is marked
         `drafting` for the batched draft passes; otherwise the sequence steps plainly."""
-        s.drafted, s.draft_q, s.drafting, s.speculating = [], None, False, False
+        s.drafted, s.draft_q, s.drafting, s.speculating, s.proposed = [], None, False, False, False
         room = self.engine.full.verify_room(s.length)        # as the solo loop (decoding.generate)
         limit = s.request.max_new_tokens - s.stats.tokens - 1
         if room is not None:
@@ -662,7 +688,8 @@ class BatchedEngine:
         if s.ngram is not None and (s.always_draft or self.ngram_proposes(s.name, batch)):
             tokens, n = s.ngram.match(limit)
             if s.drafter is None or (tokens and n >= s.ngram.policy.min_match):
-                s.speculating, s.drafted = True, list(tokens)      # (empty: a verify of one token)
+                s.speculating = s.proposed = True
+                s.drafted = list(tokens)                          # (empty: a verify of one token)
                 s.draft_q = None if greedy else one_hot(s.drafted, self.engine.spec.vocab_size)
                 return
         if s.drafter is None:
