@@ -384,7 +384,11 @@ class BatchedEngine:
         self._cond = threading.Condition()
         self._closed = False
         self.steps = 0
-        self.costs: batchcost.BatchCosts | None = None     # measured here, before any request
+        # every timing before any request: each profile's policy for this machine (the engine
+        # would time it on first use, beside the scheduler's passes), then the batched passes
+        for name in engine.drafters:
+            engine.adapt_policy(name)
+        self.costs: batchcost.BatchCosts | None = None
         if self.spec_max_batch is None and engine.drafters:
             self.costs = self._measure_costs()
         self._thread = threading.Thread(target=self._run, name="conflayers-batch", daemon=True)
