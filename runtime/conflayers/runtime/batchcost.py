@@ -120,10 +120,15 @@ def measure(full, drafts: dict, max_batch: int, width: int, context: int, reps: 
     return BatchCosts(sizes, width, tuple(full_ms), {k: tuple(v) for k, v in draft_ms.items()})
 
 
+def _rate_to_beat(costs: BatchCosts, n: int) -> float:
+    """Batched plain decoding's tokens per ms for n sequences, raised by MARGIN from 2 on."""
+    return n / costs.full_ms(n, 1) * (1 + (MARGIN if n > 1 else 0))
+
+
 def model_draft_length(rows: list[tuple], costs: BatchCosts, name: str, n: int) -> int | None:
     """Of rows (k, drafted per step, accepted per step), the k with the best predicted tokens/s
     for n sequences drafting with profile `name`'s draft, or None where none beats plain."""
-    best, best_rate = None, n / costs.full_ms(n, 1) * (1 + (MARGIN if n > 1 else 0))
+    best, best_rate = None, _rate_to_beat(costs, n)
     for k, d, a in rows:
         rate = n * (a + 1) / (costs.draft_step_ms(name, n, k, d) + costs.full_ms(n, d + 1))
         if rate > best_rate * (1 + 1e-9):
@@ -134,5 +139,4 @@ def model_draft_length(rows: list[tuple], costs: BatchCosts, name: str, n: int) 
 def proposals_pay(drafted: float, accepted: float, costs: BatchCosts, n: int) -> bool:
     """Whether proposals that cost no draft pass (n-gram lookups), d drafted and a kept per step,
     beat plain decoding for n sequences."""
-    plain = n / costs.full_ms(n, 1) * (1 + (MARGIN if n > 1 else 0))
-    return n * (accepted + 1) / costs.full_ms(n, drafted + 1) > plain
+    return n * (accepted + 1) / costs.full_ms(n, drafted + 1) > _rate_to_beat(costs, n)

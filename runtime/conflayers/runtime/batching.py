@@ -31,7 +31,8 @@ a greedy request drafts with its profile's model draft only as far as `draft_len
 says (the draft length whose predicted tokens/s beats batched plain decoding most, or none), and
 takes n-gram proposals only where `ngram_proposes(profile, n)`: predictions from what the batched
 passes cost on this machine, measured through the packed graphs when the engine starts
-(batchcost.py), and for n-gram proposals from their acceptance as served (proposal_rate). A seeded sampled request always drafts as alone.
+(batchcost.py), and for n-gram proposals from their acceptance as served (proposal_rate). A
+seeded sampled request always drafts as alone.
 
 Drafters: a model profile drafts in the batch; a cascade drafts with its top stage alone (the
 stages' check passes are not batched yet); an n-gram profile proposes from its own index per
@@ -448,10 +449,9 @@ class BatchedEngine:
         key = (name, "model", batch)
         if key not in self._decisions:
             rows = _model_rows(self.engine.bundle.profiles[name], policy)
-            if rows and self.costs is not None:
-                self._decisions[key] = batchcost.model_draft_length(rows, self.costs, name, batch)
-            else:            # nothing to predict from: draft only when decoding alone
-                self._decisions[key] = policy.max_tokens if batch < 2 else None
+            # nothing to predict from: draft only when decoding alone
+            self._decisions[key] = batchcost.model_draft_length(rows, self.costs, name, batch) \
+                if rows and self.costs is not None else None
         return self._decisions[key]
 
     def ngram_proposes(self, name: str, batch: int) -> bool:
