@@ -269,3 +269,67 @@ def test_precisions_without_the_targets_own_still_compile(tiny_model_dir, tiny_p
     with open(os.path.join(out, "profiles", "prompts.json")) as f:
         profile = json.load(f)
     assert profile["draft"].get("precision", "fp32") in ("int8", "fp32")
+
+
+class _RowMixing:
+    """The full graph with each row's logits shifted by a mean over its pass's rows: a target that is
+    not exact on this machine (as the native target was on AVX2-only CPUs before the padding;
+    test_exactness.py runs that real case under an emulated AVX2 CPU, where torch cannot run)."""
+
+    def __init__(self, full):
+        self.full = full
+
+    def __getattr__(self, name):
+        return getattr(self.full, name)
+
+    def __setattr__(self, name, value):
+        if name == "full":
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.full, name, value)
+
+    def bind(self, cache):
+        inner = self.full.bind(cache)
+
+        class Bound:
+            def __init__(self):
+                self.cache, self.graph = cache, inner.graph
+
+            def run(self, tokens, start, logits_from=0):
+                out = inner.run(tokens, start, logits_from)
+                return out + 1e-3 * out.mean(axis=0, keepdims=True)
+        return Bound()
+
+
+def test_an_inexact_target_stops_the_compile_unless_a_fallback_is_asked(tiny_model_dir, tiny_prompts, tmp_path,
+                                                                     monkeypatch):
+    from conflayers.compiler import drafts
+    real = drafts.DraftFactory.full
+    monkeypatch.setattr(drafts.DraftFactory, "full", lambda self: _RowMixing(real(self)))
+    out = str(tmp_path / "b")
+    args = ["--model", tiny_model_dir, "--calib", tiny_prompts, "--out", out, "--target", "int4"] + TINY_ARGS
+    result = CliRunner().invoke(compile_main, args)
+    assert result.exit_code != 0 and not os.path.exists(out)
+    assert "int4 target is not exact on this machine's kernels" in result.output
+    assert "--fallback-target fp32" in result.output and "Nothing was written" in result.output
+    code, output = run(args + ["--fallback-target", "fp32"])
+    assert code == 0, output
+    manifest = Bundle.open(out).manifest
+    assert manifest["model"]["target"] == "fp32"
+    assert manifest["model"]["target_info"]["fallback_from"]["from"] == "int4"
+    with open(os.path.join(out, "profiles", "prompts.json")) as f:
+        assert json.load(f)["search"]["target_fallback"]["from"] == "int4"
+
+
+def test_a_quantized_target_records_the_machine_it_was_checked_on(tiny_model_dir, tiny_prompts, tmp_path):
+    from conflayers.runtime import exactness
+    out = str(tmp_path / "b")
+    code, output = run(["--model", tiny_model_dir, "--calib", tiny_prompts, "--out", out, "--target", "int4"]
+                       + TINY_ARGS)
+    assert code == 0, output
+    bundle = Bundle.open(out)
+    checked = bundle.manifest["graphs"]["full"]["checked_on"]
+    here = exactness.machine()
+    assert checked["kernels"] == here["kernels"] and checked["onnxruntime"] == here["onnxruntime"]
+    engine = Engine.load(out, guard=False)
+    assert engine.exactness.exact and engine.full.padding.name == engine.exactness.padding

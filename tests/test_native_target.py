@@ -193,7 +193,7 @@ def test_sampling_distribution_equals_the_native_target(engine):
 def test_verify_identity_check_passes_an_exact_target_and_refuses_one_that_is_not(engine):
     """The compile-time guard of a quantized target: the tiny native graph computes a verify pass
     bit for bit like single steps; a graph whose rows depend on the pass width is refused."""
-    from conflayers.compiler.target import TargetNotExact, check_verify_identity
+    from conflayers.runtime.exactness import TargetNotExact, scan as check_verify_identity
     check_verify_identity(engine.full, engine.spec, [2, 3, 5], length=40)
 
     class WidthDependent:            # a graph whose result depends on how many rows a pass has
@@ -208,22 +208,28 @@ def test_verify_identity_check_passes_an_exact_target_and_refuses_one_that_is_no
                     out = inner.run(tokens, start, logits_from)
                     return out + (len(tokens) - 1) * 1e-6
             return Bound()
-    with pytest.raises(TargetNotExact, match="2-token verify pass at position 0 computes its tokens differently"):
+    with pytest.raises(TargetNotExact, match="2-token pass at position 0 computes its tokens differently"):
         check_verify_identity(WidthDependent(engine.full), engine.spec, [2], length=20)
 
 
 class _Boundaries:
     """A full graph whose rows come out slightly different when their pass reaches past a length
     B in `bounds` that their own single step does not reach (row p's step reaches p + 2): the shape
-    of ONNX Runtime's GroupQueryAttention on head_dim 256, whose lengths are 64, 192, 320, ..."""
+    of ONNX Runtime's GroupQueryAttention on head_dim 256, whose lengths are 64, 192, 320, ...
+    A pass reaches as the wrapped graph's padding makes it (contract.Padding.reach)."""
 
     def __init__(self, full, bounds, verify_boundaries=None):
         self.full, self.bounds, self.verify_boundaries = full, list(bounds), verify_boundaries
+        self.padding = full.padding
         self.passes = []              # (start, tokens) of every pass
 
     def verify_room(self, start):
         from conflayers.runtime.ort_backend import GraphRunner
         return GraphRunner.verify_room(self, start)
+
+    def pass_room(self, start):
+        from conflayers.runtime.ort_backend import GraphRunner
+        return GraphRunner.pass_room(self, start)
 
     def bind(self, cache):
         inner, graph = self.full.bind(cache), self
@@ -233,11 +239,13 @@ class _Boundaries:
                 self.cache, self.graph = cache, graph
 
             def run(self, tokens, start, logits_from=0):
+                from conflayers.runtime.exactness import padding_of
                 graph.passes.append((start, len(tokens)))
                 out = inner.run(tokens, start, logits_from)
-                reach = start + len(tokens) + 1
+                reach = padding_of(graph).reach(start, len(tokens))
                 rows = start + logits_from + np.arange(out.shape[0])
-                off = np.array([any(p + 2 <= b < reach for b in graph.bounds) for p in rows])
+                step = padding_of(graph).reach(0, 1)       # how far a one-token step at 0 reaches
+                off = np.array([any(p + step <= b < reach for b in graph.bounds) for p in rows])
                 return out + np.where(off, 1e-6, 0.0)[:, None].astype(out.dtype)
         return Bound()
 
@@ -245,7 +253,7 @@ class _Boundaries:
 def test_verify_identity_check_finds_the_boundaries_verify_passes_must_not_cross(engine):
     """Passes that reach past 12, 22, 32, ... from below compute those rows differently: the
     check finds (12, 10); boundaries with no regular spacing are refused."""
-    from conflayers.compiler.target import TargetNotExact, check_verify_identity
+    from conflayers.runtime.exactness import TargetNotExact, scan as check_verify_identity
     assert check_verify_identity(engine.full, engine.spec, [2, 3, 5], length=40) is None
     every10 = _Boundaries(engine.full, range(12, 200, 10))
     assert check_verify_identity(every10, engine.spec, [3, 5], length=60) == (12, 10)
@@ -254,14 +262,20 @@ def test_verify_identity_check_finds_the_boundaries_verify_passes_must_not_cross
 
 
 def test_verify_room_stops_a_pass_at_the_next_boundary():
+    from conflayers.runtime import contract
     from conflayers.runtime.ort_backend import GraphRunner
 
     class G:
-        verify_boundaries = (64, 128)
-    room = lambda start: GraphRunner.verify_room(G, start)   # noqa: E731
-    assert [room(s) for s in (0, 55, 62, 63, 64, 190, 191, 300)] == [62, 7, 0, 127, 126, 0, 127, 18]
-    G.verify_boundaries = None
-    assert room(62) is None
+        verify_boundaries, padding = (64, 128), contract.SINGLE_ROW_OK
+        verify_room, pass_room = GraphRunner.verify_room, GraphRunner.pass_room
+    g = G()
+    assert [g.verify_room(s) for s in (0, 55, 62, 63, 64, 190, 191, 300)] == [62, 7, 0, 127, 126, 0, 127, 18]
+    # every pass one row longer (its step too): a boundary is one token nearer; and a pass of 128 rows
+    # would run 129 + 1, so the longest verify stops at 127 rows
+    g.padding = contract.PAD_EVERY
+    assert [g.verify_room(s) for s in (0, 55, 61, 62, 63, 189, 190)] == [61, 6, 0, 126, 126, 0, 126]
+    g.verify_boundaries = None
+    assert g.verify_room(62) is None and g.pass_room(62) is None
 
 
 def test_drafts_never_cross_a_verify_boundary_and_output_stays_plain(engine):
@@ -280,7 +294,8 @@ def test_drafts_never_cross_a_verify_boundary_and_output_stays_plain(engine):
         st = DecodeStats()
         out = [t for it in generate(full.bind(cache), prompt, 60, Sampler(),
                                     drafter=engine.drafters[name].bind(cache, prompt), stats=st) for t in it]
-        crossing = [(s, n) for s, n in full.passes[1:] if any(s + 2 <= b < s + n + 1 for b in bounds)]
+        pad = full.padding
+        crossing = [(s, n) for s, n in full.passes if any(pad.reach(s, 1) <= b < pad.reach(s, n) for b in bounds)]
         if recorded:
             assert out == plain
             assert st.draft_steps > 0 and not crossing

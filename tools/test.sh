@@ -4,4 +4,16 @@
 # Extra arguments go to pytest, e.g.  bash tools/test.sh -m "not real_model"
 set -euo pipefail
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/setup.sh"
+# tests/test_exactness.py runs the runtime on an emulated AVX2-only CPU (QEMU user mode, Debian's
+# qemu-user), to check the other kernel path than an AVX-512 machine's; installed here where we can.
+if [ "$(uname -m)" = x86_64 ] && ! command -v qemu-x86_64 >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "== installing qemu-user (the AVX2 kernel path test)"
+    apt-get install -y -qq qemu-user >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq qemu-user >/dev/null 2>&1; } \
+      || echo "   could not install qemu-user: test_avx2_kernel_path... will be skipped"
+  else
+    echo "== qemu-user is not installed (apt-get install qemu-user): test_avx2_kernel_path... will be skipped"
+  fi
+fi
 exec python -m pytest -q "$@"

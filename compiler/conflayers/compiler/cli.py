@@ -36,6 +36,11 @@ def _csv(kind):
                    "BF16, F32); for a safetensors checkpoint native means fp32 (also on CUDA for now). "
                    "fp32: the weights dequantized. int8/int4: round-to-nearest symmetric blocks of 32 "
                    "(fp32 scale per block), for full-precision checkpoints.")
+@click.option("--fallback-target", default=None, type=click.Choice(["fp32", "int8", "int4"]),
+              help="Where the target is not exact on this machine's kernels (its verify passes would compute "
+                   "other tokens than one-token steps), compile for this precision instead; the summary, "
+                   "the manifest (model.target_info.fallback_from) and the profile say so [default: stop "
+                   "with the reason].")
 @click.option("--task", default=None, help="Profile name [default: derived from --calib, e.g. gsm8k].")
 @click.option("--out", default=None, help="Bundle directory [default: bundles/<model>]. An existing bundle "
               "of the same model gains (or replaces) this task's profile.")
@@ -94,7 +99,7 @@ def _csv(kind):
               help="Seconds the search may take (phase 1 + 2) before it stops with the best so far.")
 @click.option("--phase1-share", default=D.phase1_share, show_default=True, type=float,
               help="Most of the time budget ConfLayers iterations (phase 1) may use.")
-def main(model, calib, target, task, out, profiles, num_prompts, validation_prompts, max_new_tokens, seed, device,
+def main(model, calib, target, fallback_target, task, out, profiles, num_prompts, validation_prompts, max_new_tokens, seed, device,
          dtype, max_context, chat, cost_model, force, quiet, context_window, target_skip_ratio, max_iterations,
          acceptance_target, mean_accepted_target, draft_stop_threshold, lambda_step, base_window,
          allow_skip_first, allow_skip_last, max_draft_tokens, precisions, vocab_sizes, sublayers,
@@ -125,7 +130,7 @@ def main(model, calib, target, task, out, profiles, num_prompts, validation_prom
                           validation_prompts=validation_prompts, max_new_tokens=max_new_tokens, seed=seed,
                           device=device, dtype=dtype, max_context=max_context, chat=chat, force=force,
                           profiles=list(profiles), cost_model=cost_model, settings=settings, quiet=quiet,
-                          target=target or "native", target_explicit=target is not None,
+                          target=target or "native", fallback_target=fallback_target,
                           target_from_profiles=bool(profiles) and target is None)
     try:
         settings.validate()

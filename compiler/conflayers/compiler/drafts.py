@@ -12,6 +12,7 @@ from collections import OrderedDict
 import numpy as np
 import onnx
 
+from conflayers.runtime import contract
 from conflayers.runtime.draftplan import DraftPlan, head_key
 from conflayers.runtime.ort_backend import GraphRunner, create_session
 
@@ -21,7 +22,7 @@ from .export.decoder_graph import WeightStores, build
 class DraftFactory:
     def __init__(self, workdir: str, spec, weights: dict, max_context: int, providers: list[str],
                  keep_sessions: int = 3, target: str = "fp32", native: dict | None = None,
-                 verify_boundaries: tuple | None = None):
+                 verify_boundaries: tuple | None = None, padding=None):
         self.dir = workdir
         self.spec = spec
         self.max_context = max_context
@@ -31,7 +32,9 @@ class DraftFactory:
         self._bodies: OrderedDict[str, GraphRunner] = OrderedDict()
         self._heads: dict[str, GraphRunner] = {}
         self.keep = keep_sessions
-        self.verify_boundaries = verify_boundaries      # the target's (target.check_verify_identity)
+        self.verify_boundaries = verify_boundaries      # the target's (runtime/exactness.py)
+        # the full graph's padding on this machine (exactness.choose); by default exact everywhere
+        self.padding = padding or (contract.PAD_EVERY if verify_boundaries else contract.PAD_SINGLE)
 
     def _open(self, model: onnx.ModelProto, name: str) -> str:
         path = os.path.join(self.dir, name)
@@ -44,7 +47,7 @@ class DraftFactory:
         if self._full is None:
             path = self._open(build(self.spec, self.stores, None, "full", max_context=self.max_context), "full.onnx")
             self._full = GraphRunner(create_session(path, self.providers), list(range(self.spec.num_layers)), "logits",
-                                     verify_boundaries=self.verify_boundaries)
+                                     verify_boundaries=self.verify_boundaries, padding=self.padding)
         return self._full
 
     def body(self, plan: DraftPlan) -> GraphRunner:

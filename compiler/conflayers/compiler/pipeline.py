@@ -42,7 +42,7 @@ class CompileOptions:
     settings: SearchSettings = field(default_factory=SearchSettings)
     quiet: bool = False
     target: str = "native"                            # see target.py
-    target_explicit: bool = False                     # --target given (no fallback when not exact)
+    fallback_target: str | None = None                # --fallback-target: where the target is not exact here
     target_from_profiles: bool = False                # export only: take the target from the profiles
 
 
@@ -102,7 +102,7 @@ class ModelSetup:
         from .export.bundle_writer import BundleWriter
         return BundleWriter(out, self.spec, self.weights, self.model_info, self.max_context, force,
                             target=self.target.precision, native=self.target.native,
-                            verify_boundaries=self.target.verify_boundaries)
+                            verify_boundaries=self.target.verify_boundaries, checked_on=self.target.checked_on)
 
     def write_tokenizer(self, bw, workdir: str):
         tok_dir = os.path.join(workdir, "tokenizer")
@@ -142,32 +142,61 @@ def _with_target(m: ModelSetup, target) -> ModelSetup:
 
 
 def ensure_exact_target(m: ModelSetup, opts: CompileOptions, providers, log) -> ModelSetup:
-    """A quantized target must compute a verify pass bit for bit like single steps (see
-    target.check_verify_identity). When it does not and the target was only the default, the
-    compile falls back to fp32 and says so; an explicit --target fails with the reason."""
+    """A quantized target must compute every pass shape bit for bit like one-token steps on this
+    machine's kernels (runtime/exactness.py). When it does not, the compile stops with the reason,
+    unless --fallback-target names another target: then that one is built, and the summary, the
+    manifest and the profile say so."""
+    from conflayers.runtime.exactness import BOUNDARY_CHECK_LENGTH, TargetNotExact, choose, machine, scan
     from .drafts import DraftFactory
-    from .target import Target, TargetNotExact, check_verify_identity
     if m.target.precision == "fp32":
         return m
+    here = machine()
     log.phase("target check", f"check that the {m.target.precision} target is exact (verify vs single steps)")
     workdir = tempfile.mkdtemp(prefix="conflayers-check-")
     try:
         factory = DraftFactory(workdir, m.spec, m.weights, m.max_context, providers,
                                target=m.target.precision, native=m.target.native)
-        bounds = check_verify_identity(factory.full(), m.spec, sorted({2, 3, opts.settings.k_max + 1}))
+        full, widths = factory.full(), sorted({2, 3, opts.settings.k_max + 1})
+        # the cheapest padding exact here (the runtime chooses again where it serves), then every
+        # pass width at every start in it, which finds the verify boundaries if there are any
+        verdict = choose(full, m.spec, widths, None, min(BOUNDARY_CHECK_LENGTH, m.max_context - 4))
+        if not verdict.exact:
+            raise TargetNotExact(verdict.problem)
+        bounds = scan(full, m.spec, widths, length=min(300, m.max_context - 4))
         factory.close()
+        log(f"  exact here with passes padded {full.padding.name} ({here['kernels']}, onnxruntime {here['onnxruntime']})")
         if bounds:
             log(f"  verify passes are exact unless they reach past a length {bounds[0]} + i*{bounds[1]} "
                 "(on this backend): the runtime shortens drafts there")
         m.target.verify_boundaries = bounds
+        m.target.padding = full.padding
+        m.target.checked_on = {**here, "padding": full.padding.name}
     except TargetNotExact as e:
-        if opts.target_explicit:
-            raise
-        log(f"  {e}\n  -> falling back to --target fp32 (pass --target to choose)")
-        return _with_target(m, Target("fp32"))
+        why = (f"the {m.target.precision} target is not exact on this machine's kernels ({here['kernels']}, "
+               f"onnxruntime {here['onnxruntime']}): {e}")
+        if not opts.fallback_target:
+            raise TargetNotExact(f"{why}. Nothing was written. To build a bundle anyway, choose another target "
+                                 f"(--target fp32), or let the compiler fall back where this happens "
+                                 f"(--fallback-target fp32); please report the machine (conflayers "
+                                 f"--version, /proc/cpuinfo flags)") from None
+        log(f"  {why}\n  -> --fallback-target {opts.fallback_target}: compiling for {opts.fallback_target} instead")
+        fallback = resolve_fallback(opts.fallback_target, m)
+        fallback.fallback = {"from": m.target.precision, "reason": str(e), "machine": here}
+        m = _with_target(m, fallback)
+        return ensure_exact_target(m, _no_fallback(opts), providers, log)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return m
+
+
+def resolve_fallback(choice: str, m: ModelSetup):
+    from .target import resolve_target
+    return resolve_target(choice, m.resolved, m.spec, m.weights)
+
+
+def _no_fallback(opts: CompileOptions) -> CompileOptions:
+    from dataclasses import replace
+    return replace(opts, fallback_target=None)
 
 
 @dataclass
@@ -324,7 +353,7 @@ def compile_profile(opts: CompileOptions) -> str:
     try:
         factory = DraftFactory(workdir, m.spec, m.weights, m.max_context, providers,
                                target=m.target.precision, native=m.target.native,
-                               verify_boundaries=m.target.verify_boundaries)
+                               verify_boundaries=m.target.verify_boundaries, padding=m.target.padding)
         refs, val_refs = reference_decoding(factory, m, cal, opts, log)
         attn, mlp = layer_confidence(m, refs, opts.settings, log)
         m.hf_model = None           # the torch model is not needed past the confidence pass
@@ -362,6 +391,8 @@ def compile_profile(opts: CompileOptions) -> str:
             f"measured x{figures['measured_speedup']:.2f} "
             f"on {figures['validation_prompts']} validation prompts, identical to plain decoding: "
             f"{figures['identical_to_plain']}")
+        log(f"  target: {m.target.precision}" + (f" (--fallback-target: {m.target.fallback['from']} is not exact "
+                                                 "on this machine, see the manifest)" if m.target.fallback else ""))
         return path
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -414,7 +445,7 @@ def export_profiles(opts: CompileOptions) -> str:
             raise ValueError(f"the profiles are for different targets ({', '.join(sorted(targets))}); "
                              "export them into separate bundles with --target")
         opts.target = targets.pop()
-    opts.target_explicit = True          # the profiles' target, or none: no fallback
+    opts.fallback_target = None          # the profiles' target, or none: no fallback
     m = ensure_exact_target(setup_model(opts, log), opts, resolve_providers(opts.device), log)
     for path, prof in zip(opts.profiles, loaded):
         why = prof.matches_model(m.identity)
@@ -559,6 +590,7 @@ def build_profile(m: ModelSetup, opts: CompileOptions, cal: Calibration, o: Sear
                 "predicted_speedup": round(c.choice.speedup, 4)} for c in result.candidates],
             "seconds": result.seconds,
             "note": note,
+            "target_fallback": m.target.fallback,
         },
         "confidence": {
             "window": s.context_window,

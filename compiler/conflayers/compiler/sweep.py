@@ -304,8 +304,7 @@ class Publisher:
         target = profile["model"].get("target", "fp32")     # what the cell compiled for (fallback included)
         key = (cell.model, target, result["max_context"])
         if key not in self._setups:
-            opts = CompileOptions(model=cell.model, target=target, max_context=result["max_context"], quiet=True,
-                                  target_explicit=True)
+            opts = CompileOptions(model=cell.model, target=target, max_context=result["max_context"], quiet=True)
             # the check finds where the target's verify passes are exact (the bundle records it)
             m = ensure_exact_target(setup_model(opts, Log(True)), opts, resolve_providers(opts.device), Log(True))
             m.hf_model = None            # the writer needs the weights, not the torch model

@@ -61,7 +61,7 @@ from .engine import Engine, Request, StreamChunk, stream_or_result
 from .modelspec import ModelSpec
 from .ngram import BoundNGramDrafter, HybridDrafter, NGramDrafter, one_hot
 from .ort_backend import GraphRunner, create_session
-from . import batchcost
+from . import batchcost, contract
 
 OBSERVE_AFTER = 64          # verified n-gram proposals before their served rate replaces the figures
 
@@ -101,7 +101,7 @@ def pack_graph(path: str, slots: int) -> tuple[bytes, bool]:
     for n in g.node:
         for x in n.input:
             consumers.setdefault(x, []).append(n)
-    padded = any(n.name == "seqlens_pad" for n in g.node)
+    padded = any(n.name == contract.ATTENTION_PAD[0] for n in g.node)
     N = int(slots)
     new: list = []
     skip: set[int] = set()
@@ -213,7 +213,7 @@ def pack_graph(path: str, slots: int) -> tuple[bytes, bool]:
 
     nodes = list(setup)
     for n in g.node:
-        if id(n) in skip or n.name in ("seqlens_pad", "total_pad"):
+        if id(n) in skip or n.name in contract.ATTENTION_PAD:
             continue
         if id(n) in rewrite:
             nodes.extend(rewrite[id(n)])
@@ -255,12 +255,12 @@ class SlotCache:
 
 
 class BatchedKVCache:
-    """KV buffers of `slots` sequences, [slots, kv_heads, capacity + 1, head_dim] per layer (+ the
-    spare slot of the full graph's extra attention row, as KVCache)."""
+    """KV buffers of `slots` sequences, [slots, kv_heads, capacity + KV_SPARE, head_dim] per layer
+    (+ the spare slot a padding row writes, as KVCache)."""
 
     def __init__(self, spec: ModelSpec, slots: int, capacity: int):
         self.slots, self.capacity = int(slots), int(capacity)
-        shape = (self.slots, spec.num_kv_heads, self.capacity + 1, spec.head_dim)
+        shape = (self.slots, spec.num_kv_heads, self.capacity + contract.KV_SPARE, spec.head_dim)
         self.k = {i: np.zeros(shape, np.float32) for i in range(spec.num_layers)}
         self.v = {i: np.zeros(shape, np.float32) for i in range(spec.num_layers)}
         self.slot = [SlotCache(self, b) for b in range(self.slots)]
@@ -295,21 +295,58 @@ class PackedGraph:
         if self.solo is not None and len(busy) == 1 and list(rows) == list(range(int(lens.sum()))):
             toks, start = segments[busy[0]]      # (a decoding step: every row wanted)
             return self.solo[busy[0]].run(toks, start)
-        ids = np.fromiter((t for toks, _ in segments for t in toks), np.int64, int(lens.sum())).reshape(1, -1)
-        seqlens = np.empty(len(segments), np.int32)
-        for b, (toks, start) in enumerate(segments):
+        for toks, start in segments:
             if start + len(toks) > self.cache.capacity:
                 raise ValueError(f"context length {start + len(toks)} exceeds the KV cache capacity "
                                  f"{self.cache.capacity}")
+        pad = self.padding
+        wanted = len(rows)
+        if pad is not None:
+            segments, rows = _pad_segments(segments, rows, pad)
+            lens = np.array([len(t) for t, _ in segments], np.int64)
+            if (pad.single and wanted == 1) or (wanted > 1 and contract.single_row(wanted)):
+                rows = list(rows) + [rows[-1]]     # the head never computes a lone row either
+        ids = np.fromiter((t for toks, _ in segments for t in toks), np.int64, int(lens.sum())).reshape(1, -1)
+        seqlens = np.empty(len(segments), np.int32)
+        for b, (toks, start) in enumerate(segments):
             seqlens[b] = start + len(toks) - 1 if toks or self.padded else start
         bind = self.binding
-        bind.bind_cpu_input("input_ids", ids)
+        bind.bind_cpu_input(contract.INPUT_IDS, ids)
         bind.bind_cpu_input("seg_lens", lens)
-        bind.bind_cpu_input("seqlens_k", seqlens)
+        bind.bind_cpu_input(contract.SEQLENS, seqlens)
         bind.bind_cpu_input("rows", np.asarray(rows, np.int64))
         bind.bind_output(self.output, "cpu")
         self.session.run_with_iobinding(bind)
-        return bind.get_outputs()[-1].numpy()[0]
+        return bind.get_outputs()[-1].numpy()[0][:wanted]
+
+    @property
+    def padding(self):
+        """The full graph's padding on this machine (the solo graph's, set by the engine's load
+        check); drafts: None."""
+        return None if self.solo is None else self.solo[0].graph.padding
+
+
+def _pad_segments(segments, rows, pad: contract.Padding):
+    """A packed pass padded as `pad` pads a solo pass (contract.py): each busy segment gets the
+    padding row its solo pass would, and where the product's rows are then 128 j + 1 one more row
+    goes to an idle slot (a scratch token where nothing valid lives) or, with none idle, to the
+    longest segment. Returns the segments and `rows` renumbered into the padded packing."""
+    segments = [(list(t), st) for t, st in segments]
+    lens = [len(t) for t, _ in segments]
+    extra = [int(n > 0 and (pad.every or (pad.single and n == 1))) for n in lens]
+    if contract.single_row(sum(lens) + sum(extra)):
+        idle = [b for b, n in enumerate(lens) if not n]
+        if idle:
+            extra[idle[0]] = 1          # a scratch token (its output is never read)
+            segments[idle[0]][0].append(0)
+        else:
+            extra[max(range(len(lens)), key=lens.__getitem__)] += 1
+    where, at = [], 0                    # old packed index -> new packed index
+    for (toks, _), n, e in zip(segments, lens, extra):
+        where.extend(range(at, at + n))
+        at += n + e
+        toks.extend(toks[-1:] * (n + e - len(toks)))
+    return segments, [where[r] for r in rows]
 
 
 # -- the scheduler ------------------------------------------------------------------------------
@@ -611,7 +648,9 @@ class BatchedEngine:
         where = {}
         chunk = []
         if prefill is not None:
-            chunk = prefill.request.ids[prefill.fed:prefill.fed + self.prefill_chunk]
+            room = self.engine.full.pass_room(prefill.fed)          # as the solo prefill
+            size = self.prefill_chunk if room is None else max(1, min(self.prefill_chunk, room))
+            chunk = prefill.request.ids[prefill.fed:prefill.fed + size]
         for b in range(self.max_batch):
             s = self._slots[b]
             if s is prefill and chunk:

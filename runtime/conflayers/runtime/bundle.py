@@ -30,8 +30,11 @@ BUNDLE_FORMAT = "conflayers.bundle"
 # 2: graphs may run at the model file's own precision (MatMulNBits blocks, model.target) and the
 # full graph writes one spare KV slot (ort_backend.KVCache allocates it). 3: graphs.full may name
 # lengths its verify passes must not reach past (verify_boundaries; drafts are shortened there).
-# Versions 1 and 2 load.
-BUNDLE_FORMAT_VERSION = 3
+# 4: the runtime keeps every pass of the full graph off a single row (contract.py; the graph says
+# so in its metadata) instead of the graph padding its attention, and graphs.full.checked_on
+# names the machine its exactness was checked on (Engine.load checks it again here).
+# Versions 1-3 load (their quantized targets are checked at load like any other).
+BUNDLE_FORMAT_VERSION = 4
 MANIFEST = "manifest.json"
 
 
@@ -177,6 +180,16 @@ class Bundle:
         return None if b is None else (b["first"], b["every"])
 
     @property
+    def target(self) -> str:
+        """The full graph's precision: fp32, int8, int4 or native."""
+        return self.manifest["model"].get("target", "fp32")
+
+    @property
+    def checked_on(self) -> dict | None:
+        """exactness.machine() of where the compiler checked the target's exactness (format >= 4)."""
+        return self.manifest["graphs"]["full"].get("checked_on")
+
+    @property
     def max_context(self) -> int:
         return self.manifest.get("max_context", self.spec.max_position_embeddings)
 
@@ -279,6 +292,10 @@ def _check_graphs(graphs, files: dict, spec: ModelSpec):
         if first < 2 or every < 1:
             raise BundleError("manifest field 'graphs.full.verify_boundaries' needs first >= 2 and every >= 1, "
                               f"got {bounds}")
+    checked = _field(full.get("checked_on"), dict, "graphs.full.checked_on", optional=True)
+    if checked is not None:
+        for key in ("onnxruntime", "kernels"):
+            _field(checked.get(key), str, f"graphs.full.checked_on.{key}")
     for key, body in _field(graphs.get("bodies", {}), dict, "graphs.bodies").items():
         where = f"graphs.bodies.{key}"
         _listed(_field(body, dict, where).get("file"), files, f"{where}.file")

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+import numpy as np
+
 from .drafter import Drafter
 from .ort_backend import BoundGraph
 from .sampling import Sampler
@@ -93,6 +95,23 @@ def draft_and_verify(target: BoundGraph, drafter: Drafter, token: int, sampler: 
     return drafted[:n] + [nxt]
 
 
+def prefill(target: BoundGraph, prompt: list[int], start: int = 0) -> np.ndarray:
+    """Feed prompt[start:] into the cache (in pieces that stop at the full graph's verify
+    boundaries, so every row is computed as a one-token step would) and return the last row's
+    logits; the cache's length is then len(prompt)."""
+    cache = target.cache
+    while True:
+        n = len(prompt) - start
+        room = target.graph.pass_room(start)
+        if room is not None:
+            n = min(n, max(room, 1))
+        end = start + n
+        logits = target.run(prompt[start:end], start, logits_from=n - 1)
+        cache.length = start = end
+        if end == len(prompt):
+            return logits
+
+
 def generate(target: BoundGraph, prompt: list[int], max_new_tokens: int, sampler: Sampler,
              drafter: Drafter | None = None, stop_ids: frozenset = frozenset(),
              guard: SpeculationGuard | None = None, stats: DecodeStats | None = None) -> Iterator[list[int]]:
@@ -107,8 +126,7 @@ def generate(target: BoundGraph, prompt: list[int], max_new_tokens: int, sampler
         raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) "
                          f"exceeds the context of {cache.capacity} tokens")
     t0 = time.perf_counter()
-    logits = target.run(prompt, 0, logits_from=len(prompt) - 1)
-    cache.length = len(prompt)
+    logits = prefill(target, prompt)
     token = sampler.pick(logits[-1])
     stats.prefill_s = time.perf_counter() - t0
     stats.tokens = 1

@@ -9,6 +9,10 @@ Sessions for the full graph and every draft are created at load (measured: creat
 session costs ~0.3 s, which a first request should not pay). KV caches are preallocated to the
 context length and reused across requests; concurrent requests each take their own cache.
 
+Loading checks that the full graph computes every pass shape bit for bit like one-token steps on
+this machine's kernels, and how its passes must be padded for that (exactness.py; cached per
+machine): a target that is not exact here is refused with the reason, never served inexactly.
+
 A profile's drafting policy (draft length, confidence stop) is chosen for this machine on the first
 request that uses it (adapt_policy: a few full and draft steps timed here, policy.py), so a
 profile compiled elsewhere does not slow this one; the speculation guard remains the last line.
@@ -21,12 +25,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
-from . import probe
+from . import contract, exactness, probe
 from .bundle import Bundle
 from .cascade import CascadeDrafter
 from .decoding import DecodeStats, SpeculationGuard, generate as decode
 from .drafter import DraftPolicy, LayerSkipDrafter
-from .ngram import HybridDrafter, NGramDrafter
+from .ngram import HybridDrafter, NGramDrafter, NGramPolicy
 from .ort_backend import GraphRunner, KVCache, create_session, resolve_providers
 from .policy import MachineCosts, choose as choose_policy
 from .sampling import Sampler, SamplingError
@@ -114,7 +118,7 @@ class StreamChunk:
 class Engine:
     def __init__(self, bundle: Bundle, device: str = "cpu", max_context: int | None = None,
                  num_threads: int | None = None, guard: bool = True, adapt: bool = True,
-                 limits: RequestLimits | None = None):
+                 limits: RequestLimits | None = None, check_exactness: bool = True):
         self.bundle = bundle
         self.adapt = adapt            # choose each profile's drafting policy for this machine
         self.spec = bundle.spec
@@ -126,8 +130,13 @@ class Engine:
 
         def session(path):
             return create_session(path, self.providers, num_threads)
+        self.num_threads = num_threads
+        # by construction exact on every CPU (contract.py); the load check may find a cheaper padding
         self.full = GraphRunner(session(bundle.full_graph), list(range(self.spec.num_layers)), "logits",
-                                verify_boundaries=bundle.verify_boundaries)
+                                verify_boundaries=bundle.verify_boundaries,
+                                padding=contract.PAD_EVERY if bundle.verify_boundaries else contract.PAD_SINGLE)
+        # padding rows reach past the context as far as the graph's rotary tables allow
+        self.capacity = min(self.capacity, bundle.max_context - (contract.KV_SPARE - self.full.spare_positions))
         bodies, heads = {}, {}
         self.drafters: dict[str, LayerSkipDrafter | NGramDrafter | HybridDrafter | CascadeDrafter] = {}
 
@@ -159,12 +168,59 @@ class Engine:
         self._lock = threading.Lock()
         self.machine_costs: dict[str, MachineCosts | None] = {}   # per profile, once adapted
         self._adapt_lock = threading.Lock()
+        self.exactness: exactness.Verdict | None = None
+        if check_exactness:
+            self._check_exactness()
+
+    def _check_exactness(self):
+        """The load check of the target on this machine's kernels (exactness.py), cached per
+        machine: serve it exactly (with the padding and verify boundaries found here) or refuse it."""
+        b = self.bundle
+        widths = {2, 3, *self._verify_widths()}
+        key = {"graph": b.manifest["files"][b.manifest["graphs"]["full"]["file"]]["sha256"],
+               "weights": b.manifest["model"].get("weights_sha256"), "target": b.target,
+               "recorded": list(b.verify_boundaries or ()), "widths": sorted(widths),
+               "check": 1, **exactness.machine(self.num_threads)}
+        verdict = exactness.cached(key)
+        if verdict is None:
+            length = exactness.BOUNDARY_CHECK_LENGTH if b.verify_boundaries else exactness.LOAD_CHECK_LENGTH
+            verdict = exactness.choose(self.full, self.spec, sorted(widths), b.verify_boundaries,
+                                       min(length, self.capacity - 2))
+            exactness.remember(key, verdict)
+        self.exactness = verdict
+        if not verdict.exact:
+            raise exactness.TargetNotExact(self._refusal(verdict, key))
+        self.full.padding = contract.PADDINGS[verdict.padding]
+        self.full.verify_boundaries = verdict.boundaries
+
+    def _verify_widths(self) -> set[int]:
+        """The verify pass widths this bundle's profiles may take (k + 1 for every k they allow,
+        and the default n-gram drafter's)."""
+        widths = {NGramPolicy().max_tokens + 1}
+        for profile in self.bundle.profiles.values():
+            ks = [p.max_tokens for p in (profile.policy, profile.ngram, *(st.policy for st in profile.stages)) if p]
+            widths.update(k + 1 for k in ks + [r.k for r in profile.policy_table or []])
+        return {w for w in widths if w <= 65}
+
+    def _refusal(self, verdict, here: dict) -> str:
+        b = self.bundle
+        built = b.checked_on
+        where = (f"; the compiler checked it on {built['kernels']}, onnxruntime {built['onnxruntime']}"
+                 if built else "")
+        fix = ("compile a bundle for this machine (conflayers-compile ... --target fp32, or --fallback-target "
+               "fp32), or serve it with speculation off; please report this machine (its kernels and "
+               "onnxruntime version above)")
+        return (f"bundle {b.path}: its {b.target} target is not exact on this machine ({here['kernels']}, "
+                f"onnxruntime {here['onnxruntime']}, {here['threads']} threads{where}): {verdict.problem}. "
+                f"Speculative output could then differ from plain decoding, so the runtime refuses the bundle. "
+                f"Fix: {fix}")
 
     @classmethod
     def load(cls, path: str, device: str = "cpu", max_context: int | None = None,
              num_threads: int | None = None, verify: bool = True, guard: bool = True,
-             adapt: bool = True, limits: RequestLimits | None = None) -> "Engine":
-        return cls(Bundle.open(path, verify=verify), device, max_context, num_threads, guard, adapt, limits)
+             adapt: bool = True, limits: RequestLimits | None = None, check_exactness: bool = True) -> "Engine":
+        return cls(Bundle.open(path, verify=verify), device, max_context, num_threads, guard, adapt, limits,
+                   check_exactness)
 
     @property
     def profiles(self) -> list[str]:

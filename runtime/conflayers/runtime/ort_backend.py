@@ -16,6 +16,7 @@ import threading
 import numpy as np
 import onnxruntime as ort
 
+from . import contract
 from .modelspec import ModelSpec
 
 _pool_lock = threading.Lock()
@@ -83,9 +84,8 @@ class KVCache:
     def __init__(self, spec: ModelSpec, capacity: int, device: str = "cpu"):
         self.capacity = int(capacity)
         self.length = 0
-        # + one spare slot: the full graph's attention writes one row past the sequence (see
-        # export/decoder_graph.py: every pass runs attention over >= 2 rows, for exact identity)
-        shape = (1, spec.num_kv_heads, self.capacity + 1, spec.head_dim)
+        # + the spare slot a padding row writes (contract.py: no pass runs a single row)
+        shape = (1, spec.num_kv_heads, self.capacity + contract.KV_SPARE, spec.head_dim)
         self.device = device
         if device == "cpu":
             self._host = {}
@@ -114,17 +114,24 @@ class KVCache:
 
 class GraphRunner:
     """One decoder graph (full, draft body or draft head) and the layers whose KV it uses.
-    verify_boundaries (full graph): (first, every), the lengths a verify pass must not reach past
-    unless it starts past them (bundle.verify_boundaries); None: every pass is exact."""
+
+    For a full graph: verify_boundaries, (first, every), the lengths a pass must not reach past
+    unless its first row's one-token step does (bundle.verify_boundaries; None: no limit), and
+    padding, how each pass's rows are padded on this machine (contract.Padding; the engine's load
+    check sets it). Drafts and heads run their passes as they come (padding None)."""
 
     def __init__(self, session: ort.InferenceSession, kv_layers: list[int], output: str,
-                 verify_boundaries: tuple[int, int] | None = None):
+                 verify_boundaries: tuple[int, int] | None = None, padding: contract.Padding | None = None):
         self.session = session
         self.verify_boundaries = verify_boundaries
+        self.padding = padding
+        meta = session.get_modelmeta().custom_metadata_map
+        # positions past max_context its rotary tables cover: what padding rows may reach
+        self.spare_positions = int(meta.get(contract.META_SPARE_POSITIONS, "1"))
         self.kv_layers = list(kv_layers)
         self.output = output
         self.input_names = {i.name for i in session.get_inputs()}
-        missing = [i for i in self.kv_layers if f"past_key.{i}" not in self.input_names]
+        missing = [i for i in self.kv_layers if contract.past_key(i) not in self.input_names]
         if missing:
             raise ValueError(f"graph has no KV inputs for layers {missing}")
 
@@ -133,14 +140,16 @@ class GraphRunner:
 
     def verify_room(self, start: int) -> int | None:
         """The most draft tokens a verify pass feeding position `start` may carry (None: no
-        limit). The pass over 1 + k tokens, its padding row included, reaches length
-        start + k + 2; the next boundary B >= start + 2 must not be passed (k <= B - start - 2);
-        0 means a plain step."""
+        limit): 1 + k tokens within pass_room; 0 means a plain step."""
+        room = self.pass_room(start)
+        return None if room is None else room - 1
+
+    def pass_room(self, start: int) -> int | None:
+        """The most tokens one pass at `start` may take without reaching past a verify boundary
+        (contract.Padding.pass_room; None: any)."""
         if self.verify_boundaries is None:
             return None
-        first, every = self.verify_boundaries
-        b = first if start + 2 <= first else first + every * -(-(start + 2 - first) // every)
-        return b - start - 2
+        return (self.padding or contract.SINGLE_ROW_OK).pass_room(start, self.verify_boundaries)
 
     def run_head(self, hidden: np.ndarray) -> np.ndarray:
         return self.session.run([self.output], {"hidden": hidden})[0]
@@ -153,10 +162,10 @@ class BoundGraph:
         self.graph, self.cache = graph, cache
         b = graph.session.io_binding()
         for i in graph.kv_layers:
-            b.bind_ortvalue_input(f"past_key.{i}", cache.keys[i])
-            b.bind_ortvalue_output(f"present_key.{i}", cache.keys[i])
-            b.bind_ortvalue_input(f"past_value.{i}", cache.values[i])
-            b.bind_ortvalue_output(f"present_value.{i}", cache.values[i])
+            b.bind_ortvalue_input(contract.past_key(i), cache.keys[i])
+            b.bind_ortvalue_output(contract.present_key(i), cache.keys[i])
+            b.bind_ortvalue_input(contract.past_value(i), cache.values[i])
+            b.bind_ortvalue_output(contract.present_value(i), cache.values[i])
         self.binding = b
 
     def run(self, tokens, start: int, logits_from: int = 0) -> np.ndarray:
@@ -165,11 +174,18 @@ class BoundGraph:
         n = len(tokens)
         if start + n > self.cache.capacity:
             raise ValueError(f"context length {start + n} exceeds the KV cache capacity {self.cache.capacity}")
+        pad = self.graph.padding
+        rows = n if pad is None else pad.rows(n)
+        first = logits_from if pad is None else pad.head_from(logits_from, rows)
+        ids = np.empty((1, rows), np.int64)
+        ids[0, :n] = tokens
+        ids[0, n:] = ids[0, n - 1]              # padding rows: copies of the last token
         b = self.binding
-        b.bind_cpu_input("input_ids", np.asarray(tokens, np.int64).reshape(1, n))
-        b.bind_cpu_input("seqlens_k", np.array([start + n - 1], np.int32))
-        b.bind_cpu_input("total_seq_len", np.array(start + n, np.int32))
-        b.bind_cpu_input("logits_from", np.array([logits_from], np.int64))
+        b.bind_cpu_input(contract.INPUT_IDS, ids)
+        b.bind_cpu_input(contract.SEQLENS, np.array([start + rows - 1], np.int32))
+        b.bind_cpu_input(contract.TOTAL, np.array(start + rows, np.int32))
+        b.bind_cpu_input(contract.LOGITS_FROM, np.array([first], np.int64))
         b.bind_output(self.graph.output, "cpu")
         self.graph.session.run_with_iobinding(b)
-        return b.get_outputs()[-1].numpy()[0]
+        out = b.get_outputs()[-1].numpy()[0]
+        return out if rows == n and first == logits_from else out[logits_from - first: n - first]

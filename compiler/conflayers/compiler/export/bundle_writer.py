@@ -92,12 +92,13 @@ def fingerprint(spec: ModelSpec, weights: dict[str, np.ndarray]) -> dict:
 class BundleWriter:
     def __init__(self, out: str, spec: ModelSpec, weights: dict[str, np.ndarray], model_info: dict,
                  max_context: int, force: bool = False, target: str = "fp32", native: dict | None = None,
-                 verify_boundaries: tuple | None = None):
+                 verify_boundaries: tuple | None = None, checked_on: dict | None = None):
         self.out = os.path.abspath(out)
         self.spec, self.weights = spec, weights
         self.model_info = model_info            # name, source, + fingerprint and target
         self.max_context = max_context
         self.verify_boundaries = verify_boundaries
+        self.checked_on = checked_on
         self.mode = check_output_dir(self.out, force, model_info)
         parent = os.path.dirname(self.out)
         os.makedirs(parent, exist_ok=True)
@@ -143,9 +144,11 @@ class BundleWriter:
     def write_full(self):
         self._save(build(self.spec, self.stores, None, "full", max_context=self.max_context), "full.onnx")
         self.graphs["full"] = {"file": "full.onnx"}
-        if self.verify_boundaries:     # where verify passes must stop (target.check_verify_identity)
+        if self.verify_boundaries:     # where verify passes must stop (runtime/exactness.py)
             first, every = self.verify_boundaries
             self.graphs["full"]["verify_boundaries"] = {"first": int(first), "every": int(every)}
+        if self.checked_on:            # the machine its exactness was checked on (Engine.load checks again)
+            self.graphs["full"]["checked_on"] = dict(self.checked_on)
 
     def draft_files(self, plan: DraftPlan, vocab_ids: list[int] | None) -> tuple[str, str]:
         """Write (once) the body and head graphs of a draft; returns their keys."""

@@ -6,11 +6,7 @@ fewer layers (or half-layers), at its own precision, split into a body (kept lay
 and a head (norm output -> logits over the full or a subset vocabulary), so several task profiles
 can share one body session.
 
-Graph interface (batch 1):
-  inputs   input_ids [1,S] int64, seqlens_k [1] int32 (= total - 1), total_seq_len [] int32,
-           logits_from [1] int64 (first position whose logits/hidden are returned),
-           past_key.{i} / past_value.{i} [1, kv_heads, max_len, head_dim] for each layer i with KV
-  outputs  logits [1,S',V] (full, head) or hidden [1,S',H] (body), present_key.{i}/present_value.{i}
+Graph interface: conflayers.runtime.contract (names, and why the runtime pads single rows).
 The KV buffers are bound as both past and present (GroupQueryAttention's shared buffer), so the
 cache is updated in place and rolling back is only a shorter seqlens_k.
 """
@@ -23,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from conflayers.runtime import contract
 from conflayers.runtime.draftplan import DraftPlan, weights_file_name
 from conflayers.runtime.modelspec import ModelSpec
 
@@ -241,10 +238,12 @@ class _Graph:
             w = self.op("Add", [w, self.op("Unsqueeze", [per_row, last])])
         return self.op("Reshape", [w, self.const("shape_flat_k", np.array([0, 0, q.k], np.int64))], name="embed")
 
-    def model(self, doc: str) -> onnx.ModelProto:
+    def model(self, doc: str, meta: dict | None = None) -> onnx.ModelProto:
         g = helper.make_graph(self.nodes, "decoder", self.inputs, self.outputs, self.inits)
         m = helper.make_model(g, opset_imports=OPSET, producer_name="conflayers", doc_string=doc)
         m.ir_version = 10
+        if meta:
+            helper.set_model_props(m, meta)
         return m
 
 
@@ -270,20 +269,20 @@ def build(spec: ModelSpec, stores: WeightStores, plan: DraftPlan | None = None, 
     g = _Graph(stores, precision)
     H = spec.hidden_size
     if part == "head":
-        g.inputs.append(helper.make_tensor_value_info("hidden", TensorProto.FLOAT, [1, "S", H]))
-        logits = _head(g, spec, "hidden", head_rows)
-        g.outputs.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "S", "V"]))
-        g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits_out"))
+        g.inputs.append(helper.make_tensor_value_info(contract.HIDDEN, TensorProto.FLOAT, [1, "S", H]))
+        logits = _head(g, spec, contract.HIDDEN, head_rows)
+        g.outputs.append(helper.make_tensor_value_info(contract.LOGITS, TensorProto.FLOAT, [1, "S", "V"]))
+        g.nodes.append(helper.make_node("Identity", [logits], [contract.LOGITS], name="logits_out"))
         return g.model("conflayers head")
 
     plan = plan or DraftPlan(spec.num_layers, precision=precision)
     g.inputs += [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "S"]),
-        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
-        helper.make_tensor_value_info("total_seq_len", TensorProto.INT32, []),
-        helper.make_tensor_value_info("logits_from", TensorProto.INT64, [1]),
+        helper.make_tensor_value_info(contract.INPUT_IDS, TensorProto.INT64, [1, "S"]),
+        helper.make_tensor_value_info(contract.SEQLENS, TensorProto.INT32, [1]),
+        helper.make_tensor_value_info(contract.TOTAL, TensorProto.INT32, []),
+        helper.make_tensor_value_info(contract.LOGITS_FROM, TensorProto.INT64, [1]),
     ]
-    x = g.embedding("input_ids")
+    x = g.embedding(contract.INPUT_IDS)
     if spec.embed_scale != 1.0:
         x = g.op("Mul", [x, g.const("embed_scale", np.array(spec.embed_scale, np.float32))])
 
@@ -291,22 +290,24 @@ def build(spec: ModelSpec, stores: WeightStores, plan: DraftPlan | None = None, 
     max_len = min(max_context or spec.max_position_embeddings, spec.max_position_embeddings)
     # The full graph gives attention one extra row (a copy of the last): ONNX Runtime's CPU
     # GroupQueryAttention takes another code path for a single row, which rounds differently, and
-    # int8 activation quantization (MatMulNBits) amplifies that into different tokens. With every
-    # pass at >= 2 rows, a plain step and a verify pass compute each position bit for bit alike.
-    # The extra row writes one spare KV slot past the sequence (the runtime allocates it).
+    # int8 activation quantization (MatMulNBits) amplifies that into different tokens. The matrix
+    # products' rows are the runtime's to pad where this machine needs it (contract.py); with both,
+    # a step, a verify pass, a prefill chunk and a batched pass compute each position alike.
+    # The extra rows write spare KV slots past the sequence (the runtime allocates them).
     pad = part == "full"
     if pad:
         one = g.const("one_i32", np.array(1, np.int32))
-        seqlens, total = g.op("Add", ["seqlens_k", one], name="seqlens_pad"), g.op("Add", ["total_seq_len", one], name="total_pad")
+        seqlens = g.op("Add", [contract.SEQLENS, one], name=contract.ATTENTION_PAD[0])
+        total = g.op("Add", [contract.TOTAL, one], name=contract.ATTENTION_PAD[1])
     else:
-        seqlens, total = "seqlens_k", "total_seq_len"
+        seqlens, total = contract.SEQLENS, contract.TOTAL
     pending = None   # sub-layer output not yet added to the residual stream x (fused into the next norm)
     for i in range(spec.num_layers):
         pre = f"layers.{i}."
         if plan.keeps_attention(i):
             theta = spec.rope_theta[i]
             if theta not in caches:
-                cos, sin = _rope_caches(spec, theta, max_len + 1)     # + the spare slot
+                cos, sin = _rope_caches(spec, theta, max_len + contract.KV_SPARE)   # + the spare slot
                 tag = f"rope{len(caches)}"
                 caches[theta] = (g.weight(f"{tag}.cos", cos), g.weight(f"{tag}.sin", sin))
             cos_n, sin_n = caches[theta]
@@ -323,7 +324,7 @@ def build(spec: ModelSpec, stores: WeightStores, plan: DraftPlan | None = None, 
                 qkv_in = [q, k, v]
             else:
                 qkv_in = [qkv, "", ""]
-            past_k, past_v = f"past_key.{i}", f"past_value.{i}"
+            past_k, past_v = contract.past_key(i), contract.past_value(i)
             kv_shape = [1, spec.num_kv_heads, "max_len", spec.head_dim]
             g.inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, kv_shape) for n in (past_k, past_v)]
             if pad:
@@ -336,7 +337,7 @@ def build(spec: ModelSpec, stores: WeightStores, plan: DraftPlan | None = None, 
             if pad:     # drop the extra row
                 attn = g.op("Slice", [attn, g.const("zero_i64", np.array([0], np.int64)),
                                       g.const("minus_one_i64", np.array([-1], np.int64)), g.const("axis1", np.array([1], np.int64))])
-            for src, dst in ((pk, f"present_key.{i}"), (pv, f"present_value.{i}")):
+            for src, dst in ((pk, contract.present_key(i)), (pv, contract.present_value(i))):
                 g.nodes.append(helper.make_node("Identity", [src], [dst], name=dst))
                 g.outputs.append(helper.make_tensor_value_info(dst, TensorProto.FLOAT, kv_shape))
             pending = g.matmul(attn, pre + "o", f"L{i}/o_proj")
@@ -355,18 +356,18 @@ def build(spec: ModelSpec, stores: WeightStores, plan: DraftPlan | None = None, 
 
     # Only positions >= logits_from reach the final norm and head (prefill needs one row).
     ends, axis = g.const("int64_max", np.array([INT64_MAX], np.int64)), g.const("axis1", np.array([1], np.int64))
-    x = g.op("Slice", [x, "logits_from", ends, axis], name="keep_positions")
+    x = g.op("Slice", [x, contract.LOGITS_FROM, ends, axis], name=contract.KEEP_POSITIONS)
     if pending is not None:
-        pending = g.op("Slice", [pending, "logits_from", ends, axis], name="keep_positions_delta")
+        pending = g.op("Slice", [pending, contract.LOGITS_FROM, ends, axis], name=f"{contract.KEEP_POSITIONS}_delta")
     _, x = _add_norm(g, x, pending, "final_norm", spec)
     if part == "body":
-        g.nodes.append(helper.make_node("Identity", [x], ["hidden"], name="hidden_out"))
-        g.outputs.insert(0, helper.make_tensor_value_info("hidden", TensorProto.FLOAT, [1, "S", H]))
+        g.nodes.append(helper.make_node("Identity", [x], [contract.HIDDEN], name="hidden_out"))
+        g.outputs.insert(0, helper.make_tensor_value_info(contract.HIDDEN, TensorProto.FLOAT, [1, "S", H]))
         return g.model("conflayers draft body")
     logits = _head(g, spec, x, None)
-    g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits_out"))
-    g.outputs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "S", spec.vocab_size]))
-    return g.model("conflayers full")
+    g.nodes.append(helper.make_node("Identity", [logits], [contract.LOGITS], name="logits_out"))
+    g.outputs.insert(0, helper.make_tensor_value_info(contract.LOGITS, TensorProto.FLOAT, [1, "S", spec.vocab_size]))
+    return g.model("conflayers full", {contract.META_SPARE_POSITIONS: str(contract.KV_SPARE)})
 
 
 def _pad_last_row(g: _Graph, x):
