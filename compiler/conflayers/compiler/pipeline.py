@@ -146,7 +146,7 @@ def ensure_exact_target(m: ModelSetup, opts: CompileOptions, providers, log) -> 
     machine's kernels (runtime/exactness.py). When it does not, the compile stops with the reason,
     unless --fallback-target names another target: then that one is built, and the summary, the
     manifest and the profile say so."""
-    from conflayers.runtime.exactness import BOUNDARY_CHECK_LENGTH, TargetNotExact, choose, machine, scan
+    from conflayers.runtime.exactness import TargetNotExact, choose, machine, scan
     from .drafts import DraftFactory
     if m.target.precision == "fp32":
         return m
@@ -159,10 +159,10 @@ def ensure_exact_target(m: ModelSetup, opts: CompileOptions, providers, log) -> 
         full, widths = factory.full(), sorted({2, 3, opts.settings.k_max + 1})
         # the cheapest padding exact here (the runtime chooses again where it serves), then every
         # pass width at every start in it, which finds the verify boundaries if there are any
-        verdict = choose(full, m.spec, widths, None, min(BOUNDARY_CHECK_LENGTH, m.max_context - 4))
+        verdict = choose(full, m.spec, widths, None, m.max_context - 4)
         if not verdict.exact:
             raise TargetNotExact(verdict.problem)
-        bounds = scan(full, m.spec, widths, length=min(300, m.max_context - 4))
+        bounds = scan(full, m.spec, widths, limit=m.max_context - 4)
         factory.close()
         log(f"  exact here with passes padded {full.padding.name} ({here['kernels']}, onnxruntime {here['onnxruntime']})")
         if bounds:

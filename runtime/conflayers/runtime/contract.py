@@ -97,6 +97,12 @@ class Padding:
             start -= 1
         return max(start, 0)
 
+    @property
+    def for_drafts(self) -> "Padding":
+        """What a draft's passes get where the full graph's get this: the same rows (so a draft
+        proposes alike alone and in a batch), without the uniform reach only verify boundaries need."""
+        return PAD_SINGLE if self.single else SINGLE_ROW_OK
+
     def reach(self, start: int, n: int) -> int:
         """The KV length a pass of n tokens at `start` attends over: its rows and the attention's
         extra row (what GroupQueryAttention's verify boundaries depend on)."""

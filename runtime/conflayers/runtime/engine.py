@@ -171,6 +171,8 @@ class Engine:
         self.exactness: exactness.Verdict | None = None
         if check_exactness:
             self._check_exactness()
+        for runner in (*bodies.values(), *heads.values()):
+            runner.padding = self.full.padding.for_drafts
 
     def _check_exactness(self):
         """The load check of the target on this machine's kernels (exactness.py), cached per
@@ -183,9 +185,8 @@ class Engine:
                "check": 1, **exactness.machine(self.num_threads)}
         verdict = exactness.cached(key)
         if verdict is None:
-            length = exactness.BOUNDARY_CHECK_LENGTH if b.verify_boundaries else exactness.LOAD_CHECK_LENGTH
             verdict = exactness.choose(self.full, self.spec, sorted(widths), b.verify_boundaries,
-                                       min(length, self.capacity - 2))
+                                       self.capacity - 4)
             exactness.remember(key, verdict)
         self.exactness = verdict
         if not verdict.exact:

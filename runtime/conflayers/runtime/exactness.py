@@ -148,39 +148,70 @@ class _Probe:
         return Pass(st, n, float(np.abs(got[j] - ref).max()))
 
 
-def scan(full, spec, widths, length: int = 300, seed: int = 0) -> tuple[int, int] | None:
+SCAN_LIMIT = 1200            # longest scan that looks for a second boundary (Gemma 3 here: every 256)
+
+
+class TooFewBoundaries(TargetNotExact):
+    """Inexact passes around a single boundary: its period shows only over more positions."""
+
+
+def scan(full, spec, widths, length: int = 300, seed: int = 0, limit: int = SCAN_LIMIT) -> tuple[int, int] | None:
     """The compile-time check of a quantized target: a pass of every width in `widths` (2 and 3
-    always added) at every start over `length` positions. Returns None when every pass is exact,
-    or the verify boundaries (first, every) when the inexact passes are exactly those that reach
-    past such a length from below; TargetNotExact otherwise."""
-    probe = _Probe(full, spec, length, seed)
-    passes = [probe.run(st, n) for n in sorted(set(widths) | {2, 3}) for st in range(0, length - n + 1)]
-    return boundaries_of(passes, probe.pad, length, max(widths, default=3))
+    always added) at every start over `length` positions (more, up to SCAN_LIMIT, when only one
+    boundary shows; never past `limit`, the positions the graph covers). Returns None when every
+    pass is exact, or the verify boundaries (first, every) when the inexact passes are exactly those
+    that reach past such a length from below; TargetNotExact otherwise."""
+    widths = sorted(set(widths) | {2, 3})
+    return _dense(full, spec, widths, min(length, limit), seed, None, limit)[2]
 
 
-def boundaries_of(passes: list[Pass], pad: contract.Padding, length: int, widest: int) -> tuple[int, int] | None:
+def _dense(full, spec, widths, length, seed, recorded, limit):
+    """Passes of each width in `widths` at every start over `length` positions, and the boundaries
+    they show (boundaries_of), over twice the positions while only one boundary shows. Returns
+    (probe, passes, boundaries, length)."""
+    while True:
+        probe = _Probe(full, spec, length, seed)
+        passes = [probe.run(st, n) for n in widths for st in range(0, length - n + 1)]
+        try:
+            return probe, passes, boundaries_of(passes, probe.pad, length, max(widths), recorded), length
+        except TooFewBoundaries:
+            if length >= min(SCAN_LIMIT, limit):
+                raise
+            length = min(2 * length, SCAN_LIMIT, limit)
+
+
+def boundaries_of(passes: list[Pass], pad: contract.Padding, length: int, widest: int,
+                  recorded: tuple | None = None) -> tuple[int, int] | None:
     """(first, every) explaining every inexact pass in `passes` as one that reaches past a length
-    first + i * every from below, None when all are exact; TargetNotExact when no such rule does."""
+    first + i * every from below, None when all are exact; TargetNotExact when no such rule does.
+    The rule is `recorded` (the bundle's) where the boundaries found are among its own, else the
+    one the boundaries found follow (at least two, evenly spaced, none missing)."""
     bad = [p for p in passes if p.diff]
     if not bad:
         return None
 
-    def refuse(why):
+    def refuse(why, kind=TargetNotExact):
         p = bad[0]
-        return TargetNotExact(
-            f"a {p.n}-token pass at position {p.start} computes its tokens differently from one-token steps "
-            f"(max logit difference {p.diff:.3g}) and {why}, so speculative output could differ from plain decoding")
+        return kind(f"a {p.n}-token pass at position {p.start} computes its tokens differently from one-token "
+                    f"steps (max logit difference {p.diff:.3g}) and {why}, so speculative output could differ "
+                    "from plain decoding")
     # a pass that reaches one past its first row's own step crosses only B = that step's reach
     found = sorted({pad.reach(p.start, 1) for p in bad if pad.reach(p.start, p.n) == pad.reach(p.start, 1) + 1})
+    rules = []
+    if recorded and found and all(b >= recorded[0] and (b - recorded[0]) % recorded[1] == 0 for b in found):
+        rules.append(recorded)
     gaps = {b - a for a, b in zip(found, found[1:])}
-    if len(found) < 2 or len(gaps) != 1 or found[-1] + min(gaps) <= length:
-        raise refuse(f"the inexact passes follow no regular boundary (found at {found[:8]})")
-    first, every = found[0], min(gaps)
-    if every <= widest:
-        raise refuse(f"boundaries every {every} tokens leave no room for drafts")
-    if not all(crosses(p.start, p.n, pad, (first, every)) for p in bad):
-        raise refuse(f"not only where a pass crosses a boundary (first {first}, every {every})")
-    return first, every
+    if len(found) >= 2 and len(gaps) == 1 and found[-1] + min(gaps) > length:
+        rules.append((found[0], min(gaps)))
+    if not rules:
+        kind = TooFewBoundaries if len(found) == 1 else TargetNotExact
+        raise refuse(f"the inexact passes follow no regular boundary (found at {found[:8]})", kind)
+    for first, every in rules:
+        if every <= widest:
+            raise refuse(f"boundaries every {every} tokens leave no room for drafts")
+        if all(crosses(p.start, p.n, pad, (first, every)) for p in bad):
+            return first, every
+    raise refuse(f"not only where a pass crosses a boundary (first {rules[0][0]}, every {rules[0][1]})")
 
 
 def crosses(start: int, n: int, pad: contract.Padding, bounds: tuple[int, int] | None) -> bool:
@@ -209,37 +240,38 @@ class Verdict:
                    d.get("problem"), contract.PADDINGS[d.get("padding", contract.PAD_SINGLE.name)].name)
 
 
-def choose(full, spec, widths, recorded: tuple | None, length: int | None = None) -> Verdict:
+def choose(full, spec, widths, recorded: tuple | None, limit: int) -> Verdict:
     """The cheapest padding (contract.py) under which `full` is exact here, by load_check: rows
     as they come where the one-row kernels agree with the others (AVX-512 VNNI), else one-token
     passes padded (exact by construction), else every pass padded (what verify boundaries need
-    when one-token passes are); sets full.padding to it. The last verdict when none holds."""
+    when one-token passes are); sets full.padding to it. The last verdict when none holds.
+    `limit`: the most positions the checks may use (the graph's context)."""
     candidates = [contract.SINGLE_ROW_OK, contract.PAD_EVERY] if recorded else \
         [contract.SINGLE_ROW_OK, contract.PAD_SINGLE, contract.PAD_EVERY]
-    length = length or (BOUNDARY_CHECK_LENGTH if recorded else LOAD_CHECK_LENGTH)
     verdict = None
     for pad in candidates:
         full.padding = pad
-        verdict = load_check(full, spec, widths, recorded, length)
+        verdict = load_check(full, spec, widths, recorded, limit)
         if verdict.exact:
             return verdict
     return verdict
 
 
-def load_check(full, spec, widths, recorded: tuple | None, length: int = LOAD_CHECK_LENGTH,
-               prefill_chunk: int = 32, seed: int = 1) -> Verdict:
+def load_check(full, spec, widths, recorded: tuple | None, limit: int, prefill_chunk: int = 32,
+               seed: int = 1) -> Verdict:
     """The short check Engine.load runs on a quantized target (see the module docstring): dense
     passes of 2 and 3 tokens, each verify width in `widths` at a few starts, and prefill-like
     passes (all `length` positions, a chunk of `prefill_chunk`, a 129-token pass) split at the
     boundaries as the runtime splits them."""
     widths = sorted(set(widths) | {2, 3})
-    probe = _Probe(full, spec, length, seed)
-    pad = probe.pad
-    passes = [probe.run(st, n) for n in (2, 3) for st in range(0, length - n + 1)]
+    # two of the recorded boundaries within reach
+    length = max(BOUNDARY_CHECK_LENGTH, recorded[0] + recorded[1] + 16) if recorded else LOAD_CHECK_LENGTH
+    length = min(length, limit)
     try:
-        bounds = boundaries_of(passes, pad, length, max(widths))
+        probe, _, bounds, length = _dense(full, spec, [2, 3], length, seed, recorded, limit)
     except TargetNotExact as e:
-        return Verdict(False, recorded, _said(length, widths), str(e), pad.name)
+        return Verdict(False, recorded, _said(length, widths), str(e), padding_of(full).name)
+    pad = probe.pad
     if bounds is None:
         bounds = recorded          # none showed here within `length`: keep what the compiler found
     more = []

@@ -152,7 +152,12 @@ class GraphRunner:
         return (self.padding or contract.SINGLE_ROW_OK).pass_room(start, self.verify_boundaries)
 
     def run_head(self, hidden: np.ndarray) -> np.ndarray:
-        return self.session.run([self.output], {"hidden": hidden})[0]
+        """A draft head over hidden [1, n, H] -> [1, n, V] (padded to 2 rows where single rows are)."""
+        n = hidden.shape[1]
+        if self.padding is not None and self.padding.rows(n) != n:
+            rows = self.padding.rows(n)
+            hidden = np.concatenate([hidden, np.repeat(hidden[:, -1:], rows - n, axis=1)], axis=1)
+        return self.session.run([self.output], {contract.HIDDEN: hidden})[0][:, :n]
 
 
 class BoundGraph:
