@@ -167,7 +167,8 @@ def pack_graph(path: str, slots: int) -> tuple[bytes, bool]:
                 raise BatchingError(f"{path}: unexpected attention output of {n.name}")
             skip.add(id(trim))
             out_name = trim.output[0]
-        for j in (1, 2):        # the present outputs' Identity nodes
+        for j in (1, 2):        # the present outputs: graph outputs, or (older graphs) Identity nodes'
+            dropped_io.add(n.output[j])
             for c in consumers.get(n.output[j], []):
                 skip.add(id(c))
                 dropped_io.add(c.output[0])
@@ -198,10 +199,9 @@ def pack_graph(path: str, slots: int) -> tuple[bytes, bool]:
             counter[0] += 1
             name = f"pack/L{layer}/s{b}/attn"
             o = [f"{name}/out{j}" for j in range(3)]
+            o[1:] = [f"present_key.{layer}.{b}", f"present_value.{layer}.{b}"]
             new.append(helper.make_node("GroupQueryAttention", ins + [pk, pv, s_b, total_b] + list(n.input[7:]),
                                         o, name=name, domain=n.domain, **attrs))
-            new.append(helper.make_node("Identity", [o[1]], [f"present_key.{layer}.{b}"]))
-            new.append(helper.make_node("Identity", [o[2]], [f"present_value.{layer}.{b}"]))
             outs.append(op("Slice", [o[0], zero_i64, n_b, axis1]))
             shape = [d.dim_value or d.dim_param for d in kv_dims[n.input[3]].dim]
             for nm in (pk, pv):

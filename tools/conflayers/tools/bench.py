@@ -77,6 +77,7 @@ import platform
 import shlex
 import statistics
 import sys
+import time
 from collections import Counter
 from importlib.metadata import version
 
@@ -164,6 +165,7 @@ def _version(module: str) -> str | None:
 
 
 def machine_info() -> dict:
+    from conflayers.runtime.exactness import kernel_path
     cpu = None
     try:
         with open("/proc/cpuinfo") as f:
@@ -173,8 +175,63 @@ def machine_info() -> dict:
                     break
     except OSError:
         pass
-    return {"cores": os.cpu_count(), "cpu": cpu or platform.processor() or None,
-            "platform": f"{platform.system()} {platform.machine()}", "python": platform.python_version()}
+    return {"cores": os.cpu_count(), "cpu": cpu or platform.processor() or None, "kernels": kernel_path(),
+            "platform": f"{platform.system()} {platform.machine()}", "python": platform.python_version(),
+            "load_average_at_start": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+            "copy_bandwidth_gb_s": copy_bandwidth()}
+
+
+def copy_bandwidth(mb: int = 256, threads: int | None = None) -> float:
+    """Memory bandwidth as a copy of `mb` MB split over the runtime's threads (read + write bytes
+    per second, best of 5): the bound a decoder that reads its weights once per token works against."""
+    import threading
+
+    import numpy as np
+    threads = threads or runtime_threads()
+    src = np.ones(mb * 2**18, np.float32)
+    dst = np.empty_like(src)
+    parts = np.array_split(np.arange(src.size), threads)
+    spans = [(int(p[0]), int(p[-1]) + 1) for p in parts if len(p)]
+    best = float("inf")
+    for _ in range(5):
+        workers = [threading.Thread(target=np.copyto, args=(dst[a:b], src[a:b])) for a, b in spans]
+        t = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = min(best, time.perf_counter() - t)
+    return round(2 * mb / 1024 / best, 1)
+
+
+def cpu_steal() -> tuple[int, int] | None:
+    """(steal, total) CPU jiffies so far (/proc/stat): a VM's share of time taken by its host."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        return (fields[7] if len(fields) > 7 else 0), sum(fields)
+    except (OSError, ValueError):
+        return None
+
+
+def busy_warnings(meta: dict, steal0) -> list[str]:
+    """Why this run's figures may be low: other work on the machine when it started, or CPU time
+    the host took during it (llama.cpp's OpenMP threads collapse under contention: 31 tok/s
+    against its usual ~100 was measured so)."""
+    out = []
+    m = meta["machine"]
+    load = m.get("load_average_at_start")
+    if load is not None and load > 0.5 * (m["cores"] or 1):
+        out.append(f"the machine was busy when the bench started (load average {load} on {m['cores']} cores): "
+                   "other processes share the cores, so every system runs slower and ratios are noisier")
+    steal1 = cpu_steal()
+    if steal0 and steal1 and steal1[1] > steal0[1]:
+        share = (steal1[0] - steal0[0]) / (steal1[1] - steal0[1])
+        meta["machine"]["cpu_steal_share"] = round(share, 3)
+        if share > 0.05:
+            out.append(f"the host took {share:.0%} of this VM's CPU time during the run (steal): figures are low "
+                       "and noisy; rerun on a quieter machine")
+    return out
 
 
 def versions() -> dict:
@@ -423,6 +480,7 @@ def build_systems(names, args, runtime: RuntimeBackend, warm_prompt: BenchPrompt
             import_llama_cpp()
             gguf = locate_gguf(engine.bundle.manifest["model"], args.gguf)
             meta["gguf"] = {"path": gguf, "bytes": path_bytes(gguf)}
+            meta["llama_cpp_system_info"] = import_llama_cpp().llama_print_system_info().decode().strip()
         except Unavailable as e:
             reason = str(e)
         for s in lc:
@@ -604,6 +662,10 @@ def _f(v, fmt="{:.2f}", none="-"):
     return none if v is None else fmt.format(v)
 
 
+def _pct(gb_s, limit) -> str:
+    return "-" if not gb_s or not limit else f"{100 * gb_s / limit:.0f}%"
+
+
 def _disk_cell(disk: dict | None) -> str:
     return _f(disk.get("bytes") and disk["bytes"] / 1e6, "{:.0f}") if disk else "-"
 
@@ -634,9 +696,17 @@ def render(doc: dict) -> str:
              f"{'on' if meta['settings']['guard'] else 'off'}, seed {meta['settings']['seed']}"
              + (f", {meta['settings']['threads']} threads" if meta["settings"].get("threads") else "")
              + (f", prompt lookup {meta['settings']['prompt_lookup_num_tokens']} tokens/proposal")]
+    lines.append(f"kernels: {m.get('kernels')} (ONNX Runtime's CPU path); memory bandwidth (copy, "
+                 f"{meta['settings'].get('threads')} threads): {_f(m.get('copy_bandwidth_gb_s'), '{:.1f}')} GB/s; "
+                 f"load average at start {_f(m.get('load_average_at_start'))}"
+                 + (f", CPU steal during the run {m['cpu_steal_share']:.1%}" if m.get("cpu_steal_share") is not None else ""))
     if meta.get("gguf"):
         g = meta["gguf"]
         lines.append(f"gguf: {g['path']} ({_f(g.get('bytes') and g['bytes'] / 1e6, '{:.1f}')} MB)")
+    if meta.get("llama_cpp_system_info"):
+        lines.append(f"llama.cpp build: {meta['llama_cpp_system_info']}")
+    for w in meta.get("warnings", []):
+        lines.append(f"WARNING: {w}")
     wa = meta.get("weight_accounting") or {}
     if wa:
         parts = [f"full {wa['full_bytes'] / 1e6:.1f} MB ({wa['full_method']})"] if wa.get("full_bytes") else []
@@ -655,7 +725,7 @@ def render(doc: dict) -> str:
             lines.append(f"user prompt file ({sec['split']}): {len(ov)} of {sec['n_prompts']} prompts appear "
                          "among the bundle's recorded calibration prompt ids")
         header = (f"  {'system':<22} {'tok/s':>7} {'speed-up':>8} {'TTFT ms':>8} {'acc/step':>8} {'acc rate':>8} "
-                  f"{'identical':>9} {'RSS MB':>12} {'disk MB':>8} {'GB/s':>6}")
+                  f"{'identical':>9} {'RSS MB':>12} {'disk MB':>8} {'GB/s':>6} {'% bw':>5}")
         lines.append(header)
         lines.append("  " + "-" * (len(header) - 2))
         rows = [s for s in doc["systems"] if s["task"] == sec["task"]
@@ -670,7 +740,7 @@ def render(doc: dict) -> str:
                          f"{_f(s['ttft_s'] and s['ttft_s'] * 1000, '{:.0f}'):>8} "
                          f"{_f(s['mean_accepted_tokens']):>8} {_f(s['acceptance_rate']):>8} {ident:>9} "
                          f"{_rss_cell(s['rss']):>12} {_disk_cell(s.get('disk')):>8} "
-                         f"{_f(s['bandwidth_gb_s'], '{:.1f}'):>6}")
+                         f"{_f(s['bandwidth_gb_s'], '{:.1f}'):>6} {_pct(s['bandwidth_gb_s'], m.get('copy_bandwidth_gb_s')):>5}")
         lines.append("  per-prompt tok/s:")
         for s in rows:
             if s["status"] == "ok":
@@ -686,7 +756,8 @@ def render(doc: dict) -> str:
     lines.append("")
     lines.append("* headline systems of a task: auto and the profile compiled for it. tok/s: decode rate after "
                  "the first token, mean over prompts; speed-up: vs plain in this run; acc/step: mean accepted "
-                 "draft tokens per speculative step; GB/s: weight bytes read per token x tok/s; disk MB: the "
+                 "draft tokens per speculative step; GB/s: weight bytes read per token x tok/s; % bw: that "
+                 "against the machine's copy bandwidth (the gap to the memory-bandwidth limit); disk MB: the "
                  "files the system loads (bundle directory, HF / GenAI model directory, GGUF file).")
     mem = meta["memory"]
     if mem.get("mode") == "subprocess":
@@ -758,7 +829,11 @@ def run(args, argv) -> int:
     encode_prompts(sections, runtime.engine, args.chat, args.max_new_tokens)
     warm_prompt = sections[0]["bench_prompts"][0]
     slots = build_systems(names, args, runtime, warm_prompt, meta)
+    steal0 = cpu_steal()
     run_sections(sections, slots, args.max_new_tokens, args.own_profile)
+    meta["warnings"] = busy_warnings(meta, steal0)
+    for w in meta["warnings"]:
+        _log(f"WARNING: {w}")
     hwm = proc_status_kb().get("VmHWM")
     meta["memory"]["peak_rss_mb"] = hwm / 1024.0 if hwm else None
     if args.memory:

@@ -648,7 +648,10 @@ class LlamaCppBackend:
         if lookup_tokens:
             from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
             self.probe = _LookupProbe(LlamaPromptLookupDecoding(num_pred_tokens=int(lookup_tokens)))
-            kwargs["draft_model"] = self.probe
+            # with a draft model llama-cpp-python keeps every position's logits, but sizes that
+            # buffer from the logits_all argument (n_batch rows when it is False): prompts longer
+            # than n_batch (512) then fail ("could not broadcast ... into shape (0,)")
+            kwargs.update(draft_model=self.probe, logits_all=True)
         self.llm = llama_cpp.Llama(model_path=gguf, n_ctx=self.n_ctx, n_threads=self.threads,
                                    n_threads_batch=self.threads, verbose=False, **kwargs)
         self.version = getattr(llama_cpp, "__version__", None)

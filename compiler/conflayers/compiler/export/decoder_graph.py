@@ -329,17 +329,17 @@ def build(spec: ModelSpec, stores: WeightStores, plan: DraftPlan | None = None, 
             g.inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, kv_shape) for n in (past_k, past_v)]
             if pad:
                 qkv_in = [_pad_last_row(g, t) if t else t for t in qkv_in]
-            attn, pk, pv = g.op(
-                "GroupQueryAttention", qkv_in + [past_k, past_v, seqlens, total, cos_n, sin_n],
-                n_out=3, domain=MS, name=f"L{i}/attn", num_heads=spec.num_heads,
-                kv_num_heads=spec.num_kv_heads, scale=spec.attn_scale,
-                local_window_size=spec.sliding_window[i], do_rotary=1, rotary_interleaved=0)
+            # the present outputs are the graph's own (bound to the past buffers: updated in place)
+            present = [contract.present_key(i), contract.present_value(i)]
+            attn = f"L{i}/attn/out0"
+            g.nodes.append(helper.make_node(
+                "GroupQueryAttention", qkv_in + [past_k, past_v, seqlens, total, cos_n, sin_n], [attn] + present,
+                name=f"L{i}/attn", domain=MS, num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads,
+                scale=spec.attn_scale, local_window_size=spec.sliding_window[i], do_rotary=1, rotary_interleaved=0))
             if pad:     # drop the extra row
                 attn = g.op("Slice", [attn, g.const("zero_i64", np.array([0], np.int64)),
                                       g.const("minus_one_i64", np.array([-1], np.int64)), g.const("axis1", np.array([1], np.int64))])
-            for src, dst in ((pk, contract.present_key(i)), (pv, contract.present_value(i))):
-                g.nodes.append(helper.make_node("Identity", [src], [dst], name=dst))
-                g.outputs.append(helper.make_tensor_value_info(dst, TensorProto.FLOAT, kv_shape))
+            g.outputs += [helper.make_tensor_value_info(dst, TensorProto.FLOAT, kv_shape) for dst in present]
             pending = g.matmul(attn, pre + "o", f"L{i}/o_proj")
             if spec.sandwich_norm:
                 pending = _norm(g, pending, pre + "post_attn_norm", spec)
