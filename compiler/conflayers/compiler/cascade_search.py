@@ -287,7 +287,7 @@ def measurer(factory, spec, refs, best, ids_for, prompts: int = MEASURE_PROMPTS)
     from conflayers.runtime.cascade import CascadeDrafter
     from conflayers.runtime.decoding import DecodeStats, generate
     from conflayers.runtime.drafter import DraftPolicy, LayerSkipDrafter
-    from conflayers.runtime.ort_backend import KVCache
+    from conflayers.runtime.ort_backend import KVCache, device_of
     from conflayers.runtime.sampling import Sampler
 
     def model(cand, k, stop):
@@ -297,7 +297,7 @@ def measurer(factory, spec, refs, best, ids_for, prompts: int = MEASURE_PROMPTS)
                                 spec.vocab_size, DraftPolicy(k, stop))
 
     def decode(drafter, ref, n):
-        cache = KVCache(spec, len(ref.prompt) + n + 16)
+        cache = KVCache(spec, len(ref.prompt) + n + 16, device_of(factory.providers))   # where the runtime keeps it
         stats = DecodeStats()
         out = [t for it in generate(factory.full().bind(cache), ref.prompt, n, Sampler(),
                                     drafter=drafter.bind(cache, ref.prompt), stats=stats) for t in it]

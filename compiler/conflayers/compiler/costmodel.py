@@ -5,6 +5,9 @@ and per kept MLP block (measured from bodies that keep only attention or only ML
 for its vocabulary. A verify pass of n tokens costs full(n); a draft pass over n tokens (a
 cascade's check pass) a draft step times its precision's width curve. Timings are medians of interleaved
 repetitions at a representative context length, so machine noise hits every configuration alike.
+The device they were measured on is recorded (`device`, `provider`): a CPU step is bound by
+memory bandwidth, a batch-1 GPU step by kernel launches, so a draft tuned on one is no plan for the
+other, and the runtime re-plans a profile served on another device (Engine.replan).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from conflayers.runtime.draftplan import DraftPlan
-from conflayers.runtime.ort_backend import KVCache
+from conflayers.runtime.ort_backend import KVCache, device_of
 
 from .evaluate import PolicyResult
 
@@ -32,6 +35,8 @@ class CostModel:
     # precision -> [a draft pass over n tokens / over 1 token, n = 1..]: a cascade's check pass
     # (cascade_search.py); measured on the all-layer body + full head; {} in older cost models
     draft_relative: dict = field(default_factory=dict)
+    device: str = "cpu"                           # where measured: cpu | cuda (older cost models: cpu)
+    provider: str = "CPUExecutionProvider"        # the ONNX Runtime execution provider of the sessions
 
     def verify_ms(self, n: float) -> float:
         """Full-graph pass over n tokens (interpolated for a mean width, extrapolated beyond)."""
@@ -93,7 +98,8 @@ class CostModel:
         try:
             cm = cls(context=int(d["context"]), full_ms=list(d["full_ms"]), base_ms=dict(d["base_ms"]),
                      attn_ms=dict(d["attn_ms"]), mlp_ms=dict(d["mlp_ms"]), head_ms=dict(d["head_ms"]),
-                     backend=d.get("backend", "onnxruntime-cpu"), draft_relative=dict(d.get("draft_relative", {})))
+                     backend=d.get("backend", "onnxruntime-cpu"), draft_relative=dict(d.get("draft_relative", {})),
+                     device=str(d.get("device", "cpu")), provider=str(d.get("provider", "CPUExecutionProvider")))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path} is not a conflayers cost model (missing or bad field: {e})") from None
         missing = [p for p in precisions if p not in cm.base_ms]
@@ -116,8 +122,11 @@ def _time(fn, reps: int) -> float:
 
 def measure(factory, spec, context: int, max_verify: int, precisions, vocab_sizes, reps: int = 12,
             progress=None) -> CostModel:
-    """Time the full graph (1..max_verify tokens) and the draft building blocks per precision."""
-    cache = KVCache(spec, context + max_verify + 2)
+    """Time the full graph (1..max_verify tokens) and the draft building blocks per precision, on
+    the factory's device (the KV cache there too, as the runtime keeps it)."""
+    providers = getattr(factory, "providers", None) or ["CPUExecutionProvider"]
+    device = device_of(providers)
+    cache = KVCache(spec, context + max_verify + 2, device)
     rng = np.random.default_rng(0)
     prefix = rng.integers(10, spec.vocab_size - 10, context).tolist()
     full = factory.full().bind(cache)
@@ -154,7 +163,8 @@ def measure(factory, spec, context: int, max_verify: int, precisions, vocab_size
         for k, fn in jobs.items():
             samples[k].append(_time(fn, 1))
     med = {k: float(np.median(v)) for k, v in samples.items()}
-    cm = CostModel(context=context, full_ms=[round(med[("full", n)], 3) for n in range(1, max_verify + 1)])
+    cm = CostModel(context=context, full_ms=[round(med[("full", n)], 3) for n in range(1, max_verify + 1)],
+                   backend=f"onnxruntime-{device}", device=device, provider=providers[0])
     for p in precisions:
         base = med[(p, "none")]
         cm.base_ms[p] = round(base, 3)

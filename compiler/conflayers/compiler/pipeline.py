@@ -378,7 +378,8 @@ def compile_profile(opts: CompileOptions) -> str:
             bw.add_profile(profile, default=not keep)      # the writer serialises it at finalize
             m.write_tokenizer(bw, workdir)
             log.phase("validation", "validation through the runtime (plain vs speculative, validation prompts)")
-            figures = validate(bw.finalize(), task, cal.val_prompts, val_refs, opts.max_new_tokens, cal.chat, log)
+            figures = validate(bw.finalize(), task, cal.val_prompts, val_refs, opts.max_new_tokens, cal.chat, log,
+                               opts.device)
             profile["figures"].update(figures)
             log.phase("report")
             for rel, blob in report.render(profile, outcome.result, cost).items():
@@ -616,7 +617,8 @@ def build_profile(m: ModelSetup, opts: CompileOptions, cal: Calibration, o: Sear
     }
 
 
-def validate(bundle_dir: str, task: str, val_prompts, val_refs, max_new_tokens: int, chat: bool, log) -> dict:
+def validate(bundle_dir: str, task: str, val_prompts, val_refs, max_new_tokens: int, chat: bool, log,
+             device: str = "cpu") -> dict:
     """Plain vs speculative decoding through the runtime's public API over the written bundle,
     interleaved per prompt: token identity (with each other and with the compiler's reference),
     acceptance and the measured speed-up. The runtime tokenises the prompts itself, so this also
@@ -624,8 +626,8 @@ def validate(bundle_dir: str, task: str, val_prompts, val_refs, max_new_tokens: 
     from conflayers.runtime.engine import Engine
     from .data import chat_messages
 
-    # the compiled policy as written (no adaptation): its prediction is what is checked
-    engine = Engine.load(bundle_dir, verify=True, guard=False, adapt=False)
+    # the compiled policy as written (no adaptation), on the device it was tuned on: its prediction is what is checked
+    engine = Engine.load(bundle_dir, device=device, verify=True, guard=False, adapt=False)
     identical = True
     time_s = {"plain": 0.0, "spec": 0.0}
     tokens = {"plain": 0, "spec": 0}
@@ -662,5 +664,6 @@ def validate(bundle_dir: str, task: str, val_prompts, val_refs, max_new_tokens: 
         "speculative_tokens_per_s": round(rate["spec"], 2),
         "measured_speedup": round(rate["spec"] / rate["plain"], 4) if rate["plain"] else 0.0,
         "identical_to_plain": bool(identical),
-        "measured_on": f"{os.cpu_count()} CPU cores, onnxruntime " + onnxruntime.__version__,
+        "measured_on": (f"{os.cpu_count()} CPU cores" if engine.device == "cpu" else "CUDA")
+                       + ", onnxruntime " + onnxruntime.__version__,
     }

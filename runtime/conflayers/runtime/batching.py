@@ -151,13 +151,17 @@ def pack_graph(path: str, slots: int) -> tuple[bytes, bool]:
             if not x:
                 srcs.append("")
                 continue
-            if padded:          # Concat([x, Slice(x, -1:)]) -> x
-                cat = producer[x]
-                last = producer[cat.input[1]]
-                if cat.op_type != "Concat" or last.op_type != "Slice" or last.input[0] != cat.input[0]:
-                    raise BatchingError(f"{path}: unexpected attention padding before {n.name}")
-                skip.update((id(cat), id(last)))
-                srcs.append(cat.input[0])
+            if padded:          # Pad(x, edge) (or, older graphs, Concat([x, Slice(x, -1:)])) -> x
+                pad = producer[x]
+                mode = {a.name: helper.get_attribute_value(a) for a in pad.attribute}.get("mode")
+                if pad.op_type == "Pad" and mode == b"edge":
+                    skip.add(id(pad))
+                else:
+                    last = producer.get(pad.input[1]) if len(pad.input) > 1 else None
+                    if pad.op_type != "Concat" or last is None or last.op_type != "Slice" or last.input[0] != pad.input[0]:
+                        raise BatchingError(f"{path}: unexpected attention padding before {n.name}")
+                    skip.update((id(pad), id(last)))
+                srcs.append(pad.input[0])
             else:
                 srcs.append(x)
         out_name = n.output[0]

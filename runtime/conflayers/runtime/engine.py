@@ -16,9 +16,12 @@ machine): a target that is not exact here is refused with the reason, never serv
 A profile's drafting policy (draft length, confidence stop) is chosen for this machine on the first
 request that uses it (adapt_policy: a few full and draft steps timed here, policy.py), so a
 profile compiled elsewhere does not slow this one; the speculation guard remains the last line.
+A profile tuned on another device (cost_model.device: a CPU-tuned one on a GPU, or the reverse) has
+its policy chosen here in the same way even with adapt=False (Engine.replan names them).
 """
 from __future__ import annotations
 
+import logging
 import numbers
 import threading
 import time
@@ -32,12 +35,13 @@ from .decoding import DecodeStats, SpeculationGuard, generate as decode
 from .drafter import DraftPolicy, LayerSkipDrafter
 from .ngram import HybridDrafter, NGramDrafter, NGramPolicy
 from .ort_backend import GraphRunner, KVCache, create_session, resolve_providers
-from .policy import MachineCosts, choose as choose_policy
+from .policy import MachineCosts, choose as choose_policy, rows_from_figures
 from .sampling import Sampler, SamplingError
 from .selection import ProfileSelector
 from .textio import ChatError, lone_surrogate
 
 DEFAULT_MAX_NEW_TOKENS = 256     # max_new_tokens=None: this many, or fewer to fit the context
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,12 @@ class Engine:
         self._lock = threading.Lock()
         self.machine_costs: dict[str, MachineCosts | None] = {}   # per profile, once adapted
         self._adapt_lock = threading.Lock()
+        # profiles tuned on another device (none recorded: the CPU) -> that device: their policy is
+        # chosen again here whatever `adapt` says (a launch-bound GPU step favours other drafts)
+        self.replan = {t: p.tuned_device for t, p in bundle.profiles.items() if p.tuned_device != self.device}
+        for t, there in sorted(self.replan.items()):
+            _log.info("profile %r was tuned on %s, this engine runs on %s: its drafting policy is chosen "
+                      "again here on first use", t, there, self.device)
         self.exactness: exactness.Verdict | None = None
         if check_exactness:
             self._check_exactness()
@@ -182,7 +192,8 @@ class Engine:
         key = {"graph": b.manifest["files"][b.manifest["graphs"]["full"]["file"]]["sha256"],
                "weights": b.manifest["model"].get("weights_sha256"), "target": b.target,
                "recorded": list(b.verify_boundaries or ()), "widths": sorted(widths),
-               "check": 1, **exactness.machine(self.num_threads)}
+               "check": 1, **exactness.machine(self.num_threads),
+               **({"providers": self.providers} if self.device != "cpu" else {})}   # GPU kernels differ
         verdict = exactness.cached(key)
         if verdict is None:
             verdict = exactness.choose(self.full, self.spec, sorted(widths), b.verify_boundaries,
@@ -232,18 +243,23 @@ class Engine:
         here). Chosen once, on first use: the profile's policy table with costs measured here;
         a profile without a table (or adapt=False) keeps its compiled policy. An n-gram or hybrid
         profile always drafts (n-gram proposals cost ~nothing); a hybrid's model part is adapted;
-        a cascade keeps its compiled policy (see cascade.py)."""
+        a cascade keeps its compiled policy (see cascade.py). A profile in self.replan (tuned on
+        another device) is adapted even with adapt=False, and without a table from its figures:
+        its compiled policy where that is predicted to beat plain decoding here, else none."""
         drafter = self.drafters[name]
         model = drafter.model         # the model draft (None for an n-gram profile or a cascade)
         with self._adapt_lock:
             if name not in self.machine_costs:
                 profile, costs = self.bundle.profiles[name], None
-                if model is not None and self.adapt and profile.policy_table:
-                    width = max(r.k for r in profile.policy_table) + 1
+                rows = profile.policy_table
+                if rows is None and name in self.replan:     # no table: its own policy or none, by its figures
+                    rows = rows_from_figures(profile.policy, profile.figures)
+                if model is not None and (self.adapt or name in self.replan) and rows:
+                    width = max(r.k for r in rows) + 1
                     context = max(1, min(profile.cost_context, self.capacity - width - 1))
                     costs = probe.measure(self.full, model, self.spec, width, context,
                                           profile.verify_cost, self.device)
-                    model.policy = choose_policy(profile.policy_table, costs)
+                    model.policy = choose_policy(rows, costs)
                 self.machine_costs[name] = costs
         return drafter.policy
 

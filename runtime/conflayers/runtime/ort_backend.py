@@ -17,30 +17,11 @@ import numpy as np
 import onnxruntime as ort
 
 from . import contract
+from .device import available_providers, device_of, resolve_providers  # noqa: F401 (their home was here)
 from .modelspec import ModelSpec
 
 _pool_lock = threading.Lock()
 _global_pool: bool | None = None
-
-
-def available_providers() -> list[str]:
-    return ort.get_available_providers()
-
-
-def resolve_providers(device: str) -> list[str]:
-    """'cpu', 'cuda' or 'auto' -> ONNX Runtime execution providers, with a clear error."""
-    have = available_providers()
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    if device in ("cuda", "auto"):
-        if "CUDAExecutionProvider" in have:
-            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        if device == "cuda":
-            raise RuntimeError(
-                "device 'cuda' asked for, but this onnxruntime has no CUDAExecutionProvider "
-                f"(available: {', '.join(have)}); install conflayers[gpu] (onnxruntime-gpu) on a GPU machine")
-        return ["CPUExecutionProvider"]
-    raise ValueError(f"unknown device {device!r}: use cpu, cuda or auto")
 
 
 def _use_global_pool(num_threads: int | None) -> bool:
@@ -96,10 +77,11 @@ class KVCache:
                     self._host[(kind, i)] = arr
                     store[i] = ort.OrtValue.ortvalue_from_numpy(arr)
         else:
-            self.keys = {i: ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, device, 0)
-                         for i in range(spec.num_layers)}
-            self.values = {i: ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, device, 0)
-                           for i in range(spec.num_layers)}
+            # device-resident: a step moves only token ids in and logits out. Zeroed (one host
+            # copy at allocation) as the CPU buffers are, so never-written positions hold no NaN
+            zeros = np.zeros(shape, np.float32)
+            self.keys = {i: ort.OrtValue.ortvalue_from_numpy(zeros, device, 0) for i in range(spec.num_layers)}
+            self.values = {i: ort.OrtValue.ortvalue_from_numpy(zeros, device, 0) for i in range(spec.num_layers)}
 
     def reset(self):
         self.length = 0

@@ -70,6 +70,20 @@ def parse_table(d) -> list[PolicyRow]:
     return rows
 
 
+def rows_from_figures(policy: DraftPolicy | None, figures: dict) -> list[PolicyRow] | None:
+    """The one row a profile without a policy table still tells: its compiled policy with the
+    acceptance measured at compile time (figures: acceptance_rate and mean_accepted_tokens, the
+    runtime's on validation prompts, else the search's). None where the figures do not say."""
+    if policy is None:
+        return None
+    accepted = figures.get("mean_accepted_tokens", figures.get("search_mean_accepted_tokens"))
+    rate = figures.get("acceptance_rate", figures.get("search_acceptance"))
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (accepted, rate)) or rate <= 0:
+        return None
+    drafted = min(float(policy.max_tokens), accepted / rate)
+    return [PolicyRow(policy.max_tokens, policy.confidence_stop, drafted, min(float(accepted), drafted))]
+
+
 def predicted_speedup(row: PolicyRow, costs: MachineCosts) -> float:
     """Predicted tokens/s of speculative decoding with this row's policy relative to plain."""
     step_ms = row.drafted_per_step * costs.draft_ms + costs.verify(row.drafted_per_step + 1)

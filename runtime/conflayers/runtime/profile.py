@@ -27,6 +27,7 @@ PROFILE_SCHEMA = "conflayers.profile"
 PROFILE_SCHEMA_VERSION = 3
 DRAFTER_KINDS = ("model", "ngram", "hybrid", "cascade")
 KIND_SINCE = {"model": 1, "ngram": 2, "hybrid": 2, "cascade": 3}    # schema version that added it
+DEVICES = ("cpu", "cuda")         # cost_model.device: where the compiler measured its costs
 
 
 class ProfileError(ValueError):
@@ -99,6 +100,12 @@ class Profile:
         c = (self.raw.get("cost_model") or {}).get("context")
         return c if isinstance(c, int) and not isinstance(c, bool) and c > 0 else 128
 
+    @property
+    def tuned_device(self) -> str:
+        """The device its cost model was measured on, 'cpu' or 'cuda' (cost_model.device; profiles
+        from before it was recorded were all tuned on a CPU). The engine re-plans where it differs."""
+        return (self.raw.get("cost_model") or {}).get("device") or "cpu"
+
     def verify_cost(self, n: int) -> float:
         """Cost of a full-graph pass over n tokens in units of a 1-token pass (compile-time
         measurement on the target backend; linear fallback)."""
@@ -130,6 +137,7 @@ class Profile:
         for k in ("architecture", "config_sha256", "weights_sha256"):
             _need(model, k, "model.", str)
         num_layers = _need(model, "num_layers", "model.", int)
+        _check_device(d)
         draft = _need(d, "draft", "", dict)
         kind = draft.get("kind", "model")
         if kind not in DRAFTER_KINDS:
@@ -255,6 +263,12 @@ def _signature(d: dict) -> dict[int, float]:
     if not all(isinstance(k, str) and k.isascii() and k.isdigit() and len(k) < 12 and _finite(v) for k, v in sig.items()):
         raise ProfileError("profile field 'selection.signature' must map token ids to numbers")
     return {int(k): float(v) for k, v in sig.items()}
+
+
+def _check_device(d: dict) -> None:
+    device = _section(d, "cost_model").get("device", "cpu")
+    if device not in DEVICES:
+        raise ProfileError(f"profile field 'cost_model.device' must be one of {DEVICES}, got {device!r}")
 
 
 def _verify_relative(d: dict) -> list[float]:

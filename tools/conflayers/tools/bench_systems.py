@@ -476,16 +476,20 @@ class HFSystem:
 
 # ----------------------------------------------------------------------------- ONNX Runtime GenAI
 
-def genai_model_dir(hf_dir: str, model_name: str, log=print, precision: str = "fp32") -> str:
-    """Build (once) ONNX Runtime GenAI's CPU model of hf_dir at `precision` (builder -p: fp32, or
-    int4 = its MatMulNBits defaults on CPU: block 32, symmetric, accuracy level 4), cached under
-    $CONFLAYERS_CACHE/genai/<model-name>-<precision>. Raises Unavailable with the builder's error."""
+def genai_model_dir(hf_dir: str, model_name: str, log=print, precision: str = "fp32", provider: str = "cpu",
+                    timeout: float | None = None) -> str:
+    """Build (once) ONNX Runtime GenAI's model of hf_dir at `precision` (builder -p: fp32, or
+    int4 = its MatMulNBits defaults on CPU: block 32, symmetric, accuracy level 4; fp16 for CUDA)
+    for execution provider `provider` (builder -e: cpu, or cuda for tools/gpu_check), cached under
+    $CONFLAYERS_CACHE/genai/<model-name>-<precision>[-<provider>]. Raises Unavailable with the
+    builder's error, or when it runs past `timeout` seconds."""
     from conflayers.compiler.models import cache_dir
     from conflayers.runtime.profile import safe_name
-    out = os.path.join(cache_dir(), "genai", f"{safe_name(model_name, 'model')}-{precision}")
+    suffix = "" if provider == "cpu" else f"-{provider}"      # the CPU models keep their old place
+    out = os.path.join(cache_dir(), "genai", f"{safe_name(model_name, 'model')}-{precision}{suffix}")
     stamp = os.path.join(out, "conflayers_source.json")
     src = {"hf_dir": os.path.abspath(hf_dir), "config_mtime": os.path.getmtime(os.path.join(hf_dir, "config.json")),
-           "precision": precision}
+           "precision": precision, **({"provider": provider} if suffix else {})}
     if os.path.isfile(stamp):
         with contextlib.suppress(OSError, ValueError):
             with open(stamp) as f:
@@ -494,11 +498,14 @@ def genai_model_dir(hf_dir: str, model_name: str, log=print, precision: str = "f
     os.makedirs(os.path.dirname(out), exist_ok=True)
     work = tempfile.mkdtemp(prefix=".genai-build-", dir=os.path.dirname(out))
     try:
-        log(f"building the ONNX Runtime GenAI model of {hf_dir} ({precision}, cpu) into {out} ...")
+        log(f"building the ONNX Runtime GenAI model of {hf_dir} ({precision}, {provider}) into {out} ...")
         t0 = time.perf_counter()
         cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", hf_dir,
-               "-o", os.path.join(work, "model"), "-p", precision, "-e", "cpu", "-c", os.path.join(work, "hf_cache")]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+               "-o", os.path.join(work, "model"), "-p", precision, "-e", provider, "-c", os.path.join(work, "hf_cache")]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise Unavailable(f"the ONNX Runtime GenAI model builder ran past {timeout:.0f} s") from None
         if proc.returncode != 0 or not os.path.isfile(os.path.join(work, "model", "genai_config.json")):
             lines = [ln for ln in (proc.stderr or proc.stdout or "").strip().splitlines() if ln.strip()]
             raise Unavailable("the ONNX Runtime GenAI model builder failed on this model: "
