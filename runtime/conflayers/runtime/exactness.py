@@ -133,19 +133,23 @@ class _Probe:
     def _digest(row: np.ndarray) -> bytes:
         return hashlib.blake2b(np.ascontiguousarray(row, np.float32).tobytes(), digest_size=12).digest()
 
-    def run(self, st: int, n: int) -> Pass:
-        """A pass of n tokens at st, its rows compared to the steps; the cache restored after."""
-        got = self.steps.run(self.ids[st:st + n], st)
+    def run(self, st: int, n: int, last: int | None = None) -> Pass:
+        """A pass of n tokens at st, its rows compared to the steps (only its `last` rows, as a
+        prefill returns them: they attend over every earlier row's KV, so a row computed otherwise
+        shows there too, and a large vocabulary's logits of every row would bloat the session's
+        memory arena); the cache restored after."""
+        first = 0 if last is None else max(n - last, 0)
+        got = self.steps.run(self.ids[st:st + n], st, logits_from=first)
         for (kind, i), arr in self.pristine.items():          # undo what the pass wrote
-            self._kv(kind, i)[:, :, st:st + n + 2] = arr[:, :, st:st + n + 2]
-        bad = [j for j in range(n) if self._digest(got[j]) != self.expected[st + j]]
+            self._kv(kind, i)[:, :, st:st + n + 3] = arr[:, :, st:st + n + 3]
+        bad = [j for j in range(first, n) if self._digest(got[j - first]) != self.expected[st + j]]
         if not bad:
             return Pass(st, n, 0.0)
         j = bad[0]                     # how far off (the step again, now that it is needed)
         ref = self.steps.run([self.ids[st + j]], st + j)[-1]
         for (kind, i), arr in self.pristine.items():
-            self._kv(kind, i)[:, :, st + j:st + j + 2] = arr[:, :, st + j:st + j + 2]
-        return Pass(st, n, float(np.abs(got[j] - ref).max()))
+            self._kv(kind, i)[:, :, st + j:st + j + 3] = arr[:, :, st + j:st + j + 3]
+        return Pass(st, n, float(np.abs(got[j - first] - ref).max()))
 
 
 SCAN_LIMIT = 1200            # longest scan that looks for a second boundary (Gemma 3 here: every 256)
@@ -278,14 +282,14 @@ def load_check(full, spec, widths, recorded: tuple | None, limit: int, prefill_c
     for n in widths[2:] + [prefill_chunk]:
         for st in (0, 1, (length - n) // 2, length - n):
             if 0 <= st <= length - n and not crosses(st, n, pad, bounds):
-                more.append(probe.run(st, n))
+                more.append(probe.run(st, n, last=2 if n == prefill_chunk else None))
     for n in (length, 129):           # prefills, cut where the runtime cuts them
         st = 0
         while st < min(n, length):
             piece = min(n, length) - st
             room = pad.pass_room(st, bounds)
             piece = piece if room is None else max(1, min(piece, room))
-            more.append(probe.run(st, piece))
+            more.append(probe.run(st, piece, last=2))
             st += piece
     bad = [p for p in more if p.diff]
     if bad:

@@ -177,8 +177,7 @@ def machine_info() -> dict:
         pass
     return {"cores": os.cpu_count(), "cpu": cpu or platform.processor() or None, "kernels": kernel_path(),
             "platform": f"{platform.system()} {platform.machine()}", "python": platform.python_version(),
-            "load_average_at_start": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-            "copy_bandwidth_gb_s": copy_bandwidth()}
+            "busy_at_start": busy_share(), "copy_bandwidth_gb_s": copy_bandwidth()}
 
 
 def copy_bandwidth(mb: int = 256, threads: int | None = None) -> float:
@@ -204,6 +203,22 @@ def copy_bandwidth(mb: int = 256, threads: int | None = None) -> float:
     return round(2 * mb / 1024 / best, 1)
 
 
+def busy_share(seconds: float = 1.0) -> float | None:
+    """The share of the CPUs other work used over `seconds` before the bench starts (/proc/stat:
+    1 - idle; a load average would also count what ran just before)."""
+    def sample():
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        return fields[3] + (fields[4] if len(fields) > 4 else 0), sum(fields)
+    try:
+        idle0, total0 = sample()
+        time.sleep(seconds)
+        idle1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(1.0 - (idle1 - idle0) / max(total1 - total0, 1), 3)
+
+
 def cpu_steal() -> tuple[int, int] | None:
     """(steal, total) CPU jiffies so far (/proc/stat): a VM's share of time taken by its host."""
     try:
@@ -220,10 +235,10 @@ def busy_warnings(meta: dict, steal0) -> list[str]:
     against its usual ~100 was measured so)."""
     out = []
     m = meta["machine"]
-    load = m.get("load_average_at_start")
-    if load is not None and load > 0.5 * (m["cores"] or 1):
-        out.append(f"the machine was busy when the bench started (load average {load} on {m['cores']} cores): "
-                   "other processes share the cores, so every system runs slower and ratios are noisier")
+    busy = m.get("busy_at_start")
+    if busy is not None and busy > 0.25:
+        out.append(f"the machine was busy when the bench started ({busy:.0%} of its {m['cores']} cores in use by "
+                   "other work): they share the cores, so every system runs slower and ratios are noisier")
     steal1 = cpu_steal()
     if steal0 and steal1 and steal1[1] > steal0[1]:
         share = (steal1[0] - steal0[0]) / (steal1[1] - steal0[1])
@@ -698,7 +713,7 @@ def render(doc: dict) -> str:
              + (f", prompt lookup {meta['settings']['prompt_lookup_num_tokens']} tokens/proposal")]
     lines.append(f"kernels: {m.get('kernels')} (ONNX Runtime's CPU path); memory bandwidth (copy, "
                  f"{meta['settings'].get('threads')} threads): {_f(m.get('copy_bandwidth_gb_s'), '{:.1f}')} GB/s; "
-                 f"load average at start {_f(m.get('load_average_at_start'))}"
+                 + (f"CPU busy at start {m['busy_at_start']:.0%}" if m.get("busy_at_start") is not None else "")
                  + (f", CPU steal during the run {m['cpu_steal_share']:.1%}" if m.get("cpu_steal_share") is not None else ""))
     if meta.get("gguf"):
         g = meta["gguf"]
