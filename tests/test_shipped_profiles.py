@@ -99,6 +99,12 @@ def test_smollm2_native_profiles_export_only_and_decode_losslessly(tmp_path):
     _export_and_decode("smollm2-135m-instruct", _by_model("native")["smollm2-135m-instruct"], tmp_path)
 
 
+@pytest.mark.real_model
+@pytest.mark.skipif("smollm2-135m-instruct" not in _by_model("int4"), reason="no shipped int4 profile")
+def test_smollm2_int4_profiles_export_only_and_decode_losslessly(tmp_path):
+    _export_and_decode("smollm2-135m-instruct", _by_model("int4")["smollm2-135m-instruct"], tmp_path)
+
+
 @pytest.mark.gemma
 @pytest.mark.slow
 @pytest.mark.skipif("gemma3-270m" not in _by_model("native"), reason="no shipped native gemma3-270m profile")
