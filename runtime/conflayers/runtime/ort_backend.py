@@ -49,6 +49,8 @@ def create_session(path: str | bytes, providers: list[str], num_threads: int | N
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", external_dir)
     if providers[0] == "CPUExecutionProvider" and _use_global_pool(num_threads):
         so.use_per_session_threads = False
+    elif _global_pool:      # a CUDA session where CPU sessions made the global pool: ORT then requires it
+        so.use_per_session_threads = False
     else:
         if num_threads:
             so.intra_op_num_threads = num_threads
