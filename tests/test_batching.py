@@ -1,4 +1,5 @@
-"""Continuous batching (runtime/batching.py): every request's output equals its solo output.
+"""Continuous batching (the scheduler's loop over several slots, scheduler.py, packing.py,
+batchplan.py): every request's output equals its solo output.
 
 The identity is asserted first (greedy, then seeded sampling); then admission, chunked prefill
 and cancellation."""
@@ -14,11 +15,11 @@ pytest.importorskip("onnx")
 
 
 @pytest.fixture(scope="module")
-def batched(tiny_engine):
-    from conflayers.runtime.batching import BatchedEngine
+def batched(tiny_bundle):
+    from conflayers.runtime import Engine
     # small slots and chunks so that 16 requests queue, join mid-stream and prefill in chunks;
     # drafting at every batch size so that batched draft and verify passes are exercised
-    be = BatchedEngine(tiny_engine, max_batch=6, prefill_chunk=8, spec_max_batch=99)
+    be = Engine.load(tiny_bundle, max_batch=6, prefill_chunk=8, spec_max_batch=99)
     yield be
     be.close()
 
@@ -48,13 +49,13 @@ def _requests():
 def test_packed_passes_are_bit_identical_to_solo_passes(tiny_engine):
     """Chunked prefill, ragged passes (plain steps, verifies and a prompt chunk together, empty
     slots) and draft bodies give each sequence exactly its solo logits."""
-    from conflayers.runtime.batching import BatchedKVCache, PackedGraph
     from conflayers.runtime.ort_backend import KVCache
+    from conflayers.runtime.packing import BatchedKVCache, PackedGraph
     eng = tiny_engine
     rng = np.random.default_rng(0)
     cap, n_slots = 128, 4
     cache = BatchedKVCache(eng.spec, n_slots, cap)
-    full = PackedGraph(eng.bundle.full_graph, list(range(eng.spec.num_layers)), "logits", cache, eng.providers, None)
+    full = PackedGraph(eng.full, cache, eng.providers)
     prompts = [list(rng.integers(3, 300, n)) for n in (7, 23, 3)]
     solo, last = [], []
     for b, p in enumerate(prompts):
@@ -92,8 +93,7 @@ def test_packed_passes_are_bit_identical_to_solo_passes(tiny_engine):
             last[b] = int(np.argmax(ref[0]))
             c.length = cache.slot[b].length = start + 1
     drafter = eng.drafters["int8skip"]
-    body = PackedGraph(eng.bundle.draft_graphs("int8skip").body, drafter.body.kv_layers, "hidden", cache,
-                       eng.providers, None)
+    body = PackedGraph(drafter.body, cache, eng.providers)
     segs = [([last[b]], cache.slot[b].length) if b != 1 else ([], cache.slot[b].length) for b in range(3)]
     out = body.run(segs + [([], 0)], [0, 1])
     for r, b in enumerate((0, 2)):
@@ -169,28 +169,30 @@ def test_seeded_sampling_equals_solo(tiny_engine, batched):
     assert out == solo
 
 
-def test_speculation_follows_the_costs_measured_at_start(tiny_engine):
+def test_speculation_follows_the_costs_measured_at_start(tiny_bundle, tiny_engine):
     """Without an override, the engine measures its packed passes when it starts (every size up
     to max_batch, both widths, each profile's draft) and each profile's draft length per batch
     size is the prediction from them (alone: the engine's policy): the limit is the first size
     where it is None."""
     from conflayers.runtime import batchcost
-    from conflayers.runtime.batching import BatchedEngine, _model_rows
-    be = BatchedEngine(tiny_engine, max_batch=4)
+    from conflayers.runtime import Engine
+    from conflayers.runtime.batchplan import model_rows
+    be = Engine.load(tiny_bundle, max_batch=4)
+    plan = be.planner
     try:
-        c = be.costs
+        c = plan.costs
         assert c.sizes == (1, 2, 4) and len(c.full) == 3 and set(c.draft) == set(tiny_engine.profiles)
         assert all(ms > 0 for f in c.full for ms in f) and all(ms > 0 for d in c.draft.values() for ms in d)
         for name in tiny_engine.profiles:
             policy = tiny_engine.adapt_policy(name)
             if policy is None:
                 continue
-            rows = _model_rows(tiny_engine.bundle.profiles[name], policy)
-            lengths = [be.draft_length(name, n) for n in range(1, 5)]
+            rows = model_rows(tiny_engine.bundle.profiles[name], policy)
+            lengths = [plan.draft_length(name, n) for n in range(1, 5)]
             assert lengths[0] == policy.max_tokens          # alone: the engine's own policy
             if rows:
                 assert lengths[1:] == [batchcost.model_draft_length(rows, c, name, n) for n in range(2, 5)]
-            limit = be.spec_batch_limit(name)
+            limit = plan.spec_batch_limit(name)
             assert 1 <= limit <= be.max_batch + 1 and all(lengths[: limit - 1])
             assert limit == be.max_batch + 1 or lengths[limit - 1] is None
             assert be.speculation_plan()[name] == \
@@ -269,7 +271,7 @@ def test_serve_cli_prints_the_batched_speculation_plan(tiny_bundle):
     what each profile drafts at each batch size; a chunk of 0 is refused before anything loads."""
     import subprocess
     import sys
-    base = [sys.executable, "-m", "conflayers.runtime.server", tiny_bundle, "--host", "127.0.0.1", "--port", "0",
+    base = [sys.executable, "-m", "conflayers.runtime.serving.cli", tiny_bundle, "--host", "127.0.0.1", "--port", "0",
             "--max-batch", "2"]
     bad = subprocess.run(base + ["--prefill-chunk", "0"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--prefill-chunk" in bad.stderr

@@ -14,7 +14,7 @@ from conflayers.runtime import Bundle, Engine
 from conflayers.runtime.bundle import BundleError
 from conflayers.runtime.cascade import CascadeDrafter
 from conflayers.runtime.decoding import DecodeStats, generate
-from conflayers.runtime.drafter import LayerSkipDrafter
+from conflayers.runtime.drafter import LayerSkipDrafter, propose
 from conflayers.runtime.ngram import HybridDrafter
 from conflayers.runtime.ort_backend import KVCache
 from conflayers.runtime.profile import PROFILE_SCHEMA_VERSION, Profile, ProfileError
@@ -82,7 +82,7 @@ def engine(cascade_bundle):
 
 def _loop(engine, ids, task, n, sampler=None, stop_ids=frozenset()):
     cache = KVCache(engine.spec, 256)
-    bound = engine.drafters[task].bind(cache, ids)
+    bound = engine.drafters[task].bind(ids)
     stats = DecodeStats()
     out = [t for it in generate(engine.full.bind(cache), ids, n, sampler or Sampler(), drafter=bound,
                                 stop_ids=stop_ids, stats=stats) for t in it]
@@ -148,7 +148,7 @@ def test_sampling_distribution_end_to_end(engine, tiny_llama, task, temperature,
     cache = KVCache(engine.spec, len(ids) + DEPTH + 8)
     target = engine.full.bind(cache)
     drafter = engine.drafters[task]
-    bound = drafter.bind(cache, ids)
+    bound = drafter.bind(ids)
     spec, drafted, accepted = Counter(), 0, 0
     for seed in range(n):
         st = DecodeStats()
@@ -170,7 +170,7 @@ def test_sampling_distribution_end_to_end(engine, tiny_llama, task, temperature,
     for seed in range(n):
         s = Sampler(temperature, top_p, top_k, seed=10_000 + seed)
         first = s.pick(target.run(ids, 0, logits_from=len(ids) - 1)[-1])
-        rest, q = bound.propose(first, len(ids), s, DEPTH - 1)
+        rest, q = propose(bound, first, len(ids), s, DEPTH - 1, cache)
         assert len(q) == len(rest) and all(abs(x.sum() - 1.0) < 1e-9 for x in q)
         if len(rest) < DEPTH - 1:             # the confidence stop ended the draft: skip the sample
             continue
@@ -282,16 +282,25 @@ def test_json_schema_takes_cascades():
             jsonschema.validate(bad, schema)
 
 
-# -- 4. the batched engine: a cascade drafts with its top stage alone ------------------------------
-def test_batched_engine_drafts_with_the_top_stage(engine):
-    from conflayers.runtime.batching import BatchedEngine, batched_draft
-    assert batched_draft(engine.drafters["casc"]) is engine.drafters["casc"].top
-    be = BatchedEngine(engine, max_batch=3, spec_max_batch=99)
+# -- 4. in a batch: a cascade's rounds (lower passes, top check passes) batched with others -------
+def test_cascades_in_a_batch_equal_plain(engine):
+    """Cascade requests decoded together (their lower stages' and check passes packed into shared
+    passes, beside a plain request) give each its plain output."""
+    import threading
+    plain = [engine.generate(**_kw(p), speculate=False, max_new_tokens=N_NEW).token_ids for p in PROMPTS]
+    engine.set_batching(4, prefill_chunk=8, spec_max_batch=99)
     try:
-        for prompt in PROMPTS[:2]:
-            plain = engine.generate(**_kw(prompt), speculate=False, max_new_tokens=N_NEW).token_ids
-            r = be.generate(**_kw(prompt), task="casc", max_new_tokens=N_NEW)
-            assert r.token_ids == plain
-            assert r.metrics.speculative and r.metrics.draft_steps > 0
+        out = [None] * (len(PROMPTS) + 1)
+
+        def go(i):
+            speculate = i < len(PROMPTS)
+            out[i] = engine.generate(**_kw(PROMPTS[i % len(PROMPTS)]), task=CASCADES[i % len(CASCADES)],
+                                     max_new_tokens=N_NEW, speculate=speculate)
+        threads = [threading.Thread(target=go, args=(i,)) for i in range(len(out))]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        for i, r in enumerate(out):
+            assert r.token_ids == plain[i % len(PROMPTS)]
+        assert all(r.metrics.draft_steps > 0 for r in out[:-1]) and out[-1].metrics.draft_steps == 0
     finally:
-        be.close()
+        engine.set_batching(1)

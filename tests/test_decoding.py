@@ -11,7 +11,7 @@ import pytest
 
 from conflayers.runtime import Engine
 from conflayers.runtime.decoding import DecodeStats, SpeculationGuard, generate
-from conflayers.runtime.drafter import Drafter
+from conflayers.runtime.drafter import Drafter, DraftJob
 from conflayers.runtime.ort_backend import KVCache
 from conflayers.runtime.sampling import Sampler
 
@@ -152,7 +152,7 @@ def test_stop_token_mid_draft(engine, guard_engine_noguard, which):
     plain_stats = DecodeStats()
     plain = _flat(generate(target, ids, 40, Sampler(), stop_ids=frozenset({stop}), stats=plain_stats))
     stats = DecodeStats()
-    its = list(generate(target, ids, 40, Sampler(), drafter=eng.drafters[which].bind(cache),
+    its = list(generate(target, ids, 40, Sampler(), drafter=eng.drafters[which].bind(ids),
                         stop_ids=frozenset({stop}), stats=stats))
     spec = _flat(its)
     assert spec == plain
@@ -170,7 +170,7 @@ def test_stop_token_first_token(engine, guard_engine_noguard, profile):
     cache = KVCache(eng.spec, 64)
     target = eng.full.bind(cache)
     first = _flat(generate(target, ids, 1, Sampler()))[0]
-    spec = list(generate(target, ids, 20, Sampler(), drafter=eng.drafters[profile].bind(cache),
+    spec = list(generate(target, ids, 20, Sampler(), drafter=eng.drafters[profile].bind(ids),
                          stop_ids=frozenset({first})))
     plain = list(generate(target, ids, 20, Sampler(), stop_ids=frozenset({first})))
     assert spec == plain == [[first]]
@@ -229,11 +229,11 @@ class ScriptedDrafter(Drafter):
         self.feedbacks: list[tuple[int, int]] = []
         self.rng = np.random.default_rng(0)
 
-    def feedback(self, drafted, accepted):
-        self.feedbacks.append((drafted, accepted))
+    def feedback(self, tokens, accepted):
+        self.feedbacks.append((len(tokens), accepted))
 
-    def propose(self, last_token, start, sampler, limit):
-        max_tokens = min(self.k, limit)
+    def begin(self, last_token, start, sampler, budget):
+        max_tokens = min(self.k, budget.limit, budget.model)
         assert start == self.cache.length
         t = start - self.P + 1                   # index in truth of the token after last_token
         assert self.truth[t - 1] == last_token
@@ -246,7 +246,7 @@ class ScriptedDrafter(Drafter):
             for arr in (self.cache.key_array(layer), self.cache.value_array(layer)):
                 tail = arr[..., start:, :]
                 tail[...] = 50.0 * self.rng.standard_normal(tail.shape, dtype=np.float32)
-        return good + bad, None
+        return DraftJob(good + bad, None, "model")
 
 
 @pytest.mark.parametrize("schedule", [[0, 1, 2, 3, 4, 4, 2, 0, 3, 1, 0, 4],
@@ -303,7 +303,7 @@ def test_real_drafts_leave_cache_equal_to_plain(engine, guard_engine_noguard, wh
     drafter = eng.drafters[which]
     stats = DecodeStats()
     out = []
-    for new in generate(eng.full.bind(cache), ids, n_new, Sampler(), drafter=drafter.bind(cache), stats=stats):
+    for new in generate(eng.full.bind(cache), ids, n_new, Sampler(), drafter=drafter.bind(ids), stats=stats):
         out.extend(new)
         assert out == truth[:len(out)]
         _assert_cache_prefix_equal(cache, ref, spec.num_layers)
@@ -349,9 +349,9 @@ class OracleDrafter(Drafter):
     def __init__(self, prompt_len, truth, k):
         self.P, self.truth, self.k = prompt_len, truth, k
 
-    def propose(self, last_token, start, sampler, limit):
+    def begin(self, last_token, start, sampler, budget):
         t = start - self.P + 1
-        return self.truth[t:t + min(self.k, limit)], None
+        return DraftJob(self.truth[t:t + min(self.k, budget.limit, budget.model)], None, "model")
 
 
 def test_guard_keeps_a_cheap_good_draft(guard_engine):
@@ -381,9 +381,9 @@ def test_guard_stops_when_an_oracle_draft_is_slow(guard_engine, monkeypatch):
     oracle = OracleDrafter(len(ids), truth, 2)
 
     class Slow(Drafter):
-        def propose(self, *a):
+        def begin(self, *a):
             _time.sleep(0.02)
-            return oracle.propose(*a)
+            return oracle.begin(*a)
 
     guard = SpeculationGuard(lambda n: 1.0)
     stats = DecodeStats()

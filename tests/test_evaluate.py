@@ -25,7 +25,7 @@ def decode_and_measure(full, drafter, spec, prompts, max_new_tokens, stop_ids):
     for ids in prompts:
         cache = KVCache(spec, len(ids) + max_new_tokens + 1)
         stats = DecodeStats()
-        out = [t for new in generate(full.bind(cache), ids, max_new_tokens, Sampler(), drafter=drafter.bind(cache),
+        out = [t for new in generate(full.bind(cache), ids, max_new_tokens, Sampler(), drafter=drafter.bind(ids),
                                      stop_ids=stop_ids, stats=stats) for t in new]
         results.append((out, stats))
     return results

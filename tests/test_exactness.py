@@ -59,7 +59,7 @@ def test_padding_never_sends_a_row_through_a_one_row_product():
 
 
 def test_packed_passes_are_padded_as_solo_passes():
-    from conflayers.runtime.batching import _pad_segments
+    from conflayers.runtime.packing import _pad_segments
     segs = [([5], 10), ([], 3), ([7, 8, 9], 4), ([4], 0)]
     out, rows = _pad_segments(segs, [0, 1, 2, 3, 4], contract.PAD_SINGLE)
     assert [t for t, _ in out] == [[5, 5], [], [7, 8, 9], [4, 4]]

@@ -89,7 +89,7 @@ def test_against_a_running_server(tiny_engine, prompts_file, tmp_path):
     """--url mode (a server the bench did not start), with --server-pid for the RSS run."""
     import threading
 
-    from conflayers.runtime.server import make_server
+    from conflayers.runtime.serving.http import make_server
     server = make_server(tiny_engine, "127.0.0.1", 0, 2, log_stream=open(os.devnull, "w"))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:

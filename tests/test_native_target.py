@@ -175,7 +175,7 @@ def test_sampling_distribution_equals_the_native_target(engine):
         level = nxt
     cache = KVCache(engine.spec, len(ids) + depth + 8)
     target = engine.full.bind(cache)
-    bound = engine.drafters["native_skip"].bind(cache)
+    bound = engine.drafters["native_skip"].bind(ids)
     counts = Counter()
     drafted = accepted = 0
     for seed in range(n):
@@ -293,7 +293,7 @@ def test_drafts_never_cross_a_verify_boundary_and_output_stays_plain(engine):
         cache = KVCache(engine.spec, 128)
         st = DecodeStats()
         out = [t for it in generate(full.bind(cache), prompt, 60, Sampler(),
-                                    drafter=engine.drafters[name].bind(cache, prompt), stats=st) for t in it]
+                                    drafter=engine.drafters[name].bind(prompt), stats=st) for t in it]
         pad = full.padding
         crossing = [(s, n) for s, n in full.passes if any(pad.reach(s, 1) <= b < pad.reach(s, n) for b in bounds)]
         if recorded:

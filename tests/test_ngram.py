@@ -13,6 +13,7 @@ import pytest
 
 from conflayers.runtime import Bundle, Engine
 from conflayers.runtime.decoding import DecodeStats, generate
+from conflayers.runtime.drafter import propose
 from conflayers.runtime.ngram import HybridDrafter, NGramDrafter, NGramIndex, NGramPolicy
 from conflayers.runtime.ort_backend import KVCache
 from conflayers.runtime.profile import PROFILE_SCHEMA_VERSION, Profile, ProfileError
@@ -87,7 +88,7 @@ def test_short_generations_and_stop_tokens(engine, n):
     for task in ("ng", "hy"):
         cache = KVCache(engine.spec, 256)
         out = [t for it in generate(engine.full.bind(cache), ids, N_NEW, Sampler(),
-                                    drafter=engine.drafters[task].bind(cache, ids), stop_ids=frozenset([stop]))
+                                    drafter=engine.drafters[task].bind(ids), stop_ids=frozenset([stop]))
                for t in it]
         assert out == want
 
@@ -98,7 +99,7 @@ def _greedy(engine, ids, n):
 
 def _loop(engine, ids, drafter, n, stop_ids=frozenset()):
     cache = KVCache(engine.spec, 256)
-    bound = drafter.bind(cache, ids)
+    bound = drafter.bind(ids)
     stats = DecodeStats()
     out = [t for it in generate(engine.full.bind(cache), ids, n, Sampler(), drafter=bound, stop_ids=stop_ids,
                                 stats=stats) for t in it]
@@ -112,9 +113,9 @@ class Planted:
     def __init__(self, drafter, text):
         self.drafter, self.text = drafter, text
 
-    def bind(self, cache, prompt):
+    def bind(self, prompt):
         assert len(self.text) == len(prompt)
-        return self.drafter.bind(cache, self.text)
+        return self.drafter.bind(self.text)
 
 
 @pytest.mark.parametrize("kind", ["ngram", "hybrid"])
@@ -137,13 +138,13 @@ def test_greedy_identity_with_kept_proposals(engine, kind):
 
 
 def test_out_of_sync_drafter_proposes_nothing():
-    d = NGramDrafter(NGramPolicy(), 10).bind(None, [1, 2, 3, 1, 2])
-    assert d.propose(3, 5, Sampler(), 8) == ([1, 2, 3], None)
-    d.feedback(3, 1)                      # kept [1]; text: 1 2 3 1 2 3 1
-    assert d.propose(4, 7, Sampler(), 8)[0] == []     # 4 never seen: no match
-    d.feedback(0, 0)
-    assert d.propose(5, 99, Sampler(), 8)[0] == []    # positions skipped: the text is unknown
-    assert d.propose(5, 9, Sampler(), 8)[0] == []
+    d = NGramDrafter(NGramPolicy(), 10).bind([1, 2, 3, 1, 2])
+    assert propose(d, 3, 5, Sampler(), 8) == ([1, 2, 3], None)
+    d.feedback([1, 2, 3], 1)              # kept [1]; text: 1 2 3 1 2 3 1
+    assert propose(d, 4, 7, Sampler(), 8)[0] == []     # 4 never seen: no match
+    d.feedback([], 0)
+    assert propose(d, 5, 99, Sampler(), 8)[0] == []    # positions skipped: the text is unknown
+    assert propose(d, 5, 9, Sampler(), 8)[0] == []
 
 
 # -- 2. lossless: sampling distribution ------------------------------------------------------------
@@ -184,7 +185,7 @@ def test_sampling_distribution_end_to_end(engine, tiny_llama, kind, temperature,
     spec = Counter()
     for seed in range(n):
         st = DecodeStats()
-        bound = drafter.bind(cache, ids)
+        bound = drafter.bind(ids)
         out = [t for it in generate(target, ids, DEPTH, Sampler(temperature, top_p, top_k, seed=seed),
                                     drafter=bound, stats=st) for t in it]
         assert len(out) == DEPTH
@@ -205,7 +206,7 @@ def test_sampling_distribution_end_to_end(engine, tiny_llama, kind, temperature,
     for seed in range(n):
         s = Sampler(temperature, top_p, top_k, seed=20_000 + seed)
         first = s.pick(target.run(ids, 0, logits_from=len(ids) - 1)[-1])
-        rest = ng.bind(cache, drafter.text).propose(first, len(ids), Sampler(), DEPTH - 1)[0]
+        rest = propose(ng.bind(drafter.text), first, len(ids), Sampler(), DEPTH - 1)[0]
         if len(rest) < DEPTH - 1:
             cache.length = len(ids)
             rest = [t for it in generate(target, ids + [first], DEPTH - 1, s) for t in it]
@@ -254,16 +255,16 @@ def test_ngram_index_incremental_equals_batch_and_brute_force():
 
 def test_drafter_feedback_tracks_the_text():
     """The bound drafter sees the prompt, each step's last token and the kept drafts only."""
-    d = NGramDrafter(NGramPolicy(n_min=1, n_max=2, max_tokens=3), 50).bind(None, [10, 11, 12, 13, 10])
-    assert d.propose(11, 5, Sampler(), 3)[0] == [12, 13, 10]
-    d.feedback(3, 1)                         # text: 10 11 12 13 10 11 12 ; verify's token 20 comes next
+    d = NGramDrafter(NGramPolicy(n_min=1, n_max=2, max_tokens=3), 50).bind([10, 11, 12, 13, 10])
+    assert propose(d, 11, 5, Sampler(), 3)[0] == [12, 13, 10]
+    d.feedback([12, 13, 10], 1)              # text: 10 11 12 13 10 11 12 ; verify's token 20 comes next
     assert d.index.tokens == [10, 11, 12, 13, 10, 11, 12]
-    assert d.propose(20, 7, Sampler(), 3)[0] == []
-    d.feedback(0, 0)
-    assert d.propose(12, 8, Sampler(), 2)[0] == [20, 12]   # "12" was last followed by 20 (at 7)
+    assert propose(d, 20, 7, Sampler(), 3)[0] == []
+    d.feedback([], 0)
+    assert propose(d, 12, 8, Sampler(), 2)[0] == [20, 12]   # "12" was last followed by 20 (at 7)
     s = Sampler(0.7, seed=0)
-    d2 = NGramDrafter(NGramPolicy(), 50).bind(None, [1, 2, 1])
-    tokens, probs = d2.propose(2, 3, s, 4)
+    d2 = NGramDrafter(NGramPolicy(), 50).bind([1, 2, 1])
+    tokens, probs = propose(d2, 2, 3, s, 4)
     assert tokens == [1, 2] and len(probs) == 2
     assert all(q.shape == (50,) and q[t] == 1.0 and q.sum() == 1.0 for q, t in zip(probs, tokens))
 
@@ -347,7 +348,6 @@ def test_batched_ngram_and_hybrid_equal_solo_and_draft(engine, spec_max_batch):
     others decode and the index still follows their text."""
     import threading
 
-    from conflayers.runtime.batching import BatchedEngine
     args = []
     for i, p in enumerate(PROMPTS * 3):
         a = dict(_kw(p), task=("ng", "hy", "model")[i % 3], max_new_tokens=N_NEW - 3 * i)
@@ -355,11 +355,11 @@ def test_batched_ngram_and_hybrid_equal_solo_and_draft(engine, spec_max_batch):
             a.update(temperature=0.9, top_k=20, seed=i)
         args.append(a)
     solo = [engine.generate(**a) for a in args]
-    be = BatchedEngine(engine, max_batch=4, prefill_chunk=16, spec_max_batch=spec_max_batch)
+    engine.set_batching(4, prefill_chunk=16, spec_max_batch=spec_max_batch)
     out = [None] * len(args)
 
     def run(i):
-        out[i] = be.generate(**args[i])
+        out[i] = engine.generate(**args[i])
 
     try:
         threads = [threading.Thread(target=run, args=(i,)) for i in range(len(args))]
@@ -368,7 +368,7 @@ def test_batched_ngram_and_hybrid_equal_solo_and_draft(engine, spec_max_batch):
         for t in threads:
             t.join(timeout=120)
     finally:
-        be.close()
+        engine.set_batching(1)
     assert [o.token_ids for o in out] == [s.token_ids for s in solo]
     for task in ("ng", "hy"):
         metrics = [o.metrics for a, o in zip(args, out) if a["task"] == task]
@@ -387,8 +387,9 @@ def test_batched_ngram_decisions_follow_the_served_acceptance(engine):
     figures (none here: proposals only alone); then from the rate served, revised as it changes;
     the model draft's plan is untouched. Costs are set by hand so the answers are known."""
     from conflayers.runtime.batchcost import BatchCosts, proposals_pay
-    from conflayers.runtime.batching import OBSERVE_AFTER, BatchedEngine
-    be = BatchedEngine(engine, max_batch=4)
+    from conflayers.runtime.batchplan import OBSERVE_AFTER
+    engine.set_batching(4)
+    be = engine.planner
     try:
         be.costs = BatchCosts((1, 2, 4), 9, ((10, 12), (11, 20), (12, 60)), {"hy": (1, 1, 1)})
         be._decisions.clear()
@@ -396,16 +397,16 @@ def test_batched_ngram_decisions_follow_the_served_acceptance(engine):
         assert [be.ngram_proposes("ng", n) for n in (1, 2, 4)] == [True, False, False]
         model_plan = [be.draft_length("hy", n) for n in (1, 2, 3, 4)]
         for _ in range(OBSERVE_AFTER - 1):
-            be._observe_proposal("ng", 6, 6)                        # every proposal kept
+            be.observe_proposal("ng", 6, 6)                        # every proposal kept
         assert be.proposal_rate("ng") is None and be.ngram_proposes("ng", 2) is False    # not yet
-        be._observe_proposal("ng", 6, 6)
+        be.observe_proposal("ng", 6, 6)
         assert be.proposal_rate("ng") == (6.0, 6.0)
         assert [be.ngram_proposes("ng", n) for n in (1, 2, 4)] == [True, True, True]
         for _ in range(3 * OBSERVE_AFTER):
-            be._observe_proposal("ng", 6, 0)                        # then none kept
+            be.observe_proposal("ng", 6, 0)                        # then none kept
         assert be.proposal_rate("ng") == (6.0, 1.5)
         assert [be.ngram_proposes("ng", n) for n in (1, 2, 4)] == [proposals_pay(6.0, 1.5, be.costs, n)
                                                                   for n in (1, 2, 4)] == [True, True, False]
         assert [be.draft_length("hy", n) for n in (1, 2, 3, 4)] == model_plan
     finally:
-        be.close()
+        engine.set_batching(1)

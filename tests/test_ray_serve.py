@@ -18,7 +18,7 @@ pytest.importorskip("ray.serve")
 from test_server import Client  # noqa: E402 - the HTTP client of the server tests
 
 from conflayers.runtime import Engine  # noqa: E402
-from conflayers.runtime.server import make_server  # noqa: E402
+from conflayers.runtime.serving.http import make_server  # noqa: E402
 
 PER_REPLICA = 4
 PROMPTS = ["Janet has 3 apples and buys 5 more.", "def add(a, b):", "The train leaves at 9",

@@ -13,7 +13,7 @@ import pytest
 
 from conflayers.runtime import Engine
 from conflayers.runtime.decoding import DecodeStats, generate
-from conflayers.runtime.drafter import DraftPolicy, LayerSkipDrafter
+from conflayers.runtime.drafter import DraftPolicy, LayerSkipDrafter, propose
 from conflayers.runtime.ort_backend import KVCache
 from conflayers.runtime.sampling import Sampler, softmax_max
 
@@ -276,7 +276,7 @@ def test_speculative_sampling_distribution_end_to_end(engine, tiny_llama, temper
     cache = KVCache(engine.spec, len(ids) + depth + 8)
     target = engine.full.bind(cache)
     d = engine.drafters[which]
-    bound = d.bind(cache)
+    bound = d.bind(ids)
     drafted = accepted = 0
     spec = Counter()
     for seed in range(n):
@@ -296,14 +296,14 @@ def test_speculative_sampling_distribution_end_to_end(engine, tiny_llama, temper
 
     # negative control: the target's first token, then the draft's own samples (depth - 1 of them)
     long = LayerSkipDrafter(d.body, d.head, d.vocab_ids, d.vocab_size,
-                            DraftPolicy(depth - 1, d.policy.confidence_stop)).bind(cache)
+                            DraftPolicy(depth - 1, d.policy.confidence_stop)).bind(ids)
     draft = Counter()
     for seed in range(n):
         s = Sampler(temperature, top_p, top_k, seed=10_000 + seed)
         logits = target.run(ids, 0, logits_from=len(ids) - 1)
         cache.length = len(ids)
         first = s.pick(logits[-1])
-        rest, _ = long.propose(first, len(ids), s, depth - 1)
+        rest, _ = propose(long, first, len(ids), s, depth - 1, cache)
         draft[tuple([first] + rest)] += 1
     ps_q, tvs_q = _projections(draft, levels, n)
     assert min(ps_q) < 1e-6, f"the test cannot tell the draft from the target: p={ps_q} tv={tvs_q}"

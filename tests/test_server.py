@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from conflayers.runtime.server import make_server
+from conflayers.runtime.serving.http import make_server
 
 PROMPTS = ["Janet has 3 apples and buys 5 more.", "Translate the following sentence into French:",
            "def add(a, b):", "Write a short poem about the sea."]
@@ -292,7 +292,6 @@ def _long_prompt(engine, n):
 def test_client_disconnect_mid_stream(client, tiny_engine):
     prompt = _long_prompt(tiny_engine, 400)
     before = parse_prometheus(client.get("/metrics")[1])
-    pooled = len(tiny_engine._caches)     # KV caches idle in the engine's pool
     body = json.dumps({"prompt": prompt, "max_tokens": 400, "stream": True, "speculate": False}).encode()
     s = socket.create_connection((client.host, client.port), timeout=10)
     s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -308,7 +307,10 @@ def test_client_disconnect_mid_stream(client, tiny_engine):
     # generation stopped early: fewer tokens than asked were counted
     gained = total(after, "conflayers_generated_tokens_total") - total(before, "conflayers_generated_tokens_total")
     assert 0 < gained < 400
-    assert len(tiny_engine._caches) >= pooled    # the closed stream gave its KV cache back
+    deadline = time.monotonic() + 10
+    while tiny_engine.active and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert tiny_engine.active == 0                # the closed stream gave its slot back
     status, body = client.post(C, {"prompt": prompt, "max_tokens": 5})
     assert status == 200
 

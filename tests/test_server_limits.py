@@ -17,7 +17,9 @@ import pytest
 from conflayers.runtime import Engine
 from conflayers.runtime.engine import RequestLimits
 from conflayers.runtime.sampling import Sampler, SamplingError
-from conflayers.runtime.server import ConflayersServer, label, main, make_server
+from conflayers.runtime.serving.cli import main
+from conflayers.runtime.serving.http import ConflayersServer, make_server
+from conflayers.runtime.serving.metrics import label
 from test_server import Client, metrics_after_next_request, parse_prometheus, total
 
 C, CH = "/v1/completions", "/v1/chat/completions"

@@ -3,6 +3,7 @@ multi-byte text, stop strings, early close of a stream, and bad requests."""
 from __future__ import annotations
 
 import gc
+import time
 import os
 
 import numpy as np
@@ -154,40 +155,43 @@ def test_stop_strings_earliest_wins(engine):
         assert "".join(c.text for c in chunks) == full[:cut]
 
 
-# -- early close releases the KV cache -------------------------------------------------------------
-def test_closing_a_stream_releases_its_cache(tiny_bundle):
-    eng = Engine.load(tiny_bundle)
-    assert eng._caches == []
+# -- early close frees the request's slot --------------------------------------------------------
+def _idle(eng, timeout=10.0) -> bool:
+    """Whether the engine's loop holds no request within `timeout` (a closed stream leaves its
+    slot at the loop's next step)."""
+    deadline = time.monotonic() + timeout
+    while (eng.active or eng.waiting) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return eng.active == 0 and eng.waiting == 0
+
+
+def test_closing_a_stream_frees_its_slot(tiny_bundle):
+    eng = Engine.load(tiny_bundle, max_batch=2)
+    assert eng.active == 0 and eng.waiting == 0
     s1 = eng.generate(PROMPTS[0], max_new_tokens=40, stream=True, task="fp32sub")
     next(s1)
     s2 = eng.generate(PROMPTS[1], max_new_tokens=40, stream=True, speculate=False)
     next(s2)
-    assert eng._caches == []                    # both caches are in use
     s1.close()
-    assert len(eng._caches) == 1
     s2.close()
-    assert len(eng._caches) == 2
-    # the caches are reused, and a reused cache (with stale contents) gives the same output
+    assert _idle(eng)
+    # the slots are reused, and a reused slot (with stale KV contents) gives the same output
     fresh = Engine.load(tiny_bundle).generate(PROMPTS[0], max_new_tokens=40, task="fp32sub")
-    ids = {id(c) for c in eng._caches}
     s3 = eng.generate(PROMPTS[0], max_new_tokens=40, stream=True, task="fp32sub")
-    next(s3)
-    assert len(eng._caches) == 1 and id(eng._caches[0]) in ids
     *_, last = s3
     assert last.result.token_ids == fresh.token_ids
-    assert len(eng._caches) == 2
+    assert _idle(eng)
     # a stream dropped without close is released when it is collected
     s4 = eng.generate(PROMPTS[2], max_new_tokens=40, stream=True)
     next(s4)
-    assert len(eng._caches) == 1
     del s4
     gc.collect()
-    assert len(eng._caches) == 2
-    # a stream never started holds no cache
+    assert _idle(eng)
+    # a stream never started holds no slot
     s5 = eng.generate(PROMPTS[2], max_new_tokens=40, stream=True)
-    assert len(eng._caches) == 2
+    assert eng.active == 0 and eng.waiting == 0
     s5.close()
-    assert len(eng._caches) == 2
+    eng.close()
 
 
 # -- bad requests -----------------------------------------------------------------------------------
@@ -241,12 +245,11 @@ def small_engine(tiny_bundle):
 @pytest.mark.parametrize("kw,match,param", BAD, ids=[str(i) for i in range(len(BAD))])
 @pytest.mark.parametrize("stream", [False, True])
 def test_bad_requests(small_engine, kw, match, param, stream):
-    before = len(small_engine._caches)
     kw = {"max_new_tokens": 8, **kw}
     with pytest.raises(RequestError, match=match) as e:
         small_engine.generate(stream=stream, **kw)
     assert e.value.param == param
-    assert len(small_engine._caches) == before
+    assert small_engine.active == 0 and small_engine.waiting == 0    # refused before it took a slot
 
 
 def test_prompt_ids_equal_the_encoded_prompt(small_engine):

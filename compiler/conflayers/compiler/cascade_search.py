@@ -300,7 +300,7 @@ def measurer(factory, spec, refs, best, ids_for, prompts: int = MEASURE_PROMPTS)
         cache = KVCache(spec, len(ref.prompt) + n + 16, device_of(factory.providers))   # where the runtime keeps it
         stats = DecodeStats()
         out = [t for it in generate(factory.full().bind(cache), ref.prompt, n, Sampler(),
-                                    drafter=drafter.bind(cache, ref.prompt), stats=stats) for t in it]
+                                    drafter=drafter.bind(ref.prompt), stats=stats) for t in it]
         if out != ref.output[:n]:
             raise RuntimeError("a draft cascade changed the greedy output while measuring it (a bug: "
                                "only the target's verify decides what is kept)")

@@ -47,7 +47,7 @@ class DraftFactory:
         if self._full is None:
             path = self._open(build(self.spec, self.stores, None, "full", max_context=self.max_context), "full.onnx")
             self._full = GraphRunner(create_session(path, self.providers), list(range(self.spec.num_layers)), "logits",
-                                     verify_boundaries=self.verify_boundaries, padding=self.padding)
+                                     verify_boundaries=self.verify_boundaries, padding=self.padding, path=path)
         return self._full
 
     def body(self, plan: DraftPlan) -> GraphRunner:
@@ -56,7 +56,7 @@ class DraftFactory:
             self._bodies.move_to_end(key)
             return self._bodies[key]
         path = self._open(build(self.spec, self.stores, plan, "body", max_context=self.max_context), f"draft_{key}.onnx")
-        runner = GraphRunner(create_session(path, self.providers), plan.kv_layers, "hidden")
+        runner = GraphRunner(create_session(path, self.providers), plan.kv_layers, "hidden", path=path)
         self._bodies[key] = runner
         while len(self._bodies) > self.keep:
             self._bodies.popitem(last=False)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .drafter import Drafter, LayerSkipDrafter
+from .drafter import Budget, DraftJob, DraftPass, LayerSkipDrafter
 from .sampling import Sampler, softmax_max
 
 
@@ -57,70 +57,96 @@ class CascadeDrafter:
         lower = self.lower.stages if isinstance(self.lower, CascadeDrafter) else [self.lower]
         return lower + [self.top]
 
-    def bind(self, cache, prompt: list[int] | None = None) -> "BoundCascadeDrafter":
-        return BoundCascadeDrafter(self, self.lower.bind(cache, prompt), self.top.body.bind(cache))
+    def bind(self, prompt: list[int] | None = None) -> "BoundCascadeDrafter":
+        return BoundCascadeDrafter(self, self.lower.bind(prompt))
 
 
-class BoundCascadeDrafter(Drafter):
-    """A cascade on one request's KV cache. `stats`: the top stage's check passes (rounds) and the
-    lower stage's drafted and accepted tokens in them."""
+class BoundCascadeDrafter:
+    """A cascade for one request. `stats`: the top stage's check passes (rounds) and the lower
+    stage's drafted and accepted tokens in them."""
 
-    def __init__(self, drafter: CascadeDrafter, lower: Drafter, top_body):
-        self.drafter, self.lower, self.top_body = drafter, lower, top_body
+    def __init__(self, drafter: CascadeDrafter, lower):
+        self.drafter, self.lower = drafter, lower
         self.stats = {"rounds": 0, "lower_drafted": 0, "lower_accepted": 0}
 
-    def propose(self, last_token: int, start: int, sampler: Sampler, limit: int):
-        k = min(self.drafter.policy.max_tokens, limit)
-        tokens, probs = [], (None if sampler.greedy else [])
-        tok = last_token
-        while len(tokens) < k:
-            pos = start + len(tokens)
-            # the check pass adds the top stage's own token: the lower stage leaves room for it
-            low, low_q = self.lower.propose(tok, pos, sampler, k - len(tokens) - 1)
-            new, q, accepted, more = self.check(tok, pos, low, low_q, sampler)
-            self.stats["rounds"] += 1
-            self.stats["lower_drafted"] += len(low)
-            self.stats["lower_accepted"] += accepted
-            tokens += new
-            if probs is not None:
-                probs += q
-            tok = new[-1]
-            if not more:
-                break
-        return tokens, probs
+    def begin(self, last_token: int, start: int, sampler: Sampler, budget) -> DraftJob:
+        k = min(self.drafter.policy.max_tokens, budget.limit, budget.model)
+        return CascadeJob(self, last_token, start, sampler, k)
 
-    def check(self, token: int, pos: int, low: list[int], low_q, sampler: Sampler):
-        """The top stage's pass over [token] + low at pos..: (its tokens: the agreed prefix of low
-        + its own next one, cut after a token below its confidence stop; their distributions
-        (sampling); how many of low it kept; whether drafting goes on)."""
-        top = self.drafter.top
-        hidden = self.top_body.run([token] + low, pos)
-        z = top.head.run_head(hidden[None])[0]           # [len(low) + 1, head vocabulary]
-        ids, stop = top.vocab_ids, top.policy.confidence_stop
-        if sampler.greedy:
-            picks = np.argmax(z, axis=-1)
-            preds = picks if ids is None else ids[picks]
-            n = 0
-            while n < len(low) and low[n] == preds[n]:
-                n += 1
-            new, q = low[:n] + [int(preds[n])], None
-            conf = [softmax_max(z[j])[1] for j in range(n + 1)] if stop is not None else None
-        else:
-            p_sub = sampler.probs(z)
-            p = p_sub if ids is None else _spread(p_sub, ids, top.vocab_size)
-            n, nxt = sampler.verify_probs(low, low_q, p)
-            new, q = low[:n] + [nxt], list(p[:n + 1])
-            conf = p_sub[:n + 1].max(axis=-1)
-        if stop is not None:
-            below = [j for j, c in enumerate(conf) if c < stop]
-            if below:
-                cut = below[0] + 1
-                return new[:cut], (None if q is None else q[:cut]), n, False
-        return new, q, n, True
-
-    def feedback(self, drafted: int, accepted: int) -> None:
+    def feedback(self, tokens: list[int], accepted: int) -> None:
         """The target's verify result concerns the top stage's tokens; the stages' policies are
         fixed (a lower n-gram stage is not supported), so there is nothing to learn here."""
+
+
+class CascadeJob(DraftJob):
+    """Rounds of: the lower stage's proposal (its own passes), then the top stage's check pass over
+    [token] + those tokens, keeping the agreed prefix + the top stage's own next token, until the
+    top stage has k tokens or its confidence stop ends the draft."""
+
+    def __init__(self, bound: BoundCascadeDrafter, last_token: int, start: int, sampler: Sampler, k: int):
+        super().__init__([], None if sampler.greedy else [], "model")
+        self.bound, self.sampler, self.k = bound, sampler, k
+        self.tok, self.start = last_token, start
+        self.low = None            # the lower stage's job of this round
+        self.checking = False      # the pass last named is the top stage's check
+        self.done = k <= 0
+
+    def next_pass(self) -> DraftPass | None:
+        if self.done:
+            return None
+        if self.low is None:     # a new round; the check pass adds the top stage's own token
+            room = self.k - len(self.tokens) - 1
+            self.low = self.bound.lower.begin(self.tok, self.start + len(self.tokens), self.sampler,
+                                              Budget(room, room, False))
+        p = self.low.next_pass()
+        self.checking = p is None
+        if p is not None:
+            return p
+        top = self.bound.drafter.top             # the lower stage's tokens are in: the check pass
+        return DraftPass(top.body, top.head, [self.tok] + self.low.tokens, self.start + len(self.tokens))
+
+    def take(self, z: np.ndarray) -> None:
+        if not self.checking:                    # rows of the lower stage's own pass
+            self.low.take(z)
+            return
+        low, low_q = self.low.tokens, self.low.probs
+        new, q, accepted, more = check(self.bound.drafter.top, low, low_q, z, self.sampler)
+        stats = self.bound.stats
+        stats["rounds"] += 1
+        stats["lower_drafted"] += len(low)
+        stats["lower_accepted"] += accepted
+        self.tokens += new
+        if self.probs is not None:
+            self.probs += q
+        self.tok, self.low = new[-1], None
+        self.done = not more or len(self.tokens) >= self.k
+
+
+def check(top: LayerSkipDrafter, low: list[int], low_q, z: np.ndarray, sampler: Sampler):
+    """The top stage's scores z over [token] + low: (its tokens: the agreed prefix of low + its own
+    next one, cut after a token below its confidence stop; their distributions (sampling); how
+    many of low it kept; whether drafting goes on)."""
+    ids, stop = top.vocab_ids, top.policy.confidence_stop
+    if sampler.greedy:
+        picks = np.argmax(z, axis=-1)
+        preds = picks if ids is None else ids[picks]
+        n = 0
+        while n < len(low) and low[n] == preds[n]:
+            n += 1
+        new, q = low[:n] + [int(preds[n])], None
+        conf = [softmax_max(z[j])[1] for j in range(n + 1)] if stop is not None else None
+    else:
+        p_sub = sampler.probs(z)
+        p = p_sub if ids is None else _spread(p_sub, ids, top.vocab_size)
+        n, nxt = sampler.verify_probs(low, low_q, p)
+        new, q = low[:n] + [nxt], list(p[:n + 1])
+        conf = p_sub[:n + 1].max(axis=-1)
+    if stop is not None:
+        below = [j for j, c in enumerate(conf) if c < stop]
+        if below:
+            cut = below[0] + 1
+            return new[:cut], (None if q is None else q[:cut]), n, False
+    return new, q, n, True
 
 
 def _spread(p_sub: np.ndarray, ids: np.ndarray, vocab_size: int) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""What a draft keeps of the full model: layers, sub-layers, precision and vocabulary.
+"""What a draft keeps of the full model (layers, sub-layers, precision and vocabulary: DraftPlan)
+and how far it drafts (DraftPolicy for a model draft, NGramPolicy for prompt lookup).
 
 Shared by the compiler (which searches and exports plans) and the runtime (which reads them from
 profiles), so both sides name a draft the same way.
@@ -95,3 +96,51 @@ class DraftPlan:
         """Short stable name, used for graph file names: drafts with equal plans share a graph."""
         blob = json.dumps(self.to_json(), sort_keys=True).encode()
         return f"{self.precision}-{hashlib.sha256(blob).hexdigest()[:10]}"
+
+
+@dataclass(frozen=True)
+class DraftPolicy:
+    max_tokens: int = 5                       # k: most tokens drafted per step
+    confidence_stop: float | None = None      # stop drafting after a token whose top-1 prob is below
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        if self.confidence_stop is not None and not 0.0 <= self.confidence_stop < 1.0:
+            raise ValueError("confidence_stop must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class NGramPolicy:
+    n_min: int = 1              # shortest match used
+    n_max: int = 3              # longest match tried first
+    max_tokens: int = 8         # longest proposal
+    min_match: int = 2          # hybrid: shorter matches are left to the model draft
+
+    def __post_init__(self):
+        if not 1 <= self.n_min <= self.n_max:
+            raise ValueError(f"need 1 <= n_min <= n_max, got n_min={self.n_min} n_max={self.n_max}")
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        if self.min_match < 1:
+            raise ValueError("min_match must be >= 1")
+
+    def to_json(self) -> dict:
+        return {"n_min": self.n_min, "n_max": self.n_max, "max_tokens": self.max_tokens,
+                "min_match": self.min_match}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "NGramPolicy":
+        if not isinstance(d, dict):
+            raise ValueError("the n-gram settings must be an object")
+        kw = {}
+        for k in ("n_min", "n_max", "max_tokens", "min_match"):
+            if k in d:
+                v = d[k]
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise ValueError(f"{k} must be an integer, got {v!r}")
+                kw[k] = v
+        unknown = set(d) - {"n_min", "n_max", "max_tokens", "min_match"}
+        if unknown:
+            raise ValueError(f"unknown n-gram settings {sorted(unknown)}")
+        return cls(**kw)

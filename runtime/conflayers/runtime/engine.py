@@ -6,8 +6,10 @@
     print(result.text, result.metrics.tokens_per_s)
 
 Sessions for the full graph and every draft are created at load (measured: creating an int8 draft
-session costs ~0.3 s, which a first request should not pay). KV caches are preallocated to the
-context length and reused across requests; concurrent requests each take their own cache.
+session costs ~0.3 s, which a first request should not pay). Requests are decoded by the one loop
+(scheduler.py) in a thread of its own, over a KV cache of `max_batch` slots preallocated to the
+context length and reused: max_batch=1 (the default here) decodes one request at a time, more
+decode together (continuous batching, the server's default); generate() from any thread.
 
 Loading checks that the full graph computes every pass shape bit for bit like one-token steps on
 this machine's kernels, and how its passes must be padded for that (exactness.py; cached per
@@ -26,15 +28,17 @@ import numbers
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
+from typing import Iterator, Protocol, runtime_checkable
 
 from . import contract, exactness, probe
+from .batchplan import BatchPlanner
 from .bundle import Bundle
 from .cascade import CascadeDrafter
-from .decoding import DecodeStats, SpeculationGuard, generate as decode
 from .drafter import DraftPolicy, LayerSkipDrafter
 from .ngram import HybridDrafter, NGramDrafter, NGramPolicy
-from .ort_backend import GraphRunner, KVCache, create_session, resolve_providers
+from .ort_backend import GraphRunner, create_session, resolve_providers
+from .scheduler import Scheduler, Sequence
+from .speculation import DecodeStats, SpeculationGuard
 from .policy import MachineCosts, choose as choose_policy, rows_from_figures
 from .sampling import Sampler, SamplingError
 from .selection import ProfileSelector
@@ -119,10 +123,30 @@ class StreamChunk:
     result: GenerationResult | None = None   # set on the last chunk
 
 
+@runtime_checkable
+class EngineAPI(Protocol):
+    """What every front end calls (serving/, cli.py, Ray Serve's RayEngine, embedding code):
+    submit = generate(...) (checked before the first token: RequestError); stream = generate(...,
+    stream=True), an iterator of StreamChunk whose last chunk carries the result and its metrics
+    (the stats); cancel = closing that iterator (the request leaves the loop at its next step).
+    Engine and ray_serve.RayEngine both implement it; nothing else of an engine is reached into."""
+    bundle: Bundle
+    capacity: int
+    device: str
+
+    @property
+    def profiles(self) -> list[str]: ...
+
+    def generate(self, prompt: str | None = None, *, stream: bool = False, **kwargs): ...
+
+    def close(self) -> None: ...
+
+
 class Engine:
     def __init__(self, bundle: Bundle, device: str = "cpu", max_context: int | None = None,
                  num_threads: int | None = None, guard: bool = True, adapt: bool = True,
-                 limits: RequestLimits | None = None, check_exactness: bool = True):
+                 limits: RequestLimits | None = None, check_exactness: bool = True, max_batch: int = 1,
+                 prefill_chunk: int = 32, spec_max_batch: int | None = None):
         self.bundle = bundle
         self.adapt = adapt            # choose each profile's drafting policy for this machine
         self.spec = bundle.spec
@@ -137,7 +161,7 @@ class Engine:
         self.num_threads = num_threads
         # by construction exact on every CPU (contract.py); the load check may find a cheaper padding
         self.full = GraphRunner(session(bundle.full_graph), list(range(self.spec.num_layers)), "logits",
-                                verify_boundaries=bundle.verify_boundaries,
+                                verify_boundaries=bundle.verify_boundaries, path=bundle.full_graph,
                                 padding=contract.PAD_EVERY if bundle.verify_boundaries else contract.PAD_SINGLE)
         # padding rows reach past the context as far as the graph's rotary tables allow
         self.capacity = min(self.capacity, bundle.max_context - (contract.KV_SPARE - self.full.spare_positions))
@@ -147,7 +171,7 @@ class Engine:
         def model_draft(graphs, vocab_ids, policy) -> LayerSkipDrafter:
             """A model draft over sessions shared by every profile (and stage) with the same graphs."""
             if graphs.body not in bodies:
-                bodies[graphs.body] = GraphRunner(session(graphs.body), graphs.kv_layers, "hidden")
+                bodies[graphs.body] = GraphRunner(session(graphs.body), graphs.kv_layers, "hidden", path=graphs.body)
             if graphs.head not in heads:
                 heads[graphs.head] = GraphRunner(session(graphs.head), [], "logits")
             return LayerSkipDrafter(bodies[graphs.body], heads[graphs.head], vocab_ids, self.spec.vocab_size, policy)
@@ -168,8 +192,6 @@ class Engine:
         self.codec = bundle.codec
         self.stop_ids = bundle.stop_ids
         self.selector = ProfileSelector(bundle.profiles, bundle.default_profile)
-        self._caches: list[KVCache] = []
-        self._lock = threading.Lock()
         self.machine_costs: dict[str, MachineCosts | None] = {}   # per profile, once adapted
         self._adapt_lock = threading.Lock()
         # profiles tuned on another device (none recorded: the CPU) -> that device: their policy is
@@ -183,6 +205,54 @@ class Engine:
             self._check_exactness()
         for runner in (*bodies.values(), *heads.values()):
             runner.padding = self.full.padding.for_drafts
+        self.scheduler: Scheduler | None = None
+        self.set_batching(max_batch, prefill_chunk, spec_max_batch)
+
+    # -- the decoding loop -----------------------------------------------------------------------
+    def set_batching(self, max_batch: int = 1, prefill_chunk: int = 32, spec_max_batch: int | None = None):
+        """Decode up to `max_batch` requests together (scheduler.py; 1: one at a time), prompts fed
+        in chunks of at most `prefill_chunk` tokens while others decode. With batching, every
+        profile's policy for this machine and the batched passes are timed now, before any
+        request (batchplan.py). Call while no request runs."""
+        if self.scheduler is not None:
+            if self.scheduler.active or self.scheduler.waiting:
+                raise RuntimeError("set_batching while requests run")
+            self.scheduler.close()
+        planner = None
+        if max_batch > 1:
+            for name in self.drafters:
+                self.adapt_policy(name)
+            planner = BatchPlanner(self, max_batch, spec_max_batch)
+        self.scheduler = Scheduler(self.full, self.spec, self.capacity, self.stop_ids, max_batch, prefill_chunk,
+                                   planner, self.providers, self.num_threads, self.device)
+        if planner is not None:
+            planner.measure(self.scheduler)
+        self.planner = planner
+
+    @property
+    def max_batch(self) -> int:
+        return self.scheduler.max_batch
+
+    @property
+    def active(self) -> int:
+        """Requests decoding now."""
+        return self.scheduler.active
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a slot."""
+        return self.scheduler.waiting
+
+    def speculation_plan(self) -> dict[str, str]:
+        """Per drafting profile, what a greedy request drafts at each batch size, in words."""
+        if self.planner is None:
+            return {name: ("plain decoding (no drafting pays on this machine)" if self.adapt_policy(name) is None
+                           else "drafts (batch 1)") for name in sorted(self.drafters)}
+        return self.planner.speculation_plan()
+
+    def close(self):
+        """Stop the decoding loop (requests still running end with an error)."""
+        self.scheduler.close()
 
     def _check_exactness(self):
         """The load check of the target on this machine's kernels (exactness.py), cached per
@@ -230,9 +300,10 @@ class Engine:
     @classmethod
     def load(cls, path: str, device: str = "cpu", max_context: int | None = None,
              num_threads: int | None = None, verify: bool = True, guard: bool = True,
-             adapt: bool = True, limits: RequestLimits | None = None, check_exactness: bool = True) -> "Engine":
+             adapt: bool = True, limits: RequestLimits | None = None, check_exactness: bool = True,
+             max_batch: int = 1, prefill_chunk: int = 32, spec_max_batch: int | None = None) -> "Engine":
         return cls(Bundle.open(path, verify=verify), device, max_context, num_threads, guard, adapt, limits,
-                   check_exactness)
+                   check_exactness, max_batch, prefill_chunk, spec_max_batch)
 
     @property
     def profiles(self) -> list[str]:
@@ -364,25 +435,17 @@ class Engine:
                        use_guard=sampler.greedy or seed is None, deadline=deadline)
 
     def _stream(self, request: Request) -> Iterator[StreamChunk]:
-        ids, name, score = request.ids, request.profile, request.score
-        cache = self._acquire()
-        loop = None
-        try:
-            drafter = self.drafters.get(name) if name else None
-            if drafter is not None and self.adapt_policy(name) is None:
-                drafter = None        # no drafting policy pays on this machine: decode plainly
-            costs = self.machine_costs.get(name) if drafter else None
-            guard = (SpeculationGuard(costs.verify_cost if costs else self.bundle.profiles[name].verify_cost)
-                     if drafter and self.use_guard and request.use_guard else None)
-            stats = DecodeStats()
-            loop = decode(self.full.bind(cache), ids, request.max_new_tokens, request.sampler,
-                          drafter=drafter.bind(cache, ids) if drafter else None,
-                          stop_ids=self.stop_ids, guard=guard, stats=stats)
-            yield from self.present(loop, request, stats, name if drafter else None, len(ids), score)
-        finally:
-            if loop is not None:
-                loop.close()          # stop the decoding loop before its cache goes back to the pool
-            self._release(cache)
+        ids, name = request.ids, request.profile
+        drafter = self.drafters.get(name) if name else None
+        if drafter is not None and self.adapt_policy(name) is None:
+            drafter = None            # no drafting policy pays on this machine: decode plainly
+        costs = self.machine_costs.get(name) if drafter else None
+        guard = (SpeculationGuard(costs.verify_cost if costs else self.bundle.profiles[name].verify_cost)
+                 if drafter and self.use_guard and request.use_guard else None)
+        seq = Sequence(ids, request.sampler, request.max_new_tokens, name if drafter else None,
+                       drafter.bind(ids) if drafter else None, guard,
+                       always_draft=not request.sampler.greedy and not request.use_guard)
+        yield from self.present(self.scheduler.submit(seq), request, seq.stats, seq.name, len(ids), request.score)
 
     def present(self, loop: Iterator[list[int]], request, stats: DecodeStats, profile: str | None,
                 prompt_tokens: int, score: float | None) -> Iterator[StreamChunk]:
@@ -434,20 +497,6 @@ class Engine:
             selection_score=score)
         yield StreamChunk(text[shown:], [], GenerationResult(text, out_ids, finish, metrics,
                                                              list(stats.accept_lengths)))
-
-    # -- KV cache pool --------------------------------------------------------------------------
-    def _acquire(self) -> KVCache:
-        with self._lock:
-            if self._caches:
-                cache = self._caches.pop()
-                cache.reset()
-                return cache
-        return KVCache(self.spec, self.capacity, self.device)
-
-    def _release(self, cache: KVCache):
-        with self._lock:
-            self._caches.append(cache)
-
 
 def stream_or_result(chunks: Iterator[StreamChunk], stream: bool):
     """generate's return value: the chunks themselves, or the result their last one carries."""

@@ -11,48 +11,12 @@ rejection draws from p without d, which is exactly p.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 
-from .drafter import Drafter
+from .draftplan import NGramPolicy  # noqa: F401 (imported from here too)
+from .drafter import DraftJob
 from .sampling import Sampler
-
-
-@dataclass(frozen=True)
-class NGramPolicy:
-    n_min: int = 1              # shortest match used
-    n_max: int = 3              # longest match tried first
-    max_tokens: int = 8         # longest proposal
-    min_match: int = 2          # hybrid: shorter matches are left to the model draft
-
-    def __post_init__(self):
-        if not 1 <= self.n_min <= self.n_max:
-            raise ValueError(f"need 1 <= n_min <= n_max, got n_min={self.n_min} n_max={self.n_max}")
-        if self.max_tokens < 1:
-            raise ValueError("max_tokens must be >= 1")
-        if self.min_match < 1:
-            raise ValueError("min_match must be >= 1")
-
-    def to_json(self) -> dict:
-        return {"n_min": self.n_min, "n_max": self.n_max, "max_tokens": self.max_tokens,
-                "min_match": self.min_match}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "NGramPolicy":
-        if not isinstance(d, dict):
-            raise ValueError("the n-gram settings must be an object")
-        kw = {}
-        for k in ("n_min", "n_max", "max_tokens", "min_match"):
-            if k in d:
-                v = d[k]
-                if isinstance(v, bool) or not isinstance(v, int):
-                    raise ValueError(f"{k} must be an integer, got {v!r}")
-                kw[k] = v
-        unknown = set(d) - {"n_min", "n_max", "max_tokens", "min_match"}
-        if unknown:
-            raise ValueError(f"unknown n-gram settings {sorted(unknown)}")
-        return cls(**kw)
 
 
 class NGramIndex:
@@ -105,18 +69,18 @@ class NGramDrafter:
         self.policy = policy
         self.vocab_size = vocab_size
 
-    def bind(self, cache, prompt: list[int]) -> "BoundNGramDrafter":
+    def bind(self, prompt: list[int]) -> "BoundNGramDrafter":
         return BoundNGramDrafter(self.policy, self.vocab_size, prompt)
 
 
-class BoundNGramDrafter(Drafter):
+class BoundNGramDrafter:
     """An n-gram drafter over one request's text: the prompt, then each step's last token (given
-    to propose) and the drafted tokens the verify kept (given by feedback)."""
+    to begin, every step, drafting or not: the index follows the text) and the drafted tokens the
+    verify kept (given to feedback)."""
 
     def __init__(self, policy: NGramPolicy, vocab_size: int, prompt: list[int]):
         self.policy, self.vocab_size = policy, vocab_size
         self.index = NGramIndex(policy.n_max, prompt)
-        self.last: list[int] = []
         self.in_sync = True
 
     def observe(self, last_token: int, start: int) -> None:
@@ -126,28 +90,28 @@ class BoundNGramDrafter(Drafter):
             self.in_sync = False
         if self.in_sync:
             self.index.extend([last_token])
-        self.last = []
 
     def match(self, limit: int) -> tuple[list[int], int]:
         """This step's proposal and the length of its match (call after observe)."""
-        if not self.in_sync:
+        if not self.in_sync or limit <= 0:
             return [], 0
         p = self.policy
         return self.index.lookup(p.n_min, p.n_max, min(p.max_tokens, limit))
 
-    def kept(self, tokens: list[int]) -> None:
-        """This step's proposal (whoever made it) and how the verify ended: see feedback."""
-        self.last = tokens
-
-    def propose(self, last_token: int, start: int, sampler: Sampler, limit: int):
+    def begin(self, last_token: int, start: int, sampler: Sampler, budget) -> DraftJob:
         self.observe(last_token, start)
-        tokens, _ = self.match(limit)
-        self.last = tokens
-        return tokens, (None if sampler.greedy else one_hot(tokens, self.vocab_size))
+        tokens, _ = self.match(budget.limit) if budget.ngram else ([], 0)
+        return fixed(tokens, sampler, self.vocab_size)
 
-    def feedback(self, drafted: int, accepted: int) -> None:
+    def feedback(self, tokens: list[int], accepted: int) -> None:
+        """This step's proposal (whoever made it) and how many of its tokens the target kept."""
         if self.in_sync:
-            self.index.extend(self.last[:accepted])
+            self.index.extend(tokens[:accepted])
+
+
+def fixed(tokens: list[int], sampler: Sampler, vocab_size: int) -> DraftJob:
+    """A finished proposal of deterministic tokens (point-mass draft distributions)."""
+    return DraftJob(list(tokens), None if sampler.greedy else one_hot(tokens, vocab_size))
 
 
 class HybridDrafter:
@@ -161,32 +125,29 @@ class HybridDrafter:
     def policy(self):
         return self.ngram.policy      # always drafts: the n-gram part costs nothing
 
-    def bind(self, cache, prompt: list[int]) -> "BoundHybridDrafter":
-        model = self.model.bind(cache) if self.model.policy is not None else None
-        return BoundHybridDrafter(self.ngram.bind(cache, prompt), model)
+    def bind(self, prompt: list[int]) -> "BoundHybridDrafter":
+        model = self.model.bind(prompt) if self.model.policy is not None else None
+        return BoundHybridDrafter(self.ngram.bind(prompt), model)
 
 
-class BoundHybridDrafter(Drafter):
-    def __init__(self, ngram: BoundNGramDrafter, model: Drafter | None):
+class BoundHybridDrafter:
+    def __init__(self, ngram: BoundNGramDrafter, model):
         self.ngram, self.model = ngram, model
         self.steps = {"ngram": 0, "model": 0}
 
-    def propose(self, last_token: int, start: int, sampler: Sampler, limit: int):
+    def begin(self, last_token: int, start: int, sampler: Sampler, budget) -> DraftJob:
         ng = self.ngram
         ng.observe(last_token, start)
-        tokens, n = ng.match(limit)
-        if tokens and (n >= ng.policy.min_match or self.model is None):
+        tokens, n = ng.match(budget.limit) if budget.ngram else ([], 0)
+        if tokens and (n >= ng.policy.min_match or self.model is None or budget.model <= 0):
             self.steps["ngram"] += 1
-            ng.kept(tokens)
-            return tokens, (None if sampler.greedy else one_hot(tokens, ng.vocab_size))
-        if self.model is None:
-            return [], None if sampler.greedy else []
+            return fixed(tokens, sampler, ng.vocab_size)
+        if self.model is None or budget.model <= 0:
+            return fixed([], sampler, ng.vocab_size)
         self.steps["model"] += 1
-        tokens, probs = self.model.propose(last_token, start, sampler, limit)
-        ng.kept(tokens)
-        return tokens, probs
+        return self.model.begin(last_token, start, sampler, budget)
 
-    def feedback(self, drafted: int, accepted: int) -> None:
-        self.ngram.feedback(drafted, accepted)
+    def feedback(self, tokens: list[int], accepted: int) -> None:
+        self.ngram.feedback(tokens, accepted)
         if self.model is not None:
-            self.model.feedback(drafted, accepted)
+            self.model.feedback(tokens, accepted)

@@ -105,8 +105,10 @@ class GraphRunner:
     check sets it). Drafts and heads run their passes as they come (padding None)."""
 
     def __init__(self, session: ort.InferenceSession, kv_layers: list[int], output: str,
-                 verify_boundaries: tuple[int, int] | None = None, padding: contract.Padding | None = None):
+                 verify_boundaries: tuple[int, int] | None = None, padding: contract.Padding | None = None,
+                 path: str | None = None):
         self.session = session
+        self.path = path              # the graph file (packing.py derives batched graphs from it)
         self.verify_boundaries = verify_boundaries
         self.padding = padding
         meta = session.get_modelmeta().custom_metadata_map

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .drafter import DraftPolicy
+from .draftplan import DraftPolicy
 
 TABLE_COLUMNS = ["k", "confidence_stop", "drafted_per_step", "accepted_per_step"]
 

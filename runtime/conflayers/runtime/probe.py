@@ -24,11 +24,11 @@ def measure(full: GraphRunner, drafter: LayerSkipDrafter, spec: ModelSpec, width
     """MachineCosts for verify widths 1..width (width >= 2) and the drafter's step, measured at
     `context` tokens of (zero) past."""
     cache = KVCache(spec, context + width + 1, device)
-    verify, draft = full.bind(cache), drafter.bind(cache)
+    verify, draft = full.bind(cache), drafter.stepper(cache)
     token = min(10, spec.vocab_size - 1)
     jobs = [lambda: verify.run([token], context),
             lambda: verify.run([token] * width, context),
-            lambda: draft.logits(token, context)]
+            lambda: draft(token, context)]
     for job in jobs:            # warm up
         job()
     samples = [[] for _ in jobs]

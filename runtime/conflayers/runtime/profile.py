@@ -18,9 +18,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from .draftplan import PRECISIONS, DraftPlan
-from .drafter import DraftPolicy
-from .ngram import NGramPolicy
+from .draftplan import PRECISIONS, DraftPlan, DraftPolicy, NGramPolicy
 from .policy import PolicyRow, parse_table
 
 PROFILE_SCHEMA = "conflayers.profile"

@@ -1,6 +1,6 @@
 """conflayers-serve --ray: the engine as Ray Serve replicas, behind the same HTTP server.
 
-The HTTP front is server.py's own server (same routes, parsing, admission, limits, metrics and
+The HTTP front is serving/http.py's own server (same routes, parsing, admission, limits, metrics and
 error bodies, by construction); only its engine is replaced by RayEngine, which sends each
 request to a replica through a Serve deployment handle and streams the chunks back. Ray Serve
 places the replicas (one or more per node), balances requests over them, scales their number
@@ -25,22 +25,18 @@ from dataclasses import dataclass, field
 
 from .engine import RequestError, stream_or_result
 from .rayutil import connect, import_ray
-from .server import RETRY_AFTER_S, ApiError
+from .serving.schema import RETRY_AFTER_S, ApiError
 
 APP_NAME = "conflayers"
 _END = object()           # a replica's pump thread is done (never leaves the replica)
 
 
 class EngineReplica:
-    """One Ray Serve replica: an Engine (or a BatchedEngine) over a bundle on this node."""
+    """One Ray Serve replica: an Engine over a bundle on this node (batching up to max_batch)."""
 
     def __init__(self, bundle: str, engine_args: dict, max_batch: int, concurrency: int):
         from .engine import Engine
-        engine = Engine.load(bundle, **engine_args)
-        if max_batch > 1:
-            from .batching import BatchedEngine
-            engine = BatchedEngine(engine, max_batch=max_batch)
-        self.engine = engine
+        self.engine = Engine.load(bundle, max_batch=max_batch, **engine_args)
         self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="conflayers-replica")
 
     def info(self) -> dict:
@@ -112,7 +108,7 @@ def replica_lost(e: Exception) -> ApiError:
 
 
 class RayEngine:
-    """The Engine interface server.py uses (generate, profiles, capacity, device, bundle), over a
+    """The Engine interface serving/http.py uses (generate, profiles, capacity, device, bundle), over a
     Serve deployment handle."""
 
     def __init__(self, handle, info: dict, ray):
@@ -178,10 +174,12 @@ def parse_autoscale(text: str) -> tuple[int, int]:
 
 
 def deploy(bundle: str, address: str | None, engine_args: dict, replicas: int = 1,
-           autoscale: tuple[int, int] | None = None, replica_cpus: float = 1.0, max_batch: int = 1,
+           autoscale: tuple[int, int] | None = None, replica_cpus: float = 1.0, max_batch: int | None = None,
            concurrency: int = 4, init_args: dict | None = None) -> RayEngine:
     """Start (or update) the Serve deployment of `bundle` and return its RayEngine. concurrency:
     requests one replica generates at once (its max_ongoing_requests); more wait in Serve's router.
+    max_batch: requests a replica decodes together (None: all its ongoing ones on the CPU, one at
+    a time on a GPU).
     Every replica loads the bundle from the same path: a shared file system or the same copy on
     every node."""
     import os
@@ -195,24 +193,9 @@ def deploy(bundle: str, address: str | None, engine_args: dict, replicas: int = 
         ray_actor_options={"num_cpus": replica_cpus}, health_check_period_s=2.0, **scale)(EngineReplica)
     engine_args = {"num_threads": max(1, int(replica_cpus)),
                    **{k: v for k, v in engine_args.items() if v is not None}}
+    if max_batch is None:
+        max_batch = concurrency if engine_args.get("device", "cpu") == "cpu" else 1
     handle = serve.run(deployment.bind(os.path.abspath(bundle), engine_args, max_batch, concurrency),
                        name=APP_NAME, route_prefix=None)
     info = handle.info.remote().result()
     return RayEngine(handle, info, ray)
-
-
-def deploy_from_cli(bundle: str, address: str, replicas: int | None, autoscale: str | None, replica_cpus: float,
-                    max_batch: int, max_concurrency: int, engine_args: dict) -> tuple[RayEngine, int]:
-    """conflayers-serve --ray: the RayEngine, and the front's concurrency (every replica full)."""
-    from .bundle import Bundle
-    from .cli import CliError
-    from .rayutil import RayMissing
-    Bundle.open(bundle, verify=False)      # a bad path fails here, in a line, not in every replica
-    try:
-        bounds = parse_autoscale(autoscale) if autoscale else None
-        per_replica = max(max_concurrency, max_batch) if max_batch > 1 else max_concurrency
-        engine = deploy(bundle, address, engine_args, replicas or 1, bounds, replica_cpus, max_batch, per_replica)
-    except (RayMissing, ValueError) as e:
-        raise CliError(str(e)) from None
-    most = bounds[1] if bounds else (replicas or 1)
-    return engine, per_replica * most

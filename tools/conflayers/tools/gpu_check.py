@@ -72,8 +72,8 @@ def device_costs(engine, task: str | None, kv_device: str, context: int = 128, r
     drafter = engine.drafters.get(task) if task else None
     model = getattr(drafter, "model", None)
     if model is not None:
-        draft = model.bind(cache)
-        jobs["draft_step"] = lambda: draft.logits(token, context)
+        draft = model.stepper(cache)
+        jobs["draft_step"] = lambda: draft(token, context)
     for fn in jobs.values():
         fn()
     samples = {k: [] for k in jobs}

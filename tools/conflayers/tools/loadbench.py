@@ -11,8 +11,8 @@ stops them at the end. Systems:
 - `batched`: `conflayers-serve BUNDLE --max-batch N` (continuous batching), the bundle's default
   profile (speculative decoding where its policy pays); `batched-plain`: the same server, requests
   with `"speculate": false`;
-- `unbatched`: `conflayers-serve BUNDLE --max-concurrency N` (one request per thread, each decoding
-  alone); `unbatched-plain`: the same, `"speculate": false`;
+- `unbatched`: `conflayers-serve BUNDLE --max-batch 1 --max-concurrency N` (one request decodes at
+  a time, alone, the others wait); `unbatched-plain`: the same, `"speculate": false`;
 - `genai`: ONNX Runtime GenAI's batching engine (`og.Engine` / `og.Request`, onnxruntime-genai 0.18)
   over the model its builder makes from the bundle's Hugging Face checkpoint (`--genai-precision`,
   int4 by default: the precision of a Q4 GGUF; the same cached build as `conflayers-bench`'s
@@ -322,8 +322,8 @@ class ServerProcess:
 
 
 def conflayers_command(bundle: str, batched: bool, max_batch: int, max_context: int | None) -> list[str]:
-    cmd = [sys.executable, "-m", "conflayers.runtime.server", bundle, "--host", "127.0.0.1", "--port", "0"]
-    cmd += ["--max-batch", str(max_batch)] if batched else ["--max-concurrency", str(max_batch)]
+    cmd = [sys.executable, "-m", "conflayers.runtime.serving.cli", bundle, "--host", "127.0.0.1", "--port", "0"]
+    cmd += ["--max-batch", str(max_batch)] if batched else ["--max-batch", "1", "--max-concurrency", str(max_batch)]
     if max_context:
         cmd += ["--max-context", str(max_context)]
     return cmd

@@ -27,25 +27,25 @@ bundle's default profile) and `speculate` (default true; false decodes with the 
 """
 from __future__ import annotations
 
-import collections
 import hmac
 import ipaddress
 import json
 import select
-import signal
 import socket
 import sys
 import threading
 import time
 import traceback
 import uuid
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-import click
+from ..engine import EngineAPI, RequestError
+from .admission import Admission, ClientGone, ServerLimits
+from .metrics import CLIENT_CLOSED, PROMETHEUS_TYPE, Metrics
+from .schema import (RETRY_AFTER_S, ApiError, _profile_hint, _usage, busy, chunk_body, completion_body, json_bytes,
+                     parse_request)
 
-from .engine import Engine, RequestError, RequestLimits
 
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 ROUTES = {  # path -> allowed methods (HEAD goes wherever GET does)
@@ -53,60 +53,7 @@ ROUTES = {  # path -> allowed methods (HEAD goes wherever GET does)
     "/health": ("GET", "HEAD"), "/v1/models": ("GET", "HEAD"), "/metrics": ("GET", "HEAD"),
 }
 OPEN_PATHS = ("/health",)      # answered without the API key (load-balancer probes)
-LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0)
-RATE_WINDOW_S = 10.0           # generated tokens/s is averaged over this many recent seconds
-PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-CLIENT_CLOSED = 499   # nginx's code for "client closed the request", used in metrics and logs
-RETRY_AFTER_S = 1
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
-
-
-@dataclass(frozen=True)
-class ServerLimits:
-    """The server's resource bounds (conflayers-serve flags). Request-meaning limits (messages,
-    stop strings, special tokens) are the engine's: RequestLimits."""
-    max_concurrency: int = 4          # requests generating at once
-    max_queue: int = 64               # requests waiting for one of those slots; the next gets 503
-    max_connections: int = 128        # connection threads; the next connection gets 503
-    max_body_bytes: int = 4 << 20     # larger bodies get 413, unread
-    request_timeout: float = 600.0    # seconds from arrival: queueing + generation
-    api_key: str | None = None        # required as "Authorization: Bearer KEY" (not for /health)
-    allowed_hosts: tuple = ()         # Host header names accepted besides the loopback names
-
-    def __post_init__(self):
-        for name in ("max_concurrency", "max_connections"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
-        if self.max_queue < 0 or self.max_body_bytes < 1 or not self.request_timeout > 0:
-            raise ValueError("max_queue must be >= 0, max_body_bytes >= 1 and request_timeout > 0")
-
-
-class ApiError(Exception):
-    """A request the server refuses; becomes an OpenAI-style error body with this HTTP status."""
-
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 kind: str = "invalid_request_error", headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
-
-
-def busy(message: str) -> ApiError:
-    return ApiError(503, message, kind="server_busy", headers={"Retry-After": str(RETRY_AFTER_S)})
-
-
-def json_bytes(obj) -> bytes:
-    """UTF-8 JSON; falls back to ASCII escapes when a string holds a lone surrogate (an echoed
-    field), which UTF-8 cannot carry."""
-    try:
-        return json.dumps(obj, ensure_ascii=False).encode()
-    except UnicodeEncodeError:
-        return json.dumps(obj).encode()
 
 
 def escape_text(text: str) -> str:
@@ -114,274 +61,6 @@ def escape_text(text: str) -> str:
     return "".join(c if " " <= c <= "~" and c != "\\" else
                    ("\\\\" if c == "\\" else f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}")
                    for c in text)
-
-
-def label(value) -> str:
-    """A Prometheus label value, escaped (backslash, double quote, newline)."""
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-# -- metrics ----------------------------------------------------------------------------------
-
-
-class Histogram:
-    def __init__(self, buckets):
-        self.buckets, self.counts, self.sum, self.n = buckets, [0] * len(buckets), 0.0, 0
-
-    def observe(self, value: float, times: int = 1):
-        for i, b in enumerate(self.buckets):
-            if value <= b:
-                self.counts[i] += times
-        self.sum += value * times
-        self.n += times
-
-    def render(self, name: str, labels: str = "") -> list[str]:
-        sep = "," if labels else ""
-        out = [f'{name}_bucket{{{labels}{sep}le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts)]
-        lb = f"{{{labels}}}" if labels else ""
-        return out + [f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.n}', f"{name}_sum{lb} {self.sum:.6f}",
-                      f"{name}_count{lb} {self.n}"]
-
-
-class Metrics:
-    """Process-wide counters behind one lock (handlers run on many threads)."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.requests: dict[tuple[str, str], int] = {}          # (endpoint, status) -> count
-        self.tokens: dict[str, list[int]] = {}                  # profile -> [generated, drafted, accepted]
-        self.disconnects = 0
-        self.inflight = 0
-        self.rejected_connections = 0
-        self.latency: dict[str, Histogram] = {}                 # endpoint -> request seconds
-        self.ttft = Histogram(TTFT_BUCKETS)
-        self.itl = Histogram(ITL_BUCKETS)
-        self.recent: collections.deque = collections.deque()    # (monotonic time, tokens)
-        self.started = time.monotonic()
-
-    def begin(self):
-        with self._lock:
-            self.inflight += 1
-
-    def end(self):
-        with self._lock:
-            self.inflight -= 1
-
-    def count_request(self, endpoint: str, status: int, seconds: float | None = None):
-        with self._lock:
-            key = (endpoint, str(status))
-            self.requests[key] = self.requests.get(key, 0) + 1
-            if status == CLIENT_CLOSED:
-                self.disconnects += 1
-            if seconds is not None:
-                self.latency.setdefault(endpoint, Histogram(LATENCY_BUCKETS)).observe(seconds)
-
-    def count_rejected_connection(self):
-        with self._lock:
-            self.rejected_connections += 1
-
-    def count_tokens(self, profile: str | None, generated: int, drafted: int = 0, accepted: int = 0):
-        with self._lock:
-            row = self.tokens.setdefault(profile or "none", [0, 0, 0])
-            row[0] += generated
-            row[1] += drafted
-            row[2] += accepted
-
-    def observe_tokens(self, n: int, first: bool, seconds: float):
-        """n tokens just arrived: the first of a request (seconds = time to first token, from
-        arrival) or later ones (seconds = the wait since the previous tokens, shared by the n)."""
-        now = time.monotonic()
-        with self._lock:
-            if first:
-                self.ttft.observe(seconds)
-            elif n:
-                self.itl.observe(seconds / n, n)
-            if n:
-                self.recent.append((now, n))
-            self._prune(now)
-
-    def _prune(self, now: float):
-        while self.recent and self.recent[0][0] < now - RATE_WINDOW_S:
-            self.recent.popleft()
-
-    def render(self, gauges: dict) -> str:
-        """Prometheus text exposition format 0.0.4. gauges: name -> (help, value) from the server."""
-        with self._lock:
-            now = time.monotonic()
-            self._prune(now)
-            window = min(RATE_WINDOW_S, max(now - self.started, 1e-9))
-            rate = sum(n for _, n in self.recent) / window
-            out = ["# HELP conflayers_requests_total HTTP requests answered, by endpoint and status "
-                   f"({CLIENT_CLOSED} = the client disconnected).",
-                   "# TYPE conflayers_requests_total counter"]
-            out += [f'conflayers_requests_total{{endpoint="{label(e)}",status="{label(s)}"}} {n}'
-                    for (e, s), n in sorted(self.requests.items())]
-            for i, (name, text) in enumerate([
-                    ("generated_tokens", "Tokens generated (returned to clients), by draft profile."),
-                    ("draft_tokens", "Tokens proposed by the draft, by draft profile."),
-                    ("accepted_tokens", "Draft tokens the full model accepted, by draft profile.")]):
-                out += [f"# HELP conflayers_{name}_total {text}", f"# TYPE conflayers_{name}_total counter"]
-                out += [f'conflayers_{name}_total{{profile="{label(p)}"}} {row[i]}'
-                        for p, row in sorted(self.tokens.items())]
-            out += ["# HELP conflayers_acceptance_rate Draft tokens accepted / proposed since start, by profile.",
-                    "# TYPE conflayers_acceptance_rate gauge"]
-            out += [f'conflayers_acceptance_rate{{profile="{label(p)}"}} {row[2] / row[1]:.6f}'
-                    for p, row in sorted(self.tokens.items()) if row[1]]
-            out += [f"# HELP conflayers_generated_tokens_per_second Tokens generated per second, all requests, "
-                    f"over the last {RATE_WINDOW_S:g} s.",
-                    "# TYPE conflayers_generated_tokens_per_second gauge",
-                    f"conflayers_generated_tokens_per_second {rate:.3f}",
-                    "# HELP conflayers_client_disconnects_total Requests the client closed before the end.",
-                    "# TYPE conflayers_client_disconnects_total counter",
-                    f"conflayers_client_disconnects_total {self.disconnects}",
-                    "# HELP conflayers_rejected_connections_total Connections answered 503 at accept "
-                    "(--max-connections reached).",
-                    "# TYPE conflayers_rejected_connections_total counter",
-                    f"conflayers_rejected_connections_total {self.rejected_connections}",
-                    "# HELP conflayers_inflight_requests Generation requests being served or waiting.",
-                    "# TYPE conflayers_inflight_requests gauge",
-                    f"conflayers_inflight_requests {self.inflight}"]
-            for name, (text, value) in gauges.items():
-                out += [f"# HELP conflayers_{name} {text}", f"# TYPE conflayers_{name} gauge",
-                        f"conflayers_{name} {value}"]
-            out += ["# HELP conflayers_time_to_first_token_seconds From a request's arrival (queueing "
-                    "included) to its first generated token.",
-                    "# TYPE conflayers_time_to_first_token_seconds histogram"]
-            out += self.ttft.render("conflayers_time_to_first_token_seconds")
-            out += ["# HELP conflayers_inter_token_latency_seconds Time per generated token after the first "
-                    "(a speculative step's tokens share its time).",
-                    "# TYPE conflayers_inter_token_latency_seconds histogram"]
-            out += self.itl.render("conflayers_inter_token_latency_seconds")
-            out += ["# HELP conflayers_request_seconds Generation request latency, including queueing.",
-                    "# TYPE conflayers_request_seconds histogram"]
-            for e, h in sorted(self.latency.items()):
-                out += h.render("conflayers_request_seconds", f'endpoint="{label(e)}"')
-            return "\n".join(out) + "\n"
-
-
-class Admission:
-    """max_concurrency requests generate at once; up to max_queue more wait, in arrival order;
-    beyond that, or past the request's deadline while waiting, 503 with Retry-After."""
-
-    def __init__(self, slots: int, queue: int):
-        self.slots, self.queue = slots, queue
-        self.running = self.waiting = 0
-        self._cond = threading.Condition()
-
-    def enter(self, deadline: float, client_gone) -> None:
-        with self._cond:
-            if self.running < self.slots and self.waiting == 0:
-                self.running += 1
-                return
-            if self.waiting >= self.queue:
-                raise busy(f"the server is busy ({self.running} requests generating, {self.waiting} "
-                           f"waiting, the queue's limit); retry in {RETRY_AFTER_S} s")
-            self.waiting += 1
-            try:
-                while self.running >= self.slots:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise busy("the request timed out waiting for a free generation slot")
-                    self._cond.wait(min(left, 0.25))
-                    if client_gone():
-                        raise ClientGone()
-                self.running += 1
-            finally:
-                self.waiting -= 1
-
-    def leave(self):
-        with self._cond:
-            self.running -= 1
-            self._cond.notify()
-
-
-# -- request parsing --------------------------------------------------------------------------
-
-# Request fields passed to Engine.generate under another name; the engine checks every value.
-ENGINE_NAMES = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed",
-                "stop": "stop", "task": "task", "speculate": "speculate"}
-
-
-def parse_request(body, chat: bool) -> tuple[dict, dict]:
-    """An OpenAI-style body as Engine.generate keyword arguments (+ 'stream'), and the map from
-    the engine's parameter names back to the body's fields, for error bodies. Only the HTTP
-    shape is checked here (what decides the response form, which fields carry the prompt);
-    whether the values are valid is the engine's to say."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    n = body.get("n")
-    if n is not None and (isinstance(n, bool) or n != 1):
-        raise ApiError(400, "only n=1 is supported", "n")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ApiError(400, "'stream' must be true or false", "stream")
-    max_field = "max_completion_tokens" if body.get("max_tokens") is None and \
-        body.get("max_completion_tokens") is not None else "max_tokens"
-    fields = {**ENGINE_NAMES, max_field: "max_new_tokens"}
-    args = {name: body[f] for f, name in fields.items() if body.get(f) is not None}
-    args.setdefault("max_new_tokens", None)        # absent: as many as fit, up to the engine's default
-    args.update(_prompt_input(body, chat), stream=stream)
-    return args, {name: f for f, name in fields.items()}
-
-
-def _prompt_input(body: dict, chat: bool) -> dict:
-    """prompt= or messages= for Engine.generate: the field must be there; a completion prompt may
-    be a list of exactly one string (OpenAI's batch shape)."""
-    field = "messages" if chat else "prompt"
-    value = body.get(field)
-    if value is None:
-        raise ApiError(400, f"'{field}' is required", field)
-    if not chat and isinstance(value, list):
-        if len(value) != 1 or not isinstance(value[0], str):
-            raise ApiError(400, "'prompt' must be a string (a list of exactly one string is accepted; "
-                                "batches and token-id prompts are not supported)", "prompt")
-        value = value[0]
-    return {field: value}
-
-
-def _profile_hint(engine: Engine, args: dict) -> str | None:
-    """The profile label a request's tokens go under when it ends before the engine says."""
-    if not args.get("speculate", True):
-        return None
-    return args.get("task") or engine.bundle.default_profile
-
-
-# -- responses --------------------------------------------------------------------------------
-
-
-def _usage(metrics: dict) -> dict:
-    p, c = metrics["prompt_tokens"], metrics["completion_tokens"]
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-
-def completion_body(rid: str, model: str, chat: bool, result) -> dict:
-    metrics = result.metrics.to_dict()
-    if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
-                  "logprobs": None, "finish_reason": result.finish_reason}
-    else:
-        choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": result.finish_reason}
-    return {"id": rid, "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()), "model": model, "choices": [choice],
-            "usage": _usage(metrics), "conflayers": metrics}
-
-
-def chunk_body(rid: str, model: str, chat: bool, created: int, delta: dict | None = None,
-               text: str | None = None, finish_reason: str | None = None) -> dict:
-    """One SSE chunk in OpenAI's streaming shape (delta for chat, text for completions)."""
-    if chat:
-        choice = {"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish_reason}
-    else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-    return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": created, "model": model, "choices": [choice]}
-
-
-# -- the handler ------------------------------------------------------------------------------
-
-
-class ClientGone(Exception):
-    """The client closed the connection before its response was complete."""
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -746,7 +425,7 @@ class ConflayersServer(ThreadingHTTPServer):
     request_queue_size = 1024       # listen backlog (socketserver's default of 5 resets bursts)
     reject_linger_s = 5.0           # how long a refused connection is drained before closing
 
-    def __init__(self, address, engine: Engine, limits: ServerLimits, log_stream=None):
+    def __init__(self, address, engine: EngineAPI, limits: ServerLimits, log_stream=None):
         super().__init__(address, Handler)
         self.engine = engine
         self.limits = limits
@@ -779,7 +458,7 @@ class ConflayersServer(ThreadingHTTPServer):
     def gauges(self) -> dict:
         a = self.admission
         batch = {}
-        if hasattr(self.engine, "max_batch"):     # a BatchedEngine (--max-batch > 1)
+        if hasattr(self.engine, "max_batch"):     # a local Engine (Ray replicas report their own)
             batch = {"batch_active_sequences": ("Sequences in the decoding batch now (batch occupancy).",
                                                 self.engine.active),
                      "batch_waiting_requests": ("Requests waiting for a batch slot.", self.engine.waiting),
@@ -876,7 +555,7 @@ class ConflayersServer(ThreadingHTTPServer):
         self.log(f"error while serving {client_address}:\n{traceback.format_exc()}")
 
 
-def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000, max_concurrency: int = 4,
+def make_server(engine: EngineAPI, host: str = "127.0.0.1", port: int = 8000, max_concurrency: int = 4,
                 log_stream=None, **limits) -> ConflayersServer:
     """Bind (port 0 picks a free port: see server.server_address) without serving yet; run
     serve_forever() in a thread or the main loop, and shutdown() + server_close() to stop.
@@ -885,145 +564,3 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000, max_c
     sys.stderr at the time of writing)."""
     return ConflayersServer((host, port), engine, ServerLimits(max_concurrency=max_concurrency, **limits),
                             log_stream)
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-@click.command(name="conflayers-serve", context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("bundle", type=click.Path(file_okay=False))
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on (0.0.0.0 for all interfaces: set --api-key).")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
-              help="TCP port (0 picks a free one).")
-@click.option("--max-context", type=click.IntRange(min=2), default=None,
-              help="Cap each request's KV cache at N tokens (prompt + output); default the bundle's context.")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
-              help="Where to run: cpu, cuda (needs onnxruntime-gpu), or auto (cuda when available).")
-@click.option("--max-concurrency", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Requests generating at once. Each holds a KV cache of --max-context tokens.")
-@click.option("--max-batch", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Decode up to N requests together (continuous batching, one pass per step, CPU; "
-                   "needs the onnx package). 1: each request decodes alone on its thread.")
-@click.option("--prefill-chunk", type=click.IntRange(min=1), default=32, show_default=True,
-              help="With --max-batch: a newcomer's prompt enters the batch N tokens per step, so the "
-                   "streams already decoding wait at most one such chunk per step.")
-@click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
-              help="Requests waiting for a generation slot; beyond that, 503 with Retry-After.")
-@click.option("--max-connections", type=click.IntRange(min=1), default=128, show_default=True,
-              help="Connections served at once (one thread each); beyond that a new connection gets 503.")
-@click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=600.0, show_default=True,
-              help="Seconds from a request's arrival: still waiting for a slot then, it gets 503; "
-                   "generating, it ends there with finish_reason 'length'.")
-@click.option("--max-body-bytes", type=click.IntRange(min=1), default=4 << 20, show_default=True,
-              help="Largest request body; a larger one gets 413 before it is read.")
-@click.option("--max-messages", type=click.IntRange(min=1), default=1024, show_default=True,
-              help="Most messages in a chat request (400 beyond).")
-@click.option("--max-stop", type=click.IntRange(min=0), default=16, show_default=True,
-              help="Most stop strings in a request (400 beyond).")
-@click.option("--max-stop-chars", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Longest stop string, in characters (400 beyond).")
-@click.option("--allow-special-tokens-in-prompt", is_flag=True,
-              help="Encode control-token text (e.g. '<|im_end|>') in a raw /v1/completions prompt as "
-                   "control tokens. Chat message content is always plain text.")
-@click.option("--api-key", envvar="CONFLAYERS_API_KEY", default=None, show_envvar=True,
-              help="Require 'Authorization: Bearer KEY' on every endpoint but /health (401 without).")
-@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
-              help="Also accept this Host header (repeatable). Bound to loopback, only localhost, "
-                   "127.0.0.1 and [::1] are accepted otherwise (403), against DNS rebinding.")
-@click.option("--num-threads", type=click.IntRange(min=1), default=None,
-              help="CPU threads for ONNX Runtime (default: all cores, or $CONFLAYERS_THREADS).")
-@click.option("--no-verify", is_flag=True, help="Skip re-hashing the bundle's files at load "
-              "(faster start for large bundles; sizes are still checked).")
-@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
-              help="Generate on Ray Serve replicas (needs conflayers[ray]): on the cluster at ADDRESS (auto, "
-                   "host:6379, ray://host:10001), or a local Ray instance when none is given. This server "
-                   "stays the HTTP front; every replica loads BUNDLE from the same path.")
-@click.option("--replicas", type=click.IntRange(min=1), default=None, help="With --ray: replicas [default: 1].")
-@click.option("--autoscale", default=None, metavar="MIN,MAX",
-              help="With --ray: let Ray Serve scale between MIN and MAX replicas by ongoing requests.")
-@click.option("--replica-cpus", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
-              help="With --ray: CPUs each replica reserves (and its ONNX Runtime threads, unless --num-threads).")
-def main(bundle, host, port, max_context, device, max_concurrency, max_batch, prefill_chunk, max_queue,
-         max_connections, request_timeout, max_body_bytes, max_messages, max_stop, max_stop_chars,
-         allow_special_tokens_in_prompt, api_key, allowed_hosts, num_threads, no_verify, ray_address, replicas,
-         autoscale, replica_cpus):
-    """Serve a compiled BUNDLE over an OpenAI-compatible HTTP API.
-
-    \b
-    POST /v1/completions       {"prompt": "...", ...}
-    POST /v1/chat/completions  {"messages": [{"role": "user", "content": "..."}], ...}
-    GET  /health (also HEAD), /v1/models, /metrics (Prometheus text format)
-
-    \b
-    Request fields: model (echoed back, not used), max_tokens (default 256,
-    lowered to fit the context), temperature (default 0 = greedy, unlike
-    OpenAI's 1), top_p, top_k, seed, stop, stream (Server-Sent Events),
-    task (a profile name or "auto"; default the bundle's default profile),
-    speculate (default true; false = full model only, same greedy output).
-
-    Responses follow OpenAI's shapes plus a `conflayers` object with the
-    generation metrics. Refusals are 4xx/503 with an OpenAI-style error body;
-    a 500 carries only an id to find in the log. Logs one line per request
-    to stderr. A client that disconnects stops its generation.
-    """
-    from .cli import CliError, friendly_errors
-
-    limits = RequestLimits(max_messages=max_messages, max_stop_strings=max_stop, max_stop_chars=max_stop_chars,
-                           special_tokens_in_prompt=allow_special_tokens_in_prompt)
-
-    if ray_address is None and (replicas or autoscale):
-        raise click.UsageError("--replicas and --autoscale need --ray")
-    if replicas and autoscale:
-        raise click.UsageError("--replicas and --autoscale exclude each other")
-
-    @friendly_errors
-    def start():
-        if ray_address is not None:      # Ray Serve replicas behind this same front (ray_serve.py)
-            from .ray_serve import deploy_from_cli
-            engine, concurrency = deploy_from_cli(
-                bundle, ray_address, replicas, autoscale, replica_cpus, max_batch, max_concurrency,
-                dict(device=device, max_context=max_context, num_threads=num_threads, verify=not no_verify,
-                     limits=limits))
-        else:
-            engine = Engine.load(bundle, device=device, max_context=max_context, num_threads=num_threads,
-                                 verify=not no_verify, limits=limits)
-            concurrency = max_concurrency
-        if max_batch > 1 and ray_address is None:
-            from .batching import BatchedEngine, BatchingError
-            try:
-                engine = BatchedEngine(engine, max_batch=max_batch, prefill_chunk=prefill_chunk)
-            except BatchingError as e:
-                raise CliError(f"--max-batch: {e}") from None
-            for name, plan in engine.speculation_plan().items():
-                click.echo(f"conflayers-serve: batched speculation, {name}: {plan}", err=True)
-            concurrency = max(max_concurrency, max_batch)   # every batch slot can be filled
-        try:
-            return make_server(engine, host, port, concurrency, max_queue=max_queue,
-                               max_connections=max_connections, max_body_bytes=max_body_bytes,
-                               request_timeout=request_timeout, api_key=api_key or None,
-                               allowed_hosts=tuple(allowed_hosts))
-        except OSError as e:
-            raise CliError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-
-    server = start()
-    signal.signal(signal.SIGTERM, _interrupt)     # `kill` / container stop: close the socket cleanly
-    h, p = server.server_address[:2]
-    click.echo(f"conflayers-serve: {server.model_name} on http://{h}:{p} (profiles: "
-               f"{', '.join(server.engine.profiles) or 'none'}; default {server.engine.bundle.default_profile}; "
-               f"max concurrency {server.max_concurrency}, batch {max_batch}, queue {max_queue}, "
-               f"connections {max_connections}; "
-               f"API key {'required' if api_key else 'off'}; device {server.engine.device})", err=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        click.echo("conflayers-serve: shutting down", err=True)
-    finally:
-        server.server_close()
-        if ray_address is not None:
-            server.engine.close()      # the replicas go with their front
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -1,0 +1,327 @@
+"""Packed passes: several sequences' rows in one pass of a decoder graph, over one batched KV cache.
+
+pack_graph rewrites a decoder graph (full graph or draft body) so the sequences of `slots` KV
+cache slots are packed along its sequence axis: every node but attention computes each position
+on its own, so it runs on the packed rows unchanged; each GroupQueryAttention node becomes one per
+slot, fed exactly the rows (and the extra attention row) the solo graph would feed. PackedGraph
+runs a pass over any mix of slots: through the solo graph when one sequence is in it (the same
+computation, without the idle slots' attention nodes), else through the packed session, with the
+rows padded as the solo passes are (contract.py). The scheduler (scheduler.py) makes every pass
+through here, a request alone included.
+
+CPU only (the slots are views of one host buffer); graphs with no GroupQueryAttention are refused.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnxruntime as ort
+
+from . import contract
+from .modelspec import ModelSpec
+from .ort_backend import GraphRunner, KVCache, create_session
+
+
+class BatchingError(RuntimeError):
+    """The bundle, device or environment cannot be served by the batched engine."""
+
+
+# -- the packed graph ---------------------------------------------------------------------------
+def pack_graph(path: str, slots: int) -> tuple[bytes, bool]:
+    """The decoder graph at `path` (full or draft body) rewritten for `slots` sequences packed
+    along its sequence axis. Returns (serialized model, whether its attention pads a row).
+
+    Every node but attention computes each position on its own, so it runs on the packed rows
+    unchanged. Each GroupQueryAttention node becomes one per slot: its rows are split by
+    `seg_lens`, each slot's segment gets exactly what the solo graph gives it (the extra row of a
+    padded full graph included) and its own KV buffers (past_key.{i}.{b} bound as both past and
+    present), and the results are concatenated again. An empty segment attends with one zero row,
+    written at the slot's length and dropped. The final Slice from `logits_from` becomes a Gather
+    of `rows` (the positions whose logits or hidden states are wanted).
+
+    Inputs:  input_ids [1, T], seg_lens [N] int64 (sum T), seqlens_k [N] int32 (the solo graph's
+             value per slot: start + n - 1; for an empty segment the row lands at seqlens_k + 1
+             when padded, seqlens_k otherwise), rows [R] int64, past_key.{i}.{b}, past_value.{i}.{b}
+    Outputs: logits or hidden [1, R, W], present_key.{i}.{b}, present_value.{i}.{b}
+    """
+    try:
+        import onnx
+        from onnx import TensorProto, helper
+    except ImportError:
+        raise BatchingError("the batched engine derives its graphs with the `onnx` package: "
+                            "pip install 'onnx>=1.17'") from None
+    model = onnx.load(path, load_external_data=False)
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for x in n.input:
+            consumers.setdefault(x, []).append(n)
+    padded = any(n.name == contract.ATTENTION_PAD[0] for n in g.node)
+    N = int(slots)
+    new: list = []
+    skip: set[int] = set()
+    consts: list = []
+    counter = [0]
+
+    def op(op_type, inputs, n_out=1, domain="", **attrs):
+        counter[0] += 1
+        base = f"pack/{op_type}_{counter[0]}"
+        outs = [f"{base}/out{j}" for j in range(n_out)]
+        new.append(helper.make_node(op_type, inputs, outs, name=base, domain=domain, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def const(name, array):
+        consts.append(onnx.numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    zero_i64, one_i64 = const("pack/zero", np.array([0], np.int64)), const("pack/one", np.array([1], np.int64))
+    minus_one, axis1 = const("pack/minus_one", np.array([-1], np.int64)), const("pack/axis1", np.array([1], np.int64))
+    big = const("pack/max", np.array([np.iinfo(np.int64).max], np.int64))
+    one_i32 = const("pack/one_i32", np.array(1, np.int32))
+    fzero = const("pack/fzero", np.array(0.0, np.float32))
+    per_slot = []            # (n_b [1] int64, min(n_b, 1), seqlens_b [1] int32, total_b [1] int32)
+    for b in range(N):
+        idx = const(f"pack/slot{b}", np.array([b], np.int64))
+        n_b = op("Gather", ["seg_lens", idx])
+        s_b = op("Gather", ["seqlens_k", idx])
+        if padded:
+            s_b = op("Add", [s_b, one_i32])
+        per_slot.append((n_b, op("Min", [n_b, one_i64]), s_b, op("Add", [s_b, one_i32])))
+    setup, new = new, []
+
+    kv_dims = {}
+    for x in g.input:
+        if x.name.startswith("past_key."):
+            kv_dims[x.name] = x.type.tensor_type.shape
+    gqa_nodes = [n for n in g.node if n.op_type == "GroupQueryAttention"]
+    if not gqa_nodes:
+        raise BatchingError(f"{path} has no GroupQueryAttention node")
+    rewrite: dict[int, list] = {}
+    dropped_io: set[str] = {"total_seq_len", "logits_from"}
+    added_in, added_out = [], []
+    for n in gqa_nodes:
+        layer = n.input[3][len("past_key."):]
+        srcs = []
+        for x in n.input[:3]:
+            if not x:
+                srcs.append("")
+                continue
+            if padded:          # Pad(x, edge) (or, older graphs, Concat([x, Slice(x, -1:)])) -> x
+                pad = producer[x]
+                mode = {a.name: helper.get_attribute_value(a) for a in pad.attribute}.get("mode")
+                if pad.op_type == "Pad" and mode == b"edge":
+                    skip.add(id(pad))
+                else:
+                    last = producer.get(pad.input[1]) if len(pad.input) > 1 else None
+                    if pad.op_type != "Concat" or last is None or last.op_type != "Slice" or last.input[0] != pad.input[0]:
+                        raise BatchingError(f"{path}: unexpected attention padding before {n.name}")
+                    skip.update((id(pad), id(last)))
+                srcs.append(pad.input[0])
+            else:
+                srcs.append(x)
+        out_name = n.output[0]
+        if padded:              # Slice(attn, 0, -1) drops the extra row
+            (trim,) = consumers[n.output[0]]
+            if trim.op_type != "Slice":
+                raise BatchingError(f"{path}: unexpected attention output of {n.name}")
+            skip.add(id(trim))
+            out_name = trim.output[0]
+        for j in (1, 2):        # the present outputs: graph outputs, or (older graphs) Identity nodes'
+            dropped_io.add(n.output[j])
+            for c in consumers.get(n.output[j], []):
+                skip.add(id(c))
+                dropped_io.add(c.output[0])
+        dropped_io.update((n.input[3], n.input[4]))
+        segs, zeros = [], []
+        for src in srcs:
+            if not src:
+                segs.append(None)
+                zeros.append(None)
+                continue
+            segs.append(op("Split", [src, "seg_lens"], n_out=N, axis=1) if N > 1 else [op("Identity", [src])])
+            zeros.append(op("Mul", [op("Slice", [src, zero_i64, one_i64, axis1]), fzero]))
+        outs = []
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        for b in range(N):
+            n_b, has_b, s_b, total_b = per_slot[b]
+            ins = []
+            for seg, zero in zip(segs, zeros):
+                if seg is None:
+                    ins.append("")
+                    continue
+                with_zero = op("Concat", [zero, seg[b]], axis=1)
+                if padded:      # + the last row (the zero row when the segment is empty)
+                    ins.append(op("Concat", [seg[b], op("Slice", [with_zero, minus_one, big, axis1])], axis=1))
+                else:           # the segment, or the zero row alone when it is empty
+                    ins.append(op("Slice", [with_zero, has_b, big, axis1]))
+            pk, pv = f"past_key.{layer}.{b}", f"past_value.{layer}.{b}"
+            counter[0] += 1
+            name = f"pack/L{layer}/s{b}/attn"
+            o = [f"{name}/out{j}" for j in range(3)]
+            o[1:] = [f"present_key.{layer}.{b}", f"present_value.{layer}.{b}"]
+            new.append(helper.make_node("GroupQueryAttention", ins + [pk, pv, s_b, total_b] + list(n.input[7:]),
+                                        o, name=name, domain=n.domain, **attrs))
+            outs.append(op("Slice", [o[0], zero_i64, n_b, axis1]))
+            shape = [d.dim_value or d.dim_param for d in kv_dims[n.input[3]].dim]
+            for nm in (pk, pv):
+                added_in.append(helper.make_tensor_value_info(nm, TensorProto.FLOAT, shape))
+            for nm in (f"present_key.{layer}.{b}", f"present_value.{layer}.{b}"):
+                added_out.append(helper.make_tensor_value_info(nm, TensorProto.FLOAT, shape))
+        new.append(helper.make_node("Concat", outs, [out_name], name=f"pack/L{layer}/concat", axis=1))
+        rewrite[id(n)], new = new, []
+
+    nodes = list(setup)
+    for n in g.node:
+        if id(n) in skip or n.name in contract.ATTENTION_PAD:
+            continue
+        if id(n) in rewrite:
+            nodes.extend(rewrite[id(n)])
+        elif n.op_type == "Slice" and n.name.startswith("keep_positions"):
+            nodes.append(helper.make_node("Gather", [n.input[0], "rows"], list(n.output), name=n.name, axis=1))
+        else:
+            nodes.append(n)
+    inputs = [x for x in g.input if x.name not in dropped_io and x.name != "seqlens_k"]
+    inputs += [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [N]),
+               helper.make_tensor_value_info("seg_lens", TensorProto.INT64, [N]),
+               helper.make_tensor_value_info("rows", TensorProto.INT64, ["R"])] + added_in
+    outputs = [x for x in g.output if x.name not in dropped_io] + added_out
+    used = {x for n in nodes for x in n.input}
+    stale = used & dropped_io
+    if stale:
+        raise BatchingError(f"{path}: cannot pack the graph (still uses {sorted(stale)})")
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.input[:]
+    g.input.extend(inputs)
+    del g.output[:]
+    g.output.extend(outputs)
+    g.initializer.extend(consts)
+    return model.SerializeToString(), padded
+
+
+class SlotCache:
+    """One slot of a BatchedKVCache as a batch-1 KVCache (views, no copy)."""
+
+    def __init__(self, owner: "BatchedKVCache", slot: int):
+        self.capacity = owner.capacity
+        self.length = 0
+        self.device = "cpu"
+        self.keys = {i: ort.OrtValue.ortvalue_from_numpy(a[slot:slot + 1]) for i, a in owner.k.items()}
+        self.values = {i: ort.OrtValue.ortvalue_from_numpy(a[slot:slot + 1]) for i, a in owner.v.items()}
+
+    def reset(self):
+        self.length = 0
+
+
+class BatchedKVCache:
+    """KV buffers of `slots` sequences, [slots, kv_heads, capacity + KV_SPARE, head_dim] per layer
+    (+ the spare slot a padding row writes, as KVCache); `slot[b]` is slot b as a KVCache.
+    One slot is a plain KVCache (any device; `solo`: that one); several are views of one host
+    buffer (CPU only)."""
+
+    def __init__(self, spec: ModelSpec, slots: int, capacity: int, device: str = "cpu",
+                 solo: KVCache | None = None):
+        self.slots, self.capacity = int(slots), int(capacity)
+        if self.slots == 1:
+            self.slot = [solo if solo is not None else KVCache(spec, self.capacity, device)]
+            return
+        if device != "cpu":
+            raise BatchingError(f"batching (max_batch {slots}) runs on the CPU only; on {device} "
+                                f"serve with max_batch 1")
+        shape = (self.slots, spec.num_kv_heads, self.capacity + contract.KV_SPARE, spec.head_dim)
+        self.k = {i: np.zeros(shape, np.float32) for i in range(spec.num_layers)}
+        self.v = {i: np.zeros(shape, np.float32) for i in range(spec.num_layers)}
+        self.slot = [SlotCache(self, b) for b in range(self.slots)]
+
+
+class PackedGraph:
+    """A decoder graph (full graph or draft body) bound to every slot of a BatchedKVCache.
+
+    A pass with one sequence in it runs the graph itself on that slot (the solo computation, no
+    idle slots' attention nodes); only a pass over several sequences needs the packed graph
+    (pack_graph), derived from the graph's file on first use."""
+
+    def __init__(self, runner: GraphRunner, cache: BatchedKVCache, providers: list[str] | None = None,
+                 num_threads: int | None = None):
+        self.runner, self.cache = runner, cache
+        self.providers, self.num_threads = providers or ["CPUExecutionProvider"], num_threads
+        self.solo = [runner.bind(slot) for slot in cache.slot]
+        self._session = None
+
+    def run(self, segments: list[tuple[list[int], int]], rows: list[int]) -> np.ndarray:
+        """segments[b] = (tokens, start) of slot b (tokens may be empty: start is then where a
+        scratch row may be written, past the slot's valid positions); returns the output rows
+        `rows` (indices into the packed tokens, ascending) as [len(rows), width]."""
+        busy = [b for b, (toks, _) in enumerate(segments) if toks]
+        if len(busy) == 1:
+            toks, start = segments[busy[0]]
+            first = rows[0] if rows else len(toks) - 1
+            if list(rows) == list(range(first, first + len(rows))) and (not rows or rows[-1] == len(toks) - 1):
+                return self.solo[busy[0]].run(toks, start, logits_from=first)[:len(rows)]
+        for toks, start in segments:
+            if start + len(toks) > self.cache.capacity:
+                raise ValueError(f"context length {start + len(toks)} exceeds the KV cache capacity "
+                                 f"{self.cache.capacity}")
+        if self._session is None:
+            self._pack()
+        pad = self.runner.padding
+        wanted = len(rows)
+        if pad is not None:
+            segments, rows = _pad_segments(segments, rows, pad)
+            if (pad.single and wanted == 1) or (wanted > 1 and contract.single_row(wanted)):
+                rows = list(rows) + [rows[-1]]     # the head never computes a lone row either
+        lens = np.array([len(t) for t, _ in segments], np.int64)
+        ids = np.fromiter((t for toks, _ in segments for t in toks), np.int64, int(lens.sum())).reshape(1, -1)
+        seqlens = np.empty(len(segments), np.int32)
+        for b, (toks, start) in enumerate(segments):
+            seqlens[b] = start + len(toks) - 1 if toks or self.padded else start
+        bind = self.binding
+        bind.bind_cpu_input(contract.INPUT_IDS, ids)
+        bind.bind_cpu_input("seg_lens", lens)
+        bind.bind_cpu_input(contract.SEQLENS, seqlens)
+        bind.bind_cpu_input("rows", np.asarray(rows, np.int64))
+        bind.bind_output(self.runner.output, "cpu")
+        self._session.run_with_iobinding(bind)
+        return bind.get_outputs()[-1].numpy()[0][:wanted]
+
+    def _pack(self):
+        path = self.runner.path
+        if path is None or self.cache.slots == 1:
+            raise BatchingError("a pass over several sequences needs the graph's file and a batched cache")
+        data, self.padded = pack_graph(path, self.cache.slots)
+        self._session = create_session(data, self.providers, self.num_threads, external_dir=os.path.dirname(path))
+        b = self._session.io_binding()
+        for s, slot in enumerate(self.cache.slot):
+            for i in self.runner.kv_layers:
+                b.bind_ortvalue_input(f"past_key.{i}.{s}", slot.keys[i])
+                b.bind_ortvalue_output(f"present_key.{i}.{s}", slot.keys[i])
+                b.bind_ortvalue_input(f"past_value.{i}.{s}", slot.values[i])
+                b.bind_ortvalue_output(f"present_value.{i}.{s}", slot.values[i])
+        self.binding = b
+
+
+def _pad_segments(segments, rows, pad: contract.Padding):
+    """A packed pass padded as `pad` pads a solo pass (contract.py): each busy segment gets the
+    padding row its solo pass would, and where the product's rows are then 128 j + 1 one more row
+    goes to an idle slot (a scratch token where nothing valid lives) or, with none idle, to the
+    longest segment. Returns the segments and `rows` renumbered into the padded packing."""
+    segments = [(list(t), st) for t, st in segments]
+    lens = [len(t) for t, _ in segments]
+    extra = [int(n > 0 and (pad.every or (pad.single and n == 1))) for n in lens]
+    if contract.single_row(sum(lens) + sum(extra)):
+        idle = [b for b, n in enumerate(lens) if not n]
+        if idle:
+            extra[idle[0]] = 1          # a scratch token (its output is never read)
+            segments[idle[0]][0].append(0)
+        else:
+            extra[max(range(len(lens)), key=lens.__getitem__)] += 1
+    where, at = [], 0                    # old packed index -> new packed index
+    for (toks, _), n, e in zip(segments, lens, extra):
+        where.extend(range(at, at + n))
+        at += n + e
+        toks.extend(toks[-1:] * (n + e - len(toks)))
+    return segments, [where[r] for r in rows]
+
+
