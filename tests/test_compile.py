@@ -81,6 +81,13 @@ def test_tiny_compile_writes_a_valid_bundle(tiny_compiled):
     assert raw["search"]["cascade"]["kind"] in ("model", "cascade") and raw["search"]["cascade"]["why"]
     assert raw["cost_model"]["draft_relative"]["int8"][0] == 1.0       # the check pass width curve
     assert {c["precision"] for c in raw["search"]["candidates"]} == {"fp32", "int8"}
+    lev = raw["search"]["levers"]          # which lever carried the speed, and layer skipping alone
+    skips = [c["predicted_speedup"] for c in raw["search"]["candidates"]
+             if c["precision"] == "fp32" and (c["skip_layers"] or c["skip_attention"] or c["skip_mlp"])]
+    assert lev["layer_skipping_alone"] == (max(skips) if skips else None)
+    assert lev["shipped_predicted_speedup"] == fig["predicted_speedup"]
+    with open(os.path.join(tiny_compiled, "report", "prompts", "report.md")) as f:
+        assert lev["summary"] in f.read()
     assert len(raw["confidence"]["layer"]) == 4
     assert not set(raw["calibration"]["search_uids"]) & set(raw["calibration"]["validation_uids"])
     for name in ("confidence.png", "search.png", "acceptance.png", "report.md"):

@@ -176,8 +176,9 @@ def search(refs, max_new_tokens: int, cost, record, choice, k_max: int) -> dict:
         why = (f"no n-gram or hybrid setting beats the model draft's x{model_sp:.2f} (or plain decoding) "
                f"by more than {MARGIN - 1:.0%} (best: {best['kind']} x{best['predicted_speedup']:.2f})")
     top = sorted(rows[1:], key=lambda x: -x["predicted_speedup"])[:12]
+    ngram_sp = max(r["predicted_speedup"] for r in rows if r["kind"] == "ngram")
     return {"kind": pick["kind"], "ngram": pick.get("ngram"), "predicted_speedup": pick["predicted_speedup"],
-            "model_predicted_speedup": model_sp, "why": why, "ngram_ms_per_step": round(ngram_ms, 4),
+            "model_predicted_speedup": model_sp, "ngram_predicted_speedup": ngram_sp, "why": why, "ngram_ms_per_step": round(ngram_ms, 4),
             "method": "replay on the calibration references (exact for n-gram proposals and recorded "
                       "model blocks, the model's mean step elsewhere), per-step verify widths",
             "candidates": top}

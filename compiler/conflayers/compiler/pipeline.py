@@ -334,7 +334,7 @@ def compile_profile(opts: CompileOptions) -> str:
     """The whole compile, phase by phase. Returns the bundle path."""
     import torch
 
-    from . import cascade_search, ngram_search, report
+    from . import cascade_search, levers, ngram_search, report
     from .drafts import DraftFactory
     from .export.bundle_writer import check_output_dir
 
@@ -370,6 +370,7 @@ def compile_profile(opts: CompileOptions) -> str:
         ngram_search.apply(profile, drafter)
         log(f"  drafter: {drafter['kind']} ({drafter['why']})")
         cascade_search.apply(profile, cascade, outcome.ids_for)
+        profile["search"]["levers"] = levers.levers(profile)
         with m.writer(out, opts.force) as bw:
             bw.write_full()
             keep = _existing_profiles(bw, task)
@@ -392,6 +393,7 @@ def compile_profile(opts: CompileOptions) -> str:
             f"measured x{figures['measured_speedup']:.2f} "
             f"on {figures['validation_prompts']} validation prompts, identical to plain decoding: "
             f"{figures['identical_to_plain']}")
+        log(f"  levers: {profile['search']['levers']['summary']}")
         log(f"  target: {m.target.precision}" + (f" (--fallback-target: {m.target.fallback['from']} is not exact "
                                                  "on this machine, see the manifest)" if m.target.fallback else ""))
         return path
@@ -458,6 +460,9 @@ def export_profiles(opts: CompileOptions) -> str:
     path = publish_profiles(m, out, [p.raw for p in loaded], opts.force)
     log.end()
     log(f"bundle written to {path} ({', '.join(sorted(new))}; export took {sum(log.phases.values()):.0f} s)")
+    from .levers import levers
+    for p in loaded:
+        log(f"  {p.task} levers: {levers(p.raw)['summary']}")
     return path
 
 

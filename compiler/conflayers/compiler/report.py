@@ -102,6 +102,9 @@ def render(profile: dict, result, cost) -> dict[str, bytes]:
             md += [f"Cascade stage {i} (proposes for the draft above): {st['precision']}, skipped layers "
                    f"{st['skip_layers'] or 'none'}, up to {st['max_draft_tokens']} tokens, confidence stop "
                    f"{st['confidence_stop']}, vocabulary {st['vocab_subset']['size'] if st['vocab_subset'] else 'full'}."]
+    if profile["search"].get("levers"):
+        from .levers import markdown
+        md += markdown(profile["search"]["levers"])
     md += ["", f"Cost model ({cost.backend}, {cost.context} tokens of context): full step {cost.full_ms[0]} ms, "
            f"verify of {len(cost.full_ms)} tokens {cost.full_ms[-1]} ms.", "",
            "![confidence](confidence.png)", "", "![search](search.png)", "", "![acceptance](acceptance.png)", ""]
