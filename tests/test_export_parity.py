@@ -28,7 +28,7 @@ from conflayers.compiler.export.reference import draft_reference
 from conflayers.runtime.draftplan import DraftPlan
 from conflayers.runtime.ort_backend import GraphRunner, KVCache, create_session
 
-ARCHS = ["llama", "qwen2", "gemma3_text"]
+ARCHS = ["llama", "qwen2", "qwen3", "gemma3_text"]
 CPU = ["CPUExecutionProvider"]
 MAX_CONTEXT = 96
 PREFIX = 40          # longer than the tiny Gemma's sliding window (8): the window matters
@@ -253,6 +253,7 @@ def test_vocab_subset_head_equals_full_head_columns(exported):
 # test pins the quantized kernels against exactly that dequantized graph. Real models: int8 vs
 # fp32 draft 0.988 on SmolLM2-135M, 0.992 on Gemma 3 270M (tools/check_parity.py).
 MIN_AGREEMENT = {"llama": {"int8": 0.8, "int4": 0.15}, "qwen2": {"int8": 0.8, "int4": 0.15},
+                 "qwen3": {"int8": 0.8, "int4": 0.15},
                  "gemma3_text": {"int8": 0.95, "int4": 0.75}}
 
 

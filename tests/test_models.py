@@ -212,7 +212,7 @@ def test_dir_without_weights_or_tokenizer(tmp_path):
 
 def test_unsupported_architecture_lists_supported(tmp_path):
     with pytest.raises(ModelResolutionError, match=r"architecture 'bert' is not supported; supported: llama, "
-                                                   r"mistral, qwen2, gemma3_text"):
+                                                   r"mistral, qwen2, qwen3, gemma3_text"):
         resolve_model(write_config(tmp_path / "bert", {"model_type": "bert"}))
     # the architecture is named before the pickle refusal: converting it would be wasted work
     with pytest.raises(ModelResolutionError, match=r"architecture 'bert' is not supported"):

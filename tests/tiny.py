@@ -52,6 +52,12 @@ def make_config(arch: str, vocab: int = VOCAB, layers: int = 4):
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                            tie_word_embeddings=False, initializer_range=0.2, rope_theta=10000.0,
                            bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    if arch == "qwen3":
+        from transformers import Qwen3Config
+        return Qwen3Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+                           tie_word_embeddings=True, initializer_range=0.2, rope_theta=10000.0,
+                           bos_token_id=0, eos_token_id=1, pad_token_id=2)
     if arch == "gemma3_text":
         from transformers import Gemma3TextConfig
         types = ["sliding_attention", "sliding_attention", "full_attention"] * (layers // 3) + \

@@ -60,10 +60,14 @@ GEMMA3_LAYER = {
     "post_mlp_norm": "post_feedforward_layernorm.weight",
 }
 
+# Qwen3: a Llama layer plus an RMSNorm over each head of q and k before the rotary embedding
+QWEN3_LAYER = {**LLAMA_LAYER, "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight"}
+
 LLAMA = Architecture(("llama", "mistral", "qwen2"), LLAMA_LAYER, "self_attn", "mlp")
+QWEN3 = Architecture(("qwen3",), QWEN3_LAYER, "self_attn", "mlp")
 GEMMA3 = Architecture(("gemma3_text",), GEMMA3_LAYER, "post_attention_layernorm",
                       "post_feedforward_layernorm", gemma_style=True)
-ARCHITECTURES = (LLAMA, GEMMA3)
+ARCHITECTURES = (LLAMA, QWEN3, GEMMA3)
 SUPPORTED = tuple(t for a in ARCHITECTURES for t in a.model_types)
 
 NORM_NAMES = ("attn_norm", "q_norm", "k_norm", "post_attn_norm", "mlp_norm", "post_mlp_norm")
@@ -128,7 +132,7 @@ def model_spec(config) -> ModelSpec:
     if act != "silu":
         raise UnsupportedArchitecture(f"activation {act!r} is not supported (only silu)")
     window = getattr(config, "sliding_window", None)
-    if model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
+    if model_type in ("qwen2", "qwen3") and not getattr(config, "use_sliding_window", False):
         window = None
     return ModelSpec(
         architecture=model_type, num_layers=n, hidden_size=config.hidden_size,
@@ -140,6 +144,7 @@ def model_spec(config) -> ModelSpec:
         rope_theta=tuple(_rope_theta(config, None) for _ in range(n)),
         sliding_window=tuple(int(window) if window else -1 for _ in range(n)),
         attention_bias=model_type == "qwen2" or bool(getattr(config, "attention_bias", False)),
+        qk_norm=arch is QWEN3,
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
     )
 
