@@ -136,3 +136,28 @@ def test_genai_engine_anchor(tiny_bundle, tiny_llama, tiny_tokenizer_dir, prompt
         mean_rows, max_rows = row["rows_per_pass"]
         assert 1 <= mean_rows <= max_rows
     check_rss(report["rss"]["genai-engine"], report["servers"]["genai-engine"]["pid"], 6, 3)
+
+
+def test_llamacpp_server_not_installed_is_skipped_with_what_to_do(tiny_bundle, prompts_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(loadbench, "llama_server_path", lambda: None)
+    report = run([tiny_bundle, "--systems", "unbatched,llamacpp-server", "--concurrency", "1", "--requests", "1",
+                  "--max-tokens", "4", "--task", prompts_file], tmp_path)
+    assert "install_llama_server.sh" in report["skipped"]["llamacpp-server"]
+    assert report["systems"] == ["unbatched"]
+    check_levels(report, ["unbatched"], [1], 1)
+
+
+def test_llamacpp_server_anchor(tiny_bundle, prompts_file, tmp_path):
+    """llama.cpp's llama-server on SmolLM2's GGUF (where tools/install_llama_server.sh has built it),
+    --parallel slots, driven by the same clients as conflayers-serve."""
+    if not loadbench.llama_server_path():
+        pytest.skip("llama-server is not built (bash tools/install_llama_server.sh)")
+    from conflayers.compiler.models import resolve_model
+    gguf = resolve_model("smollm2-135m-instruct", progress=False).gguf
+    report = run([tiny_bundle, "--systems", "llamacpp-server", "--gguf", gguf, "--concurrency", "1,2",
+                  "--requests", "3", "--max-tokens", "8", "--max-batch", "2", "--max-context", "512",
+                  "--task", prompts_file], tmp_path)
+    assert report["skipped"] == {}
+    check_levels(report, ["llamacpp-server"], [1, 2], 3)
+    cmd = report["servers"]["llamacpp-server"]["command"]
+    assert cmd[cmd.index("--parallel") + 1] == "2" and cmd[cmd.index("--ctx-size") + 1] == "1024"

@@ -5,34 +5,22 @@
 # built for this CPU's instruction sets.
 #
 # Built from source (a C/C++ compiler and cmake are needed; 10-30 minutes on 2 cores) with the
-# best kernels this CPU has, named explicitly from /proc/cpuinfo (AVX2/FMA/F16C, AVX-VNNI,
-# AVX-512 F/VNNI/VBMI/BF16), so the anchor is as fast as llama.cpp gets here: comparing an AVX2
-# llama.cpp with an AVX-512 ONNX Runtime flatters every ratio. AMX stays off: a native build
-# with AMX crashed in its first decode on this project's Xeon machines (segmentation fault in
-# llama_decode), and GGML_NATIVE=ON turns it on. The build's flags are printed by
-# conflayers-bench ("llama.cpp build: ...").
+# best kernels this CPU has (tools/llama_cpp_flags.sh). The build's flags are printed by
+# conflayers-bench ("llama.cpp build: ..."). The loadbench's llama.cpp server anchor is
+# tools/install_llama_server.sh (the same sources and flags).
 # Usage: bash tools/install_llama_cpp.sh     (LLAMA_CPP_VERSION=... to override the pin,
 #        LLAMA_CPP_CMAKE_ARGS=... to choose the flags yourself)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
-VERSION="${LLAMA_CPP_VERSION:-0.3.36}"
 PY=.venv/bin/python
 if [ ! -x "$PY" ]; then
   echo "no .venv in $REPO: run bash tools/setup.sh first" >&2
   exit 1
 fi
-flags=" $(grep -m1 -E '^(flags|Features)' /proc/cpuinfo 2>/dev/null | cut -d: -f2) "
-has() { case "$flags" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
-args="-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
-if [ "$(uname -m)" = x86_64 ]; then
-  onoff() { if has "$1"; then echo ON; else echo OFF; fi; }
-  args="$args -DGGML_AVX=$(onoff avx) -DGGML_AVX2=$(onoff avx2) -DGGML_FMA=$(onoff fma) -DGGML_F16C=$(onoff f16c)"
-  args="$args -DGGML_BMI2=$(onoff bmi2) -DGGML_AVX_VNNI=$(onoff avx_vnni) -DGGML_AVX512=$(onoff avx512f)"
-  args="$args -DGGML_AVX512_VNNI=$(onoff avx512_vnni) -DGGML_AVX512_VBMI=$(onoff avx512vbmi)"
-  args="$args -DGGML_AVX512_BF16=$(onoff avx512_bf16)"
-fi
-args="${LLAMA_CPP_CMAKE_ARGS:-$args}"
+source tools/llama_cpp_flags.sh
+VERSION="$LLAMA_CPP_VERSION"
+args="$LLAMA_CPP_ARGS"
 stamp=".venv/.llama-cpp-build"
 have="$("$PY" -c 'import llama_cpp; print(llama_cpp.__version__)' 2>/dev/null || true)"
 if [ "$have" = "$VERSION" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$args" ]; then

@@ -16,7 +16,12 @@ stops them at the end. Systems:
 - `genai`: ONNX Runtime GenAI's batching engine (`og.Engine` / `og.Request`, onnxruntime-genai 0.18)
   over the model its builder makes from the bundle's Hugging Face checkpoint (`--genai-precision`,
   int4 by default: the precision of a Q4 GGUF; the same cached build as `conflayers-bench`'s
-  genai-int4), served by `genai-serve` below.
+  genai-int4), served by `genai-serve` below;
+- `llamacpp-server`: llama.cpp's own `llama-server` (tools/install_llama_server.sh builds it into
+  .venv/bin) on the GGUF file the bundle's model came from (`--gguf` to name it), `--parallel
+  N` slots (continuous batching), each with the KV room of a conflayers-serve slot, the same
+  threads; requests ask for temperature 0 (its default is 0.8). It formats prompts with the
+  GGUF's chat template and decodes with its own kernels, so its tokens can differ from ours.
 
 How the anchor is served (the choice): GenAI has no HTTP server of its own, so this module has a
 small one, `python -m conflayers.tools.loadbench genai-serve` (standard library
@@ -67,6 +72,7 @@ import queue
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -86,6 +92,8 @@ SYSTEMS = {
     "unbatched": ("conflayers", {}),
     "unbatched-plain": ("conflayers", {"speculate": False}),
     "genai": ("genai-engine", {}),
+    # llama.cpp's own server defaults to temperature 0.8 and streams usage only when asked
+    "llamacpp-server": ("llamacpp-server", {"temperature": 0, "stream_options": {"include_usage": True}}),
 }
 DEFAULT_SYSTEMS = "batched,unbatched,genai"
 WARMUP_REQUESTS = 2
@@ -332,6 +340,33 @@ def conflayers_command(bundle: str, batched: bool, max_batch: int, max_context: 
 def genai_command(bundle: str, model_dir: str, max_batch: int, threads: int) -> list[str]:
     return [sys.executable, "-m", "conflayers.tools.loadbench", "genai-serve", "--bundle", bundle,
             "--model-dir", model_dir, "--max-batch", str(max_batch), "--threads", str(threads), "--port", "0"]
+
+
+def llama_server_path() -> str | None:
+    """llama-server next to this Python (where tools/install_llama_server.sh puts it), else on PATH."""
+    exe = os.path.join(os.path.dirname(sys.executable), "llama-server")
+    return exe if os.access(exe, os.X_OK) else shutil.which("llama-server")
+
+
+def llamacpp_server_command(bundle: str, gguf: str | None, max_batch: int, max_context: int | None,
+                            threads: int) -> list[str]:
+    """llama.cpp's llama-server (tools/install_llama_server.sh) on the GGUF file the bundle's model
+    came from: --max-batch parallel slots (continuous batching), each with the KV room a
+    conflayers-serve slot has. Raises Unavailable with what to do."""
+    from conflayers.runtime.bundle import read_manifest
+
+    from .bench_systems import Unavailable, locate_gguf
+    exe = llama_server_path()
+    if not exe:
+        raise Unavailable("llama-server is not installed: run bash tools/install_llama_server.sh")
+    manifest = read_manifest(os.path.abspath(bundle))
+    path = locate_gguf(manifest["model"], gguf)
+    per_slot = max_context or int(manifest.get("max_context") or 2048)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:   # llama-server needs a port number
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [exe, "-m", path, "--host", "127.0.0.1", "--port", str(port), "--parallel", str(max_batch),
+            "--ctx-size", str(per_slot * max_batch), "--threads", str(threads), "--threads-batch", str(threads)]
 
 
 def build_genai_model(bundle: str, precision: str, hf_model: str | None, log) -> str:
@@ -762,6 +797,7 @@ def parse_args(argv):
     ap.add_argument("--genai-precision", default="int4", choices=["int4", "fp32"],
                     help="the GenAI builder's precision (default int4)")
     ap.add_argument("--hf-model", help="the model GenAI's builder converts (default: the bundle's model)")
+    ap.add_argument("--gguf", help="llamacpp-server: the GGUF file (default: the one the bundle's model came from)")
     ap.add_argument("--task", default="gsm8k", help="a named task (its evaluation prompts) or a .jsonl file")
     ap.add_argument("--concurrency", default="1,2,4,8,16")
     ap.add_argument("--requests", type=int, default=32, help="requests per level (at least the concurrency)")
@@ -832,6 +868,14 @@ def run_bench(a) -> dict:
                         continue
                     report["genai_model_dir"] = model_dir
                     cmd = genai_command(a.bundle, model_dir, a.max_batch, threads)
+                elif kind == "llamacpp-server":
+                    try:
+                        cmd = llamacpp_server_command(a.bundle, a.gguf, a.max_batch, a.max_context, threads)
+                    except Unavailable as e:
+                        for name, k, _ in systems:
+                            if k == kind:
+                                report["skipped"][name] = str(e)
+                        continue
                 else:
                     cmd = conflayers_command(a.bundle, kind == "conflayers-batched", a.max_batch, a.max_context)
                 # one at a time: the batched server times its passes at start-up (its speculation
