@@ -57,13 +57,16 @@ def check_rss(rss: dict, pid: int, requests: int, every: int):
 
 def test_conflayers_batched_and_unbatched(tiny_bundle, prompts_file, tmp_path):
     report = run([tiny_bundle, "--systems", "batched,unbatched", "--concurrency", "1,2", "--requests", "3",
-                  "--max-tokens", "8", "--max-batch", "2", "--task", prompts_file,
+                  "--max-tokens", "8", "--max-batch", "2", "--task", prompts_file, "--prefill-chunk", "3",
                   "--rss-requests", "20", "--rss-every", "10", "--rss-concurrency", "2"], tmp_path)
     assert report["systems"] == ["batched", "unbatched"] and report["skipped"] == {}
     check_levels(report, ["batched", "unbatched"], [1, 2], 3)
     assert set(report["servers"]) == set(report["rss"]) == {"conflayers-batched", "conflayers"}
     assert "--max-batch" in report["servers"]["conflayers-batched"]["command"]
     assert "--max-concurrency" in report["servers"]["conflayers"]["command"]
+    batched_cmd = report["servers"]["conflayers-batched"]["command"]       # prompts fed 3 tokens a pass
+    assert batched_cmd[batched_cmd.index("--prefill-chunk") + 1] == "3"
+    assert "--prefill-chunk" not in report["servers"]["conflayers"]["command"]
     plan = report["servers"]["conflayers-batched"]["speculation_plan"]     # what it printed at start-up
     assert set(plan) == {"int8skip", "fp32sub"} and all(p.endswith("(batch 1..2)") for p in plan.values())
     assert "speculation_plan" not in report["servers"]["conflayers"]
@@ -71,9 +74,34 @@ def test_conflayers_batched_and_unbatched(tiny_bundle, prompts_file, tmp_path):
         check_rss(report["rss"][kind], server["pid"], 20, 10)
         assert not os.path.exists(f"/proc/{server['pid']}/status") or \
             "zombie" in open(f"/proc/{server['pid']}/status").read()       # stopped at the end
+    # lossless under load: every answer to a prompt, batched or not, at 1 or 2 streams, is the same
+    out = report["outputs"]
+    assert out["reference"] == "unbatched" and out["reference_concurrency"] == 1
+    for name in ("batched", "unbatched"):
+        c = out["systems"][name]
+        assert c["lossless"] and c["differ"] == [] and c["identical"] == c["prompts"] == 3
+        assert c["answers"] == 3 + 3                       # each prompt once per level
     table = loadbench.markdown_table(report)
     assert table.count("\n| batched |") == 2 and table.count("\n| unbatched |") == 2
     assert "growth" in loadbench.rss_table(report)
+
+
+def test_output_check_names_the_prompts_a_lossless_system_changed():
+    """The comparison itself: the reference is the plain system's lowest-concurrency answer; a
+    lossless system that answers one prompt differently at one level is named with that prompt,
+    an anchor's differences are counted but never a failure."""
+    outputs = {"batched": {0: [(1, "a"), (2, "a")], 1: [(1, "b"), (2, "B")]},
+               "batched-plain": {0: [(1, "a"), (2, "a")], 1: [(1, "b"), (2, "b")]},
+               "genai": {0: [(1, "x")], 1: [(1, "b")]}}
+    kinds = [("batched", "conflayers-batched"), ("batched-plain", "conflayers-batched"), ("genai", "genai-engine")]
+    check = loadbench.output_check(outputs, kinds)
+    assert check["reference"] == "batched-plain" and check["reference_concurrency"] == 1
+    assert check["systems"]["batched"] == {"lossless": True, "prompts": 2, "answers": 4, "identical": 1,
+                                           "differ": [1]}
+    assert check["systems"]["genai"]["identical"] == 1 and not check["systems"]["genai"]["lossless"]
+    assert loadbench.lossless_failures(check) == ["batched"]
+    assert any("DIFFER: prompts [1]" in line for line in loadbench.output_lines(check))
+    assert loadbench.output_check({"genai": {0: [(1, "x")]}}, [("genai", "genai-engine")]) == {}
 
 
 def test_rss_reads_a_real_pid(tiny_bundle):
@@ -110,6 +138,7 @@ def test_against_a_running_server(tiny_engine, prompts_file, tmp_path):
     (["BUNDLE", "--concurrency", "1,x"], "comma-separated list"),
     (["--url", "http://127.0.0.1:9", "--rss-requests", "10"], "needs --server-pid"),
     ([], "give a BUNDLE"),
+    (["BUNDLE", "--prefill-chunk", "0"], "--prefill-chunk must be positive"),
 ])
 def test_bad_arguments(args, message, capsys):
     assert loadbench.main(args) == 2

@@ -49,6 +49,10 @@ over the level's wall time), p50/p95/p99 time to first token, p50/p95/p99 inter-
 step's tokens share its time) and errors (non-200 answers, in-band errors, broken streams). Levels
 run interleaved (for each concurrency, every system in turn), so machine noise hits them alike.
 Every server gets two warm-up requests first (the first request runs the adaptive-policy probe).
+Every answer's text is kept per prompt and compared with the solo greedy answer (the first plain
+conflayers system's at its lowest concurrency): conflayers' systems must match on every prompt at
+every level (the bench exits 1 and names the prompts when one does not); the anchors' agreement is
+reported for information (GenAI runs its own int4 weights, llama.cpp other kernels).
 
 `--rss-requests N` then sends each server N short requests (`--rss-max-tokens`, `--rss-concurrency`
 clients, at most `--rss-time-limit` seconds) and samples its resident set (VmRSS of the server's
@@ -92,8 +96,12 @@ SYSTEMS = {
     "unbatched": ("conflayers", {}),
     "unbatched-plain": ("conflayers", {"speculate": False}),
     "genai": ("genai-engine", {}),
-    # llama.cpp's own server defaults to temperature 0.8 and streams usage only when asked
-    "llamacpp-server": ("llamacpp-server", {"temperature": 0, "stream_options": {"include_usage": True}}),
+    # llama.cpp's own server defaults to temperature 0.8 and streams usage only when asked; its
+    # prompt cache (on by default) would skip the prefill of a prompt a slot has seen, and the
+    # bench repeats prompts across levels while conflayers-serve has no prefix cache: turned off
+    # so both do the same work per request
+    "llamacpp-server": ("llamacpp-server", {"temperature": 0, "stream_options": {"include_usage": True},
+                                            "cache_prompt": False}),
 }
 DEFAULT_SYSTEMS = "batched,unbatched,genai"
 WARMUP_REQUESTS = 2
@@ -137,7 +145,7 @@ def one_request(url, prompt: str, max_tokens: int, extra: dict | None = None, ti
         if resp.status != 200:
             resp.read()
             return {"error": str(resp.status)}
-        times, tokens, done, usage = [], 0, False, False
+        times, pieces, tokens, done, usage = [], [], 0, False, False
         while True:
             line = resp.readline()
             if not line:
@@ -156,6 +164,7 @@ def one_request(url, prompt: str, max_tokens: int, extra: dict | None = None, ti
                 tokens, usage = ev["usage"].get("completion_tokens", tokens), True
             elif ev.get("choices") and ev["choices"][0].get("delta", {}).get("content"):
                 times.append(time.perf_counter() - t0)
+                pieces.append(ev["choices"][0]["delta"]["content"])
     finally:
         conn.close()
     if not (done and usage):
@@ -164,7 +173,8 @@ def one_request(url, prompt: str, max_tokens: int, extra: dict | None = None, ti
     # the gaps between streamed text chunks, each shared by the tokens it carries (on average)
     per_chunk = max(tokens - 1, 1) / max(len(times) - 1, 1)
     itl = [(b - a) / per_chunk for a, b in zip(times, times[1:])]
-    return {"ttft": times[0] if times else end, "itl": itl, "tokens": tokens, "seconds": end}
+    return {"ttft": times[0] if times else end, "itl": itl, "tokens": tokens, "seconds": end,
+            "text": "".join(pieces)}
 
 
 def run_clients(url, prompts: list[str], concurrency: int, requests: int, max_tokens: int,
@@ -187,7 +197,7 @@ def run_clients(url, prompts: list[str], concurrency: int, requests: int, max_to
             except Exception as e:        # noqa: BLE001 - counted as an error
                 r = {"error": type(e).__name__}
             with lock:
-                results.append(r)
+                results.append({**r, "prompt": i % len(prompts)})
                 if on_done is not None:
                     on_done(len(results))
 
@@ -221,9 +231,61 @@ def summarize(results: list, wall: float, concurrency: int) -> dict:
 
 
 def run_level(url, prompts: list[str], concurrency: int, requests: int, max_tokens: int,
-              extra: dict | None = None) -> dict:
+              extra: dict | None = None, outputs: dict | None = None) -> dict:
+    """One level's summary; each answer's text goes to outputs[prompt index] as (concurrency, text)."""
     results, wall = run_clients(url, prompts, concurrency, max(requests, concurrency), max_tokens, extra)
+    if outputs is not None:
+        for r in results:
+            if "error" not in r:
+                outputs.setdefault(r["prompt"], []).append((concurrency, r["text"]))
     return summarize(results, wall, concurrency)
+
+
+# conflayers' systems are lossless: every answer to a prompt, at every concurrency, speculative or
+# not, batched or not, must be the plain solo greedy one. The anchors are told apart: GenAI runs
+# other weights (its builder's), llama.cpp the same GGUF through other kernels, so their agreement
+# is information, not a check.
+LOSSLESS_KINDS = ("conflayers-batched", "conflayers", "url")
+REFERENCE_ORDER = ("unbatched-plain", "batched-plain", "unbatched", "batched", "url")
+
+
+def output_check(outputs: dict[str, dict], systems: list[tuple[str, str]]) -> dict:
+    """Compares answers per prompt. The reference answer of a prompt is the first plain system's
+    (REFERENCE_ORDER) answer at the lowest concurrency it ran at (concurrency 1: solo greedy).
+    Per system: prompts and answers seen, prompts whose answers all equal the reference (every
+    answer, every level), and for lossless systems the prompt indices that differ."""
+    kind_of = dict(systems)
+    ref_name = next((n for n in REFERENCE_ORDER if n in outputs and kind_of.get(n) in LOSSLESS_KINDS), None)
+    if ref_name is None:
+        return {}
+    reference = {p: min(answers)[1] for p, answers in outputs[ref_name].items()}
+    check = {"reference": ref_name,
+             "reference_concurrency": min(c for answers in outputs[ref_name].values() for c, _ in answers),
+             "systems": {}}
+    for name, per_prompt in outputs.items():
+        common = [p for p in per_prompt if p in reference]
+        differ = sorted(p for p in common if any(t != reference[p] for _, t in per_prompt[p]))
+        check["systems"][name] = {"lossless": kind_of[name] in LOSSLESS_KINDS, "prompts": len(common),
+                       "answers": sum(len(per_prompt[p]) for p in common),
+                       "identical": len(common) - len(differ), "differ": differ}
+    return check
+
+
+def output_lines(check: dict) -> list[str]:
+    if not check:
+        return []
+    lines = [f"outputs, per prompt against {check['reference']}'s answer at concurrency "
+             f"{check['reference_concurrency']}:"]
+    for name, c in check["systems"].items():
+        what = "lossless, must match" if c["lossless"] else "other weights or kernels, for information"
+        tail = f"; DIFFER: prompts {c['differ'][:10]}" if c["lossless"] and c["differ"] else ""
+        lines.append(f"  {name}: {c['identical']} of {c['prompts']} prompts identical over all "
+                     f"{c['answers']} answers ({what}){tail}")
+    return lines
+
+
+def lossless_failures(check: dict) -> list[str]:
+    return [name for name, c in check.get("systems", {}).items() if c["lossless"] and c["differ"]]
 
 
 # ----------------------------------------------------------------------------- resident memory
@@ -329,11 +391,14 @@ class ServerProcess:
         self._log.close()
 
 
-def conflayers_command(bundle: str, batched: bool, max_batch: int, max_context: int | None) -> list[str]:
+def conflayers_command(bundle: str, batched: bool, max_batch: int, max_context: int | None,
+                       prefill_chunk: int | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "conflayers.runtime.serving.cli", bundle, "--host", "127.0.0.1", "--port", "0"]
     cmd += ["--max-batch", str(max_batch)] if batched else ["--max-batch", "1", "--max-concurrency", str(max_batch)]
     if max_context:
         cmd += ["--max-context", str(max_context)]
+    if prefill_chunk and batched:
+        cmd += ["--prefill-chunk", str(prefill_chunk)]
     return cmd
 
 
@@ -794,6 +859,9 @@ def parse_args(argv):
                     help="batched: --max-batch; unbatched: --max-concurrency; genai: its max batch (default 8)")
     ap.add_argument("--max-context", type=int, default=None,
                     help="conflayers-serve --max-context (KV cache per request; default the bundle's)")
+    ap.add_argument("--prefill-chunk", type=int, default=None,
+                    help="the batched conflayers-serve's --prefill-chunk (prompt tokens per pass beside "
+                         "decoding streams; default the server's)")
     ap.add_argument("--genai-precision", default="int4", choices=["int4", "fp32"],
                     help="the GenAI builder's precision (default int4)")
     ap.add_argument("--hf-model", help="the model GenAI's builder converts (default: the bundle's model)")
@@ -821,6 +889,8 @@ def parse_args(argv):
         raise LoadBenchError("--concurrency: each level must be 1..256")
     if a.requests < 1 or a.max_tokens < 1 or a.rss_requests < 0 or a.rss_every < 1 or a.rss_concurrency < 1:
         raise LoadBenchError("--requests, --max-tokens, --rss-every and --rss-concurrency must be positive")
+    if a.prefill_chunk is not None and a.prefill_chunk < 1:
+        raise LoadBenchError("--prefill-chunk must be positive")
     if a.rss_requests > 100_000:
         raise LoadBenchError("--rss-requests: at most 100000")
     a.system_names = [s.strip() for s in a.systems.split(",") if s.strip()]
@@ -845,7 +915,8 @@ def run_bench(a) -> dict:
               "concurrency": a.levels, "requests_per_level": a.requests, "max_tokens": a.max_tokens,
               "max_batch": a.max_batch, "threads": threads, "cpus": os.cpu_count(),
               "platform": f"{platform.system()} {platform.machine()}", "versions": _versions(),
-              "systems": [], "servers": {}, "skipped": {}, "levels": [], "rss": {}}
+              "systems": [], "servers": {}, "skipped": {}, "levels": [], "rss": {}, "outputs": {}}
+    outputs: dict[str, dict] = {}
     servers: dict[str, ServerProcess] = {}
     urls: dict[str, str] = {}
     logdir = tempfile.mkdtemp(prefix="loadbench-")
@@ -877,7 +948,8 @@ def run_bench(a) -> dict:
                                 report["skipped"][name] = str(e)
                         continue
                 else:
-                    cmd = conflayers_command(a.bundle, kind == "conflayers-batched", a.max_batch, a.max_context)
+                    cmd = conflayers_command(a.bundle, kind == "conflayers-batched", a.max_batch, a.max_context,
+                                             a.prefill_chunk)
                 # one at a time: the batched server times its passes at start-up (its speculation
                 # plan), which another server loading beside it would distort
                 _log(f"starting {kind}: {' '.join(cmd[1:])}")
@@ -899,7 +971,8 @@ def run_bench(a) -> dict:
         for c in a.levels:
             for name, kind, extra in systems:
                 before = http_json(urls[kind], "/stats") if kind == "genai-engine" else None
-                row = {"system": name, **run_level(urls[kind], prompts, c, a.requests, a.max_tokens, extra)}
+                row = {"system": name, **run_level(urls[kind], prompts, c, a.requests, a.max_tokens, extra,
+                                                   outputs.setdefault(name, {}))}
                 after = http_json(urls[kind], "/stats") if before else None
                 if after and after["passes"] > before["passes"]:
                     row["rows_per_pass"] = [(after["rows"] - before["rows"]) / (after["passes"] - before["passes"]),
@@ -908,6 +981,7 @@ def run_bench(a) -> dict:
                 _log(f"{name:>16} c={c:<3} {row['requests']} requests, {row['errors']} errors, "
                      f"{row['tokens_per_s']:.1f} tok/s, TTFT p50 {_fmt(row['ttft_p50_s'], '.2f')} s, "
                      f"ITL p50 {_fmt(row['itl_p50_ms'], '.1f')} ms")
+        report["outputs"] = output_check(outputs, [(name, kind) for name, kind, _ in systems])
         if a.rss_requests:
             pids = {"url": a.server_pid} if a.url else {k: s.pid for k, s in servers.items()}
             for kind, pid in pids.items():
@@ -961,9 +1035,16 @@ def main(argv=None) -> int:
           f"{report['cpus']} CPUs, onnxruntime {report['versions']['onnxruntime']}, onnxruntime-genai "
           f"{report['versions']['onnxruntime-genai']}")
     print(markdown_table(report))
+    for line in output_lines(report["outputs"]):
+        print(line)
     if report["rss"]:
         print()
         print(rss_table(report))
+    failed = lossless_failures(report["outputs"])
+    if failed:
+        print(f"Error: {', '.join(failed)} answered some prompts differently from "
+              f"{report['outputs']['reference']} (see the outputs lines): not lossless", file=sys.stderr)
+        return 1
     return 0
 
 
