@@ -19,6 +19,7 @@ import numpy as np
 
 from conflayers.runtime.draftplan import DraftPlan
 from conflayers.runtime.ort_backend import KVCache, device_of
+from conflayers.runtime.speculation import speedup_over_plain
 
 from .evaluate import PolicyResult
 
@@ -63,11 +64,10 @@ class CostModel:
         """Predicted tokens/s of speculative decoding relative to plain decoding."""
         if result.draft_steps == 0:
             return 0.0
-        tokens = result.accepted_tokens + result.draft_steps
         avg_drafted = result.drafted_tokens / result.draft_steps
         # verify width varies per step; use the mean width (full_ms is near-linear in n)
         step_ms = avg_drafted * draft_ms + self.verify_ms(avg_drafted + 1)
-        return (tokens / result.draft_steps) / (step_ms / self.full_ms[0])
+        return speedup_over_plain(result.accepted_tokens / result.draft_steps, step_ms, self.full_ms[0])
 
     def check_ms(self, plan: DraftPlan, vocab: int, n: int) -> float:
         """A draft pass over n tokens at once (a cascade's check pass): the draft step scaled by

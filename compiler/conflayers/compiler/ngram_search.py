@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from conflayers.runtime.ngram import NGramIndex, NGramPolicy
+from conflayers.runtime.speculation import speedup_over_plain
 
 N_MAX = 4                                   # longest match tried by any policy here
 MARGIN = 1.03                               # n-gram / hybrid must beat the model draft by 3%
@@ -40,7 +41,9 @@ class Walk:
     ms: float = 0.0
 
     def speedup(self, step_ms: float) -> float:
-        return self.tokens * step_ms / self.ms if self.ms else 0.0
+        if not self.steps:
+            return 0.0
+        return speedup_over_plain(self.tokens / self.steps - 1, self.ms / self.steps, step_ms)
 
 
 def follower_table(seq: list[int]) -> tuple[np.ndarray, float]:

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .speculation import speedup_over_plain
+
 MARGIN = 0.10            # predicted gain a batch of 2 or more needs before it drafts (see above)
 
 
@@ -120,23 +122,23 @@ def measure(full, drafts: dict, max_batch: int, width: int, context: int, reps: 
     return BatchCosts(sizes, width, tuple(full_ms), {k: tuple(v) for k, v in draft_ms.items()})
 
 
-def _rate_to_beat(costs: BatchCosts, n: int) -> float:
-    """Batched plain decoding's tokens per ms for n sequences, raised by MARGIN from 2 on."""
-    return n / costs.full_ms(n, 1) * (1 + (MARGIN if n > 1 else 0))
+def _to_beat(n: int) -> float:
+    """The speed-up over batched plain decoding a batch of n must predict: MARGIN from 2 on."""
+    return 1 + (MARGIN if n > 1 else 0)
 
 
 def model_draft_length(rows: list[tuple], costs: BatchCosts, name: str, n: int) -> int | None:
     """Of rows (k, drafted per step, accepted per step), the k with the best predicted tokens/s
     for n sequences drafting with profile `name`'s draft, or None where none beats plain."""
-    best, best_rate = None, _rate_to_beat(costs, n)
+    best, best_sp = None, _to_beat(n)
     for k, d, a in rows:
-        rate = n * (a + 1) / (costs.draft_step_ms(name, n, k, d) + costs.full_ms(n, d + 1))
-        if rate > best_rate * (1 + 1e-9):
-            best, best_rate = k, rate
+        sp = speedup_over_plain(a, costs.draft_step_ms(name, n, k, d) + costs.full_ms(n, d + 1), costs.full_ms(n, 1))
+        if sp > best_sp * (1 + 1e-9):
+            best, best_sp = k, sp
     return best
 
 
 def proposals_pay(drafted: float, accepted: float, costs: BatchCosts, n: int) -> bool:
     """Whether proposals that cost no draft pass (n-gram lookups), d drafted and a kept per step,
     beat plain decoding for n sequences."""
-    return n * (accepted + 1) / costs.full_ms(n, drafted + 1) > _rate_to_beat(costs, n)
+    return speedup_over_plain(accepted, costs.full_ms(n, drafted + 1), costs.full_ms(n, 1)) > _to_beat(n)

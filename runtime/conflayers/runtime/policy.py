@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .draftplan import DraftPolicy
+from .speculation import speedup_over_plain
 
 TABLE_COLUMNS = ["k", "confidence_stop", "drafted_per_step", "accepted_per_step"]
 
@@ -87,7 +88,7 @@ def rows_from_figures(policy: DraftPolicy | None, figures: dict) -> list[PolicyR
 def predicted_speedup(row: PolicyRow, costs: MachineCosts) -> float:
     """Predicted tokens/s of speculative decoding with this row's policy relative to plain."""
     step_ms = row.drafted_per_step * costs.draft_ms + costs.verify(row.drafted_per_step + 1)
-    return (row.accepted_per_step + 1) / (step_ms / costs.verify_ms[0])
+    return speedup_over_plain(row.accepted_per_step, step_ms, costs.verify_ms[0])
 
 
 def choose(rows: list[PolicyRow], costs: MachineCosts, min_speedup: float = 1.0) -> DraftPolicy | None:

@@ -32,6 +32,14 @@ class DecodeStats:
         return self.accepted_tokens / self.draft_steps if self.draft_steps else 0.0
 
 
+def speedup_over_plain(accepted_per_step: float, spec_step_ms: float, plain_step_ms: float) -> float:
+    """The one formula of what speculation is worth, used by the compiler's searches, the runtime's
+    policy and the batch planner alike: a speculative step (its draft passes and one verify pass,
+    spec_step_ms) yields the drafted tokens it keeps plus the verify's own token, where plain
+    decoding yields one token per plain_step_ms. For a batch of n sequences both sides carry n."""
+    return (accepted_per_step + 1.0) * plain_step_ms / spec_step_ms if spec_step_ms > 0 else 0.0
+
+
 class SpeculationGuard:
     """Turns drafting off for the rest of a request once it is measured to cost time.
 

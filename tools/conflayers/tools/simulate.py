@@ -25,6 +25,10 @@ are published: SWIFT (Xia et al., 2024, arXiv:2410.06916) reports draft acceptan
 for on-the-fly layer skipping on LLaMA-2 and CodeLLaMA backbones (7B and larger, GPU) with
 1.3-1.6x wall-clock speed-ups. Cited, not measured: a model's own acceptance at a skip ratio comes
 from compiling it (`conflayers-compile --model PATH`).
+
+Memory: one shape at a time, freed before the next; the default set peaked at 17 GB resident
+(Qwen3-4B: its fp32 head and graphs at every precision), qwen3-8b needs more. On a smaller machine
+pass --shapes.
 """
 from __future__ import annotations
 
@@ -77,10 +81,11 @@ def tokens_per_step(alpha: float, k: int) -> float:
 def speedup(alpha: float, draft_rel: float, verify_rel: list) -> tuple[float, int]:
     """Best predicted speed-up over plain decoding and its draft length, for a draft costing
     draft_rel of a target step and verify passes of n tokens costing verify_rel[n-1] steps
-    (the formula of CostModel.speedup with a fixed draft length)."""
+    (the runtime's speedup_over_plain, in units of a target step)."""
+    from conflayers.runtime.speculation import speedup_over_plain
     best, best_k = 0.0, 0
     for k in range(1, min(MAX_DRAFT, len(verify_rel) - 1) + 1):
-        s = tokens_per_step(alpha, k) / (k * draft_rel + verify_rel[k])
+        s = speedup_over_plain(tokens_per_step(alpha, k) - 1, k * draft_rel + verify_rel[k], 1.0)
         if s > best:
             best, best_k = s, k
     return best, best_k
@@ -277,7 +282,8 @@ def report(results: list[dict], acceptances: list[float], int8_acceptance: float
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--shapes", default=DEFAULT_SHAPES, show_default=True,
-              help=f"Comma-separated shape names ({', '.join(SHAPES)}) or paths to a transformers config.json.")
+              help=f"Comma-separated shape names ({', '.join(SHAPES)}) or paths to a transformers config.json. "
+                   "Memory grows with the widest shape: the default set peaked at 17 GB RSS (Qwen3-4B).")
 @click.option("--layers", default=2, show_default=True, type=click.IntRange(1, 64),
               help="Decoder layers actually built per shape (their cost scales to the real count).")
 @click.option("--contexts", default="256,2048", show_default=True, help="Context lengths to time at (tokens of past).")
