@@ -25,7 +25,7 @@ import pytest
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "runtime", "conflayers", "runtime")
 LAYERS = {
-    "base": {"contract", "modelspec", "sampling", "jsonfmt", "textio", "device", "draftplan", "speculation",
+    "base": {"contract", "modelspec", "sampling", "jsonfmt", "textio", "device", "draftplan", "speculation", "timing",
              "batchcost", "rayutil"},
     "artifacts": {"policy", "profile", "selection", "bundle"},
     "ort": {"ort_backend", "exactness", "packing"},

@@ -4,7 +4,8 @@ A draft step costs: embedding + final norm (a body with no layers), plus per kep
 and per kept MLP block (measured from bodies that keep only attention or only MLPs), plus the head
 for its vocabulary. A verify pass of n tokens costs full(n); a draft pass over n tokens (a
 cascade's check pass) a draft step times its precision's width curve. Timings are medians of interleaved
-repetitions at a representative context length, so machine noise hits every configuration alike.
+repetitions at a representative context length, so machine noise hits every configuration alike
+(runtime.timing.time_jobs: the harness the runtime's probe and batch planner use too).
 The device they were measured on is recorded (`device`, `provider`): a CPU step is bound by
 memory bandwidth, a batch-1 GPU step by kernel launches, so a draft tuned on one is no plan for the
 other, and the runtime re-plans a profile served on another device (Engine.replan).
@@ -12,7 +13,6 @@ other, and the runtime re-plans a profile served on another device (Engine.repla
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -20,6 +20,7 @@ import numpy as np
 from conflayers.runtime.draftplan import DraftPlan
 from conflayers.runtime.ort_backend import KVCache, device_of
 from conflayers.runtime.speculation import speedup_over_plain
+from conflayers.runtime.timing import time_jobs
 
 from .evaluate import PolicyResult
 
@@ -111,15 +112,6 @@ class CostModel:
         return cm
 
 
-def _time(fn, reps: int) -> float:
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts)) * 1000.0
-
-
 def measure(factory, spec, context: int, max_verify: int, precisions, vocab_sizes, reps: int = 12,
             progress=None) -> CostModel:
     """Time the full graph (1..max_verify tokens) and the draft building blocks per precision, on
@@ -156,13 +148,7 @@ def measure(factory, spec, context: int, max_verify: int, precisions, vocab_size
             jobs[(p, "head", v)] = (lambda h=head: h.run_head(hidden))
             if progress:
                 progress(1)
-    for fn in jobs.values():     # warm up
-        fn()
-    samples = {k: [] for k in jobs}
-    for _ in range(reps):        # interleaved: noise hits every configuration alike
-        for k, fn in jobs.items():
-            samples[k].append(_time(fn, 1))
-    med = {k: float(np.median(v)) for k, v in samples.items()}
+    med = time_jobs(jobs, reps)  # interleaved medians: noise hits every configuration alike
     cm = CostModel(context=context, full_ms=[round(med[("full", n)], 3) for n in range(1, max_verify + 1)],
                    backend=f"onnxruntime-{device}", device=device, provider=providers[0])
     for p in precisions:

@@ -21,12 +21,12 @@ scheduler's per-step work, and measured at 2-8 streams it was up to ~10% optimis
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from .speculation import speedup_over_plain
+from .timing import time_jobs
 
 MARGIN = 0.10            # predicted gain a batch of 2 or more needs before it drafts (see above)
 
@@ -97,29 +97,21 @@ def measure(full, drafts: dict, max_batch: int, width: int, context: int, reps: 
     sizes = sizes_up_to(max_batch)
     token = 10
 
-    def timed(job) -> float:
-        job()                                           # warm up (first run of a shape)
-        samples = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            job()
-            samples.append(time.perf_counter() - t)
-        return min(samples) * 1000.0                    # the least disturbed run: others only add
-
     def segments(n, rows):
         return [([token] * rows, context)] * n + [([], context)] * (max_batch - n)
 
-    full_ms, draft_ms = [], {name: [] for name in drafts}
-    timed_drafts: dict = {}                            # (body, head) shared by profiles: timed once
+    jobs = {}
     for n in sizes:
-        full_ms.append((timed(lambda: full.run(segments(n, 1), list(range(n)))),
-                        timed(lambda: full.run(segments(n, width), list(range(n * width))))))
-        for name, (body, head) in drafts.items():
-            key = (id(body), id(head), n)
-            if key not in timed_drafts:
-                timed_drafts[key] = timed(lambda: head.run_head(body.run(segments(n, 1), list(range(n)))[None]))
-            draft_ms[name].append(timed_drafts[key])
-    return BatchCosts(sizes, width, tuple(full_ms), {k: tuple(v) for k, v in draft_ms.items()})
+        jobs[("full", n, 1)] = lambda n=n: full.run(segments(n, 1), list(range(n)))
+        jobs[("full", n, width)] = lambda n=n: full.run(segments(n, width), list(range(n * width)))
+        for body, head in drafts.values():              # (body, head) shared by profiles: timed once
+            jobs[("draft", id(body), id(head), n)] = (
+                lambda n=n, body=body, head=head: head.run_head(body.run(segments(n, 1), list(range(n)))[None]))
+    ms = time_jobs(jobs, reps, "min")                   # the least disturbed run: others only add
+    full_ms = tuple((ms[("full", n, 1)], ms[("full", n, width)]) for n in sizes)
+    draft_ms = {name: tuple(ms[("draft", id(body), id(head), n)] for n in sizes)
+                for name, (body, head) in drafts.items()}
+    return BatchCosts(sizes, width, full_ms, draft_ms)
 
 
 def _to_beat(n: int) -> float:

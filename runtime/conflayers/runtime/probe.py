@@ -8,15 +8,13 @@ the profile's compiled verify curve, rescaled to the two widths measured here.
 """
 from __future__ import annotations
 
-import time
 from typing import Callable
-
-import numpy as np
 
 from .drafter import LayerSkipDrafter
 from .modelspec import ModelSpec
 from .ort_backend import GraphRunner, KVCache
 from .policy import MachineCosts
+from .timing import time_jobs
 
 
 def measure(full: GraphRunner, drafter: LayerSkipDrafter, spec: ModelSpec, width: int, context: int,
@@ -26,18 +24,10 @@ def measure(full: GraphRunner, drafter: LayerSkipDrafter, spec: ModelSpec, width
     cache = KVCache(spec, context + width + 1, device)
     verify, draft = full.bind(cache), drafter.stepper(cache)
     token = min(10, spec.vocab_size - 1)
-    jobs = [lambda: verify.run([token], context),
-            lambda: verify.run([token] * width, context),
-            lambda: draft(token, context)]
-    for job in jobs:            # warm up
-        job()
-    samples = [[] for _ in jobs]
-    for _ in range(reps):
-        for job, out in zip(jobs, samples):
-            t = time.perf_counter()
-            job()
-            out.append(time.perf_counter() - t)
-    step, wide, draft_ms = (float(np.median(s)) * 1000.0 for s in samples)
+    ms = time_jobs({"step": lambda: verify.run([token], context),
+                    "wide": lambda: verify.run([token] * width, context),
+                    "draft": lambda: draft(token, context)}, reps)
+    step, wide, draft_ms = ms["step"], ms["wide"], ms["draft"]
     # the compiled curve's shape, scaled so that it passes through both measured widths
     ratio = max(wide / step, 1.0)
     compiled = [compiled_verify_cost(n) for n in range(1, width + 1)]
