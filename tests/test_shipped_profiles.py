@@ -41,6 +41,17 @@ def test_the_repository_ships_profiles():
     assert any(p.endswith("smollm2-135m-instruct/gsm8k.json") for p in SHIPPED)
 
 
+def test_the_schema_allows_every_draft_precision_the_runtime_reads():
+    """A compile may pick a draft at the target's own precision ("native" on a GGUF target); the
+    schema's enums (the draft and each cascade stage) must name what the runtime accepts."""
+    from conflayers.runtime.draftplan import PRECISIONS
+    with open(os.path.join(PROFILES, "profile.schema.json")) as f:
+        draft = json.load(f)["properties"]["draft"]["properties"]
+    stage = draft["cascade"]["properties"]["stages"]["items"]["properties"]
+    assert draft["precision"]["enum"] == list(PRECISIONS)
+    assert stage["precision"]["enum"] == list(PRECISIONS)
+
+
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: os.path.relpath(p, PROFILES))
 def test_shipped_profile_is_valid_and_measured(path):
     jsonschema = pytest.importorskip("jsonschema")
