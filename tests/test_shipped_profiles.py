@@ -45,9 +45,11 @@ def test_the_schema_allows_every_draft_precision_the_runtime_reads():
     """A compile may pick a draft at the target's own precision ("native" on a GGUF target); the
     schema's enums (the draft and each cascade stage) must name what the runtime accepts."""
     from conflayers.runtime.draftplan import PRECISIONS
+    from conflayers.runtime.profile import DRAFTER_KINDS
     with open(os.path.join(PROFILES, "profile.schema.json")) as f:
         draft = json.load(f)["properties"]["draft"]["properties"]
     stage = draft["cascade"]["properties"]["stages"]["items"]["properties"]
+    assert draft["kind"]["enum"] == list(DRAFTER_KINDS)
     assert draft["precision"]["enum"] == list(PRECISIONS)
     assert stage["precision"]["enum"] == list(PRECISIONS)
 
