@@ -58,7 +58,7 @@ def check_rss(rss: dict, pid: int, requests: int, every: int):
 def test_conflayers_batched_and_unbatched(tiny_bundle, prompts_file, tmp_path):
     report = run([tiny_bundle, "--systems", "batched,unbatched", "--concurrency", "1,2", "--requests", "3",
                   "--max-tokens", "8", "--max-batch", "2", "--task", prompts_file, "--prefill-chunk", "3",
-                  "--rss-requests", "20", "--rss-every", "10", "--rss-concurrency", "2"], tmp_path)
+                  "--burst", "6", "--rss-requests", "20", "--rss-every", "10", "--rss-concurrency", "2"], tmp_path)
     assert report["systems"] == ["batched", "unbatched"] and report["skipped"] == {}
     check_levels(report, ["batched", "unbatched"], [1, 2], 3)
     assert set(report["servers"]) == set(report["rss"]) == {"conflayers-batched", "conflayers"}
@@ -81,6 +81,13 @@ def test_conflayers_batched_and_unbatched(tiny_bundle, prompts_file, tmp_path):
         c = out["systems"][name]
         assert c["lossless"] and c["differ"] == [] and c["identical"] == c["prompts"] == 3
         assert c["answers"] == 3 + 3                       # each prompt once per level
+    # a burst of 6 simultaneous connections per server: every one answered or cleanly refused
+    assert set(report["bursts"]) == {"conflayers-batched", "conflayers"}
+    for kind, (b,) in report["bursts"].items():
+        assert b["connections"] == 6 and b["broken"] == {}, (kind, b)
+        assert sum(b["statuses"].values()) == 6 and b["answered"] >= 1
+        assert b["refused"] == b["refused_with_retry_after"]
+    assert any("burst of 6 against conflayers-batched" in line for line in loadbench.burst_lines(report["bursts"]))
     table = loadbench.markdown_table(report)
     assert table.count("\n| batched |") == 2 and table.count("\n| unbatched |") == 2
     assert "growth" in loadbench.rss_table(report)
@@ -139,6 +146,8 @@ def test_against_a_running_server(tiny_engine, prompts_file, tmp_path):
     (["--url", "http://127.0.0.1:9", "--rss-requests", "10"], "needs --server-pid"),
     ([], "give a BUNDLE"),
     (["BUNDLE", "--prefill-chunk", "0"], "--prefill-chunk must be positive"),
+    (["BUNDLE", "--burst", "10,x"], "--burst 10,x: a comma-separated list"),
+    (["BUNDLE", "--burst", "0"], "each burst must be 1..10000"),
 ])
 def test_bad_arguments(args, message, capsys):
     assert loadbench.main(args) == 2

@@ -54,6 +54,10 @@ conflayers system's at its lowest concurrency): conflayers' systems must match o
 every level (the bench exits 1 and names the prompts when one does not); the anchors' agreement is
 reported for information (GenAI runs its own int4 weights, llama.cpp other kernels).
 
+`--burst 200,1000` then, per server, connects that many clients at once and has them all send one
+short non-streamed request together: answered (200), refused (429/503, with Retry-After or not),
+other statuses, and broken (resets, refused connects, timeouts), which a server must never give.
+
 `--rss-requests N` then sends each server N short requests (`--rss-max-tokens`, `--rss-concurrency`
 clients, at most `--rss-time-limit` seconds) and samples its resident set (VmRSS of the server's
 pid in /proc) before the first, after every `--rss-every` requests and after the last: the curve,
@@ -266,8 +270,8 @@ def output_check(outputs: dict[str, dict], systems: list[tuple[str, str]]) -> di
         common = [p for p in per_prompt if p in reference]
         differ = sorted(p for p in common if any(t != reference[p] for _, t in per_prompt[p]))
         check["systems"][name] = {"lossless": kind_of[name] in LOSSLESS_KINDS, "prompts": len(common),
-                       "answers": sum(len(per_prompt[p]) for p in common),
-                       "identical": len(common) - len(differ), "differ": differ}
+                                  "answers": sum(len(per_prompt[p]) for p in common),
+                                  "identical": len(common) - len(differ), "differ": differ}
     return check
 
 
@@ -286,6 +290,66 @@ def output_lines(check: dict) -> list[str]:
 
 def lossless_failures(check: dict) -> list[str]:
     return [name for name, c in check.get("systems", {}).items() if c["lossless"] and c["differ"]]
+
+
+# ----------------------------------------------------------------------------- bursts
+
+def burst(url, prompt: str, n: int, max_tokens: int = 8, extra: dict | None = None,
+          timeout: float = 300.0) -> dict:
+    """n clients connect first, then all send one non-streamed chat request at once. Counts the
+    answers (200), the refusals (429/503, and how many of them said Retry-After), other statuses,
+    and the broken ones (a reset, a refused connect, a timeout: what a burst must never cause)."""
+    u = urlsplit(url)
+    body = json.dumps({"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                       **(extra or {})}).encode()
+    results: list = [None] * n
+    go = threading.Event()
+
+    def one(i):
+        try:
+            conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=timeout)
+            conn.connect()
+            go.wait()
+            conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+            r = conn.getresponse()
+            r.read()
+            results[i] = (r.status, r.getheader("Retry-After"))
+            conn.close()
+        except Exception as e:        # noqa: BLE001 - counted: what this measures
+            results[i] = type(e).__name__
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)                   # every client connects (or is turned away at accept) first
+    t0 = time.perf_counter()
+    go.set()
+    for t in threads:
+        t.join(timeout + 10)
+    statuses: dict[str, int] = {}
+    broken: dict[str, int] = {}
+    for r in results:
+        if isinstance(r, tuple):
+            statuses[str(r[0])] = statuses.get(str(r[0]), 0) + 1
+        else:
+            broken[r or "unfinished"] = broken.get(r or "unfinished", 0) + 1
+    refused = [r for r in results if isinstance(r, tuple) and r[0] in (429, 503)]
+    return {"connections": n, "answered": statuses.get("200", 0), "refused": len(refused),
+            "refused_with_retry_after": sum(1 for r in refused if r[1]), "statuses": statuses,
+            "broken": broken, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def burst_lines(bursts: dict) -> list[str]:
+    lines = []
+    for kind, runs in bursts.items():
+        for b in runs:
+            other = {k: v for k, v in b["statuses"].items() if k not in ("200", "429", "503")}
+            lines.append(f"burst of {b['connections']} against {kind}: {b['answered']} answered, {b['refused']} "
+                         f"refused (429/503; {b['refused_with_retry_after']} with Retry-After)"
+                         + (f", other statuses {other}" if other else "")
+                         + (f", BROKEN {b['broken']}" if b["broken"] else ", none broken")
+                         + f", {b['seconds']:.1f} s")
+    return lines
 
 
 # ----------------------------------------------------------------------------- resident memory
@@ -870,6 +934,9 @@ def parse_args(argv):
     ap.add_argument("--concurrency", default="1,2,4,8,16")
     ap.add_argument("--requests", type=int, default=32, help="requests per level (at least the concurrency)")
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--burst", default="", help="after the levels, bursts of these many simultaneous connections "
+                                                "per server (comma-separated, e.g. 200,1000; each needs as many "
+                                                "open files: see ulimit -n)")
     ap.add_argument("--rss-requests", type=int, default=0, help="N short requests per server, sampling its RSS")
     ap.add_argument("--rss-concurrency", type=int, default=4)
     ap.add_argument("--rss-max-tokens", type=int, default=8)
@@ -889,6 +956,12 @@ def parse_args(argv):
         raise LoadBenchError("--concurrency: each level must be 1..256")
     if a.requests < 1 or a.max_tokens < 1 or a.rss_requests < 0 or a.rss_every < 1 or a.rss_concurrency < 1:
         raise LoadBenchError("--requests, --max-tokens, --rss-every and --rss-concurrency must be positive")
+    try:
+        a.burst = [int(x) for x in a.burst.split(",") if x.strip()]
+    except ValueError:
+        raise LoadBenchError(f"--burst {a.burst}: a comma-separated list of integers") from None
+    if any(not 1 <= n <= 10_000 for n in a.burst):
+        raise LoadBenchError("--burst: each burst must be 1..10000 connections")
     if a.prefill_chunk is not None and a.prefill_chunk < 1:
         raise LoadBenchError("--prefill-chunk must be positive")
     if a.rss_requests > 100_000:
@@ -915,7 +988,8 @@ def run_bench(a) -> dict:
               "concurrency": a.levels, "requests_per_level": a.requests, "max_tokens": a.max_tokens,
               "max_batch": a.max_batch, "threads": threads, "cpus": os.cpu_count(),
               "platform": f"{platform.system()} {platform.machine()}", "versions": _versions(),
-              "systems": [], "servers": {}, "skipped": {}, "levels": [], "rss": {}, "outputs": {}}
+              "systems": [], "servers": {}, "skipped": {}, "levels": [], "rss": {}, "outputs": {},
+              "bursts": {}}
     outputs: dict[str, dict] = {}
     servers: dict[str, ServerProcess] = {}
     urls: dict[str, str] = {}
@@ -982,6 +1056,15 @@ def run_bench(a) -> dict:
                      f"{row['tokens_per_s']:.1f} tok/s, TTFT p50 {_fmt(row['ttft_p50_s'], '.2f')} s, "
                      f"ITL p50 {_fmt(row['itl_p50_ms'], '.1f')} ms")
         report["outputs"] = output_check(outputs, [(name, kind) for name, kind, _ in systems])
+        first_extra: dict[str, dict] = {}              # a burst per server, as its first system asks
+        for _, kind, extra in systems:
+            first_extra.setdefault(kind, extra)
+        for kind, system_extra in (first_extra.items() if a.burst else []):
+            extra = {k: v for k, v in system_extra.items() if k != "stream_options"}   # not streamed
+            for n in a.burst:
+                b = burst(urls[kind], prompts[0], n, extra=extra)
+                report["bursts"].setdefault(kind, []).append(b)
+                _log(burst_lines({kind: [b]})[0])
         if a.rss_requests:
             pids = {"url": a.server_pid} if a.url else {k: s.pid for k, s in servers.items()}
             for kind, pid in pids.items():
@@ -1035,7 +1118,7 @@ def main(argv=None) -> int:
           f"{report['cpus']} CPUs, onnxruntime {report['versions']['onnxruntime']}, onnxruntime-genai "
           f"{report['versions']['onnxruntime-genai']}")
     print(markdown_table(report))
-    for line in output_lines(report["outputs"]):
+    for line in output_lines(report["outputs"]) + burst_lines(report["bursts"]):
         print(line)
     if report["rss"]:
         print()
