@@ -35,8 +35,10 @@ def tiny_bundle(tmp_path_factory, tiny_llama, tiny_tokenizer_dir):
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_bundle):
+    """The reference engine: one request at a time, every prompt prefilled whole (no prompt
+    cache), so engines that batch or reuse cached prompts are checked against fresh prefills."""
     from conflayers.runtime import Engine
-    return Engine.load(tiny_bundle)
+    return Engine.load(tiny_bundle, prompt_cache=False)
 
 
 SMOLLM2_SMALL_BUDGET = ["--num-prompts", "6", "--validation-prompts", "2", "--max-new-tokens", "64",

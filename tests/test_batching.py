@@ -225,6 +225,11 @@ def test_server_with_batched_engine(tiny_engine, batched):
         for t in threads:
             t.join(60)
         assert got == solo
+        # the same prompt again: its slot kept it, so all of it but its last token is reused
+        again = [c.post("/v1/completions", bodies[0])[1] for _ in range(2)][-1]
+        assert again["choices"][0]["text"] == solo[0]
+        usage = again["usage"]
+        assert usage["prompt_tokens_details"]["cached_tokens"] == usage["prompt_tokens"] - 1, usage
         samples = parse_prometheus(c.get("/metrics")[1])
         names = {n for n, _ in samples}
         assert {"conflayers_batch_active_sequences", "conflayers_max_batch"} <= names

@@ -139,9 +139,11 @@ def test_completion_equals_engine_and_is_lossless(client, tiny_engine):
         choice = body["choices"][0]
         assert choice["index"] == 0 and choice["finish_reason"] == expected.finish_reason
         texts.add(choice["text"])
+        cached = body["usage"].pop("prompt_tokens_details")["cached_tokens"]
         assert body["usage"] == {"prompt_tokens": expected.metrics.prompt_tokens,
                                  "completion_tokens": len(expected.token_ids),
                                  "total_tokens": expected.metrics.prompt_tokens + len(expected.token_ids)}
+        assert cached == 0                   # this engine prefills every prompt whole (no prompt cache)
         assert body["conflayers"]["speculative"] == (extra.get("speculate", True))
     assert texts == {expected.text}
     status, body = client.post("/v1/completions", {"prompt": [PROMPTS[0]], "max_tokens": 30})

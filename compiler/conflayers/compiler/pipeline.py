@@ -632,7 +632,8 @@ def validate(bundle_dir: str, task: str, val_prompts, val_refs, max_new_tokens: 
     from .data import chat_messages
 
     # the compiled policy as written (no adaptation), on the device it was tuned on: its prediction is what is checked
-    engine = Engine.load(bundle_dir, device=device, verify=True, guard=False, adapt=False)
+    # plain and speculative runs of a prompt both prefill it whole (no prompt cache between them)
+    engine = Engine.load(bundle_dir, device=device, verify=True, guard=False, adapt=False, prompt_cache=False)
     identical = True
     time_s = {"plain": 0.0, "spec": 0.0}
     tokens = {"plain": 0, "spec": 0}

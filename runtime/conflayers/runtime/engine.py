@@ -78,6 +78,7 @@ class GenerationMetrics:
     profile: str | None
     speculative: bool
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0     # of those, found in the prompt cache (not prefilled)
     completion_tokens: int = 0
     draft_steps: int = 0
     drafted_tokens: int = 0
@@ -146,7 +147,7 @@ class Engine:
     def __init__(self, bundle: Bundle, device: str = "cpu", max_context: int | None = None,
                  num_threads: int | None = None, guard: bool = True, adapt: bool = True,
                  limits: RequestLimits | None = None, check_exactness: bool = True, max_batch: int = 1,
-                 prefill_chunk: int = 32, spec_max_batch: int | None = None):
+                 prefill_chunk: int = 32, spec_max_batch: int | None = None, prompt_cache: bool = True):
         self.bundle = bundle
         self.adapt = adapt            # choose each profile's drafting policy for this machine
         self.spec = bundle.spec
@@ -206,12 +207,14 @@ class Engine:
         for runner in (*bodies.values(), *heads.values()):
             runner.padding = self.full.padding.for_drafts
         self.scheduler: Scheduler | None = None
-        self.set_batching(max_batch, prefill_chunk, spec_max_batch)
+        self.set_batching(max_batch, prefill_chunk, spec_max_batch, prompt_cache)
 
     # -- the decoding loop -----------------------------------------------------------------------
-    def set_batching(self, max_batch: int = 1, prefill_chunk: int = 32, spec_max_batch: int | None = None):
+    def set_batching(self, max_batch: int = 1, prefill_chunk: int = 32, spec_max_batch: int | None = None,
+                     prompt_cache: bool = True):
         """Decode up to `max_batch` requests together (scheduler.py; 1: one at a time), prompts fed
-        in chunks of at most `prefill_chunk` tokens while others decode. With batching, every
+        in chunks of at most `prefill_chunk` tokens while others decode; `prompt_cache`: a request
+        reuses the KV its slot kept of a shared prompt prefix (exact). With batching, every
         profile's policy for this machine and the batched passes are timed now, before any
         request (batchplan.py). Call while no request runs."""
         if self.scheduler is not None:
@@ -224,7 +227,8 @@ class Engine:
                 self.adapt_policy(name)
             planner = BatchPlanner(self, max_batch, spec_max_batch)
         self.scheduler = Scheduler(self.full, self.spec, self.capacity, self.stop_ids, max_batch, prefill_chunk,
-                                   planner, self.providers, self.num_threads, self.device)
+                                   planner, self.providers, self.num_threads, self.device,
+                                   prompt_cache=prompt_cache)
         if planner is not None:
             planner.measure(self.scheduler)
         self.planner = planner
@@ -301,9 +305,10 @@ class Engine:
     def load(cls, path: str, device: str = "cpu", max_context: int | None = None,
              num_threads: int | None = None, verify: bool = True, guard: bool = True,
              adapt: bool = True, limits: RequestLimits | None = None, check_exactness: bool = True,
-             max_batch: int = 1, prefill_chunk: int = 32, spec_max_batch: int | None = None) -> "Engine":
+             max_batch: int = 1, prefill_chunk: int = 32, spec_max_batch: int | None = None,
+             prompt_cache: bool = True) -> "Engine":
         return cls(Bundle.open(path, verify=verify), device, max_context, num_threads, guard, adapt, limits,
-                   check_exactness, max_batch, prefill_chunk, spec_max_batch)
+                   check_exactness, max_batch, prefill_chunk, spec_max_batch, prompt_cache)
 
     @property
     def profiles(self) -> list[str]:
@@ -488,7 +493,7 @@ class Engine:
             finish = "stop"
         metrics = GenerationMetrics(
             profile=profile, speculative=profile is not None,
-            prompt_tokens=prompt_tokens, completion_tokens=len(out_ids),
+            prompt_tokens=prompt_tokens, cached_prompt_tokens=stats.prompt_reused, completion_tokens=len(out_ids),
             draft_steps=stats.draft_steps, drafted_tokens=stats.drafted_tokens,
             accepted_tokens=stats.accepted_tokens, acceptance_rate=stats.acceptance_rate,
             mean_accepted_tokens=stats.mean_accepted_tokens,

@@ -20,6 +20,13 @@ One step:
   5 keep    per sequence the agreed prefix + the target's next token (sampling: the rejection
             rule); drafters and the guard learn from it; tokens go to the request's stream
 
+Prompt cache: a slot keeps the KV of the last sequence that left it, and a new request takes the
+free slot whose kept tokens share the longest prefix with its prompt, prefilling only the rest
+(a shared system prompt, a repeated question, a conversation's earlier turns). Exact for the same
+reason chunked prefill is: the kept positions hold the full graph's own KV of those very tokens
+(drafts read the target's KV and never keep their own), and every pass computes a position as
+any other pass would. Idle slots' scratch rows land past what they keep.
+
 Exact, request by request: every pass computes each row as a one-token step does (contract.py,
 checked at load by exactness.py), attention is computed per sequence, and every sequence has its
 own sampler, drawn in the same order alone or batched, so a request's output is bit for bit its
@@ -61,6 +68,8 @@ class Sequence:
     slot: int = -1
     fed: int = 0                             # prompt tokens already in the cache
     length: int = 0                          # valid cache positions
+    cached: list = field(default_factory=list)   # the tokens at the valid positions (what the slot keeps)
+    reused: int = 0                          # prompt tokens found in the slot's kept KV (not prefilled)
     token: int | None = None                 # last token out, not yet in the cache
     job: DraftJob | None = None              # this step's proposal
     proposed: bool = False                   # this step's proposal is an n-gram one (batchplan)
@@ -84,7 +93,7 @@ class Scheduler:
 
     def __init__(self, full, spec, capacity: int, stop_ids=frozenset(), max_batch: int = 1,
                  prefill_chunk: int = 32, planner=None, providers=None, num_threads: int | None = None,
-                 device: str = "cpu", cache=None):
+                 device: str = "cpu", cache=None, prompt_cache: bool = True):
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be >= 1")
         self.max_batch, self.prefill_chunk = int(max_batch), int(prefill_chunk)
@@ -97,6 +106,8 @@ class Scheduler:
         self.planner = planner
         self._pending: list[Sequence] = []
         self._slots: list[Sequence | None] = [None] * self.max_batch
+        self.prompt_cache = bool(prompt_cache)
+        self._kept: list[list[int]] = [[] for _ in range(self.max_batch)]   # per free slot: tokens with valid KV
         self._order: list[Sequence] = []                  # admitted, oldest first
         self._cond = threading.Condition()
         self._closed = False
@@ -189,7 +200,7 @@ class Scheduler:
                 with self._cond:
                     for s in list(self._order):
                         s.out.put(e)
-                        self._leave(s)
+                        self._leave(s, keep=False)
 
     def _admit(self) -> bool:
         """Drop cancelled sequences, admit waiting ones into free slots; True when any is active."""
@@ -198,17 +209,32 @@ class Scheduler:
                 self._leave(s)
         while self._pending and None in self._slots:
             s = self._pending.pop(0)
-            s.slot = self._slots.index(None)
+            free = [b for b, x in enumerate(self._slots) if x is None]
+            shared = {b: _common_prefix(self._kept[b], s.ids) for b in free} if self.prompt_cache else {}
+            # the longest shared prefix; else the slot keeping least, so useful prefixes stay longer
+            s.slot = max(free, key=lambda b: (shared.get(b, 0), -len(self._kept[b])))
+            # the prompt's last token is always fed: its logits give the first new token
+            s.reused = min(shared.get(s.slot, 0), len(s.ids) - 1)
+            s.fed, s.cached = s.reused, list(s.ids[:s.reused])
+            s.stats.prompt_reused = s.reused
+            self._kept[s.slot] = []
             self.cache.slot[s.slot].reset()
             self._slots[s.slot] = s
             self._order.append(s)
         return bool(self._order)
 
-    def _leave(self, s: Sequence):
+    def _leave(self, s: Sequence, keep: bool = True):
+        """Free `s`'s slot; it keeps the KV of `s`'s valid positions for the next request (not
+        after a failed pass, which may have left them half-written)."""
         if s.slot >= 0 and self._slots[s.slot] is s:
             self._slots[s.slot] = None
+            self._kept[s.slot] = s.cached if keep and self.prompt_cache else []
         if s in self._order:
             self._order.remove(s)
+
+    def _idle_start(self, b: int) -> int:
+        """Where an idle slot's scratch row may be written: past the KV it keeps."""
+        return len(self._kept[b])
 
     def _finish(self, s: Sequence):
         s.out.put(_DONE)
@@ -227,7 +253,7 @@ class Scheduler:
         self._draft([s for s in decoding if s.job is not None])
         t1 = time.perf_counter()
         chunk = self._prefill_chunk(prefill, decoding) if prefill is not None else []
-        segments = [([], s.next_pos) if s is not None else ([], 0) for s in self._slots]
+        segments = [([], s.next_pos) if s is not None else ([], self._idle_start(b)) for b, s in enumerate(self._slots)]
         rows, where, at = [], {}, 0
         for b, s in enumerate(self._slots):
             if s is prefill and chunk:
@@ -265,6 +291,7 @@ class Scheduler:
 
     def _prefilled(self, s: Sequence, chunk: list[int], last_logits):
         s.fed += len(chunk)
+        s.cached.extend(chunk)
         if s.fed < len(s.ids):
             return
         s.length = s.fed
@@ -317,7 +344,8 @@ class Scheduler:
                 by_body.setdefault(id(p.body), []).append((s, p))
             for group in by_body.values():
                 packed = self.packed(group[0][1].body)
-                segments = [([], s.next_pos) if s is not None else ([], 0) for s in self._slots]
+                segments = [([], s.next_pos) if s is not None else ([], self._idle_start(b))
+                            for b, s in enumerate(self._slots)]
                 rows, spans, at = [], [], 0
                 for b in range(self.max_batch):     # slot order: the packed rows' order
                     for s, p in group:
@@ -362,6 +390,8 @@ class Scheduler:
         if s.drafter is not None:
             s.drafter.feedback(job.tokens if job is not None else [], n)
         st.full_passes += 1
+        s.cached.append(s.token)              # the verify wrote the target's KV of these
+        s.cached.extend(job.tokens[:n] if job is not None else [])
         s.length += len(new)
         s.job = None
         for j, t in enumerate(new):
@@ -375,3 +405,11 @@ class Scheduler:
         s.out.put(new)
         if new[-1] in self.stop_ids or st.tokens >= s.max_new_tokens:
             self._finish(s)
+
+
+def _common_prefix(a: list, b: list) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

@@ -21,6 +21,7 @@ class DecodeStats:
     accepted_tokens: int = 0
     accept_lengths: list = field(default_factory=list)
     guard_stopped_at: int | None = None   # tokens generated when the guard turned drafting off
+    prompt_reused: int = 0          # prompt tokens whose KV a slot kept from an earlier request
 
     @property
     def acceptance_rate(self) -> float:

@@ -13,6 +13,7 @@ stops them at the end. Systems:
   with `"speculate": false`;
 - `unbatched`: `conflayers-serve BUNDLE --max-batch 1 --max-concurrency N` (one request decodes at
   a time, alone, the others wait); `unbatched-plain`: the same, `"speculate": false`;
+- `batched-nocache`: `batched` with `--no-prompt-cache` (every prompt prefilled whole);
 - `genai`: ONNX Runtime GenAI's batching engine (`og.Engine` / `og.Request`, onnxruntime-genai 0.18)
   over the model its builder makes from the bundle's Hugging Face checkpoint (`--genai-precision`,
   int4 by default: the precision of a Q4 GGUF; the same cached build as `conflayers-bench`'s
@@ -20,8 +21,10 @@ stops them at the end. Systems:
 - `llamacpp-server`: llama.cpp's own `llama-server` (tools/install_llama_server.sh builds it into
   .venv/bin) on the GGUF file the bundle's model came from (`--gguf` to name it), `--parallel
   N` slots (continuous batching), each with the KV room of a conflayers-serve slot, the same
-  threads; requests ask for temperature 0 (its default is 0.8). It formats prompts with the
-  GGUF's chat template and decodes with its own kernels, so its tokens can differ from ours.
+  threads; requests ask for temperature 0 (its default is 0.8) and keep its prompt cache on (its
+  default, as conflayers-serve's); `llamacpp-server-nocache`: the same server, `cache_prompt:
+  false`. It formats prompts with the GGUF's chat template and decodes with its own kernels, so
+  its tokens can differ from ours.
 
 How the anchor is served (the choice): GenAI has no HTTP server of its own, so this module has a
 small one, `python -m conflayers.tools.loadbench genai-serve` (standard library
@@ -100,12 +103,14 @@ SYSTEMS = {
     "unbatched": ("conflayers", {}),
     "unbatched-plain": ("conflayers", {"speculate": False}),
     "genai": ("genai-engine", {}),
-    # llama.cpp's own server defaults to temperature 0.8 and streams usage only when asked; its
-    # prompt cache (on by default) would skip the prefill of a prompt a slot has seen, and the
-    # bench repeats prompts across levels while conflayers-serve has no prefix cache: turned off
-    # so both do the same work per request
+    "batched-nocache": ("conflayers-batched-nocache", {}),
+    # llama.cpp's own server defaults to temperature 0.8 and streams usage only when asked. Its
+    # prompt cache reuses a slot's KV of a prompt prefix, as conflayers-serve's does (both on by
+    # default); the -nocache systems turn each off (the bench repeats prompts across levels)
     "llamacpp-server": ("llamacpp-server", {"temperature": 0, "stream_options": {"include_usage": True},
-                                            "cache_prompt": False}),
+                                            "cache_prompt": True}),
+    "llamacpp-server-nocache": ("llamacpp-server", {"temperature": 0, "stream_options": {"include_usage": True},
+                                                    "cache_prompt": False}),
 }
 DEFAULT_SYSTEMS = "batched,unbatched,genai"
 WARMUP_REQUESTS = 2
@@ -249,7 +254,7 @@ def run_level(url, prompts: list[str], concurrency: int, requests: int, max_toke
 # not, batched or not, must be the plain solo greedy one. The anchors are told apart: GenAI runs
 # other weights (its builder's), llama.cpp the same GGUF through other kernels, so their agreement
 # is information, not a check.
-LOSSLESS_KINDS = ("conflayers-batched", "conflayers", "url")
+LOSSLESS_KINDS = ("conflayers-batched", "conflayers-batched-nocache", "conflayers", "url")
 REFERENCE_ORDER = ("unbatched-plain", "batched-plain", "unbatched", "batched", "url")
 
 
@@ -456,9 +461,11 @@ class ServerProcess:
 
 
 def conflayers_command(bundle: str, batched: bool, max_batch: int, max_context: int | None,
-                       prefill_chunk: int | None = None) -> list[str]:
+                       prefill_chunk: int | None = None, prompt_cache: bool = True) -> list[str]:
     cmd = [sys.executable, "-m", "conflayers.runtime.serving.cli", bundle, "--host", "127.0.0.1", "--port", "0"]
     cmd += ["--max-batch", str(max_batch)] if batched else ["--max-batch", "1", "--max-concurrency", str(max_batch)]
+    if not prompt_cache:
+        cmd.append("--no-prompt-cache")
     if max_context:
         cmd += ["--max-context", str(max_context)]
     if prefill_chunk and batched:
@@ -1022,8 +1029,8 @@ def run_bench(a) -> dict:
                                 report["skipped"][name] = str(e)
                         continue
                 else:
-                    cmd = conflayers_command(a.bundle, kind == "conflayers-batched", a.max_batch, a.max_context,
-                                             a.prefill_chunk)
+                    cmd = conflayers_command(a.bundle, kind.startswith("conflayers-batched"), a.max_batch,
+                                             a.max_context, a.prefill_chunk, prompt_cache=not kind.endswith("-nocache"))
                 # one at a time: the batched server times its passes at start-up (its speculation
                 # plan), which another server loading beside it would distort
                 _log(f"starting {kind}: {' '.join(cmd[1:])}")

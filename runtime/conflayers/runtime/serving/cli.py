@@ -55,6 +55,10 @@ def deploy_from_cli(bundle: str, address: str, replicas: int | None, autoscale: 
 @click.option("--prefill-chunk", type=click.IntRange(min=1), default=32, show_default=True,
               help="With --max-batch: a newcomer's prompt enters the batch N tokens per step, so the "
                    "streams already decoding wait at most one such chunk per step.")
+@click.option("--no-prompt-cache", is_flag=True,
+              help="Prefill every prompt whole. By default a request reuses the KV its batch slot kept "
+                   "of the longest prompt prefix it shares with the slot's last request (a system "
+                   "prompt, earlier turns): same output, less prefill.")
 @click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
               help="Requests waiting for a generation slot; beyond that, 503 with Retry-After.")
 @click.option("--max-connections", type=click.IntRange(min=1), default=128, show_default=True,
@@ -93,7 +97,7 @@ def deploy_from_cli(bundle: str, address: str, replicas: int | None, autoscale: 
               help="With --ray: CPUs each replica reserves (and its ONNX Runtime threads, unless --num-threads).")
 
 
-def main(bundle, host, port, max_context, device, max_concurrency, max_batch, prefill_chunk, max_queue,
+def main(bundle, host, port, max_context, device, max_concurrency, max_batch, prefill_chunk, no_prompt_cache, max_queue,
          max_connections, request_timeout, max_body_bytes, max_messages, max_stop, max_stop_chars,
          allow_special_tokens_in_prompt, api_key, allowed_hosts, num_threads, no_verify, ray_address, replicas,
          autoscale, replica_cpus):
@@ -141,7 +145,7 @@ def main(bundle, host, port, max_context, device, max_concurrency, max_batch, pr
             try:
                 engine = Engine.load(bundle, device=device, max_context=max_context, num_threads=num_threads,
                                      verify=not no_verify, limits=limits, max_batch=max_batch,
-                                     prefill_chunk=prefill_chunk)
+                                     prefill_chunk=prefill_chunk, prompt_cache=not no_prompt_cache)
             except BatchingError as e:
                 raise CliError(f"--max-batch: {e}") from None
             if max_batch > 1:

@@ -93,7 +93,8 @@ def _profile_hint(engine: EngineAPI, args: dict) -> str | None:
 
 def _usage(metrics: dict) -> dict:
     p, c = metrics["prompt_tokens"], metrics["completion_tokens"]
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": metrics.get("cached_prompt_tokens", 0)}}
 
 
 def completion_body(rid: str, model: str, chat: bool, result) -> dict:
