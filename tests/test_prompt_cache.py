@@ -102,3 +102,44 @@ def test_prompt_cache_off_prefills_whole(tiny_bundle):
             assert r.metrics.cached_prompt_tokens == 0
     finally:
         e.close()
+
+
+def test_host_store_serves_a_prompt_its_slot_lost(tiny_engine, cached_solo):
+    """One slot: A, then B (the slot now keeps B), then A again: A's KV comes back from host
+    memory, bit for bit, and the output equals the fresh prefill."""
+    a = "Question: a farmer sells 40 eggs a day at 2 dollars each. How much in a week?"
+    b = "Translate the following sentence into French: the cat sleeps."
+    for p in (a, b):
+        cached_solo.generate(p, task="int8skip", max_new_tokens=10)
+    hits = cached_solo.scheduler.store.hits
+    again = cached_solo.generate(a, task="int8skip", max_new_tokens=10)
+    assert again.token_ids == tiny_engine.generate(a, task="int8skip", max_new_tokens=10).token_ids
+    assert again.metrics.cached_prompt_tokens == again.metrics.prompt_tokens - 1
+    assert cached_solo.scheduler.store.hits == hits + 1
+
+
+def test_prompt_store_round_trip_supersede_and_budget(tiny_engine):
+    from conflayers.runtime.ort_backend import KVCache
+    from conflayers.runtime.promptstore import PromptStore
+    spec = tiny_engine.spec
+    rng = np.random.default_rng(0)
+    src, dst = KVCache(spec, 64), KVCache(spec, 64)
+    for i in range(spec.num_layers):
+        src.key_array(i)[:] = rng.standard_normal(src.key_array(i).shape)
+        src.value_array(i)[:] = rng.standard_normal(src.value_array(i).shape)
+    per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 4
+    store = PromptStore(per_token * 30, spec.num_layers)
+    store.put(list(range(10)), src)
+    store.put(list(range(20)), src)              # extends the first: it replaces it
+    assert len(store) == 1 and store.nbytes == per_token * 20
+    key, n = store.longest(list(range(15)) + [99])
+    assert n == 15
+    store.load(key, n, dst)
+    for i in range(spec.num_layers):
+        assert np.array_equal(dst.key_array(i)[0, :, :15], src.key_array(i)[0, :, :15])
+        assert np.array_equal(dst.value_array(i)[0, :, :15], src.value_array(i)[0, :, :15])
+        assert not dst.key_array(i)[0, :, 15:].any()
+    store.put([7] * 12, src)                     # over budget together: the least recent goes
+    assert len(store) == 1 and store.longest(list(range(20)))[1] == 0
+    store.put([5] * 40, src)                     # larger than the whole budget: not kept
+    assert store.longest([5] * 40)[1] == 0 and store.nbytes <= per_token * 30

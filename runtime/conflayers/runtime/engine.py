@@ -147,7 +147,8 @@ class Engine:
     def __init__(self, bundle: Bundle, device: str = "cpu", max_context: int | None = None,
                  num_threads: int | None = None, guard: bool = True, adapt: bool = True,
                  limits: RequestLimits | None = None, check_exactness: bool = True, max_batch: int = 1,
-                 prefill_chunk: int = 32, spec_max_batch: int | None = None, prompt_cache: bool = True):
+                 prefill_chunk: int = 32, spec_max_batch: int | None = None, prompt_cache: bool = True,
+                 prompt_cache_mb: float = 256):
         self.bundle = bundle
         self.adapt = adapt            # choose each profile's drafting policy for this machine
         self.spec = bundle.spec
@@ -207,14 +208,15 @@ class Engine:
         for runner in (*bodies.values(), *heads.values()):
             runner.padding = self.full.padding.for_drafts
         self.scheduler: Scheduler | None = None
-        self.set_batching(max_batch, prefill_chunk, spec_max_batch, prompt_cache)
+        self.set_batching(max_batch, prefill_chunk, spec_max_batch, prompt_cache, prompt_cache_mb)
 
     # -- the decoding loop -----------------------------------------------------------------------
     def set_batching(self, max_batch: int = 1, prefill_chunk: int = 32, spec_max_batch: int | None = None,
-                     prompt_cache: bool = True):
+                     prompt_cache: bool = True, prompt_cache_mb: float = 256):
         """Decode up to `max_batch` requests together (scheduler.py; 1: one at a time), prompts fed
         in chunks of at most `prefill_chunk` tokens while others decode; `prompt_cache`: a request
-        reuses the KV its slot kept of a shared prompt prefix (exact). With batching, every
+        reuses the KV a slot kept of a shared prompt prefix, or host memory did (up to
+        `prompt_cache_mb` MB of recent sequences' KV; 0: the slots only); exact. With batching, every
         profile's policy for this machine and the batched passes are timed now, before any
         request (batchplan.py). Call while no request runs."""
         if self.scheduler is not None:
@@ -228,7 +230,7 @@ class Engine:
             planner = BatchPlanner(self, max_batch, spec_max_batch)
         self.scheduler = Scheduler(self.full, self.spec, self.capacity, self.stop_ids, max_batch, prefill_chunk,
                                    planner, self.providers, self.num_threads, self.device,
-                                   prompt_cache=prompt_cache)
+                                   prompt_cache=prompt_cache, prompt_store_mb=prompt_cache_mb)
         if planner is not None:
             planner.measure(self.scheduler)
         self.planner = planner
@@ -306,9 +308,9 @@ class Engine:
              num_threads: int | None = None, verify: bool = True, guard: bool = True,
              adapt: bool = True, limits: RequestLimits | None = None, check_exactness: bool = True,
              max_batch: int = 1, prefill_chunk: int = 32, spec_max_batch: int | None = None,
-             prompt_cache: bool = True) -> "Engine":
+             prompt_cache: bool = True, prompt_cache_mb: float = 256) -> "Engine":
         return cls(Bundle.open(path, verify=verify), device, max_context, num_threads, guard, adapt, limits,
-                   check_exactness, max_batch, prefill_chunk, spec_max_batch, prompt_cache)
+                   check_exactness, max_batch, prefill_chunk, spec_max_batch, prompt_cache, prompt_cache_mb)
 
     @property
     def profiles(self) -> list[str]:

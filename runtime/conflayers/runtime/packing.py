@@ -208,11 +208,20 @@ class SlotCache:
         self.capacity = owner.capacity
         self.length = 0
         self.device = "cpu"
-        self.keys = {i: ort.OrtValue.ortvalue_from_numpy(a[slot:slot + 1]) for i, a in owner.k.items()}
-        self.values = {i: ort.OrtValue.ortvalue_from_numpy(a[slot:slot + 1]) for i, a in owner.v.items()}
+        self._k = {i: a[slot:slot + 1] for i, a in owner.k.items()}
+        self._v = {i: a[slot:slot + 1] for i, a in owner.v.items()}
+        self.keys = {i: ort.OrtValue.ortvalue_from_numpy(a) for i, a in self._k.items()}
+        self.values = {i: ort.OrtValue.ortvalue_from_numpy(a) for i, a in self._v.items()}
 
     def reset(self):
         self.length = 0
+
+    def key_array(self, layer: int) -> np.ndarray:
+        """The slot's keys of one layer, [1, kv_heads, positions, head_dim] (a view: writable)."""
+        return self._k[layer]
+
+    def value_array(self, layer: int) -> np.ndarray:
+        return self._v[layer]
 
 
 class BatchedKVCache:

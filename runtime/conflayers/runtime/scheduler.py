@@ -22,7 +22,9 @@ One step:
 
 Prompt cache: a slot keeps the KV of the last sequence that left it, and a new request takes the
 free slot whose kept tokens share the longest prefix with its prompt, prefilling only the rest
-(a shared system prompt, a repeated question, a conversation's earlier turns). Exact for the same
+(a shared system prompt, a repeated question, a conversation's earlier turns); the KV of recent
+sequences also stays in host memory within a budget (promptstore.py), copied into a slot when it
+shares more with a prompt than any free slot keeps. Exact for the same
 reason chunked prefill is: the kept positions hold the full graph's own KV of those very tokens
 (drafts read the target's KV and never keep their own), and every pass computes a position as
 any other pass would. Idle slots' scratch rows land past what they keep.
@@ -42,6 +44,7 @@ from dataclasses import dataclass, field
 
 from .drafter import NOTHING, Budget, DraftJob
 from .packing import BatchedKVCache, PackedGraph
+from .promptstore import PromptStore
 from .sampling import Sampler
 from .speculation import DecodeStats, SpeculationGuard
 
@@ -93,7 +96,7 @@ class Scheduler:
 
     def __init__(self, full, spec, capacity: int, stop_ids=frozenset(), max_batch: int = 1,
                  prefill_chunk: int = 32, planner=None, providers=None, num_threads: int | None = None,
-                 device: str = "cpu", cache=None, prompt_cache: bool = True):
+                 device: str = "cpu", cache=None, prompt_cache: bool = True, prompt_store_mb: float = 0):
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be >= 1")
         self.max_batch, self.prefill_chunk = int(max_batch), int(prefill_chunk)
@@ -108,6 +111,9 @@ class Scheduler:
         self._slots: list[Sequence | None] = [None] * self.max_batch
         self.prompt_cache = bool(prompt_cache)
         self._kept: list[list[int]] = [[] for _ in range(self.max_batch)]   # per free slot: tokens with valid KV
+        # host copies of recent sequences' KV (CPU: the slots are host buffers)
+        self.store = PromptStore(int(prompt_store_mb * 2 ** 20), spec.num_layers) \
+            if self.prompt_cache and prompt_store_mb > 0 and device == "cpu" else None
         self._order: list[Sequence] = []                  # admitted, oldest first
         self._cond = threading.Condition()
         self._closed = False
@@ -215,6 +221,13 @@ class Scheduler:
             s.slot = max(free, key=lambda b: (shared.get(b, 0), -len(self._kept[b])))
             # the prompt's last token is always fed: its logits give the first new token
             s.reused = min(shared.get(s.slot, 0), len(s.ids) - 1)
+            if self.store is not None:
+                key, n = self.store.longest(s.ids)
+                n = min(n, len(s.ids) - 1)
+                if n > s.reused:             # host memory holds more of it than any free slot
+                    s.slot = min(free, key=lambda b: len(self._kept[b]))
+                    self.store.load(key, n, self.cache.slot[s.slot])
+                    s.reused = n
             s.fed, s.cached = s.reused, list(s.ids[:s.reused])
             s.stats.prompt_reused = s.reused
             self._kept[s.slot] = []
@@ -229,6 +242,8 @@ class Scheduler:
         if s.slot >= 0 and self._slots[s.slot] is s:
             self._slots[s.slot] = None
             self._kept[s.slot] = s.cached if keep and self.prompt_cache else []
+            if self.store is not None and self._kept[s.slot]:
+                self.store.put(s.cached, self.cache.slot[s.slot])
         if s in self._order:
             self._order.remove(s)
 

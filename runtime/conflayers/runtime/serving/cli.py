@@ -56,9 +56,12 @@ def deploy_from_cli(bundle: str, address: str, replicas: int | None, autoscale: 
               help="With --max-batch: a newcomer's prompt enters the batch N tokens per step, so the "
                    "streams already decoding wait at most one such chunk per step.")
 @click.option("--no-prompt-cache", is_flag=True,
-              help="Prefill every prompt whole. By default a request reuses the KV its batch slot kept "
-                   "of the longest prompt prefix it shares with the slot's last request (a system "
-                   "prompt, earlier turns): same output, less prefill.")
+              help="Prefill every prompt whole. By default a request reuses the KV of the longest "
+                   "prompt prefix it shares with an earlier request (a repeat, a system prompt, "
+                   "earlier turns), kept in its batch slot or in host memory: same output, less prefill.")
+@click.option("--prompt-cache-mb", type=click.FloatRange(min=0), default=1024, show_default=True,
+              help="Host memory for the KV of recent requests (least recently used first out); "
+                   "0: only what the batch slots keep.")
 @click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
               help="Requests waiting for a generation slot; beyond that, 503 with Retry-After.")
 @click.option("--max-connections", type=click.IntRange(min=1), default=128, show_default=True,
@@ -97,7 +100,8 @@ def deploy_from_cli(bundle: str, address: str, replicas: int | None, autoscale: 
               help="With --ray: CPUs each replica reserves (and its ONNX Runtime threads, unless --num-threads).")
 
 
-def main(bundle, host, port, max_context, device, max_concurrency, max_batch, prefill_chunk, no_prompt_cache, max_queue,
+def main(bundle, host, port, max_context, device, max_concurrency, max_batch, prefill_chunk, no_prompt_cache,
+         prompt_cache_mb, max_queue,
          max_connections, request_timeout, max_body_bytes, max_messages, max_stop, max_stop_chars,
          allow_special_tokens_in_prompt, api_key, allowed_hosts, num_threads, no_verify, ray_address, replicas,
          autoscale, replica_cpus):
@@ -145,7 +149,8 @@ def main(bundle, host, port, max_context, device, max_concurrency, max_batch, pr
             try:
                 engine = Engine.load(bundle, device=device, max_context=max_context, num_threads=num_threads,
                                      verify=not no_verify, limits=limits, max_batch=max_batch,
-                                     prefill_chunk=prefill_chunk, prompt_cache=not no_prompt_cache)
+                                     prefill_chunk=prefill_chunk, prompt_cache=not no_prompt_cache,
+                                     prompt_cache_mb=prompt_cache_mb)
             except BatchingError as e:
                 raise CliError(f"--max-batch: {e}") from None
             if max_batch > 1:
