@@ -144,7 +144,7 @@ def main(bundle, host, port, max_context, device, max_concurrency, max_batch, pr
             engine, concurrency = deploy_from_cli(
                 bundle, ray_address, replicas, autoscale, replica_cpus, max_batch, max_concurrency,
                 dict(device=device, max_context=max_context, num_threads=num_threads, verify=not no_verify,
-                     limits=limits))
+                     limits=limits, prompt_cache=not no_prompt_cache, prompt_cache_mb=prompt_cache_mb))
         else:
             try:
                 engine = Engine.load(bundle, device=device, max_context=max_context, num_threads=num_threads,
