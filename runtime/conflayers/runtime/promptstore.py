@@ -50,14 +50,11 @@ class PromptStore:
         """The entry sharing the longest prefix with `ids`, and that prefix's length."""
         best, best_n = None, 0
         for key in self._entries:
-            n = min(len(key), len(ids))
-            if n <= best_n or key[0] != ids[0]:
+            if min(len(key), len(ids)) <= best_n:
                 continue
-            i = 0
-            while i < n and key[i] == ids[i]:
-                i += 1
-            if i > best_n:
-                best, best_n = key, i
+            n = common_prefix(key, ids)
+            if n > best_n:
+                best, best_n = key, n
         return best, best_n
 
     def load(self, key: tuple, n: int, slot) -> None:
@@ -72,3 +69,12 @@ class PromptStore:
     def _drop(self, key: tuple) -> None:
         keys, values = self._entries.pop(key)
         self.nbytes -= sum(a.nbytes for a in keys) + sum(a.nbytes for a in values)
+
+
+def common_prefix(a, b) -> int:
+    """How many leading tokens two token sequences share."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 
 from .drafter import NOTHING, Budget, DraftJob
 from .packing import BatchedKVCache, PackedGraph
-from .promptstore import PromptStore
+from .promptstore import PromptStore, common_prefix
 from .sampling import Sampler
 from .speculation import DecodeStats, SpeculationGuard
 
@@ -72,7 +72,6 @@ class Sequence:
     fed: int = 0                             # prompt tokens already in the cache
     length: int = 0                          # valid cache positions
     cached: list = field(default_factory=list)   # the tokens at the valid positions (what the slot keeps)
-    reused: int = 0                          # prompt tokens found in the slot's kept KV (not prefilled)
     token: int | None = None                 # last token out, not yet in the cache
     job: DraftJob | None = None              # this step's proposal
     proposed: bool = False                   # this step's proposal is an n-gram one (batchplan)
@@ -216,20 +215,20 @@ class Scheduler:
         while self._pending and None in self._slots:
             s = self._pending.pop(0)
             free = [b for b, x in enumerate(self._slots) if x is None]
-            shared = {b: _common_prefix(self._kept[b], s.ids) for b in free} if self.prompt_cache else {}
+            shared = {b: common_prefix(self._kept[b], s.ids) for b in free} if self.prompt_cache else {}
             # the longest shared prefix; else the slot keeping least, so useful prefixes stay longer
             s.slot = max(free, key=lambda b: (shared.get(b, 0), -len(self._kept[b])))
             # the prompt's last token is always fed: its logits give the first new token
-            s.reused = min(shared.get(s.slot, 0), len(s.ids) - 1)
+            reused = min(shared.get(s.slot, 0), len(s.ids) - 1)
             if self.store is not None:
                 key, n = self.store.longest(s.ids)
                 n = min(n, len(s.ids) - 1)
-                if n > s.reused:             # host memory holds more of it than any free slot
+                if n > reused:               # host memory holds more of it than any free slot
                     s.slot = min(free, key=lambda b: len(self._kept[b]))
                     self.store.load(key, n, self.cache.slot[s.slot])
-                    s.reused = n
-            s.fed, s.cached = s.reused, list(s.ids[:s.reused])
-            s.stats.prompt_reused = s.reused
+                    reused = n
+            s.fed, s.cached = reused, list(s.ids[:reused])
+            s.stats.prompt_reused = reused
             self._kept[s.slot] = []
             self.cache.slot[s.slot].reset()
             self._slots[s.slot] = s
@@ -247,9 +246,10 @@ class Scheduler:
         if s in self._order:
             self._order.remove(s)
 
-    def _idle_start(self, b: int) -> int:
-        """Where an idle slot's scratch row may be written: past the KV it keeps."""
-        return len(self._kept[b])
+    def _empty_segments(self) -> list[tuple[list, int]]:
+        """A pass's segments before any tokens go in: per slot where a scratch row may be
+        written, past its sequence's valid positions or, for a free slot, past the KV it keeps."""
+        return [([], s.next_pos) if s is not None else ([], len(self._kept[b])) for b, s in enumerate(self._slots)]
 
     def _finish(self, s: Sequence):
         s.out.put(_DONE)
@@ -268,7 +268,7 @@ class Scheduler:
         self._draft([s for s in decoding if s.job is not None])
         t1 = time.perf_counter()
         chunk = self._prefill_chunk(prefill, decoding) if prefill is not None else []
-        segments = [([], s.next_pos) if s is not None else ([], self._idle_start(b)) for b, s in enumerate(self._slots)]
+        segments = self._empty_segments()
         rows, where, at = [], {}, 0
         for b, s in enumerate(self._slots):
             if s is prefill and chunk:
@@ -359,8 +359,7 @@ class Scheduler:
                 by_body.setdefault(id(p.body), []).append((s, p))
             for group in by_body.values():
                 packed = self.packed(group[0][1].body)
-                segments = [([], s.next_pos) if s is not None else ([], self._idle_start(b))
-                            for b, s in enumerate(self._slots)]
+                segments = self._empty_segments()
                 rows, spans, at = [], [], 0
                 for b in range(self.max_batch):     # slot order: the packed rows' order
                     for s, p in group:
@@ -421,10 +420,3 @@ class Scheduler:
         if new[-1] in self.stop_ids or st.tokens >= s.max_new_tokens:
             self._finish(s)
 
-
-def _common_prefix(a: list, b: list) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
