@@ -127,13 +127,16 @@ def test_gemma3_native_profiles_export_only_and_decode_losslessly(tmp_path):
     # from below (ONNX Runtime's GroupQueryAttention at head_dim 256; measured: (64, 128) on an
     # AMD EPYC, (64, 256) on an Intel Xeon with AMX, both AVX-512): the export found them on this
     # machine, the load check found the same, and a generation across two of them stays identical.
+    # A 2-core AMD EPYC with AVX2 only (2026-12-06) has none: its attention kernel is exact at every
+    # length, and the generation goes as far.
     bounds = engine.full.verify_boundaries
-    assert bounds is not None and bounds[0] == 64 and bounds == engine.exactness.boundaries
-    assert engine.bundle.verify_boundaries == bounds
+    assert bounds == engine.exactness.boundaries and engine.bundle.verify_boundaries == bounds
+    assert bounds is None or bounds[0] == 64
+    first, every = bounds or (64, 128)
     prompt_len = len(engine.encode(prompt=PROMPTS[0]))
-    kw = dict(prompt=PROMPTS[0], max_new_tokens=bounds[0] + bounds[1] + 16 - prompt_len)
+    kw = dict(prompt=PROMPTS[0], max_new_tokens=first + every + 16 - prompt_len)
     plain = engine.generate(**kw, speculate=False)
     spec = engine.generate(**kw, task="gsm8k")
-    assert prompt_len < bounds[0] - 2 and prompt_len + len(plain.token_ids) > bounds[0] + bounds[1]
+    assert prompt_len < first - 2 and prompt_len + len(plain.token_ids) > first + every
     assert spec.token_ids == plain.token_ids
     assert spec.metrics.draft_steps > 0
