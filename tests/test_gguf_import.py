@@ -76,7 +76,7 @@ def test_unsupported_type_is_named_with_the_fix():
         quant_matrix(FakeTensor())
 
 
-@pytest.mark.parametrize("type_name", ("Q4_1", "Q4_K", "Q6_K", "Q8_0", "Q5_0"))
+@pytest.mark.parametrize("type_name", ("Q4_1", "Q4_K", "Q6_K", "Q8_0", "Q5_0", "Q5_1"))
 def test_matmulnbits_graph_multiplies_by_the_native_weights(tmp_path, type_name):
     """One matmul node built the way the decoder builder builds it (MatMulNBits + the offset
     correction) against x @ W with the gguf package's W. accuracy_level 4 quantizes activations to
@@ -93,6 +93,14 @@ def test_matmulnbits_graph_multiplies_by_the_native_weights(tmp_path, type_name)
     y = g.matmul("x", "x.w", "mm")
     g.nodes.append(helper.make_node("Identity", [y], ["y"]))
     g.outputs.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "S", N]))
+    # the offset term: fp16 offsets where every one is exact in fp16 (always Q5_1's minimums), else fp32
+    custom = [n.op_type for n in g.nodes if n.domain == "conflayers"]
+    if m.offsets is None:
+        assert custom == [], custom
+    else:
+        half = np.array_equal(m.offsets.astype(np.float16).astype(np.float32), m.offsets)
+        assert custom == ["AddBlockOffsets16" if half else "AddBlockOffsets"], custom
+        assert half or type_name != "Q5_1"
     onnx.save(g.model("test"), str(tmp_path / "m.onnx"))
     stores.close()
     x = np.random.default_rng(4).standard_normal((1, 7, K)).astype(np.float32)

@@ -5,7 +5,8 @@ Layers, lowest first (a module may import from its own layer and those below):
   base       contracts and plain data shared by all: graph I/O names, model shape, sampling,
              text, draft plans and policies, decode statistics, the batch cost formulas
   artifacts  profiles, bundles, the machine policy table, profile selection
-  ort        ONNX Runtime sessions and KV caches, packed (batched) passes, the exactness check,
+  ort        ONNX Runtime sessions and KV caches, the custom-op kernel library, packed (batched)
+             passes, the exactness check,
              kept prompts' KV in host memory
   drafters   the drafter protocol and every drafter kind (model, n-gram, hybrid, cascade)
   core       the one decoding loop (scheduler) and what drives it: the engine, the batch
@@ -29,7 +30,7 @@ LAYERS = {
     "base": {"contract", "modelspec", "sampling", "jsonfmt", "textio", "device", "draftplan", "speculation", "timing",
              "batchcost", "rayutil"},
     "artifacts": {"policy", "profile", "selection", "bundle"},
-    "ort": {"ort_backend", "exactness", "packing", "promptstore"},
+    "ort": {"ort_backend", "kernels", "exactness", "packing", "promptstore"},
     "drafters": {"drafter", "ngram", "cascade"},
     "core": {"scheduler", "decoding", "batchplan", "probe", "engine"},
     "serving": {"serving", "serving.schema", "serving.admission", "serving.metrics", "serving.http", "ray_serve"},
@@ -47,6 +48,7 @@ def _modules() -> dict[str, str]:
             if f.endswith(".py") and not f.startswith("__init__"):
                 out[f[:-3] if rel == "." else f"{rel.replace(os.sep, '.')}.{f[:-3]}"] = os.path.join(dirpath, f)
     out["serving"] = os.path.join(ROOT, "serving", "__init__.py")
+    out["kernels"] = os.path.join(ROOT, "kernels", "__init__.py")
     return out
 
 

@@ -20,3 +20,5 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 export PATH="$REPO/.venv/bin:$PATH"
+# The CPU kernel library (optional: without it the graphs run their ONNX fallbacks, slower).
+bash tools/build_kernels.sh >/dev/null || echo "== note: kernel library not built (see tools/build_kernels.sh); graphs run their ONNX fallbacks" >&2

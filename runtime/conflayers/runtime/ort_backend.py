@@ -16,7 +16,7 @@ import threading
 import numpy as np
 import onnxruntime as ort
 
-from . import contract
+from . import contract, kernels
 from .device import available_providers, device_of, resolve_providers  # noqa: F401 (their home was here)
 from .modelspec import ModelSpec
 
@@ -45,6 +45,8 @@ def create_session(path: str | bytes, providers: list[str], num_threads: int | N
     in `external_dir` (the batched engine's derived graphs)."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    if providers[0] == "CPUExecutionProvider" and kernels.library():
+        so.register_custom_ops_library(kernels.library())
     if external_dir is not None:
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", external_dir)
     if providers[0] == "CPUExecutionProvider" and _use_global_pool(num_threads):

@@ -165,6 +165,7 @@ def _version(module: str) -> str | None:
 
 
 def machine_info() -> dict:
+    from conflayers.runtime import kernels
     from conflayers.runtime.exactness import kernel_path
     cpu = None
     try:
@@ -177,7 +178,8 @@ def machine_info() -> dict:
         pass
     return {"cores": os.cpu_count(), "cpu": cpu or platform.processor() or None, "kernels": kernel_path(),
             "platform": f"{platform.system()} {platform.machine()}", "python": platform.python_version(),
-            "busy_at_start": busy_share(), "copy_bandwidth_gb_s": copy_bandwidth()}
+            "busy_at_start": busy_share(), "copy_bandwidth_gb_s": copy_bandwidth(),
+            "conflayers_kernels": kernels.describe()}
 
 
 def copy_bandwidth(mb: int = 256, threads: int | None = None) -> float:
@@ -711,7 +713,8 @@ def render(doc: dict) -> str:
              f"{'on' if meta['settings']['guard'] else 'off'}, seed {meta['settings']['seed']}"
              + (f", {meta['settings']['threads']} threads" if meta["settings"].get("threads") else "")
              + (f", prompt lookup {meta['settings']['prompt_lookup_num_tokens']} tokens/proposal")]
-    lines.append(f"kernels: {m.get('kernels')} (ONNX Runtime's CPU path); memory bandwidth (copy, "
+    lines.append(f"kernels: {m.get('kernels')} (ONNX Runtime's CPU path), conflayers ops: "
+                 f"{m.get('conflayers_kernels', 'n/a')}; memory bandwidth (copy, "
                  f"{meta['settings'].get('threads')} threads): {_f(m.get('copy_bandwidth_gb_s'), '{:.1f}')} GB/s; "
                  + (f"CPU busy at start {m['busy_at_start']:.0%}" if m.get("busy_at_start") is not None else "")
                  + (f", CPU steal during the run {m['cpu_steal_share']:.1%}" if m.get("cpu_steal_share") is not None else ""))

@@ -32,6 +32,8 @@ MS = "com.microsoft"
 PACKED = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
 OPSET = [helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)]
 INT64_MAX = np.iinfo(np.int64).max
+KERNELS_DOMAIN = "conflayers"      # ops of the runtime's kernel library, each with an ONNX function
+OFFSET_BLOCK = 32                  # GGUF's block and K-quant sub-block: the offsets' granularity
 
 
 class WeightStores:
@@ -189,14 +191,16 @@ class _Graph:
                        n_out=len(parts), axis=-1)
 
     def blocks(self, q: QuantMatrix, tag: str) -> tuple[str, str, str | None]:
-        """Initializer names of a QuantMatrix's codes, scales and offsets (written once)."""
+        """Initializer names of a QuantMatrix's codes, scales and offsets (written once). Offsets
+        are stored in fp16 where that is lossless (Q5_1's minimums: half the bytes a pass reads),
+        else fp32."""
         names = (f"{tag}.q{q.bits}", f"{tag}.scales{q.bits}", None if q.offsets is None else f"{tag}.offsets{q.bits}")
         if names[0] not in self._init_names:
             f = self.stores.file(self.precision)
             self._init_names.update(n for n in names if n)
             self.inits += [f.tensor(names[0], q.codes), f.tensor(names[1], q.scales)]
-            if q.offsets is not None:      # [n_blocks, N]: the layout the correction MatMul reads
-                self.inits.append(f.tensor(names[2], np.ascontiguousarray(q.offsets.T)))
+            if q.offsets is not None:      # [n_blocks, N]: the layout the correction reads
+                self.inits.append(f.tensor(names[2], np.ascontiguousarray(_fp16_if_exact(q.offsets).T)))
         return names
 
     def matmul_blocks(self, x, q: QuantMatrix, tag: str, label: str):
@@ -205,11 +209,12 @@ class _Graph:
                     block_size=q.block, accuracy_level=4)
         if offsets is None:
             return y
-        # + sum over blocks b of (sum of x over block b) * offsets[b, n]
-        nb = q.codes.shape[1]
-        xb = self.op("Reshape", [x, self.const(f"shape_blocks{nb}x{q.block}", np.array([0, 0, nb, q.block], np.int64))])
-        sums = self.op("ReduceSum", [xb, self.const("axis_last", np.array([-1], np.int64))], keepdims=0)
-        return self.op("Add", [y, self.op("MatMul", [sums, offsets], name=f"{label}/offsets")])
+        if q.block != OFFSET_BLOCK:
+            raise ValueError(f"{tag}: offsets per block of {q.block}; the graph's correction needs {OFFSET_BLOCK}")
+        # + sum over blocks b of (sum of x over block b) * offsets[b, n]: one node, run by the
+        # runtime's kernel library where registered, else by its ONNX function (four nodes)
+        op = "AddBlockOffsets16" if _fp16_if_exact(q.offsets).dtype == np.float16 else "AddBlockOffsets"
+        return self.op(op, [y, x, offsets], domain=KERNELS_DOMAIN, name=f"{label}/offsets")
 
     def embedding(self, ids):
         """Token embeddings: a Gather from the fp32 table, or from the target's blocks (native)
@@ -234,17 +239,50 @@ class _Graph:
         w = self.op("Mul", [w, self.op("Unsqueeze", [self.op("Gather", [scales, ids]), last])])
         if offsets is not None:        # offsets are stored [n_blocks, V]: gather columns
             per_row = self.op("Gather", [offsets, ids], axis=1)                    # [nb, 1, S]
+            if _fp16_if_exact(q.offsets).dtype == np.float16:
+                per_row = self.op("Cast", [per_row], to=TensorProto.FLOAT)
             per_row = self.op("Transpose", [per_row], perm=[1, 2, 0])             # [1, S, nb]
             w = self.op("Add", [w, self.op("Unsqueeze", [per_row, last])])
         return self.op("Reshape", [w, self.const("shape_flat_k", np.array([0, 0, q.k], np.int64))], name="embed")
 
     def model(self, doc: str, meta: dict | None = None) -> onnx.ModelProto:
         g = helper.make_graph(self.nodes, "decoder", self.inputs, self.outputs, self.inits)
-        m = helper.make_model(g, opset_imports=OPSET, producer_name="conflayers", doc_string=doc)
+        custom = sorted({n.op_type for n in self.nodes if n.domain == KERNELS_DOMAIN})
+        m = helper.make_model(g, opset_imports=OPSET + ([helper.make_opsetid(KERNELS_DOMAIN, 1)] if custom else []),
+                              producer_name="conflayers", doc_string=doc,
+                              functions=[add_block_offsets_function(op == "AddBlockOffsets16") for op in custom])
         m.ir_version = 10
         if meta:
             helper.set_model_props(m, meta)
         return m
+
+
+def add_block_offsets_function(half: bool = False) -> onnx.FunctionProto:
+    """AddBlockOffsets(y, x, offsets) = y + (sums of x over blocks of 32) @ offsets as plain ONNX
+    (AddBlockOffsets16: fp16 offsets, cast first): what a session without the runtime's kernel
+    library runs (runtime/kernels/block_offsets.cc). AddBlockOffsets' body is the four nodes this
+    builder wrote before the op existed (bit for bit the same output)."""
+    nodes = [
+        helper.make_node("Constant", [], ["shape"], value=onnx.numpy_helper.from_array(
+            np.array([0, 0, -1, OFFSET_BLOCK], np.int64))),
+        helper.make_node("Reshape", ["x", "shape"], ["blocks"]),
+        helper.make_node("Constant", [], ["axis"], value=onnx.numpy_helper.from_array(np.array([-1], np.int64))),
+        helper.make_node("ReduceSum", ["blocks", "axis"], ["sums"], keepdims=0),
+    ]
+    offsets = "offsets"
+    if half:       # a constant initializer: ORT folds the Cast at load
+        nodes.append(helper.make_node("Cast", ["offsets"], ["offsets32"], to=TensorProto.FLOAT))
+        offsets = "offsets32"
+    nodes += [helper.make_node("MatMul", ["sums", offsets], ["correction"]),
+              helper.make_node("Add", ["y", "correction"], ["z"])]
+    name = "AddBlockOffsets16" if half else "AddBlockOffsets"
+    return helper.make_function(KERNELS_DOMAIN, name, ["y", "x", "offsets"], ["z"], nodes, OPSET[:1])
+
+
+def _fp16_if_exact(offsets: np.ndarray) -> np.ndarray:
+    """The offsets in fp16 where every value survives the round trip, else as they are (fp32)."""
+    half = offsets.astype(np.float16)
+    return half if np.array_equal(half.astype(np.float32), offsets) else offsets
 
 
 def _rope_caches(spec: ModelSpec, theta: float, max_len: int):

@@ -43,6 +43,7 @@ class WeightFile:
         t = TensorProto()
         t.name = name
         t.data_type = {np.dtype("float32"): TensorProto.FLOAT,
+                       np.dtype("float16"): TensorProto.FLOAT16,
                        np.dtype("uint8"): TensorProto.UINT8,
                        np.dtype("int64"): TensorProto.INT64,
                        np.dtype("int32"): TensorProto.INT32}[array.dtype]

@@ -1,0 +1,50 @@
+"""conflayers' CPU kernel library: ONNX Runtime custom ops (domain "conflayers") that the compiler
+writes into graphs together with an ONNX function computing the same thing, so a graph runs
+with or without the library (block_offsets.cc says what each op does and why it is exact).
+
+Built by tools/build_kernels.sh (setup.sh runs it) into kernels/build/. The runtime registers the
+library in every CPU session when it is there and the CPU has its kernels (AVX2, FMA, F16C);
+CONFLAYERS_KERNELS=off runs the ONNX functions instead (for A/B measurement),
+CONFLAYERS_KERNELS=/path/lib.so names another build. Not for CUDA sessions: their nodes would
+run on the CPU with copies. A session computes every pass one way, so a one-token step and a
+verify agree either way; the two ways differ by rounding, so greedy text can differ between a
+machine with the library and one without (as it can between CPUs).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+
+DOMAIN = "conflayers"
+LIBRARY_NAME = "libconflayers_kernels.so"
+BUILT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "build", LIBRARY_NAME)
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> str | None:
+    """Path of the kernel library to register in CPU sessions, or None (the ONNX functions run):
+    not built, switched off, or a CPU its kernels do not cover."""
+    choice = os.environ.get("CONFLAYERS_KERNELS", "").strip()
+    if choice.lower() in ("off", "0", "no", "none"):
+        return None
+    path = choice or BUILT
+    if not os.path.isfile(path):
+        if choice:
+            raise FileNotFoundError(f"CONFLAYERS_KERNELS={choice}: no such file (build it with "
+                                    "tools/build_kernels.sh, or unset the variable)")
+        return None
+    return path if cpu_path(path) != "none" else None
+
+
+def cpu_path(path: str = BUILT) -> str:
+    """Which kernels the library at `path` runs on this CPU: "avx2", or "none"."""
+    lib = ctypes.CDLL(path)
+    lib.conflayers_kernels_path.restype = ctypes.c_char_p
+    return lib.conflayers_kernels_path().decode()
+
+
+def describe() -> str:
+    """One line for reports: what computes the conflayers ops in CPU sessions."""
+    path = library()
+    return f"{LIBRARY_NAME} ({cpu_path(path)})" if path else "ONNX functions (kernel library not loaded)"

@@ -1,0 +1,141 @@
+"""The CPU kernel library (runtime/conflayers/runtime/kernels): AddBlockOffsets against its ONNX
+function and a float64 reference, and the property the runtime relies on: a row's result does
+not depend on how many rows share the pass (a one-token step equals that row of a verify)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from conflayers.compiler.export import decoder_graph
+from conflayers.runtime import kernels, ort_backend
+from conflayers.runtime.ort_backend import create_session
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def library():
+    """The built library; built here if setup did not (skipped only where it cannot be built)."""
+    if not os.path.isfile(kernels.BUILT):
+        missing = [t for t in ("g++", "curl", "dpkg-deb") if shutil.which(t) is None]
+        if missing:
+            pytest.skip(f"cannot build the kernel library here: no {', '.join(missing)}")
+        subprocess.run(["bash", os.path.join(REPO, "tools", "build_kernels.sh")], check=True)
+    if kernels.cpu_path(kernels.BUILT) == "none":
+        pytest.skip("this CPU has no AVX2+FMA+F16C: the library registers no kernels (the ONNX functions run)")
+    return kernels.BUILT
+
+
+def _graph(op: str, k: int, n: int, offsets: np.ndarray | None = None) -> onnx.ModelProto:
+    """z = y + blocksums(x) @ offsets: `op` (AddBlockOffsets, AddBlockOffsets16) with the
+    compiler's function, or "plain": the function's body as graph nodes. Offsets are an input,
+    or a constant when given."""
+    half = op == "AddBlockOffsets16"
+    ins = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "S", n]),
+           helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "S", k])]
+    inits = []
+    if offsets is None:
+        ins.append(helper.make_tensor_value_info("offsets", TensorProto.FLOAT16 if half else TensorProto.FLOAT, ["NB", "N"]))
+    else:
+        inits.append(onnx.numpy_helper.from_array(offsets, "offsets"))
+    out = [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, "S", n])]
+    fn = decoder_graph.add_block_offsets_function()
+    if op == "plain":
+        nodes, opsets, functions = list(fn.node), list(decoder_graph.OPSET), []
+    else:
+        nodes = [helper.make_node(op, ["y", "x", "offsets"], ["z"], domain=kernels.DOMAIN)]
+        opsets = list(decoder_graph.OPSET) + [helper.make_opsetid(kernels.DOMAIN, 1)]
+        functions = [fn] if not half else []
+    g = helper.make_graph(nodes, "t", ins, out, inits)
+    m = helper.make_model(g, opset_imports=opsets, functions=functions)
+    m.ir_version = 10
+    return m
+
+
+def _session(model, lib: str | None):
+    so = ort.SessionOptions()
+    if ort_backend._global_pool:       # the runtime's sessions made ORT's global pool: then required
+        so.use_per_session_threads = False
+    if lib:
+        so.register_custom_ops_library(lib)
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _inputs(rows, k, n, seed=0, dtype=np.float32):
+    r = np.random.default_rng(seed)
+    return {"y": r.standard_normal((1, rows, n)).astype(np.float32),
+            "x": r.standard_normal((1, rows, k)).astype(np.float32),
+            "offsets": (r.standard_normal((k // 32, n)) * 0.05).astype(dtype)}
+
+
+def _reference(feed):
+    rows, k = feed["x"].shape[1:]
+    sums = feed["x"].astype(np.float64).reshape(1, rows, k // 32, 32).sum(-1)
+    return feed["y"] + sums @ feed["offsets"].astype(np.float64)
+
+
+@pytest.mark.parametrize("op,dtype", [("AddBlockOffsets", np.float32), ("AddBlockOffsets16", np.float16)])
+@pytest.mark.parametrize("k,n", [(64, 8), (576, 960), (1536, 576), (96, 77)])
+def test_kernel_matches_reference_and_rows_are_independent(library, op, dtype, k, n):
+    sess = _session(_graph(op, k, n), library)
+    for rows in (1, 2, 3, 5, 9, 16, 33):     # row tiles of 4, column tiles and tails
+        feed = _inputs(rows, k, n, seed=rows, dtype=dtype)
+        z = sess.run(None, feed)[0]
+        ref = _reference(feed)
+        assert np.max(np.abs(z - ref)) <= 1e-5 * np.max(np.abs(ref)), f"{op} k={k} n={n} rows={rows}"
+        for i in range(rows):    # the same row alone: bit for bit
+            alone = sess.run(None, {"y": feed["y"][:, i:i + 1], "x": feed["x"][:, i:i + 1], "offsets": feed["offsets"]})[0]
+            assert np.array_equal(alone[0, 0], z[0, i]), f"{op} k={k} n={n}: row {i} of {rows} differs from the row alone"
+        # constant offsets (the fp16 op reads them from its own tiled copy): the same bits
+        const = _session(_graph(op, k, n, offsets=feed["offsets"]), library).run(None, {"y": feed["y"], "x": feed["x"]})[0]
+        assert np.array_equal(const, z), f"{op} k={k} n={n} rows={rows}: constant offsets give other bits"
+
+
+def test_function_fallback_is_the_plain_graph_bit_for_bit():
+    """Without the library the node runs its ONNX function: the graph the compiler wrote before."""
+    k, n = 576, 960
+    fallback, plain = _session(_graph("AddBlockOffsets", k, n), None), _session(_graph("plain", k, n), None)
+    for rows in (1, 2, 9):
+        feed = _inputs(rows, k, n, seed=rows)
+        assert np.array_equal(fallback.run(None, feed)[0], plain.run(None, feed)[0])
+
+
+def test_kernel_rejects_mismatched_offsets(library):
+    sess = _session(_graph("AddBlockOffsets", 64, 8), library)
+    feed = _inputs(2, 64, 8)
+    feed["offsets"] = np.zeros((3, 8), np.float32)
+    with pytest.raises(Exception, match=r"offsets must be \[K/32, N\] = \[2, 8\]"):
+        sess.run(None, feed)
+
+
+def test_runtime_registers_the_library_unless_switched_off(library, tmp_path, monkeypatch):
+    """create_session (every runtime session) registers it; CONFLAYERS_KERNELS=off runs the function."""
+    path = str(tmp_path / "m.onnx")
+    onnx.save(_graph("AddBlockOffsets", 576, 960), path)
+    feed = _inputs(3, 576, 960)
+    ref = _reference(feed)
+    runs = {}
+    try:
+        for choice in ("", "off"):
+            monkeypatch.setenv("CONFLAYERS_KERNELS", choice)
+            kernels.library.cache_clear()
+            assert (kernels.library() is None) == (choice == "off")
+            assert kernels.describe().startswith(kernels.LIBRARY_NAME if not choice else "ONNX functions")
+            runs[choice] = create_session(path, ["CPUExecutionProvider"]).run(None, feed)[0]
+            assert np.max(np.abs(runs[choice] - ref)) <= 1e-5 * np.max(np.abs(ref))
+        # the two paths sum in different orders: equal to rounding, not bit for bit
+        assert not np.array_equal(runs[""], runs["off"])
+        monkeypatch.setenv("CONFLAYERS_KERNELS", str(tmp_path / "missing.so"))
+        kernels.library.cache_clear()
+        with pytest.raises(FileNotFoundError, match="CONFLAYERS_KERNELS"):
+            kernels.library()
+    finally:
+        monkeypatch.delenv("CONFLAYERS_KERNELS", raising=False)
+        kernels.library.cache_clear()
