@@ -45,8 +45,9 @@ def create_session(path: str | bytes, providers: list[str], num_threads: int | N
     in `external_dir` (the batched engine's derived graphs)."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    if providers[0] == "CPUExecutionProvider" and kernels.library():
-        so.register_custom_ops_library(kernels.library())
+    library = kernels.library() if providers[0] == "CPUExecutionProvider" else None
+    if library:
+        so.register_custom_ops_library(library)
     if external_dir is not None:
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", external_dir)
     if providers[0] == "CPUExecutionProvider" and _use_global_pool(num_threads):

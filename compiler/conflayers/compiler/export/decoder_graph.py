@@ -21,6 +21,7 @@ from onnx import TensorProto, helper
 
 from conflayers.runtime import contract
 from conflayers.runtime.draftplan import DraftPlan, weights_file_name
+from conflayers.runtime.kernels import DOMAIN as KERNELS_DOMAIN   # ops of the runtime's kernel library
 from conflayers.runtime.modelspec import ModelSpec
 
 from .quantize import QuantMatrix, quantize_rtn
@@ -32,7 +33,6 @@ MS = "com.microsoft"
 PACKED = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
 OPSET = [helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)]
 INT64_MAX = np.iinfo(np.int64).max
-KERNELS_DOMAIN = "conflayers"      # ops of the runtime's kernel library, each with an ONNX function
 OFFSET_BLOCK = 32                  # GGUF's block and K-quant sub-block: the offsets' granularity
 
 
@@ -135,6 +135,7 @@ class _Graph:
         self.precision = precision
         self._n = 0
         self._init_names = set()
+        self._half_offsets: set[str] = set()    # offsets initializers stored in fp16
 
     def op(self, op_type, inputs, n_out=1, domain="", name=None, **attrs):
         self._n += 1
@@ -200,7 +201,10 @@ class _Graph:
             self._init_names.update(n for n in names if n)
             self.inits += [f.tensor(names[0], q.codes), f.tensor(names[1], q.scales)]
             if q.offsets is not None:      # [n_blocks, N]: the layout the correction reads
-                self.inits.append(f.tensor(names[2], np.ascontiguousarray(_fp16_if_exact(q.offsets).T)))
+                offsets = _fp16_if_exact(q.offsets)
+                if offsets.dtype == np.float16:
+                    self._half_offsets.add(names[2])
+                self.inits.append(f.tensor(names[2], np.ascontiguousarray(offsets.T)))
         return names
 
     def matmul_blocks(self, x, q: QuantMatrix, tag: str, label: str):
@@ -213,7 +217,7 @@ class _Graph:
             raise ValueError(f"{tag}: offsets per block of {q.block}; the graph's correction needs {OFFSET_BLOCK}")
         # + sum over blocks b of (sum of x over block b) * offsets[b, n]: one node, run by the
         # runtime's kernel library where registered, else by its ONNX function (four nodes)
-        op = "AddBlockOffsets16" if _fp16_if_exact(q.offsets).dtype == np.float16 else "AddBlockOffsets"
+        op = "AddBlockOffsets16" if offsets in self._half_offsets else "AddBlockOffsets"
         return self.op(op, [y, x, offsets], domain=KERNELS_DOMAIN, name=f"{label}/offsets")
 
     def embedding(self, ids):
@@ -239,7 +243,7 @@ class _Graph:
         w = self.op("Mul", [w, self.op("Unsqueeze", [self.op("Gather", [scales, ids]), last])])
         if offsets is not None:        # offsets are stored [n_blocks, V]: gather columns
             per_row = self.op("Gather", [offsets, ids], axis=1)                    # [nb, 1, S]
-            if _fp16_if_exact(q.offsets).dtype == np.float16:
+            if offsets in self._half_offsets:
                 per_row = self.op("Cast", [per_row], to=TensorProto.FLOAT)
             per_row = self.op("Transpose", [per_row], perm=[1, 2, 0])             # [1, S, nb]
             w = self.op("Add", [w, self.op("Unsqueeze", [per_row, last])])
