@@ -2,12 +2,16 @@
 dequantization is the reference), and MatMulNBits computes with exactly those weights."""
 from __future__ import annotations
 
+import os
+from unittest import mock
+
 import numpy as np
 import onnx
 import pytest
 
 from conflayers.compiler.export.gguf_import import GGUFImportError, from_blocks
 from conflayers.compiler.export.quantize import QuantMatrix, quantize_rtn
+from conflayers.runtime import kernels
 
 gq = pytest.importorskip("gguf.quants")
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # noqa: E402
@@ -93,21 +97,29 @@ def test_matmulnbits_graph_multiplies_by_the_native_weights(tmp_path, type_name)
     y = g.matmul("x", "x.w", "mm")
     g.nodes.append(helper.make_node("Identity", [y], ["y"]))
     g.outputs.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "S", N]))
-    # the offset term: fp16 offsets where every one is exact in fp16 (always Q5_1's minimums), else fp32
+    # blocks of 32: one QMatMul node (the offset term inside: fp16 offsets where every one is
+    # exact in fp16, always Q5_1's minimums, else fp32); Q6_K's blocks of 16: MatMulNBits alone
     custom = [n.op_type for n in g.nodes if n.domain == "conflayers"]
-    if m.offsets is None:
-        assert custom == [], custom
+    if m.block != 32:
+        assert custom == [] and m.offsets is None, custom
+    elif m.offsets is None:
+        assert custom == ["QMatMul"], custom
     else:
         half = np.array_equal(m.offsets.astype(np.float16).astype(np.float32), m.offsets)
-        assert custom == ["AddBlockOffsets16" if half else "AddBlockOffsets"], custom
+        assert custom == ["QMatMulOffsets16" if half else "QMatMulOffsets"], custom
         assert half or type_name != "Q5_1"
     onnx.save(g.model("test"), str(tmp_path / "m.onnx"))
     stores.close()
     x = np.random.default_rng(4).standard_normal((1, 7, K)).astype(np.float32)
-    out = create_session(str(tmp_path / "m.onnx"), ["CPUExecutionProvider"]).run(None, {"x": x})[0]
     expect = x @ w
-    rel = np.abs(out - expect).max() / np.abs(expect).max()
-    assert rel <= 2e-2, f"{type_name}: relative error {rel:.3g}"
+    # with the kernel library (its AMX product where the CPU has it) and with the ONNX functions
+    for env in ({}, {"CONFLAYERS_KERNELS": "off"}):
+        kernels.library.cache_clear()
+        with mock.patch.dict(os.environ, env):
+            out = create_session(str(tmp_path / "m.onnx"), ["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        kernels.library.cache_clear()
+        rel = np.abs(out - expect).max() / np.abs(expect).max()
+        assert rel <= 2e-2, f"{type_name} {env or kernels.describe()}: relative error {rel:.3g}"
 
 
 def test_rtn_round_trip_within_half_a_step():

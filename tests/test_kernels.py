@@ -139,3 +139,123 @@ def test_runtime_registers_the_library_unless_switched_off(library, tmp_path, mo
     finally:
         monkeypatch.delenv("CONFLAYERS_KERNELS", raising=False)
         kernels.library.cache_clear()
+
+
+# -- QMatMul: the AMX matrix product (qmatmul.cc) ---------------------------------------------------
+
+QMATMUL_OPS = {None: "QMatMul", np.float32: "QMatMulOffsets", np.float16: "QMatMulOffsets16"}
+
+
+def _qmatmul_graph(k: int, n: int, bits: int, offsets_dtype, weights: dict | None = None, node: bool = True):
+    """y = QMatMul*(x, codes, scales[, offsets]) with the compiler's functions, or (node=False) the
+    nodes the compiler writes without the op: MatMulNBits [+ AddBlockOffsets(16)]. The weights are
+    constants when given, else inputs."""
+    op = QMATMUL_OPS[offsets_dtype]
+    nb, blob = k // 32, 32 * bits // 8
+    names = ["x", "codes", "scales"] + ([] if offsets_dtype is None else ["offsets"])
+    types = {"codes": (TensorProto.UINT8, [n, nb, blob]), "scales": (TensorProto.FLOAT, ["N", "NB"]),   # (checked by the kernel)
+             "offsets": (TensorProto.FLOAT16 if offsets_dtype is np.float16 else TensorProto.FLOAT, [nb, n])}
+    ins = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "S", k])]
+    inits = []
+    for name in names[1:]:
+        if weights is None:
+            ins.append(helper.make_tensor_value_info(name, *types[name]))
+        else:
+            inits.append(onnx.numpy_helper.from_array(weights[name], name))
+    attrs = dict(K=k, N=n, bits=bits, block_size=32)
+    if node:
+        nodes = [helper.make_node(op, names, ["y"], domain=kernels.DOMAIN, **attrs)]
+    else:
+        mm = "y" if offsets_dtype is None else "y0"
+        nodes = [helper.make_node("MatMulNBits", names[:3], [mm], domain="com.microsoft", accuracy_level=4, **attrs)]
+        if offsets_dtype is not None:
+            nodes.append(helper.make_node(decoder_graph.QMATMUL_CALLS[op], ["y0", "x", "offsets"], ["y"], domain=kernels.DOMAIN))
+    custom = sorted({nd.op_type for nd in nodes if nd.domain == kernels.DOMAIN})
+    g = helper.make_graph(nodes, "t", ins, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "S", n])], inits)
+    m = helper.make_model(g, opset_imports=list(decoder_graph.OPSET) + [helper.make_opsetid(kernels.DOMAIN, 1)],
+                          functions=decoder_graph.kernel_functions(custom))
+    m.ir_version = 10
+    return m
+
+
+def _qweights(k, n, bits, offsets_dtype, seed=0):
+    r = np.random.default_rng(seed)
+    nb = k // 32
+    w = {"codes": r.integers(0, 256, (n, nb, 32 * bits // 8), dtype=np.uint8),
+         "scales": (r.random((n, nb)) * 0.02 + 1e-3).astype(np.float32)}
+    if offsets_dtype is not None:
+        w["offsets"] = (r.standard_normal((nb, n)) * 0.05).astype(offsets_dtype)
+    return w
+
+
+def _qmatmul_reference(x, w, k, n, bits):
+    """The kernel's arithmetic in float64 from the same int8 activations (per row and block of 32:
+    scale max|x|/127, round half to even) and the same integer block dot products."""
+    rows, nb = x.shape[1], k // 32
+    xb = x[0].reshape(rows, nb, 32)
+    amax = np.abs(xb).max(-1)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), np.float32(0)).astype(np.float32)
+    qa = np.clip(np.rint(xb * inv[..., None]), -127, 127).astype(np.int64)          # [rows, nb, 32]
+    d = (amax / np.float32(127)).astype(np.float32)
+    c = w["codes"].astype(np.int64)
+    codes = np.stack([c & 15, c >> 4], -1).reshape(n, nb, 32) - 8 if bits == 4 else c - 128   # [n, nb, 32]
+    isum = np.einsum("rbj,nbj->rnb", qa, codes).astype(np.float64)
+    y = np.einsum("rnb,nb,rb->rn", isum, w["scales"].astype(np.float64), d.astype(np.float64))
+    if "offsets" in w:
+        y += xb.astype(np.float64).sum(-1) @ w["offsets"].astype(np.float64)
+    return y
+
+
+@pytest.mark.parametrize("offsets_dtype", [None, np.float32, np.float16])
+def test_qmatmul_function_fallback_is_the_matmulnbits_graph_bit_for_bit(offsets_dtype, monkeypatch):
+    """Where QMatMul is not registered (no library, or no AMX) its node runs its ONNX function:
+    bit for bit the MatMulNBits (+ AddBlockOffsets) nodes the compiler wrote before the op."""
+    k, n = 576, 200
+    w = _qweights(k, n, 4, offsets_dtype)
+    monkeypatch.setenv("CONFLAYERS_AMX", "off")      # the library, without its AMX product
+    libs = [None] + ([kernels.BUILT] if os.path.isfile(kernels.BUILT) and kernels.cpu_path(kernels.BUILT) != "none" else [])
+    for lib in libs:
+        fn = _session(_qmatmul_graph(k, n, 4, offsets_dtype, w), lib)
+        plain = _session(_qmatmul_graph(k, n, 4, offsets_dtype, w, node=False), lib)
+        for rows in (1, 2, 9):
+            x = np.random.default_rng(rows).standard_normal((1, rows, k)).astype(np.float32)
+            assert np.array_equal(fn.run(None, {"x": x})[0], plain.run(None, {"x": x})[0]), (lib, rows)
+
+
+@pytest.fixture(scope="module")
+def amx_library(library):
+    if "amx" not in kernels.cpu_path(library):
+        pytest.skip("this CPU (or its OS) gives no AMX-INT8: the library does not register QMatMul here, and "
+                    "test_qmatmul_function_fallback... covers what runs instead")
+    return library
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("offsets_dtype", [None, np.float32, np.float16])
+@pytest.mark.parametrize("k,n", [(64, 8), (576, 200), (96, 77), (1536, 40)])
+def test_qmatmul_matches_its_arithmetic_and_rows_are_independent(amx_library, bits, offsets_dtype, k, n):
+    """Against a float64 emulation (same int8 activations, exact integer dot products), and every
+    row of passes of 1-33 rows (one-row VNNI path, AMX tiles of 16 rows and their tails) equal to
+    the row alone, bit for bit; weights fed as inputs (repacked per call) give the same bits."""
+    w = _qweights(k, n, bits, offsets_dtype, seed=k + n + bits)
+    const = _session(_qmatmul_graph(k, n, bits, offsets_dtype, w), amx_library)
+    fed = _session(_qmatmul_graph(k, n, bits, offsets_dtype), amx_library)
+    for rows in (1, 2, 3, 9, 16, 17, 33):
+        x = np.random.default_rng(rows).standard_normal((1, rows, k)).astype(np.float32)
+        x[0, 0, :32] = 0.0                    # an all-zero block (scale 0)
+        y = const.run(None, {"x": x})[0]
+        ref = _qmatmul_reference(x, w, k, n, bits)
+        assert np.max(np.abs(y[0] - ref)) <= 2e-6 * np.max(np.abs(ref)), f"bits={bits} k={k} n={n} rows={rows}"
+        for i in range(rows):
+            alone = const.run(None, {"x": x[:, i:i + 1]})[0]
+            assert np.array_equal(alone[0, 0], y[0, i]), f"row {i} of {rows} differs from the row alone"
+        assert np.array_equal(fed.run(None, {"x": x, **w})[0], y)
+
+
+def test_qmatmul_rejects_weights_that_do_not_match_its_shape(amx_library):
+    k, n = 64, 8
+    sess = _session(_qmatmul_graph(k, n, 4, None), amx_library)
+    w = _qweights(k, n, 4, None)
+    w["scales"] = w["scales"][:4]
+    with pytest.raises(Exception, match="codes or scales do not match K=64 and N=8"):
+        sess.run(None, {"x": np.ones((1, 2, k), np.float32), **w})

@@ -13,7 +13,7 @@ variant=0
 if [ "${1:-}" = "-o" ]; then LIB="$2"; variant=1; shift 2; fi
 command -v g++ >/dev/null || { echo "build_kernels.sh: needs g++ (apt-get install g++)" >&2; exit 1; }
 INC="$(bash "$REPO/tools/ort_headers.sh" "$OUT/ort")"
-if [ "$variant" = 0 ] && [ -f "$LIB" ] && [ -z "$(find "$SRC" -maxdepth 1 -name '*.cc' -newer "$LIB")" ]; then
+if [ "$variant" = 0 ] && [ -f "$LIB" ] && [ -z "$(find "$SRC" -maxdepth 1 \( -name '*.cc' -o -name '*.h' \) -newer "$LIB")" ]; then
   echo "$LIB (up to date)"; exit 0
 fi
 # No -march: the library must load on any x86-64; its kernels carry their own target attributes

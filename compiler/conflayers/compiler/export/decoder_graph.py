@@ -34,6 +34,9 @@ PACKED = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
 OPSET = [helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)]
 INT64_MAX = np.iinfo(np.int64).max
 OFFSET_BLOCK = 32                  # GGUF's block and K-quant sub-block: the offsets' granularity
+QMATMUL_BLOCK = 32                 # the kernel library's QMatMul takes 4- and 8-bit blocks of 32
+QMATMUL_WITH = {False: "QMatMulOffsets", True: "QMatMulOffsets16"}      # by fp16 offsets
+QMATMUL_CALLS = {"QMatMulOffsets": "AddBlockOffsets", "QMatMulOffsets16": "AddBlockOffsets16"}
 
 
 class WeightStores:
@@ -209,12 +212,18 @@ class _Graph:
 
     def matmul_blocks(self, x, q: QuantMatrix, tag: str, label: str):
         codes, scales, offsets = self.blocks(q, tag)
+        if offsets is not None and q.block != OFFSET_BLOCK:
+            raise ValueError(f"{tag}: offsets per block of {q.block}; the graph's correction needs {OFFSET_BLOCK}")
+        if q.block == QMATMUL_BLOCK and q.bits in (4, 8):
+            # one node, run by the kernel library's AMX product where the CPU has it, else by its
+            # ONNX function: MatMulNBits (+ AddBlockOffsets), the nodes written below
+            op = "QMatMul" if offsets is None else QMATMUL_WITH[offsets in self._half_offsets]
+            return self.op(op, [x, codes, scales] + ([offsets] if offsets else []), domain=KERNELS_DOMAIN,
+                           name=label, K=q.k, N=q.n, bits=q.bits, block_size=q.block)
         y = self.op("MatMulNBits", [x, codes, scales], domain=MS, name=label, K=q.k, N=q.n, bits=q.bits,
                     block_size=q.block, accuracy_level=4)
         if offsets is None:
             return y
-        if q.block != OFFSET_BLOCK:
-            raise ValueError(f"{tag}: offsets per block of {q.block}; the graph's correction needs {OFFSET_BLOCK}")
         # + sum over blocks b of (sum of x over block b) * offsets[b, n]: one node, run by the
         # runtime's kernel library where registered, else by its ONNX function (four nodes)
         op = "AddBlockOffsets16" if offsets in self._half_offsets else "AddBlockOffsets"
@@ -253,12 +262,38 @@ class _Graph:
         g = helper.make_graph(self.nodes, "decoder", self.inputs, self.outputs, self.inits)
         custom = sorted({n.op_type for n in self.nodes if n.domain == KERNELS_DOMAIN})
         m = helper.make_model(g, opset_imports=OPSET + ([helper.make_opsetid(KERNELS_DOMAIN, 1)] if custom else []),
-                              producer_name="conflayers", doc_string=doc,
-                              functions=[add_block_offsets_function(op == "AddBlockOffsets16") for op in custom])
+                              producer_name="conflayers", doc_string=doc, functions=kernel_functions(custom))
         m.ir_version = 10
         if meta:
             helper.set_model_props(m, meta)
         return m
+
+
+def kernel_functions(ops: list[str]) -> list[onnx.FunctionProto]:
+    """The ONNX functions of the kernel library's ops in `ops`, and of the ops their bodies call."""
+    needed = set(ops) | {QMATMUL_CALLS[op] for op in ops if op in QMATMUL_CALLS}
+    order = ["AddBlockOffsets", "AddBlockOffsets16", "QMatMul", "QMatMulOffsets", "QMatMulOffsets16"]
+    return [add_block_offsets_function(op == "AddBlockOffsets16") if op.startswith("Add") else qmatmul_function(op)
+            for op in order if op in needed]
+
+
+def qmatmul_function(op: str) -> onnx.FunctionProto:
+    """QMatMul(x, codes, scales[, offsets]) as MatMulNBits (accuracy level 4) [+ AddBlockOffsets(16)]:
+    what a session runs where the kernel library's AMX product is not registered
+    (runtime/kernels/qmatmul.cc); the same nodes as a graph written without the op."""
+    attrs = ["K", "N", "bits", "block_size"]
+    mm = helper.make_node("MatMulNBits", ["x", "codes", "scales"], ["y" if op == "QMatMul" else "y0"],
+                          domain=MS, accuracy_level=4)
+    for a in attrs:
+        ref = onnx.AttributeProto()
+        ref.name, ref.ref_attr_name, ref.type = a, a, onnx.AttributeProto.INT
+        mm.attribute.append(ref)
+    nodes, inputs = [mm], ["x", "codes", "scales"]
+    if op != "QMatMul":
+        nodes.append(helper.make_node(QMATMUL_CALLS[op], ["y0", "x", "offsets"], ["y"], domain=KERNELS_DOMAIN))
+        inputs.append("offsets")
+    return helper.make_function(KERNELS_DOMAIN, op, inputs, ["y"], nodes,
+                                OPSET + [helper.make_opsetid(KERNELS_DOMAIN, 1)], attributes=attrs)
 
 
 def add_block_offsets_function(half: bool = False) -> onnx.FunctionProto:

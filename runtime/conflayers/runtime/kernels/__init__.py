@@ -1,14 +1,19 @@
 """conflayers' CPU kernel library: ONNX Runtime custom ops (domain "conflayers") that the compiler
 writes into graphs together with an ONNX function computing the same thing, so a graph runs
-with or without the library (block_offsets.cc says what each op does and why it is exact).
+with or without the library. Each .cc file says what its ops do and why they are exact:
+  block_offsets.cc  AddBlockOffsets(16): the GGUF offsets' term (AVX2, FMA, F16C)
+  qmatmul.cc        QMatMul, QMatMulOffsets(16): the 4/8-bit matrix product on AMX-INT8
+                    (registered only where the CPU and the OS give AMX; elsewhere its function,
+                    MatMulNBits + AddBlockOffsets, runs)
+  library.cc        which of them this CPU runs, and the registration
 
 Built by tools/build_kernels.sh (setup.sh runs it) into kernels/build/. The runtime registers the
-library in every CPU session when it is there and the CPU has its kernels (AVX2, FMA, F16C);
-CONFLAYERS_KERNELS=off runs the ONNX functions instead (for A/B measurement),
-CONFLAYERS_KERNELS=/path/lib.so names another build. Not for CUDA sessions: their nodes would
-run on the CPU with copies. A session computes every pass one way, so a one-token step and a
-verify agree either way; the two ways differ by rounding, so greedy text can differ between a
-machine with the library and one without (as it can between CPUs).
+library in every CPU session when it is there and the CPU has its kernels;
+CONFLAYERS_KERNELS=off runs the ONNX functions instead (for A/B measurement), CONFLAYERS_AMX=off
+only QMatMul's, CONFLAYERS_KERNELS=/path/lib.so names another build. Not for CUDA sessions: their
+nodes would run on the CPU with copies. A session computes every pass one way, so a one-token
+step and a verify agree either way; the ways differ by rounding, so greedy text can differ
+between a machine with the library (or AMX) and one without (as it can between CPUs).
 """
 from __future__ import annotations
 
@@ -38,7 +43,8 @@ def library() -> str | None:
 
 
 def cpu_path(path: str = BUILT) -> str:
-    """Which kernels the library at `path` runs on this CPU: "avx2", or "none"."""
+    """Which kernels the library at `path` runs on this CPU: "avx2+amx" (all), "avx2" (not
+    QMatMul), or "none"."""
     lib = ctypes.CDLL(path)
     lib.conflayers_kernels_path.restype = ctypes.c_char_p
     return lib.conflayers_kernels_path().decode()

@@ -1,10 +1,9 @@
-// conflayers' CPU kernels: an ONNX Runtime custom-op library (domain "conflayers"), built by
-// tools/build_kernels.sh (setup.sh runs it) and registered by the runtime in CPU sessions:
+// The GGUF offsets' term, one op of conflayers' CPU kernel library (domain "conflayers"; built by
+// tools/build_kernels.sh, which setup.sh runs, registered by the runtime in CPU sessions:
+// library.cc; qmatmul.cc holds the AMX matrix product):
 //
 //   AddBlockOffsets(y [.., N], x [.., K], offsets [K/32, N] fp32) -> y + blocksums(x) @ offsets
-//   AddBlockOffsets16(...)  the same with fp16 offsets (not written by the compiler yet: Q4_1's
-//                           minimums are fp16, exact with a zero point of 0; see
-//                           tools/experiments/block_offsets/README.md)
+//   AddBlockOffsets16(...)  the same with fp16 offsets (stored so where every value is exact)
 //
 // The GGUF formats with a per-block minimum (Q4_1, Q5_1, the K-quants) give w = d*q + m. The
 // graph computes the d*q part with MatMulNBits' fast zero-point-free kernel and adds
@@ -35,6 +34,8 @@
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+#include "kernels.h"
 
 namespace {
 
@@ -234,38 +235,19 @@ struct AddBlockOffsetsOp : Ort::CustomOpBase<AddBlockOffsetsOp, AddBlockOffsetsK
 };
 
 AddBlockOffsetsOp g_add_block_offsets(false), g_add_block_offsets16(true);
-std::mutex g_lock;
-std::vector<Ort::CustomOpDomain> g_domains;    // kept alive for every session that registered them
 
-bool cpu_supported() {
+}  // namespace
+
+namespace conflayers_kernels {
+
+bool block_offsets_supported() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
 
-}  // namespace
-
-extern "C" {
-
-// "avx2" where this library's kernels run on this CPU, "none" where it registers nothing (then
-// the graph's ONNX functions run instead).
-const char* conflayers_kernels_path() { return cpu_supported() ? "avx2" : "none"; }
-
-OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
-  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
-  if (api == nullptr) return nullptr;        // an older ONNX Runtime: the ONNX functions run
-  Ort::InitApi(api);
-  if (!cpu_supported()) return nullptr;
-  try {
-    std::lock_guard<std::mutex> hold(g_lock);
-    Ort::CustomOpDomain domain("conflayers");
-    domain.Add(&g_add_block_offsets);
-    domain.Add(&g_add_block_offsets16);
-    Ort::UnownedSessionOptions(options).Add(domain);
-    g_domains.push_back(std::move(domain));
-  } catch (const std::exception& e) {
-    return api->CreateStatus(ORT_FAIL, e.what());
-  }
-  return nullptr;
+void add_block_offsets_ops(Ort::CustomOpDomain& domain) {
+  domain.Add(&g_add_block_offsets);
+  domain.Add(&g_add_block_offsets16);
 }
 
-}  // extern "C"
+}  // namespace conflayers_kernels
