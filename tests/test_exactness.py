@@ -2,8 +2,9 @@
 and the runtime checks it where a bundle is served (runtime/contract.py, runtime/exactness.py).
 
 The AVX2 kernel path is exercised on any x86-64 machine by running the check under QEMU's user
-mode emulating a Haswell CPU (AVX2 + FMA, no AVX-512): ONNX Runtime's MLAS then dispatches to its
-AVX2 kernels, whose one-row MatMulNBits differs from the multi-row one. tools/test.sh installs
+mode emulating a Haswell CPU (AVX2 + FMA, no AVX-512): the kernel library's QMatMul runs its AVX2
+engine there (exact unpadded), and without the library ONNX Runtime's MLAS dispatches to its AVX2
+kernels, whose one-row MatMulNBits differs from the multi-row one (exact padded). tools/test.sh installs
 qemu-user where it can (CI does)."""
 from __future__ import annotations
 
@@ -98,7 +99,8 @@ from conflayers.runtime.bundle import Bundle
 from conflayers.runtime.ort_backend import GraphRunner, create_session
 b = Bundle.open({bundle!r}, verify=False)
 full = GraphRunner(create_session(b.full_graph, ["CPUExecutionProvider"]), list(range(b.spec.num_layers)), "logits")
-out = {{"kernels": exactness.kernel_path()}}
+from conflayers.runtime import kernels
+out = {{"kernels": exactness.kernel_path(), "conflayers_kernels": kernels.describe()}}
 ids = list(range(5, 60))
 for pad in (contract.SINGLE_ROW_OK, contract.PAD_SINGLE):
     full.padding = pad
@@ -109,21 +111,42 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def test_avx2_kernel_path_needs_the_padding_and_is_exact_with_it(native_bundle):
-    """Under an emulated AVX2-only CPU a one-row pass through MatMulNBits takes ONNX Runtime's GEMV
-    kernel: rows as they come differ from 2+-row passes (the test would fail on the old graphs),
-    padded one-token passes are bit-identical, and the load check picks that padding."""
+def _as_haswell(bundle: str, **env) -> dict:
+    """AVX2_SCRIPT's result under QEMU emulating a Haswell CPU (AVX2 + FMA + F16C, no AVX-512)."""
     qemu = shutil.which("qemu-x86_64")
     if qemu is None or os.uname().machine != "x86_64":
         pytest.skip("qemu-x86_64 (Debian qemu-user) is needed to emulate an AVX2-only CPU; tools/test.sh installs it")
-    script = AVX2_SCRIPT.format(here=HERE, bundle=native_bundle)
-    env = {**os.environ, "CONFLAYERS_THREADS": "1"}
+    script = AVX2_SCRIPT.format(here=HERE, bundle=bundle)
     proc = subprocess.run([qemu, "-cpu", "Haswell", sys.executable, "-c", script], capture_output=True,
-                          text=True, timeout=900, env=env)
+                          text=True, timeout=900, env={**os.environ, "CONFLAYERS_THREADS": "1", **env})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-2000:]
     out = json.loads(lines[-1][len("RESULT "):])
     assert out["kernels"] == "x86_64 avx2"
+    return out
+
+
+def test_avx2_cpu_is_exact_unpadded_with_the_kernel_library(native_bundle):
+    """Under an emulated AVX2-only CPU the kernel library's QMatMul (its AVX2 engine) computes every
+    4-bit product: one-token passes as they come equal every row of 2-9-row passes, and the load
+    check picks no padding (exact by construction, not by the CPU's luck)."""
+    from conflayers.runtime import kernels
+    if kernels.library() is None:
+        pytest.skip("the kernel library is not built here (tools/build_kernels.sh)")
+    out = _as_haswell(native_bundle)
+    assert out["conflayers_kernels"].endswith("qmatmul:avx2)"), out["conflayers_kernels"]
+    unpadded = out[contract.SINGLE_ROW_OK.name]
+    assert all(v == 0.0 for v in unpadded.values()), f"QMatMul's rows differ under AVX2: {unpadded}"
+    assert out["choose"]["exact"] and out["choose"]["padding"] == contract.SINGLE_ROW_OK.name
+
+
+def test_avx2_matmulnbits_needs_the_padding_and_is_exact_with_it(native_bundle):
+    """Without the library (QMatMul's ONNX function, MatMulNBits) a one-row pass takes ONNX
+    Runtime's AVX2 GEMV kernel: rows as they come differ from 2+-row passes (the test would fail
+    on the old graphs), padded one-token passes are bit-identical, and the load check picks that
+    padding."""
+    out = _as_haswell(native_bundle, CONFLAYERS_KERNELS="off")
+    assert out["conflayers_kernels"].startswith("ONNX functions")
     unpadded, padded = out[contract.SINGLE_ROW_OK.name], out[contract.PAD_SINGLE.name]
     assert any(unpadded[str(n)] > 0 for n in ROWS[1:]), f"one-row passes were exact under AVX2: {unpadded}"
     assert all(v == 0.0 for v in padded.values()), f"padded passes differ under AVX2: {padded}"

@@ -112,7 +112,7 @@ def test_matmulnbits_graph_multiplies_by_the_native_weights(tmp_path, type_name)
     stores.close()
     x = np.random.default_rng(4).standard_normal((1, 7, K)).astype(np.float32)
     expect = x @ w
-    # with the kernel library (its AMX product where the CPU has it) and with the ONNX functions
+    # with the kernel library (its QMatMul: AMX or AVX2) and with the ONNX functions
     for env in ({}, {"CONFLAYERS_KERNELS": "off"}):
         kernels.library.cache_clear()
         with mock.patch.dict(os.environ, env):

@@ -141,7 +141,7 @@ def test_runtime_registers_the_library_unless_switched_off(library, tmp_path, mo
         kernels.library.cache_clear()
 
 
-# -- QMatMul: the AMX matrix product (qmatmul.cc) ---------------------------------------------------
+# -- QMatMul: the 4/8-bit matrix product (qmatmul*.cc) -----------------------------------------------
 
 QMATMUL_OPS = {None: "QMatMul", np.float32: "QMatMulOffsets", np.float16: "QMatMulOffsets16"}
 
@@ -178,13 +178,17 @@ def _qmatmul_graph(k: int, n: int, bits: int, offsets_dtype, weights: dict | Non
     return m
 
 
-def _qweights(k, n, bits, offsets_dtype, seed=0):
+def _qweights(k, n, bits, offsets_dtype, seed=0, fp16_values=False):
+    """Random codes, scales and offsets; fp16_values: every scale and offset exact in fp16 (as
+    GGUF's d and minimums: the kernel then keeps them in fp16)."""
     r = np.random.default_rng(seed)
     nb = k // 32
     w = {"codes": r.integers(0, 256, (n, nb, 32 * bits // 8), dtype=np.uint8),
          "scales": (r.random((n, nb)) * 0.02 + 1e-3).astype(np.float32)}
     if offsets_dtype is not None:
         w["offsets"] = (r.standard_normal((nb, n)) * 0.05).astype(offsets_dtype)
+    if fp16_values:
+        w = {name: v if name == "codes" else v.astype(np.float16).astype(v.dtype) for name, v in w.items()}
     return w
 
 
@@ -208,11 +212,12 @@ def _qmatmul_reference(x, w, k, n, bits):
 
 @pytest.mark.parametrize("offsets_dtype", [None, np.float32, np.float16])
 def test_qmatmul_function_fallback_is_the_matmulnbits_graph_bit_for_bit(offsets_dtype, monkeypatch):
-    """Where QMatMul is not registered (no library, or no AMX) its node runs its ONNX function:
-    bit for bit the MatMulNBits (+ AddBlockOffsets) nodes the compiler wrote before the op."""
+    """Where QMatMul is not registered (no library, a CPU without AVX2, or CONFLAYERS_QMATMUL=off)
+    its node runs its ONNX function: bit for bit the MatMulNBits (+ AddBlockOffsets) nodes the
+    compiler wrote before the op."""
     k, n = 576, 200
     w = _qweights(k, n, 4, offsets_dtype)
-    monkeypatch.setenv("CONFLAYERS_AMX", "off")      # the library, without its AMX product
+    monkeypatch.setenv("CONFLAYERS_QMATMUL", "off")      # the library, without its QMatMul
     libs = [None] + ([kernels.BUILT] if os.path.isfile(kernels.BUILT) and kernels.cpu_path(kernels.BUILT) != "none" else [])
     for lib in libs:
         fn = _session(_qmatmul_graph(k, n, 4, offsets_dtype, w), lib)
@@ -222,39 +227,107 @@ def test_qmatmul_function_fallback_is_the_matmulnbits_graph_bit_for_bit(offsets_
             assert np.array_equal(fn.run(None, {"x": x})[0], plain.run(None, {"x": x})[0]), (lib, rows)
 
 
+ENGINES = ("amx", "avx2", "scalar")
+
+
+def _engines_here(library) -> list[str]:
+    """The QMatMul engines this CPU runs (the scalar reference runs wherever the library does)."""
+    here = []
+    for engine in ENGINES:
+        os.environ["CONFLAYERS_QMATMUL"] = engine
+        try:
+            if kernels.cpu_path(library).endswith("qmatmul:" + engine):
+                here.append(engine)
+        finally:
+            del os.environ["CONFLAYERS_QMATMUL"]
+    return here
+
+
 @pytest.fixture(scope="module")
-def amx_library(library):
-    if "amx" not in kernels.cpu_path(library):
-        pytest.skip("this CPU (or its OS) gives no AMX-INT8: the library does not register QMatMul here, and "
-                    "test_qmatmul_function_fallback... covers what runs instead")
-    return library
+def engines(library):
+    return _engines_here(library)
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request, engines, monkeypatch):
+    """Each QMatMul engine in turn, where this CPU has it (AMX: Xeons of 2023 on; AVX2: the rest)."""
+    if request.param not in engines:
+        pytest.skip(f"this CPU (or its OS) does not run the {request.param} engine (it runs {', '.join(engines)})")
+    monkeypatch.setenv("CONFLAYERS_QMATMUL", request.param)
+    return request.param
+
+
+def test_the_fastest_engine_is_the_default(library, engines, monkeypatch):
+    monkeypatch.delenv("CONFLAYERS_QMATMUL", raising=False)
+    assert kernels.cpu_path(library) == "offsets:avx2 qmatmul:" + engines[0]
+    assert engines[-1] == "scalar" and len(engines) >= 2       # the library needs AVX2: that engine is always here
+
+
+def test_a_bad_engine_name_is_refused_with_the_choices(library, monkeypatch):
+    monkeypatch.setenv("CONFLAYERS_QMATMUL", "avx9")
+    assert kernels.cpu_path(library).startswith("error: CONFLAYERS_QMATMUL=avx9: expected amx, avx2, scalar, off")
+    monkeypatch.setenv("CONFLAYERS_KERNELS", library)
+    kernels.library.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="CONFLAYERS_QMATMUL=avx9"):
+            kernels.library()
+    finally:
+        kernels.library.cache_clear()
 
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("offsets_dtype", [None, np.float32, np.float16])
 @pytest.mark.parametrize("k,n", [(64, 8), (576, 200), (96, 77), (1536, 40)])
-def test_qmatmul_matches_its_arithmetic_and_rows_are_independent(amx_library, bits, offsets_dtype, k, n):
+@pytest.mark.parametrize("fp16_values", [False, True])
+def test_qmatmul_matches_its_arithmetic_and_rows_are_independent(library, engine, bits, offsets_dtype, k, n, fp16_values):
     """Against a float64 emulation (same int8 activations, exact integer dot products), and every
-    row of passes of 1-33 rows (one-row VNNI path, AMX tiles of 16 rows and their tails) equal to
-    the row alone, bit for bit; weights fed as inputs (repacked per call) give the same bits."""
-    w = _qweights(k, n, bits, offsets_dtype, seed=k + n + bits)
-    const = _session(_qmatmul_graph(k, n, bits, offsets_dtype, w), amx_library)
-    fed = _session(_qmatmul_graph(k, n, bits, offsets_dtype), amx_library)
+    row of passes of 1-33 rows (one-row paths, AMX tiles of 16 rows and their tails, AVX2 chunks of
+    4) equal to the row alone, bit for bit; weights fed as inputs (repacked per call) give the same
+    bits."""
+    w = _qweights(k, n, bits, offsets_dtype, seed=k + n + bits, fp16_values=fp16_values)
+    const = _session(_qmatmul_graph(k, n, bits, offsets_dtype, w), library)
+    fed = _session(_qmatmul_graph(k, n, bits, offsets_dtype), library)
     for rows in (1, 2, 3, 9, 16, 17, 33):
         x = np.random.default_rng(rows).standard_normal((1, rows, k)).astype(np.float32)
         x[0, 0, :32] = 0.0                    # an all-zero block (scale 0)
         y = const.run(None, {"x": x})[0]
         ref = _qmatmul_reference(x, w, k, n, bits)
-        assert np.max(np.abs(y[0] - ref)) <= 2e-6 * np.max(np.abs(ref)), f"bits={bits} k={k} n={n} rows={rows}"
+        assert np.max(np.abs(y[0] - ref)) <= 2e-6 * np.max(np.abs(ref)), f"{engine} bits={bits} k={k} n={n} rows={rows}"
         for i in range(rows):
             alone = const.run(None, {"x": x[:, i:i + 1]})[0]
-            assert np.array_equal(alone[0, 0], y[0, i]), f"row {i} of {rows} differs from the row alone"
+            assert np.array_equal(alone[0, 0], y[0, i]), f"{engine}: row {i} of {rows} differs from the row alone"
         assert np.array_equal(fed.run(None, {"x": x, **w})[0], y)
 
 
-def test_qmatmul_rejects_weights_that_do_not_match_its_shape(amx_library):
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("offsets_dtype", [None, np.float32, np.float16])
+def test_every_engine_gives_the_scalar_reference_bit_for_bit(library, engines, bits, offsets_dtype, monkeypatch):
+    """The engines follow one arithmetic (qmatmul.h), so a bundle decodes to the same bits on an
+    AMX Xeon and an AVX2-only CPU: each engine here equals the scalar one, value for value, on
+    inputs with ties, zeros, large and tiny values and fp16-exact and inexact scales."""
+    k, n = 1536, 72
+    r = np.random.default_rng(bits)
+    w = _qweights(k, n, bits, offsets_dtype, seed=7 + bits)
+    w["scales"][: n // 2] = w["scales"][: n // 2].astype(np.float16).astype(np.float32)    # half fp16-exact
+    x = r.standard_normal((1, 11, k)).astype(np.float32) * np.float32(3.0)
+    x[0, 1] *= np.float32(1e-30)                                  # tiny values
+    x[0, 2, :64] = 0.0                                            # zero blocks
+    x[0, 3, :32] = np.arange(32) - np.float32(15.5)               # a block of ties: scale 127 / 127 = 1,
+    x[0, 3, 0] = 127.0                                            #   every other value on .5
+    x[0, 4, ::32] = np.float32(1e4)                               # one large value per block
+    outs = {}
+    for engine in engines:
+        monkeypatch.setenv("CONFLAYERS_QMATMUL", engine)
+        sess = _session(_qmatmul_graph(k, n, bits, offsets_dtype, w), library)
+        outs[engine] = [sess.run(None, {"x": x[:, :rows]})[0] for rows in (1, 2, 5, 11)]
+    for engine in engines:
+        for a, b in zip(outs[engine], outs["scalar"]):
+            assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), f"{engine} differs from the scalar engine"
+
+
+def test_qmatmul_rejects_weights_that_do_not_match_its_shape(library, engines):
     k, n = 64, 8
-    sess = _session(_qmatmul_graph(k, n, 4, None), amx_library)
+    sess = _session(_qmatmul_graph(k, n, 4, None), library)
     w = _qweights(k, n, 4, None)
     w["scales"] = w["scales"][:4]
     with pytest.raises(Exception, match="codes or scales do not match K=64 and N=8"):

@@ -11,9 +11,9 @@ if [ "$(uname -m)" = x86_64 ] && ! command -v qemu-x86_64 >/dev/null 2>&1; then
     echo "== installing qemu-user (the AVX2 kernel path test)"
     apt-get install -y -qq qemu-user >/dev/null 2>&1 \
       || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq qemu-user >/dev/null 2>&1; } \
-      || echo "   could not install qemu-user: test_avx2_kernel_path... will be skipped"
+      || echo "   could not install qemu-user: the test_avx2_* tests will be skipped"
   else
-    echo "== qemu-user is not installed (apt-get install qemu-user): test_avx2_kernel_path... will be skipped"
+    echo "== qemu-user is not installed (apt-get install qemu-user): the test_avx2_* tests will be skipped"
   fi
 fi
 exec python -m pytest -q "$@"

@@ -18,7 +18,7 @@ MatMulNBits (int8 activations, CompInt8) over a single row with a GEMV kernel of
 and AVX2-VNNI (its rounding differs by ~1e-6, enough to flip a greedy token), and splits the rows
 of a product across threads in runs of ROW_RUN, so a pass of 128 j + 1 rows sends its last row
 through that kernel too. On AVX-512 VNNI the same kernel serves every row count; where the kernel
-library's QMatMul runs (AMX, kernels/qmatmul.cc) every row is alike by construction. So the runtime
+library's QMatMul runs (any AVX2 CPU, kernels/qmatmul.cc) every row is alike by construction. So the runtime
 pads (Padding): a pass of n tokens runs `rows(n)` rows, the extra ones copies of the last token
 whose KV lands in the spare slots just past the sequence (overwritten by the next real token):
 

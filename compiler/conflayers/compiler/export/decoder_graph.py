@@ -215,8 +215,8 @@ class _Graph:
         if offsets is not None and q.block != OFFSET_BLOCK:
             raise ValueError(f"{tag}: offsets per block of {q.block}; the graph's correction needs {OFFSET_BLOCK}")
         if q.block == QMATMUL_BLOCK and q.bits in (4, 8):
-            # one node, run by the kernel library's AMX product where the CPU has it, else by its
-            # ONNX function: MatMulNBits (+ AddBlockOffsets), the nodes written below
+            # one node, run by the kernel library's QMatMul (AMX or AVX2 engine) where it is
+            # loaded, else by its ONNX function: MatMulNBits (+ AddBlockOffsets), the nodes below
             op = "QMatMul" if offsets is None else QMATMUL_WITH[offsets in self._half_offsets]
             return self.op(op, [x, codes, scales] + ([offsets] if offsets else []), domain=KERNELS_DOMAIN,
                            name=label, K=q.k, N=q.n, bits=q.bits, block_size=q.block)
@@ -279,7 +279,7 @@ def kernel_functions(ops: list[str]) -> list[onnx.FunctionProto]:
 
 def qmatmul_function(op: str) -> onnx.FunctionProto:
     """QMatMul(x, codes, scales[, offsets]) as MatMulNBits (accuracy level 4) [+ AddBlockOffsets(16)]:
-    what a session runs where the kernel library's AMX product is not registered
+    what a session runs where the kernel library's QMatMul is not registered
     (runtime/kernels/qmatmul.cc); the same nodes as a graph written without the op."""
     attrs = ["K", "N", "bits", "block_size"]
     mm = helper.make_node("MatMulNBits", ["x", "codes", "scales"], ["y" if op == "QMatMul" else "y0"],

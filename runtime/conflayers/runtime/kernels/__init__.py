@@ -2,18 +2,21 @@
 writes into graphs together with an ONNX function computing the same thing, so a graph runs
 with or without the library. Each .cc file says what its ops do and why they are exact:
   block_offsets.cc  AddBlockOffsets(16): the GGUF offsets' term (AVX2, FMA, F16C)
-  qmatmul.cc        QMatMul, QMatMulOffsets(16): the 4/8-bit matrix product on AMX-INT8
-                    (registered only where the CPU and the OS give AMX; elsewhere its function,
-                    MatMulNBits + AddBlockOffsets, runs)
+  qmatmul.cc        QMatMul, QMatMulOffsets(16): the 4/8-bit matrix product, exact integer
+                    block products and one float sequence per row (qmatmul.h), on one of its
+                    engines: qmatmul_amx.cc (AMX-INT8), qmatmul_avx2.cc (any AVX2 CPU),
+                    qmatmul_scalar.cc (the reference); the engines agree bit for bit
   library.cc        which of them this CPU runs, and the registration
 
 Built by tools/build_kernels.sh (setup.sh runs it) into kernels/build/. The runtime registers the
 library in every CPU session when it is there and the CPU has its kernels;
-CONFLAYERS_KERNELS=off runs the ONNX functions instead (for A/B measurement), CONFLAYERS_AMX=off
-only QMatMul's, CONFLAYERS_KERNELS=/path/lib.so names another build. Not for CUDA sessions: their
-nodes would run on the CPU with copies. A session computes every pass one way, so a one-token
-step and a verify agree either way; the ways differ by rounding, so greedy text can differ
-between a machine with the library (or AMX) and one without (as it can between CPUs).
+CONFLAYERS_KERNELS=off runs the ONNX functions instead (for A/B measurement),
+CONFLAYERS_QMATMUL=off only QMatMul's (=amx|avx2|scalar picks its engine),
+CONFLAYERS_KERNELS=/path/lib.so names another build. Not for CUDA sessions: their nodes would run
+on the CPU with copies. With the library, a one-token step and a verify agree by construction,
+on every CPU with AVX2, and so do the QMatMul engines; the ONNX functions' MatMulNBits differ by
+rounding from QMatMul (greedy text can differ between a machine with the library and one
+without), and on AVX2-only CPUs between its 1-row and 2+-row kernels (the runtime pads there).
 """
 from __future__ import annotations
 
@@ -39,12 +42,15 @@ def library() -> str | None:
             raise FileNotFoundError(f"CONFLAYERS_KERNELS={choice}: no such file (build it with "
                                     "tools/build_kernels.sh, or unset the variable)")
         return None
-    return path if cpu_path(path) != "none" else None
+    said = cpu_path(path)
+    if said.startswith("error: "):
+        raise ValueError(said[len("error: "):])
+    return path if said != "none" else None
 
 
 def cpu_path(path: str = BUILT) -> str:
-    """Which kernels the library at `path` runs on this CPU: "avx2+amx" (all), "avx2" (not
-    QMatMul), or "none"."""
+    """Which kernels the library at `path` runs on this CPU: "offsets:avx2 qmatmul:<engine>"
+    (amx, avx2, scalar, or off), "none", or "error: ..." (a CONFLAYERS_QMATMUL it refuses)."""
     lib = ctypes.CDLL(path)
     lib.conflayers_kernels_path.restype = ctypes.c_char_p
     return lib.conflayers_kernels_path().decode()

@@ -4,7 +4,9 @@
 #define ORT_API_MANUAL_INIT   // the API table comes from the ONNX Runtime that loads us
 #include <onnxruntime_cxx_api.h>
 
+#include <exception>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "kernels.h"
@@ -16,10 +18,17 @@ std::vector<Ort::CustomOpDomain> g_domains;    // kept alive for every session t
 
 extern "C" {
 
-// "avx2+amx" (every op), "avx2" (AddBlockOffsets only) or "none" (nothing registered).
+// What registers here: "offsets:avx2 qmatmul:<engine>" (amx, avx2, scalar, or off: QMatMul's
+// ONNX functions run), "none" (nothing: a CPU without AVX2), or why CONFLAYERS_QMATMUL is refused.
 const char* conflayers_kernels_path() {
+  static thread_local std::string said;
   if (!conflayers_kernels::block_offsets_supported()) return "none";
-  return conflayers_kernels::qmatmul_supported() ? "avx2+amx" : "avx2";
+  try {
+    said = std::string("offsets:avx2 qmatmul:") + conflayers_kernels::qmatmul_engine();
+  } catch (const std::exception& e) {
+    said = std::string("error: ") + e.what();
+  }
+  return said.c_str();
 }
 
 OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
@@ -31,7 +40,7 @@ OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtA
     std::lock_guard<std::mutex> hold(g_lock);
     Ort::CustomOpDomain domain("conflayers");
     conflayers_kernels::add_block_offsets_ops(domain);
-    if (conflayers_kernels::qmatmul_supported()) conflayers_kernels::add_qmatmul_ops(domain);
+    conflayers_kernels::add_qmatmul_ops(domain);     // none where no engine is chosen
     Ort::UnownedSessionOptions(options).Add(domain);
     g_domains.push_back(std::move(domain));
   } catch (const std::exception& e) {

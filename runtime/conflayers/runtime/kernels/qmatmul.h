@@ -1,0 +1,89 @@
+// What the engines of QMatMul (qmatmul.cc) share: the repacked weights, the quantized
+// activations, and the arithmetic every engine must follow to the bit, so that a row's result
+// depends neither on the pass nor on the engine (AMX, AVX2, or the scalar reference):
+//
+//   per row and block of 32 activations x:   amax = max |x|,  d = amax / 127,
+//       q = clamp(round_half_even(x * (127 / amax)), -127, 127)   (0 where amax is 0),
+//       sum = block_sum(x)          (the fixed addition tree below),   qsum = sum of q (integer)
+//   per row, column and block in order:      dot = sum_k (code_k - mid) q_k   (an exact int32)
+//       acc = fma(float(dot), scale * d, acc);   acc = fma(sum, offset, acc)   (with offsets)
+//
+// Integer work is exact whichever unit does it; the float work is the same IEEE operations in
+// the same order in every engine (vector lanes are independent), so the engines agree bit for bit.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace conflayers_kernels {
+namespace qmm {
+
+constexpr int kBlock = 32;     // activations and codes per block
+constexpr int kCols = 16;      // columns per group: one AMX B tile, one AVX-512 / two AVX2 vectors
+
+// Per-column values of a block (scales, offsets) for the 16 columns of each group: [groups, nb,
+// 16], in fp16 where every value of the matrix is exact in it (GGUF's d and most minimums are
+// fp16: half the bytes a pass reads, the same fp32 values after conversion), else fp32.
+struct ColumnValues {
+  bool half = false;
+  std::vector<float> f32;
+  std::vector<uint16_t> f16;
+
+  void assign(std::vector<float> values);
+  bool empty() const { return f32.empty() && f16.empty(); }
+  float at(size_t i) const;      // one value as fp32 (the scalar engine)
+};
+
+// The weights, repacked once into B-tile order (VNNI order): per group of 16 columns and block,
+// byte t holds k = 4 (t / 64) + t % 4 of column (t % 64) / 4. 4-bit codes: 256 bytes whose low
+// nibbles are bytes 0..255 of that order (k 0..15) and high nibbles bytes 256..511 (k 16..31),
+// raw (0..15); 8-bit codes: 512 bytes, centered (code - 128).
+struct TileWeights {
+  int groups = 0, nb = 0, bits = 0;
+  std::vector<int8_t> codes;     // [groups, nb, 256 | 512]
+  ColumnValues scales, offsets;  // offsets: empty without
+  int bytes_per_block() const { return bits == 4 ? 256 : 512; }
+};
+
+// The activations quantized per row and block: q [m, k] in k order; d, sum, qsum [m, nb].
+struct Rows {
+  std::vector<int8_t> q;
+  std::vector<float> d, sum;
+  std::vector<int32_t> qsum;
+  void resize(int m, int k);
+};
+
+struct Problem {
+  const Rows* a;
+  const TileWeights* w;
+  float* y;          // [m, n]
+  int n, k, m;
+};
+
+// An engine quantizes the rows, then computes groups [g0, g1) of 16 columns for every row (called
+// from ONNX Runtime's thread pool, one range per task).
+struct Engine {
+  const char* name;
+  void (*quantize)(const float* x, int m, int k, Rows* out);
+  void (*groups)(const Problem& p, int g0, int g1);
+};
+
+bool amx_usable();      // AMX-INT8 + AVX-512 VNNI, and the OS lets this process use the tiles
+bool avx2_usable();     // AVX2 + FMA + F16C
+extern const Engine kAmxEngine, kAvx2Engine, kScalarEngine;
+
+// The sum of a block of 32 floats in the fixed tree every engine uses (GCC's
+// _mm512_reduce_add_ps of x[0..15] + x[16..31]): pairs i, i+16, then i, i+8, then i, i+4, then
+// (0 + 2) + (1 + 3).
+inline float block_sum(const float* x) {
+  float w[16], t3[8], t6[4];
+  for (int i = 0; i < 16; ++i) w[i] = x[i] + x[16 + i];
+  for (int j = 0; j < 8; ++j) t3[j] = w[j + 8] + w[j];
+  for (int j = 0; j < 4; ++j) t6[j] = t3[j + 4] + t3[j];
+  return (t6[0] + t6[2]) + (t6[1] + t6[3]);
+}
+
+}  // namespace qmm
+}  // namespace conflayers_kernels

@@ -1,0 +1,189 @@
+// QMatMul's AVX2 engine (qmatmul.h gives the arithmetic every engine follows), for CPUs without
+// AMX: among them AVX2-only ones, where MatMulNBits computes a one-row pass with another kernel
+// than a pass of 2+ rows, so that its one-token steps and verify passes differ in the last bits.
+// Here every row takes the same code whatever the pass: the exact int32 block dot products from
+// VPMADDUBSW + VPMADDWD (llama.cpp's AVX2 way), then the common float epilogue, 8 columns a vector.
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "qmatmul.h"
+
+namespace conflayers_kernels {
+namespace qmm {
+namespace {
+
+#define CONFLAYERS_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+// 8 columns' values from `at` (= (group * nb + block) * 16, + 8 for the upper half) as fp32.
+CONFLAYERS_AVX2 inline __m256 column_values8(const ColumnValues& v, size_t at) {
+  if (v.half) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v.f16.data() + at)));
+  return _mm256_loadu_ps(v.f32.data() + at);
+}
+
+CONFLAYERS_AVX2 inline float max8(__m256 v) {      // exact in any order
+  __m128 m = _mm_max_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+
+CONFLAYERS_AVX2 inline int32_t sum8i(__m256i v) {  // exact in any order
+  __m128i s = _mm_add_epi32(_mm256_extracti128_si256(v, 1), _mm256_castsi256_si128(v));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1))));
+}
+
+CONFLAYERS_AVX2 void quantize_avx2(const float* x, int m, int k, Rows* out) {
+  const int nb = k / kBlock;
+  out->resize(m, k);
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);     // undoes the packs' lane interleave
+  for (int r = 0; r < m; ++r)
+    for (int b = 0; b < nb; ++b) {
+      const size_t at = static_cast<size_t>(r) * nb + b;
+      const float* xb = x + static_cast<size_t>(r) * k + b * kBlock;
+      __m256 v[4];
+      for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(xb + 8 * i);
+      const float amax = max8(_mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                                            _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3]))));
+      const float id = amax > 0.f ? 127.f / amax : 0.f;
+      const __m256 scale = _mm256_set1_ps(id);
+      __m256i q[4];     // x * (127 / amax), rounded to nearest even (the MXCSR default), within -127..127
+      for (int i = 0; i < 4; ++i)
+        q[i] = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[i], scale)), lo), hi);
+      const __m256i bytes = _mm256_permutevar8x32_epi32(
+          _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])), order);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out->q.data() + static_cast<size_t>(r) * k + b * kBlock), bytes);
+      out->d[at] = amax / 127.f;
+      // block_sum's tree: (i, i+16), (i+8, i), (i+4, i), then (0 + 2) + (1 + 3)
+      const __m256 t3 = _mm256_add_ps(_mm256_add_ps(v[1], v[3]), _mm256_add_ps(v[0], v[2]));
+      const __m128 t6 = _mm_add_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));
+      const __m128 t8 = _mm_add_ps(t6, _mm_shuffle_ps(t6, t6, _MM_SHUFFLE(1, 0, 3, 2)));
+      out->sum[at] = _mm_cvtss_f32(_mm_add_ss(t8, _mm_shuffle_ps(t8, t8, 1)));
+      out->qsum[at] = sum8i(_mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])));
+    }
+}
+
+#ifndef PREFETCH_BLOCKS
+#define PREFETCH_BLOCKS 16
+#endif
+// Codes fetched this many blocks ahead (past a group's end: the next group's, or harmless).
+// Measured, SmolLM2 Q4_1 one-row pass on the AVX2 EPYC: 5.56 ms at 16, 5.61-5.70 at 8, 5.71-6.16
+// without (tools/experiments/qmatmul/bundle_passes.py, CONFLAYERS_KERNELS=a -DPREFETCH_BLOCKS build).
+constexpr int kPrefetchBlocks = PREFETCH_BLOCKS;
+
+// Group g (16 columns: two vectors of 8) against rows r0 .. r0+R-1. The rows share each block's
+// unpacked codes; their accumulators stay in registers (R <= 4).
+template <int R, int kBits>
+CONFLAYERS_AVX2 void avx2_rows(const Problem& p, int g, int r0) {
+  const TileWeights& w = *p.w;
+  const int nb = w.nb, k = p.k, per = w.bytes_per_block();
+  const bool offsets = !w.offsets.empty();
+  const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const int8_t* codes = w.codes.data() + static_cast<size_t>(g) * nb * per;
+  const int8_t* q0 = p.a->q.data() + static_cast<size_t>(r0) * k;
+  __m256 acc[R][2];
+  for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int b = 0; b < nb; ++b) {
+    const int8_t* src = codes + static_cast<size_t>(b) * per;
+    for (int line = 0; line < per; line += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchBlocks * per + line), _MM_HINT_T0);
+    __m256i dot[R][2];
+    if (kBits == 4) {
+      // raw codes 0..15 x int8: each int16 lane sums 16 products of at most 15 x 127 (no overflow)
+      __m256i s16[R][2];
+      for (int i = 0; i < R; ++i) s16[i][0] = s16[i][1] = _mm256_setzero_si256();
+      for (int j = 0; j < 4; ++j) {         // tile rows j (low nibbles, k 4j..) and 4 + j (high, k 16 + 4j..)
+        const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 64 * j));
+        const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 64 * j + 32));
+        const __m256i l0 = _mm256_and_si256(v0, mask), l1 = _mm256_and_si256(v1, mask);
+        const __m256i h0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), mask), h1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), mask);
+        for (int i = 0; i < R; ++i) {
+          const int32_t* a = reinterpret_cast<const int32_t*>(q0 + static_cast<size_t>(i) * k + b * kBlock);
+          const __m256i al = _mm256_set1_epi32(a[j]), ah = _mm256_set1_epi32(a[4 + j]);
+          s16[i][0] = _mm256_add_epi16(s16[i][0], _mm256_add_epi16(_mm256_maddubs_epi16(l0, al), _mm256_maddubs_epi16(h0, ah)));
+          s16[i][1] = _mm256_add_epi16(s16[i][1], _mm256_add_epi16(_mm256_maddubs_epi16(l1, al), _mm256_maddubs_epi16(h1, ah)));
+        }
+      }
+      for (int i = 0; i < R; ++i) {
+        const __m256i mid = _mm256_set1_epi32(-8 * p.a->qsum[static_cast<size_t>(r0 + i) * nb + b]);
+        dot[i][0] = _mm256_add_epi32(_mm256_madd_epi16(s16[i][0], ones), mid);
+        dot[i][1] = _mm256_add_epi32(_mm256_madd_epi16(s16[i][1], ones), mid);
+      }
+    } else {
+      // centered codes -128..127: |code| x (int8 with the code's sign), pairs within int16
+      for (int i = 0; i < R; ++i) dot[i][0] = dot[i][1] = _mm256_setzero_si256();
+      for (int t = 0; t < 8; ++t) {
+        const __m256i c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 64 * t));
+        const __m256i c1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 64 * t + 32));
+        const __m256i u0 = _mm256_abs_epi8(c0), u1 = _mm256_abs_epi8(c1);
+        for (int i = 0; i < R; ++i) {
+          const int32_t* a = reinterpret_cast<const int32_t*>(q0 + static_cast<size_t>(i) * k + b * kBlock);
+          const __m256i at = _mm256_set1_epi32(a[t]);
+          dot[i][0] = _mm256_add_epi32(dot[i][0], _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(at, c0)), ones));
+          dot[i][1] = _mm256_add_epi32(dot[i][1], _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(at, c1)), ones));
+        }
+      }
+    }
+    const size_t at = (static_cast<size_t>(g) * nb + b) * kCols;
+    const __m256 s0 = column_values8(w.scales, at), s1 = column_values8(w.scales, at + 8);
+    for (int i = 0; i < R; ++i) {
+      const size_t rb = static_cast<size_t>(r0 + i) * nb + b;
+      const __m256 d = _mm256_set1_ps(p.a->d[rb]);
+      acc[i][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[i][0]), _mm256_mul_ps(s0, d), acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[i][1]), _mm256_mul_ps(s1, d), acc[i][1]);
+    }
+    if (offsets) {
+      const __m256 o0 = column_values8(w.offsets, at), o1 = column_values8(w.offsets, at + 8);
+      for (int i = 0; i < R; ++i) {
+        const __m256 sum = _mm256_set1_ps(p.a->sum[static_cast<size_t>(r0 + i) * nb + b]);
+        acc[i][0] = _mm256_fmadd_ps(sum, o0, acc[i][0]);
+        acc[i][1] = _mm256_fmadd_ps(sum, o1, acc[i][1]);
+      }
+    }
+  }
+  const int n0 = g * kCols, left = p.n - n0;
+  for (int i = 0; i < R; ++i) {
+    float* y = p.y + static_cast<size_t>(r0 + i) * p.n + n0;
+    if (left >= kCols) {
+      _mm256_storeu_ps(y, acc[i][0]);
+      _mm256_storeu_ps(y + 8, acc[i][1]);
+    } else {                                   // the matrix's last, partial group
+      alignas(32) float tail[kCols];
+      _mm256_store_ps(tail, acc[i][0]);
+      _mm256_store_ps(tail + 8, acc[i][1]);
+      for (int c = 0; c < left; ++c) y[c] = tail[c];
+    }
+  }
+}
+
+template <int kBits>
+CONFLAYERS_AVX2 void avx2_groups_bits(const Problem& p, int g0, int g1) {
+  for (int g = g0; g < g1; ++g)                // a group's codes stay in L1 across its row chunks
+    for (int r0 = 0; r0 < p.m; r0 += 4) {
+      switch (p.m - r0 < 4 ? p.m - r0 : 4) {
+        case 1: avx2_rows<1, kBits>(p, g, r0); break;
+        case 2: avx2_rows<2, kBits>(p, g, r0); break;
+        case 3: avx2_rows<3, kBits>(p, g, r0); break;
+        default: avx2_rows<4, kBits>(p, g, r0); break;
+      }
+    }
+}
+
+CONFLAYERS_AVX2 void avx2_groups(const Problem& p, int g0, int g1) {
+  if (p.w->bits == 4) avx2_groups_bits<4>(p, g0, g1);
+  else avx2_groups_bits<8>(p, g0, g1);
+}
+
+}  // namespace
+
+bool avx2_usable() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+
+const Engine kAvx2Engine = {"avx2", quantize_avx2, avx2_groups};
+
+}  // namespace qmm
+}  // namespace conflayers_kernels
