@@ -98,10 +98,10 @@ def test_matmulnbits_graph_multiplies_by_the_native_weights(tmp_path, type_name)
     g.nodes.append(helper.make_node("Identity", [y], ["y"]))
     g.outputs.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "S", N]))
     # blocks of 32: one QMatMul node (the offset term inside: fp16 offsets where every one is
-    # exact in fp16, always Q5_1's minimums, else fp32); Q6_K's blocks of 16: MatMulNBits alone
+    # exact in fp16, always Q5_1's minimums, else fp32); Q6_K's 8-bit blocks of 16: QMatMul16
     custom = [n.op_type for n in g.nodes if n.domain == "conflayers"]
     if m.block != 32:
-        assert custom == [] and m.offsets is None, custom
+        assert custom == ["QMatMul16"] and m.offsets is None and m.bits == 8, custom
     elif m.offsets is None:
         assert custom == ["QMatMul"], custom
     else:

@@ -146,12 +146,13 @@ def test_runtime_registers_the_library_unless_switched_off(library, tmp_path, mo
 QMATMUL_OPS = {None: "QMatMul", np.float32: "QMatMulOffsets", np.float16: "QMatMulOffsets16"}
 
 
-def _qmatmul_graph(k: int, n: int, bits: int, offsets_dtype, weights: dict | None = None, node: bool = True):
+def _qmatmul_graph(k: int, n: int, bits: int, offsets_dtype, weights: dict | None = None, node: bool = True,
+                   block: int = 32):
     """y = QMatMul*(x, codes, scales[, offsets]) with the compiler's functions, or (node=False) the
     nodes the compiler writes without the op: MatMulNBits [+ AddBlockOffsets(16)]. The weights are
-    constants when given, else inputs."""
-    op = QMATMUL_OPS[offsets_dtype]
-    nb, blob = k // 32, 32 * bits // 8
+    constants when given, else inputs. block 16: QMatMul16 (8-bit, no offsets)."""
+    op = decoder_graph.QMATMUL16 if block == 16 else QMATMUL_OPS[offsets_dtype]
+    nb, blob = k // block, block * bits // 8
     names = ["x", "codes", "scales"] + ([] if offsets_dtype is None else ["offsets"])
     types = {"codes": (TensorProto.UINT8, [n, nb, blob]), "scales": (TensorProto.FLOAT, ["N", "NB"]),   # (checked by the kernel)
              "offsets": (TensorProto.FLOAT16 if offsets_dtype is np.float16 else TensorProto.FLOAT, [nb, n])}
@@ -162,7 +163,7 @@ def _qmatmul_graph(k: int, n: int, bits: int, offsets_dtype, weights: dict | Non
             ins.append(helper.make_tensor_value_info(name, *types[name]))
         else:
             inits.append(onnx.numpy_helper.from_array(weights[name], name))
-    attrs = dict(K=k, N=n, bits=bits, block_size=32)
+    attrs = dict(K=k, N=n, bits=bits, block_size=block)
     if node:
         nodes = [helper.make_node(op, names, ["y"], domain=kernels.DOMAIN, **attrs)]
     else:
@@ -178,12 +179,12 @@ def _qmatmul_graph(k: int, n: int, bits: int, offsets_dtype, weights: dict | Non
     return m
 
 
-def _qweights(k, n, bits, offsets_dtype, seed=0, fp16_values=False):
+def _qweights(k, n, bits, offsets_dtype, seed=0, fp16_values=False, block=32):
     """Random codes, scales and offsets; fp16_values: every scale and offset exact in fp16 (as
     GGUF's d and minimums: the kernel then keeps them in fp16)."""
     r = np.random.default_rng(seed)
-    nb = k // 32
-    w = {"codes": r.integers(0, 256, (n, nb, 32 * bits // 8), dtype=np.uint8),
+    nb = k // block
+    w = {"codes": r.integers(0, 256, (n, nb, block * bits // 8), dtype=np.uint8),
          "scales": (r.random((n, nb)) * 0.02 + 1e-3).astype(np.float32)}
     if offsets_dtype is not None:
         w["offsets"] = (r.standard_normal((nb, n)) * 0.05).astype(offsets_dtype)
@@ -192,17 +193,17 @@ def _qweights(k, n, bits, offsets_dtype, seed=0, fp16_values=False):
     return w
 
 
-def _qmatmul_reference(x, w, k, n, bits):
-    """The kernel's arithmetic in float64 from the same int8 activations (per row and block of 32:
-    scale max|x|/127, round half to even) and the same integer block dot products."""
-    rows, nb = x.shape[1], k // 32
-    xb = x[0].reshape(rows, nb, 32)
+def _qmatmul_reference(x, w, k, n, bits, block=32):
+    """The kernel's arithmetic in float64 from the same int8 activations (per row and block of 32
+    or 16: scale max|x|/127, round half to even) and the same integer block dot products."""
+    rows, nb = x.shape[1], k // block
+    xb = x[0].reshape(rows, nb, block)
     amax = np.abs(xb).max(-1)
     inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), np.float32(0)).astype(np.float32)
     qa = np.clip(np.rint(xb * inv[..., None]), -127, 127).astype(np.int64)          # [rows, nb, 32]
     d = (amax / np.float32(127)).astype(np.float32)
     c = w["codes"].astype(np.int64)
-    codes = np.stack([c & 15, c >> 4], -1).reshape(n, nb, 32) - 8 if bits == 4 else c - 128   # [n, nb, 32]
+    codes = np.stack([c & 15, c >> 4], -1).reshape(n, nb, 32) - 8 if bits == 4 else c - 128   # [n, nb, block]
     isum = np.einsum("rbj,nbj->rnb", qa, codes).astype(np.float64)
     y = np.einsum("rnb,nb,rb->rn", isum, w["scales"].astype(np.float64), d.astype(np.float64))
     if "offsets" in w:
@@ -210,18 +211,18 @@ def _qmatmul_reference(x, w, k, n, bits):
     return y
 
 
-@pytest.mark.parametrize("offsets_dtype", [None, np.float32, np.float16])
-def test_qmatmul_function_fallback_is_the_matmulnbits_graph_bit_for_bit(offsets_dtype, monkeypatch):
+@pytest.mark.parametrize("offsets_dtype,block", [(None, 32), (np.float32, 32), (np.float16, 32), (None, 16)])
+def test_qmatmul_function_fallback_is_the_matmulnbits_graph_bit_for_bit(offsets_dtype, block, monkeypatch):
     """Where QMatMul is not registered (no library, a CPU without AVX2, or CONFLAYERS_QMATMUL=off)
     its node runs its ONNX function: bit for bit the MatMulNBits (+ AddBlockOffsets) nodes the
     compiler wrote before the op."""
-    k, n = 576, 200
-    w = _qweights(k, n, 4, offsets_dtype)
+    k, n, bits = 576, 200, 4 if block == 32 else 8
+    w = _qweights(k, n, bits, offsets_dtype, block=block)
     monkeypatch.setenv("CONFLAYERS_QMATMUL", "off")      # the library, without its QMatMul
     libs = [None] + ([kernels.BUILT] if os.path.isfile(kernels.BUILT) and kernels.cpu_path(kernels.BUILT) != "none" else [])
     for lib in libs:
-        fn = _session(_qmatmul_graph(k, n, 4, offsets_dtype, w), lib)
-        plain = _session(_qmatmul_graph(k, n, 4, offsets_dtype, w, node=False), lib)
+        fn = _session(_qmatmul_graph(k, n, bits, offsets_dtype, w, block=block), lib)
+        plain = _session(_qmatmul_graph(k, n, bits, offsets_dtype, w, node=False, block=block), lib)
         for rows in (1, 2, 9):
             x = np.random.default_rng(rows).standard_normal((1, rows, k)).astype(np.float32)
             assert np.array_equal(fn.run(None, {"x": x})[0], plain.run(None, {"x": x})[0]), (lib, rows)
@@ -275,50 +276,53 @@ def test_a_bad_engine_name_is_refused_with_the_choices(library, monkeypatch):
         kernels.library.cache_clear()
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("offsets_dtype", [None, np.float32, np.float16])
+FORMS = [(4, 32, None), (4, 32, np.float32), (4, 32, np.float16), (8, 32, None), (8, 32, np.float32),
+         (8, 32, np.float16), (8, 16, None)]       # bits, block, offsets: the compiler's QMatMul nodes
+
+
+@pytest.mark.parametrize("bits,block,offsets_dtype", FORMS)
 @pytest.mark.parametrize("k,n", [(64, 8), (576, 200), (96, 77), (1536, 40)])
 @pytest.mark.parametrize("fp16_values", [False, True])
-def test_qmatmul_matches_its_arithmetic_and_rows_are_independent(library, engine, bits, offsets_dtype, k, n, fp16_values):
+def test_qmatmul_matches_its_arithmetic_and_rows_are_independent(library, engine, bits, block, offsets_dtype, k, n,
+                                                                 fp16_values):
     """Against a float64 emulation (same int8 activations, exact integer dot products), and every
     row of passes of 1-33 rows (one-row paths, AMX tiles of 16 rows and their tails, AVX2 chunks of
     4) equal to the row alone, bit for bit; weights fed as inputs (repacked per call) give the same
     bits."""
-    w = _qweights(k, n, bits, offsets_dtype, seed=k + n + bits, fp16_values=fp16_values)
-    const = _session(_qmatmul_graph(k, n, bits, offsets_dtype, w), library)
-    fed = _session(_qmatmul_graph(k, n, bits, offsets_dtype), library)
+    w = _qweights(k, n, bits, offsets_dtype, seed=k + n + bits, fp16_values=fp16_values, block=block)
+    const = _session(_qmatmul_graph(k, n, bits, offsets_dtype, w, block=block), library)
+    fed = _session(_qmatmul_graph(k, n, bits, offsets_dtype, block=block), library)
     for rows in (1, 2, 3, 9, 16, 17, 33):
         x = np.random.default_rng(rows).standard_normal((1, rows, k)).astype(np.float32)
         x[0, 0, :32] = 0.0                    # an all-zero block (scale 0)
         y = const.run(None, {"x": x})[0]
-        ref = _qmatmul_reference(x, w, k, n, bits)
-        assert np.max(np.abs(y[0] - ref)) <= 2e-6 * np.max(np.abs(ref)), f"{engine} bits={bits} k={k} n={n} rows={rows}"
+        ref = _qmatmul_reference(x, w, k, n, bits, block)
+        assert np.max(np.abs(y[0] - ref)) <= 2e-6 * np.max(np.abs(ref)), f"{engine} bits={bits}/{block} k={k} n={n} rows={rows}"
         for i in range(rows):
             alone = const.run(None, {"x": x[:, i:i + 1]})[0]
             assert np.array_equal(alone[0, 0], y[0, i]), f"{engine}: row {i} of {rows} differs from the row alone"
         assert np.array_equal(fed.run(None, {"x": x, **w})[0], y)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("offsets_dtype", [None, np.float32, np.float16])
-def test_every_engine_gives_the_scalar_reference_bit_for_bit(library, engines, bits, offsets_dtype, monkeypatch):
+@pytest.mark.parametrize("bits,block,offsets_dtype", FORMS)
+def test_every_engine_gives_the_scalar_reference_bit_for_bit(library, engines, bits, block, offsets_dtype, monkeypatch):
     """The engines follow one arithmetic (qmatmul.h), so a bundle decodes to the same bits on an
     AMX Xeon and an AVX2-only CPU: each engine here equals the scalar one, value for value, on
     inputs with ties, zeros, large and tiny values and fp16-exact and inexact scales."""
     k, n = 1536, 72
     r = np.random.default_rng(bits)
-    w = _qweights(k, n, bits, offsets_dtype, seed=7 + bits)
+    w = _qweights(k, n, bits, offsets_dtype, seed=7 + bits, block=block)
     w["scales"][: n // 2] = w["scales"][: n // 2].astype(np.float16).astype(np.float32)    # half fp16-exact
     x = r.standard_normal((1, 11, k)).astype(np.float32) * np.float32(3.0)
     x[0, 1] *= np.float32(1e-30)                                  # tiny values
     x[0, 2, :64] = 0.0                                            # zero blocks
     x[0, 3, :32] = np.arange(32) - np.float32(15.5)               # a block of ties: scale 127 / 127 = 1,
-    x[0, 3, 0] = 127.0                                            #   every other value on .5
-    x[0, 4, ::32] = np.float32(1e4)                               # one large value per block
+    x[0, 3, [0, 16]] = 127.0                                      #   every other value on .5
+    x[0, 4, ::16] = np.float32(1e4)                               # one large value per block
     outs = {}
     for engine in engines:
         monkeypatch.setenv("CONFLAYERS_QMATMUL", engine)
-        sess = _session(_qmatmul_graph(k, n, bits, offsets_dtype, w), library)
+        sess = _session(_qmatmul_graph(k, n, bits, offsets_dtype, w, block=block), library)
         outs[engine] = [sess.run(None, {"x": x[:, :rows]})[0] for rows in (1, 2, 5, 11)]
     for engine in engines:
         for a, b in zip(outs[engine], outs["scalar"]):

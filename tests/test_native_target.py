@@ -122,7 +122,7 @@ def test_target_precision_drafts_share_the_target_weights_file(native_bundle):
     assert 0 < fp32 < m["files"]["weights_native.bin"]["bytes"] / 4
     for rel in ["full.onnx"] + [b["file"] for b in m["graphs"]["bodies"].values() if "native" in b["file"]]:
         ops = [n.op_type for n in onnx.load(os.path.join(native_bundle, rel), load_external_data=False).graph.node]
-        blocks = {"MatMulNBits", "QMatMul", "QMatMulOffsets", "QMatMulOffsets16"}     # block matrices
+        blocks = {"MatMulNBits", "QMatMul", "QMatMul16", "QMatMulOffsets", "QMatMulOffsets16"}     # block matrices
         assert blocks & set(ops) and "Gemm" not in ops, rel
 
 

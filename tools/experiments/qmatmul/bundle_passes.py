@@ -27,7 +27,7 @@ from conflayers.runtime.bundle import Bundle
 from conflayers.runtime.ort_backend import GraphRunner, KVCache, create_session
 from conflayers.runtime.timing import time_jobs
 
-OPS = ("QMatMul", "QMatMulOffsets", "QMatMulOffsets16")
+OPS = ("QMatMul", "QMatMul16", "QMatMulOffsets", "QMatMulOffsets16")
 
 
 def functions_variant(bundle: str) -> str:

@@ -34,7 +34,8 @@ PACKED = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
 OPSET = [helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)]
 INT64_MAX = np.iinfo(np.int64).max
 OFFSET_BLOCK = 32                  # GGUF's block and K-quant sub-block: the offsets' granularity
-QMATMUL_BLOCK = 32                 # the kernel library's QMatMul takes 4- and 8-bit blocks of 32
+QMATMUL_BLOCK = 32                 # the kernel library's QMatMul takes 4- and 8-bit blocks of 32,
+QMATMUL16 = "QMatMul16"            # and QMatMul16 Q6_K's 8-bit blocks of 16 (without offsets)
 QMATMUL_WITH = {False: "QMatMulOffsets", True: "QMatMulOffsets16"}      # by fp16 offsets
 QMATMUL_CALLS = {"QMatMulOffsets": "AddBlockOffsets", "QMatMulOffsets16": "AddBlockOffsets16"}
 
@@ -214,10 +215,10 @@ class _Graph:
         codes, scales, offsets = self.blocks(q, tag)
         if offsets is not None and q.block != OFFSET_BLOCK:
             raise ValueError(f"{tag}: offsets per block of {q.block}; the graph's correction needs {OFFSET_BLOCK}")
-        if q.block == QMATMUL_BLOCK and q.bits in (4, 8):
+        if (q.block == QMATMUL_BLOCK and q.bits in (4, 8)) or (q.block == 16 and q.bits == 8):
             # one node, run by the kernel library's QMatMul (AMX or AVX2 engine) where it is
             # loaded, else by its ONNX function: MatMulNBits (+ AddBlockOffsets), the nodes below
-            op = "QMatMul" if offsets is None else QMATMUL_WITH[offsets in self._half_offsets]
+            op = QMATMUL16 if q.block == 16 else "QMatMul" if offsets is None else QMATMUL_WITH[offsets in self._half_offsets]
             return self.op(op, [x, codes, scales] + ([offsets] if offsets else []), domain=KERNELS_DOMAIN,
                            name=label, K=q.k, N=q.n, bits=q.bits, block_size=q.block)
         y = self.op("MatMulNBits", [x, codes, scales], domain=MS, name=label, K=q.k, N=q.n, bits=q.bits,
@@ -272,24 +273,25 @@ class _Graph:
 def kernel_functions(ops: list[str]) -> list[onnx.FunctionProto]:
     """The ONNX functions of the kernel library's ops in `ops`, and of the ops their bodies call."""
     needed = set(ops) | {QMATMUL_CALLS[op] for op in ops if op in QMATMUL_CALLS}
-    order = ["AddBlockOffsets", "AddBlockOffsets16", "QMatMul", "QMatMulOffsets", "QMatMulOffsets16"]
+    order = ["AddBlockOffsets", "AddBlockOffsets16", "QMatMul", QMATMUL16, "QMatMulOffsets", "QMatMulOffsets16"]
     return [add_block_offsets_function(op == "AddBlockOffsets16") if op.startswith("Add") else qmatmul_function(op)
             for op in order if op in needed]
 
 
 def qmatmul_function(op: str) -> onnx.FunctionProto:
-    """QMatMul(x, codes, scales[, offsets]) as MatMulNBits (accuracy level 4) [+ AddBlockOffsets(16)]:
+    """QMatMul(16)(x, codes, scales[, offsets]) as MatMulNBits (accuracy level 4) [+ AddBlockOffsets(16)]:
     what a session runs where the kernel library's QMatMul is not registered
     (runtime/kernels/qmatmul.cc); the same nodes as a graph written without the op."""
     attrs = ["K", "N", "bits", "block_size"]
-    mm = helper.make_node("MatMulNBits", ["x", "codes", "scales"], ["y" if op == "QMatMul" else "y0"],
+    plain = op not in QMATMUL_CALLS
+    mm = helper.make_node("MatMulNBits", ["x", "codes", "scales"], ["y" if plain else "y0"],
                           domain=MS, accuracy_level=4)
     for a in attrs:
         ref = onnx.AttributeProto()
         ref.name, ref.ref_attr_name, ref.type = a, a, onnx.AttributeProto.INT
         mm.attribute.append(ref)
     nodes, inputs = [mm], ["x", "codes", "scales"]
-    if op != "QMatMul":
+    if not plain:
         nodes.append(helper.make_node(QMATMUL_CALLS[op], ["y0", "x", "offsets"], ["y"], domain=KERNELS_DOMAIN))
         inputs.append("offsets")
     return helper.make_function(KERNELS_DOMAIN, op, inputs, ["y"], nodes,

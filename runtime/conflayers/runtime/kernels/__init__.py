@@ -2,10 +2,11 @@
 writes into graphs together with an ONNX function computing the same thing, so a graph runs
 with or without the library. Each .cc file says what its ops do and why they are exact:
   block_offsets.cc  AddBlockOffsets(16): the GGUF offsets' term (AVX2, FMA, F16C)
-  qmatmul.cc        QMatMul, QMatMulOffsets(16): the 4/8-bit matrix product, exact integer
-                    block products and one float sequence per row (qmatmul.h), on one of its
-                    engines: qmatmul_amx.cc (AMX-INT8), qmatmul_avx2.cc (any AVX2 CPU),
-                    qmatmul_scalar.cc (the reference); the engines agree bit for bit
+  qmatmul.cc        QMatMul, QMatMulOffsets(16), QMatMul16 (Q6_K's 8-bit blocks of 16): the
+                    4/8-bit matrix product, exact integer block products and one float
+                    sequence per row (qmatmul.h), on one of its engines: qmatmul_amx.cc
+                    (AMX-INT8), qmatmul_avx2.cc (any AVX2 CPU), qmatmul_scalar.cc (the
+                    reference); the engines agree bit for bit
   library.cc        which of them this CPU runs, and the registration
 
 Built by tools/build_kernels.sh (setup.sh runs it) into kernels/build/. The runtime registers the

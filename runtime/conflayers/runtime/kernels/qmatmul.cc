@@ -3,9 +3,10 @@
 //   QMatMul(x [.., K], codes, scales)                  y = x @ W,  W[k, n] = scales[n, b] * (q[n, k] - mid)
 //   QMatMulOffsets(x, codes, scales, offsets fp32)     ... + sum_b blocksum_b(x) * offsets[b, n]
 //   QMatMulOffsets16(...)                              the same, offsets in fp16
+//   QMatMul16(x, codes, scales)                        QMatMul on 8-bit blocks of 16 (Q6_K's)
 //
 // The inputs are MatMulNBits' (codes [N, K/32, 16 | 32] of 4 or 8 bits, blocks of 32, mid 8 or
-// 128, fp32 scales [N, K/32]) plus the GGUF offsets [K/32, N]. The compiler writes each node with
+// 128, fp32 scales [N, K/32]; or 8-bit blocks of 16, Q6_K's) plus the GGUF offsets [K/32, N]. The compiler writes each node with
 // an ONNX function of MatMulNBits (+ AddBlockOffsets), which a session runs where this op is not
 // registered (no library, CONFLAYERS_QMATMUL=off, or a CPU without AVX2).
 //
@@ -55,8 +56,8 @@ float ColumnValues::at(size_t i) const {
   return half ? Ort::Float16_t::FromBits(f16[i]).ToFloat() : f32[i];
 }
 
-void Rows::resize(int m, int k) {
-  const size_t nb = k / kBlock;
+void Rows::resize(int m, int k, int block) {
+  const size_t nb = k / block;
   q.resize(static_cast<size_t>(m) * k);
   d.resize(m * nb);
   sum.resize(m * nb);
@@ -73,10 +74,10 @@ using namespace conflayers_kernels::qmm;
 // Tile byte t of block b for the 16 columns of group g: row r = t / 64 holds k = 4r .. 4r+3 of
 // each column c = (t % 64) / 4.
 void repack(const uint8_t* codes, const float* scales, const float* offsets_nb_n, int n, int k, int bits,
-            TileWeights* out) {
-  const int nb = k / kBlock, groups = (n + kCols - 1) / kCols, bytes = kBlock * bits / 8;
-  const int per = bits == 4 ? 256 : 512;
-  out->groups = groups, out->nb = nb, out->bits = bits;
+            int block, TileWeights* out) {
+  const int nb = k / block, groups = (n + kCols - 1) / kCols, bytes = block * bits / 8;
+  out->groups = groups, out->nb = nb, out->bits = bits, out->block = block;
+  const int per = out->bytes_per_block();
   out->codes.assign(static_cast<size_t>(groups) * nb * per, 0);
   std::vector<float> sc(static_cast<size_t>(groups) * nb * kCols, 0.f), off;
   if (offsets_nb_n) off.assign(sc.size(), 0.f);
@@ -87,7 +88,7 @@ void repack(const uint8_t* codes, const float* scales, const float* offsets_nb_n
   for (int g = 0; g < groups; ++g)
     for (int b = 0; b < nb; ++b) {
       int8_t* dst = out->codes.data() + (static_cast<size_t>(g) * nb + b) * per;
-      for (int t = 0; t < 512; ++t) {
+      for (int t = 0; t < kCols * block; ++t) {
         const int r = t / 64, c = (t % 64) / 4, kk = 4 * r + t % 4, col = g * kCols + c;
         const int v = col < n ? code(col, b, kk) : 0;
         if (bits == 8) dst[t] = static_cast<int8_t>(v);
@@ -149,18 +150,19 @@ std::mutex g_cache_lock;
 std::map<std::string, std::weak_ptr<const TileWeights>> g_cache;
 
 std::shared_ptr<const TileWeights> tile_weights(const uint8_t* codes, const float* scales, const float* offsets,
-                                                int n, int k, int bits) {
-  const size_t nb = k / kBlock, code_bytes = static_cast<size_t>(n) * nb * kBlock * bits / 8;
+                                                int n, int k, int bits, int block) {
+  const size_t nb = k / block, code_bytes = static_cast<size_t>(n) * nb * block * bits / 8;
   uint64_t h1 = 0xcbf29ce484222325ULL, h2 = 0x84222325cbf29ce4ULL;
   mix(codes, code_bytes, &h1, &h2);
   mix(scales, static_cast<size_t>(n) * nb * sizeof(float), &h1, &h2);
   if (offsets) mix(offsets, static_cast<size_t>(n) * nb * sizeof(float), &h1, &h2);
-  const std::string key = std::to_string(n) + "x" + std::to_string(k) + "x" + std::to_string(bits) + (offsets ? "o" : "") +
+  const std::string key = std::to_string(n) + "x" + std::to_string(k) + "x" + std::to_string(bits) + "b" +
+                          std::to_string(block) + (offsets ? "o" : "") +
                           ":" + std::to_string(h1) + ":" + std::to_string(h2);
   std::lock_guard<std::mutex> hold(g_cache_lock);
   if (auto kept = g_cache[key].lock()) return kept;
   auto made = std::make_shared<TileWeights>();
-  repack(codes, scales, offsets, n, k, bits, made.get());
+  repack(codes, scales, offsets, n, k, bits, block, made.get());
   g_cache[key] = made;
   return made;
 }
@@ -197,16 +199,19 @@ std::vector<float> offsets_fp32(Ort::ConstValue off, Offsets kind, size_t count)
 }
 
 struct QMatMulKernel {
-  QMatMulKernel(const OrtApi& api, const OrtKernelInfo* info, Offsets offsets, const Engine* engine)
+  QMatMulKernel(const OrtApi& api, const OrtKernelInfo* info, Offsets offsets, bool block16, const Engine* engine)
       : api_(api), offsets_(offsets), engine_(engine) {
     Ort::ConstKernelInfo ki(info);
     k_ = static_cast<int>(ki.GetAttribute<int64_t>("K"));
     n_ = static_cast<int>(ki.GetAttribute<int64_t>("N"));
     bits_ = static_cast<int>(ki.GetAttribute<int64_t>("bits"));
-    const int64_t block = ki.GetAttribute<int64_t>("block_size");
-    if (block != kBlock || (bits_ != 4 && bits_ != 8) || k_ % kBlock != 0 || k_ <= 0 || n_ <= 0)
-      throw std::runtime_error("conflayers QMatMul: needs blocks of 32, 4 or 8 bits and K a multiple of 32 (got K=" +
-                               std::to_string(k_) + " bits=" + std::to_string(bits_) + " block=" + std::to_string(block) + ")");
+    block_ = static_cast<int>(ki.GetAttribute<int64_t>("block_size"));
+    const bool shape_ok = block16 ? block_ == kBlock16 && bits_ == 8 : block_ == kBlock && (bits_ == 4 || bits_ == 8);
+    if (!shape_ok || k_ <= 0 || n_ <= 0 || k_ % block_ != 0)
+      throw std::runtime_error(std::string("conflayers ") + (block16 ? "QMatMul16: needs 8-bit blocks of 16" :
+                               "QMatMul: needs blocks of 32 with 4 or 8 bits") + " and K a multiple of the block (got K=" +
+                               std::to_string(k_) + " bits=" + std::to_string(bits_) + " block=" + std::to_string(block_) + ")");
+    if (block_ == kBlock16 && engine_ == &kAmxEngine) engine_ = &kAvx2Engine;   // the same arithmetic, 16-wide blocks
     int c1 = 0, c2 = 0, c3 = 1;      // constant weights (the compiler's graphs): repacked here, once
     Ort::ConstValue codes = ki.GetTensorConstantInput(1, &c1);
     Ort::ConstValue scales = ki.GetTensorConstantInput(2, &c2);
@@ -216,7 +221,7 @@ struct QMatMulKernel {
   }
 
   std::shared_ptr<const TileWeights> prepare(Ort::ConstValue codes, Ort::ConstValue scales, Ort::ConstValue off) const {
-    const size_t nb = k_ / kBlock;
+    const size_t nb = k_ / block_;
     if (codes.GetTensorTypeAndShapeInfo().GetElementCount() != static_cast<size_t>(n_) * k_ * bits_ / 8 ||
         scales.GetTensorTypeAndShapeInfo().GetElementCount() != static_cast<size_t>(n_) * nb)
       throw std::runtime_error("conflayers QMatMul: codes or scales do not match K=" + std::to_string(k_) +
@@ -224,7 +229,7 @@ struct QMatMulKernel {
     std::vector<float> o;
     if (offsets_ != Offsets::kNone) o = offsets_fp32(off, offsets_, static_cast<size_t>(n_) * nb);
     return tile_weights(codes.GetTensorData<uint8_t>(), scales.GetTensorData<float>(), o.empty() ? nullptr : o.data(),
-                        n_, k_, bits_);
+                        n_, k_, bits_, block_);
   }
 
   void Compute(OrtKernelContext* context) {
@@ -241,7 +246,7 @@ struct QMatMulKernel {
     std::shared_ptr<const TileWeights> w = weights_;
     if (!w) w = prepare(ctx.GetInput(1), ctx.GetInput(2), offsets_ == Offsets::kNone ? Ort::ConstValue{nullptr} : ctx.GetInput(3));
     thread_local Rows rows;
-    engine_->quantize(x.GetTensorData<float>(), static_cast<int>(m), k_, &rows);
+    engine_->quantize(x.GetTensorData<float>(), static_cast<int>(m), k_, block_, &rows);
     Task task{engine_, Problem{&rows, w.get(), y.GetTensorMutableData<float>(), n_, k_, static_cast<int>(m)}};
     const size_t tasks = (static_cast<size_t>(w->groups) + kGroupsPerTask - 1) / kGroupsPerTask;
     Ort::ThrowOnError(api_.KernelContext_ParallelFor(context, run_task, tasks, 4, &task));
@@ -251,16 +256,17 @@ struct QMatMulKernel {
   const OrtApi& api_;
   Offsets offsets_;
   const Engine* engine_;
-  int k_ = 0, n_ = 0, bits_ = 0;
+  int k_ = 0, n_ = 0, bits_ = 0, block_ = kBlock;
   std::shared_ptr<const TileWeights> weights_;
 };
 
 struct QMatMulOp : Ort::CustomOpBase<QMatMulOp, QMatMulKernel> {
-  explicit QMatMulOp(Offsets offsets) : offsets_(offsets) {}
+  explicit QMatMulOp(Offsets offsets, bool block16 = false) : offsets_(offsets), block16_(block16) {}
   void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const {
-    return new QMatMulKernel(api, info, offsets_, engine);
+    return new QMatMulKernel(api, info, offsets_, block16_, engine);
   }
   const char* GetName() const {
+    if (block16_) return "QMatMul16";
     return offsets_ == Offsets::kNone ? "QMatMul" : offsets_ == Offsets::kFp32 ? "QMatMulOffsets" : "QMatMulOffsets16";
   }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
@@ -277,9 +283,11 @@ struct QMatMulOp : Ort::CustomOpBase<QMatMulOp, QMatMulKernel> {
 
  private:
   Offsets offsets_;
+  bool block16_;
 };
 
-QMatMulOp g_qmatmul(Offsets::kNone), g_qmatmul_offsets(Offsets::kFp32), g_qmatmul_offsets16(Offsets::kFp16);
+QMatMulOp g_qmatmul(Offsets::kNone), g_qmatmul_offsets(Offsets::kFp32), g_qmatmul_offsets16(Offsets::kFp16),
+    g_qmatmul16(Offsets::kNone, true);
 
 
 }  // namespace
@@ -294,7 +302,7 @@ const char* qmatmul_engine() {
 void add_qmatmul_ops(Ort::CustomOpDomain& domain) {
   const Engine* e = chosen_engine();
   if (!e) return;
-  for (QMatMulOp* op : {&g_qmatmul, &g_qmatmul_offsets, &g_qmatmul_offsets16}) {
+  for (QMatMulOp* op : {&g_qmatmul, &g_qmatmul_offsets, &g_qmatmul_offsets16, &g_qmatmul16}) {
     op->engine = e;
     domain.Add(op);
   }

@@ -2,7 +2,7 @@
 // activations, and the arithmetic every engine must follow to the bit, so that a row's result
 // depends neither on the pass nor on the engine (AMX, AVX2, or the scalar reference):
 //
-//   per row and block of 32 activations x:   amax = max |x|,  d = amax / 127,
+//   per row and block of 32 (16) activations x:   amax = max |x|,  d = amax / 127,
 //       q = clamp(round_half_even(x * (127 / amax)), -127, 127)   (0 where amax is 0),
 //       sum = block_sum(x)          (the fixed addition tree below),   qsum = sum of q (integer)
 //   per row, column and block in order:      dot = sum_k (code_k - mid) q_k   (an exact int32)
@@ -20,7 +20,8 @@
 namespace conflayers_kernels {
 namespace qmm {
 
-constexpr int kBlock = 32;     // activations and codes per block
+constexpr int kBlock = 32;     // activations and codes per block; Q6_K's 8-bit blocks are 16 (kBlock16)
+constexpr int kBlock16 = 16;
 constexpr int kCols = 16;      // columns per group: one AMX B tile, one AVX-512 / two AVX2 vectors
 
 // Per-column values of a block (scales, offsets) for the 16 columns of each group: [groups, nb,
@@ -37,14 +38,14 @@ struct ColumnValues {
 };
 
 // The weights, repacked once into B-tile order (VNNI order): per group of 16 columns and block,
-// byte t holds k = 4 (t / 64) + t % 4 of column (t % 64) / 4. 4-bit codes: 256 bytes whose low
-// nibbles are bytes 0..255 of that order (k 0..15) and high nibbles bytes 256..511 (k 16..31),
-// raw (0..15); 8-bit codes: 512 bytes, centered (code - 128).
+// byte t holds k = 4 (t / 64) + t % 4 of column (t % 64) / 4. 4-bit codes (blocks of 32): 256
+// bytes whose low nibbles are bytes 0..255 of that order (k 0..15) and high nibbles bytes
+// 256..511 (k 16..31), raw (0..15); 8-bit codes: 16 x block bytes, centered (code - 128).
 struct TileWeights {
-  int groups = 0, nb = 0, bits = 0;
-  std::vector<int8_t> codes;     // [groups, nb, 256 | 512]
+  int groups = 0, nb = 0, bits = 0, block = kBlock;
+  std::vector<int8_t> codes;     // [groups, nb, 256 | 512 | 256 for 8-bit blocks of 16]
   ColumnValues scales, offsets;  // offsets: empty without
-  int bytes_per_block() const { return bits == 4 ? 256 : 512; }
+  int bytes_per_block() const { return kCols * block * bits / 8; }
 };
 
 // The activations quantized per row and block: q [m, k] in k order; d, sum, qsum [m, nb].
@@ -52,7 +53,7 @@ struct Rows {
   std::vector<int8_t> q;
   std::vector<float> d, sum;
   std::vector<int32_t> qsum;
-  void resize(int m, int k);
+  void resize(int m, int k, int block);
 };
 
 struct Problem {
@@ -63,10 +64,11 @@ struct Problem {
 };
 
 // An engine quantizes the rows, then computes groups [g0, g1) of 16 columns for every row (called
-// from ONNX Runtime's thread pool, one range per task).
+// from ONNX Runtime's thread pool, one range per task). The AMX engine takes blocks of 32 only
+// (the op gives blocks of 16 to the AVX2 engine there: the same arithmetic).
 struct Engine {
   const char* name;
-  void (*quantize)(const float* x, int m, int k, Rows* out);
+  void (*quantize)(const float* x, int m, int k, int block, Rows* out);
   void (*groups)(const Problem& p, int g0, int g1);
 };
 
@@ -74,12 +76,12 @@ bool amx_usable();      // AMX-INT8 + AVX-512 VNNI, and the OS lets this process
 bool avx2_usable();     // AVX2 + FMA + F16C
 extern const Engine kAmxEngine, kAvx2Engine, kScalarEngine;
 
-// The sum of a block of 32 floats in the fixed tree every engine uses (GCC's
-// _mm512_reduce_add_ps of x[0..15] + x[16..31]): pairs i, i+16, then i, i+8, then i, i+4, then
-// (0 + 2) + (1 + 3).
-inline float block_sum(const float* x) {
+// The sum of a block of 32 (16) floats in the fixed tree every engine uses (GCC's
+// _mm512_reduce_add_ps of x[0..15] + x[16..31]): pairs i, i+16 (blocks of 32), then i, i+8, then
+// i, i+4, then (0 + 2) + (1 + 3).
+inline float block_sum(const float* x, int block) {
   float w[16], t3[8], t6[4];
-  for (int i = 0; i < 16; ++i) w[i] = x[i] + x[16 + i];
+  for (int i = 0; i < 16; ++i) w[i] = block == kBlock ? x[i] + x[16 + i] : x[i];
   for (int j = 0; j < 8; ++j) t3[j] = w[j + 8] + w[j];
   for (int j = 0; j < 4; ++j) t6[j] = t3[j + 4] + t3[j];
   return (t6[0] + t6[2]) + (t6[1] + t6[3]);

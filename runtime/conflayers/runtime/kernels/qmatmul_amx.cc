@@ -31,9 +31,9 @@ CONFLAYERS_AMX inline __m512 column_values(const ColumnValues& v, size_t at) {
 }
 
 // The activations, vectorized: each block's values come from the same operations in every row.
-CONFLAYERS_AMX void quantize_plain(const float* x, int m, int k, Rows* out) {
+CONFLAYERS_AMX void quantize_plain(const float* x, int m, int k, int /*block: 32*/, Rows* out) {
   const int nb = k / kBlock;
-  out->resize(m, k);
+  out->resize(m, k, kBlock);
   const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
   for (int r = 0; r < m; ++r)
     for (int b = 0; b < nb; ++b) {

@@ -33,35 +33,43 @@ CONFLAYERS_AVX2 inline int32_t sum8i(__m256i v) {  // exact in any order
   return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1))));
 }
 
-CONFLAYERS_AVX2 void quantize_avx2(const float* x, int m, int k, Rows* out) {
-  const int nb = k / kBlock;
-  out->resize(m, k);
+CONFLAYERS_AVX2 void quantize_avx2(const float* x, int m, int k, int block, Rows* out) {
+  const int nb = k / block, vectors = block / 8;
+  out->resize(m, k, block);
   const __m256 sign = _mm256_set1_ps(-0.f);
   const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);     // undoes the packs' lane interleave
   for (int r = 0; r < m; ++r)
     for (int b = 0; b < nb; ++b) {
       const size_t at = static_cast<size_t>(r) * nb + b;
-      const float* xb = x + static_cast<size_t>(r) * k + b * kBlock;
-      __m256 v[4];
-      for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(xb + 8 * i);
-      const float amax = max8(_mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
-                                            _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3]))));
+      const float* xb = x + static_cast<size_t>(r) * k + b * block;
+      __m256 v[4], a[4];
+      for (int i = 0; i < vectors; ++i) v[i] = _mm256_loadu_ps(xb + 8 * i), a[i] = _mm256_andnot_ps(sign, v[i]);
+      const __m256 a01 = _mm256_max_ps(a[0], a[1]);
+      const float amax = max8(vectors == 4 ? _mm256_max_ps(a01, _mm256_max_ps(a[2], a[3])) : a01);
       const float id = amax > 0.f ? 127.f / amax : 0.f;
       const __m256 scale = _mm256_set1_ps(id);
       __m256i q[4];     // x * (127 / amax), rounded to nearest even (the MXCSR default), within -127..127
-      for (int i = 0; i < 4; ++i)
+      for (int i = 0; i < vectors; ++i)
         q[i] = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[i], scale)), lo), hi);
-      const __m256i bytes = _mm256_permutevar8x32_epi32(
-          _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])), order);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out->q.data() + static_cast<size_t>(r) * k + b * kBlock), bytes);
+      int8_t* qb = out->q.data() + static_cast<size_t>(r) * k + b * block;
+      const __m256i p01 = _mm256_packs_epi32(q[0], q[1]);
+      if (vectors == 4) {
+        const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p01, _mm256_packs_epi32(q[2], q[3])), order);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb), bytes);
+      } else {
+        const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p01, p01), order);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(qb), _mm256_castsi256_si128(bytes));
+      }
       out->d[at] = amax / 127.f;
-      // block_sum's tree: (i, i+16), (i+8, i), (i+4, i), then (0 + 2) + (1 + 3)
-      const __m256 t3 = _mm256_add_ps(_mm256_add_ps(v[1], v[3]), _mm256_add_ps(v[0], v[2]));
+      // block_sum's tree: (i, i+16) for blocks of 32, (i+8, i), (i+4, i), then (0 + 2) + (1 + 3)
+      const __m256 t3 = vectors == 4 ? _mm256_add_ps(_mm256_add_ps(v[1], v[3]), _mm256_add_ps(v[0], v[2]))
+                                     : _mm256_add_ps(v[1], v[0]);
       const __m128 t6 = _mm_add_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));
       const __m128 t8 = _mm_add_ps(t6, _mm_shuffle_ps(t6, t6, _MM_SHUFFLE(1, 0, 3, 2)));
       out->sum[at] = _mm_cvtss_f32(_mm_add_ss(t8, _mm_shuffle_ps(t8, t8, 1)));
-      out->qsum[at] = sum8i(_mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])));
+      const __m256i q01 = _mm256_add_epi32(q[0], q[1]);
+      out->qsum[at] = sum8i(vectors == 4 ? _mm256_add_epi32(q01, _mm256_add_epi32(q[2], q[3])) : q01);
     }
 }
 
@@ -78,7 +86,7 @@ constexpr int kPrefetchBlocks = PREFETCH_BLOCKS;
 template <int R, int kBits>
 CONFLAYERS_AVX2 void avx2_rows(const Problem& p, int g, int r0) {
   const TileWeights& w = *p.w;
-  const int nb = w.nb, k = p.k, per = w.bytes_per_block();
+  const int nb = w.nb, k = p.k, per = w.bytes_per_block(), block = w.block;
   const bool offsets = !w.offsets.empty();
   const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   const int8_t* codes = w.codes.data() + static_cast<size_t>(g) * nb * per;
@@ -100,7 +108,7 @@ CONFLAYERS_AVX2 void avx2_rows(const Problem& p, int g, int r0) {
         const __m256i l0 = _mm256_and_si256(v0, mask), l1 = _mm256_and_si256(v1, mask);
         const __m256i h0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), mask), h1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), mask);
         for (int i = 0; i < R; ++i) {
-          const int32_t* a = reinterpret_cast<const int32_t*>(q0 + static_cast<size_t>(i) * k + b * kBlock);
+          const int32_t* a = reinterpret_cast<const int32_t*>(q0 + static_cast<size_t>(i) * k + b * block);
           const __m256i al = _mm256_set1_epi32(a[j]), ah = _mm256_set1_epi32(a[4 + j]);
           s16[i][0] = _mm256_add_epi16(s16[i][0], _mm256_add_epi16(_mm256_maddubs_epi16(l0, al), _mm256_maddubs_epi16(h0, ah)));
           s16[i][1] = _mm256_add_epi16(s16[i][1], _mm256_add_epi16(_mm256_maddubs_epi16(l1, al), _mm256_maddubs_epi16(h1, ah)));
@@ -112,14 +120,15 @@ CONFLAYERS_AVX2 void avx2_rows(const Problem& p, int g, int r0) {
         dot[i][1] = _mm256_add_epi32(_mm256_madd_epi16(s16[i][1], ones), mid);
       }
     } else {
-      // centered codes -128..127: |code| x (int8 with the code's sign), pairs within int16
+      // centered codes -128..127: |code| x (int8 with the code's sign), pairs within int16;
+      // block / 4 tile rows (8, or 4 for Q6_K's blocks of 16)
       for (int i = 0; i < R; ++i) dot[i][0] = dot[i][1] = _mm256_setzero_si256();
-      for (int t = 0; t < 8; ++t) {
+      for (int t = 0; t < block / 4; ++t) {
         const __m256i c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 64 * t));
         const __m256i c1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 64 * t + 32));
         const __m256i u0 = _mm256_abs_epi8(c0), u1 = _mm256_abs_epi8(c1);
         for (int i = 0; i < R; ++i) {
-          const int32_t* a = reinterpret_cast<const int32_t*>(q0 + static_cast<size_t>(i) * k + b * kBlock);
+          const int32_t* a = reinterpret_cast<const int32_t*>(q0 + static_cast<size_t>(i) * k + b * block);
           const __m256i at = _mm256_set1_epi32(a[t]);
           dot[i][0] = _mm256_add_epi32(dot[i][0], _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(at, c0)), ones));
           dot[i][1] = _mm256_add_epi32(dot[i][1], _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(at, c1)), ones));

@@ -11,25 +11,25 @@ namespace conflayers_kernels {
 namespace qmm {
 namespace {
 
-void quantize_scalar(const float* x, int m, int k, Rows* out) {
-  const int nb = k / kBlock;
-  out->resize(m, k);
+void quantize_scalar(const float* x, int m, int k, int block, Rows* out) {
+  const int nb = k / block;
+  out->resize(m, k, block);
   for (int r = 0; r < m; ++r)
     for (int b = 0; b < nb; ++b) {
       const size_t at = static_cast<size_t>(r) * nb + b;
-      const float* xb = x + static_cast<size_t>(r) * k + b * kBlock;
-      int8_t* q = out->q.data() + static_cast<size_t>(r) * k + b * kBlock;
+      const float* xb = x + static_cast<size_t>(r) * k + b * block;
+      int8_t* q = out->q.data() + static_cast<size_t>(r) * k + b * block;
       float amax = 0.f;
-      for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(xb[i]));
+      for (int i = 0; i < block; ++i) amax = std::max(amax, std::fabs(xb[i]));
       const float id = amax > 0.f ? 127.f / amax : 0.f;
       int32_t qsum = 0;
-      for (int i = 0; i < kBlock; ++i) {
+      for (int i = 0; i < block; ++i) {
         const float v = std::nearbyint(xb[i] * id);      // half to even in the default rounding mode
         q[i] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
         qsum += q[i];
       }
       out->d[at] = amax / 127.f;
-      out->sum[at] = block_sum(xb);
+      out->sum[at] = block_sum(xb, block);
       out->qsum[at] = qsum;
     }
 }
@@ -51,9 +51,9 @@ void scalar_groups(const Problem& p, int g0, int g1) {
         float acc = 0.f;
         for (int b = 0; b < nb; ++b) {
           const int8_t* src = w.codes.data() + (static_cast<size_t>(g) * nb + b) * per;
-          const int8_t* q = p.a->q.data() + static_cast<size_t>(r) * p.k + b * kBlock;
+          const int8_t* q = p.a->q.data() + static_cast<size_t>(r) * p.k + b * w.block;
           int32_t dot = 0;
-          for (int k = 0; k < kBlock; ++k) dot += code(src, w.bits, c, k) * q[k];
+          for (int k = 0; k < w.block; ++k) dot += code(src, w.bits, c, k) * q[k];
           const size_t at = (static_cast<size_t>(g) * nb + b) * kCols + c, rb = static_cast<size_t>(r) * nb + b;
           acc = std::fma(static_cast<float>(dot), w.scales.at(at) * p.a->d[rb], acc);
           if (!w.offsets.empty()) acc = std::fma(p.a->sum[rb], w.offsets.at(at), acc);
