@@ -13,6 +13,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from conflayers.compiler.export import decoder_graph
 from conflayers.runtime import Bundle, BundleError, Engine
 from conflayers.runtime.decoding import DecodeStats, generate
 from conflayers.runtime.ort_backend import KVCache
@@ -122,7 +123,7 @@ def test_target_precision_drafts_share_the_target_weights_file(native_bundle):
     assert 0 < fp32 < m["files"]["weights_native.bin"]["bytes"] / 4
     for rel in ["full.onnx"] + [b["file"] for b in m["graphs"]["bodies"].values() if "native" in b["file"]]:
         ops = [n.op_type for n in onnx.load(os.path.join(native_bundle, rel), load_external_data=False).graph.node]
-        blocks = {"MatMulNBits", "QMatMul", "QMatMul16", "QMatMulOffsets", "QMatMulOffsets16"}     # block matrices
+        blocks = {"MatMulNBits", *decoder_graph.QMATMUL_OPS}     # block matrices
         assert blocks & set(ops) and "Gemm" not in ops, rel
 
 

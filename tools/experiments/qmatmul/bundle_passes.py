@@ -22,12 +22,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from conflayers.compiler.export import decoder_graph
 from conflayers.runtime import contract, kernels
 from conflayers.runtime.bundle import Bundle
 from conflayers.runtime.ort_backend import GraphRunner, KVCache, create_session
 from conflayers.runtime.timing import time_jobs
 
-OPS = ("QMatMul", "QMatMul16", "QMatMulOffsets", "QMatMulOffsets16")
+OPS = decoder_graph.QMATMUL_OPS
 
 
 def functions_variant(bundle: str) -> str:
@@ -53,8 +54,9 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=15)
     args = ap.parse_args(argv)
-    if "qmatmul:" not in kernels.describe() or "qmatmul:off" in kernels.describe():
-        sys.exit(f"the kernel library runs no QMatMul here ({kernels.describe()})")
+    said = kernels.describe()
+    if "qmatmul:" not in said or "qmatmul:off" in said:
+        sys.exit(f"the kernel library runs no QMatMul here ({said})")
     spec = Bundle.open(args.bundle).spec
     extra = functions_variant(args.bundle)
     try:

@@ -34,9 +34,10 @@ PACKED = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
 OPSET = [helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)]
 INT64_MAX = np.iinfo(np.int64).max
 OFFSET_BLOCK = 32                  # GGUF's block and K-quant sub-block: the offsets' granularity
-QMATMUL_BLOCK = 32                 # the kernel library's QMatMul takes 4- and 8-bit blocks of 32,
-QMATMUL16 = "QMatMul16"            # and QMatMul16 Q6_K's 8-bit blocks of 16 (without offsets)
+QMATMUL_FORMS = {(32, 4), (32, 8), (16, 8)}   # (block, bits) the kernel library's QMatMul ops take
+QMATMUL16 = "QMatMul16"            # Q6_K's 8-bit blocks of 16 (without offsets)
 QMATMUL_WITH = {False: "QMatMulOffsets", True: "QMatMulOffsets16"}      # by fp16 offsets
+QMATMUL_OPS = ("QMatMul", QMATMUL16, *QMATMUL_WITH.values())
 QMATMUL_CALLS = {"QMatMulOffsets": "AddBlockOffsets", "QMatMulOffsets16": "AddBlockOffsets16"}
 
 
@@ -215,7 +216,7 @@ class _Graph:
         codes, scales, offsets = self.blocks(q, tag)
         if offsets is not None and q.block != OFFSET_BLOCK:
             raise ValueError(f"{tag}: offsets per block of {q.block}; the graph's correction needs {OFFSET_BLOCK}")
-        if (q.block == QMATMUL_BLOCK and q.bits in (4, 8)) or (q.block == 16 and q.bits == 8):
+        if (q.block, q.bits) in QMATMUL_FORMS:
             # one node, run by the kernel library's QMatMul (AMX or AVX2 engine) where it is
             # loaded, else by its ONNX function: MatMulNBits (+ AddBlockOffsets), the nodes below
             op = QMATMUL16 if q.block == 16 else "QMatMul" if offsets is None else QMATMUL_WITH[offsets in self._half_offsets]
@@ -273,7 +274,7 @@ class _Graph:
 def kernel_functions(ops: list[str]) -> list[onnx.FunctionProto]:
     """The ONNX functions of the kernel library's ops in `ops`, and of the ops their bodies call."""
     needed = set(ops) | {QMATMUL_CALLS[op] for op in ops if op in QMATMUL_CALLS}
-    order = ["AddBlockOffsets", "AddBlockOffsets16", "QMatMul", QMATMUL16, "QMatMulOffsets", "QMatMulOffsets16"]
+    order = ["AddBlockOffsets", "AddBlockOffsets16", *QMATMUL_OPS]
     return [add_block_offsets_function(op == "AddBlockOffsets16") if op.startswith("Add") else qmatmul_function(op)
             for op in order if op in needed]
 

@@ -6,9 +6,10 @@
 //   QMatMul16(x, codes, scales)                        QMatMul on 8-bit blocks of 16 (Q6_K's)
 //
 // The inputs are MatMulNBits' (codes [N, K/32, 16 | 32] of 4 or 8 bits, blocks of 32, mid 8 or
-// 128, fp32 scales [N, K/32]; or 8-bit blocks of 16, Q6_K's) plus the GGUF offsets [K/32, N]. The compiler writes each node with
-// an ONNX function of MatMulNBits (+ AddBlockOffsets), which a session runs where this op is not
-// registered (no library, CONFLAYERS_QMATMUL=off, or a CPU without AVX2).
+// 128, fp32 scales [N, K/32]; or Q6_K's 8-bit blocks of 16) plus the GGUF offsets [K/32, N]. The
+// compiler writes each node with an ONNX function of MatMulNBits (+ AddBlockOffsets), which a
+// session runs where this op is not registered (no library, CONFLAYERS_QMATMUL=off, or a CPU
+// without AVX2).
 //
 // Why (issues #21 and the exactness issue): MatMulNBits' int8 kernels redo the per-row integer
 // work for every pair of rows (a 9-row verify pass cost 2.4x a one-token step), and on AVX2-only
