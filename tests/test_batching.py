@@ -46,12 +46,24 @@ def _requests():
     return reqs
 
 
-def test_packed_passes_are_bit_identical_to_solo_passes(tiny_engine):
+@pytest.fixture(params=["as-loaded", "pad-single", "pad-every"])
+def padded_engine(request, tiny_engine):
+    """tiny_engine with its full graph's passes padded each way the runtime may pad them."""
+    from conflayers.runtime import contract
+    was = tiny_engine.full.padding
+    pads = {"pad-single": contract.PAD_SINGLE, "pad-every": contract.PAD_EVERY}
+    tiny_engine.full.padding = pads.get(request.param, was)
+    yield tiny_engine
+    tiny_engine.full.padding = was
+
+
+def test_packed_passes_are_bit_identical_to_solo_passes(padded_engine):
     """Chunked prefill, ragged passes (plain steps, verifies and a prompt chunk together, empty
-    slots) and draft bodies give each sequence exactly its solo logits."""
+    slots anywhere: each pass runs the graph packed for its busy slots, bound to them) and draft
+    bodies give each sequence exactly its solo logits, under every padding."""
     from conflayers.runtime.ort_backend import KVCache
     from conflayers.runtime.packing import BatchedKVCache, PackedGraph
-    eng = tiny_engine
+    eng = padded_engine
     rng = np.random.default_rng(0)
     cap, n_slots = 128, 4
     cache = BatchedKVCache(eng.spec, n_slots, cap)
@@ -74,7 +86,7 @@ def test_packed_passes_are_bit_identical_to_solo_passes(tiny_engine):
         cache.slot[b].length = len(p)
         assert np.array_equal(out[-1], ref)
         last.append(int(np.argmax(ref)))
-    for widths in ([1, 4, 2, 0], [3, 1, 0, 0], [1, 1, 1, 0], [9, 0, 1, 0], [2, 1, 5, 0]):
+    for widths in ([1, 4, 2, 0], [3, 1, 0, 0], [1, 1, 1, 0], [9, 0, 1, 0], [2, 1, 5, 0], [0, 2, 3, 0], [0, 1, 0, 0]):
         segs, offsets, at = [], [], 0
         for b in range(n_slots):
             w = widths[b] if b < len(prompts) else 0

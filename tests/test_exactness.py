@@ -61,18 +61,20 @@ def test_padding_never_sends_a_row_through_a_one_row_product():
 
 def test_packed_passes_are_padded_as_solo_passes():
     from conflayers.runtime.packing import _pad_segments
-    segs = [([5], 10), ([], 3), ([7, 8, 9], 4), ([4], 0)]
+    segs = [([5], 10), ([7, 8, 9], 4), ([4], 0)]
     out, rows = _pad_segments(segs, [0, 1, 2, 3, 4], contract.PAD_SINGLE)
-    assert [t for t, _ in out] == [[5, 5], [], [7, 8, 9], [4, 4]]
+    assert [t for t, _ in out] == [[5, 5], [7, 8, 9], [4, 4]] and [s for _, s in out] == [10, 4, 0]
     flat = [t for t, _ in out for t in t]
     assert [flat[r] for r in rows] == [5, 7, 8, 9, 4]
-    # 128 j + 1 rows in all: the idle slot takes a scratch row, no segment's own shape changes
-    segs = [(list(range(127)), 0), ([1, 2], 5), ([], 9)]
-    out, rows = _pad_segments(segs, list(range(129)), contract.SINGLE_ROW_OK)
-    assert [len(t) for t, _ in out] == [127, 2, 1] and rows == list(range(129))
-    segs = [(list(range(127)), 0), ([1, 2], 5)]                # no idle slot: the longest gets one
+    out, rows = _pad_segments(segs, [0, 1, 2, 3, 4], contract.PAD_EVERY)
+    assert [len(t) for t, _ in out] == [2, 4, 2] and rows == [0, 2, 3, 4, 6]
+    # 128 j + 1 rows in all: the longest segment gets one more row
+    segs = [(list(range(127)), 0), ([1, 2], 5)]
     out, rows = _pad_segments(segs, [0, 127, 128], contract.SINGLE_ROW_OK)
     assert [len(t) for t, _ in out] == [128, 2] and rows == [0, 128, 129]
+    assert out[0][0][-2:] == [126, 126]
+    out, rows = _pad_segments([([1, 2], 5), ([3], 0)], [0, 1, 2], contract.SINGLE_ROW_OK)
+    assert [t for t, _ in out] == [[1, 2], [3]] and rows == [0, 1, 2]
 
 
 def test_native_rows_are_bit_identical_at_1_2_3_and_9_rows(native_bundle, own_cache):

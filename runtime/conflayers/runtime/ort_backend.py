@@ -40,11 +40,14 @@ def _use_global_pool(num_threads: int | None) -> bool:
 
 
 def create_session(path: str | bytes, providers: list[str], num_threads: int | None = None,
-                   external_dir: str | None = None) -> ort.InferenceSession:
+                   external_dir: str | None = None, initializers=()) -> ort.InferenceSession:
     """A session for a model file, or for serialized model bytes whose external weights files lie
-    in `external_dir` (the batched engine's derived graphs)."""
+    in `external_dir` (the batched engine's derived graphs); `initializers`: (name, OrtValue)
+    pairs the session uses in place of the graph's own (ONNX Runtime keeps no copy of them)."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    for name, value in initializers:
+        so.add_initializer(name, value)
     library = kernels.library() if providers[0] == "CPUExecutionProvider" else None
     if library:
         so.register_custom_ops_library(library)

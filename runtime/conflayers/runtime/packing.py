@@ -1,19 +1,20 @@
 """Packed passes: several sequences' rows in one pass of a decoder graph, over one batched KV cache.
 
-pack_graph rewrites a decoder graph (full graph or draft body) so the sequences of `slots` KV
-cache slots are packed along its sequence axis: every node but attention computes each position
-on its own, so it runs on the packed rows unchanged; each GroupQueryAttention node becomes one per
-slot, fed exactly the rows (and the extra attention row) the solo graph would feed. PackedGraph
-runs a pass over any mix of slots: through the solo graph when one sequence is in it (the same
-computation, without the idle slots' attention nodes), else through the packed session, with the
-rows padded as the solo passes are (contract.py). The scheduler (scheduler.py) makes every pass
-through here, a request alone included.
+pack_graph rewrites a decoder graph (full graph or draft body) so the sequences of n KV cache
+slots are packed along its sequence axis: every node but attention computes each position on its
+own, so it runs on the packed rows unchanged; each GroupQueryAttention node becomes one per slot,
+fed exactly the rows (and the extra attention row) the solo graph would feed. PackedGraph runs a
+pass over any set of slots: through the solo graph when one sequence is in it (the same
+computation), else through the graph packed for exactly that many sequences, bound to their
+slots, with the rows padded as the solo passes are (contract.py). The scheduler (scheduler.py)
+makes every pass through here, a request alone included.
 
 CPU only (the slots are views of one host buffer); graphs with no GroupQueryAttention are refused.
 """
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 
 import numpy as np
 import onnxruntime as ort
@@ -30,19 +31,19 @@ class BatchingError(RuntimeError):
 # -- the packed graph ---------------------------------------------------------------------------
 def pack_graph(path: str, slots: int) -> tuple[bytes, bool]:
     """The decoder graph at `path` (full or draft body) rewritten for `slots` sequences packed
-    along its sequence axis. Returns (serialized model, whether its attention pads a row).
+    along its sequence axis, each with at least one row. Returns (serialized model, whether its
+    attention pads a row).
 
     Every node but attention computes each position on its own, so it runs on the packed rows
     unchanged. Each GroupQueryAttention node becomes one per slot: its rows are split by
     `seg_lens`, each slot's segment gets exactly what the solo graph gives it (the extra row of a
     padded full graph included) and its own KV buffers (past_key.{i}.{b} bound as both past and
-    present), and the results are concatenated again. An empty segment attends with one zero row,
-    written at the slot's length and dropped. The final Slice from `logits_from` becomes a Gather
-    of `rows` (the positions whose logits or hidden states are wanted).
+    present), and the results are concatenated again. The final Slice from `logits_from` becomes a
+    Gather of `rows` (the positions whose logits or hidden states are wanted).
 
-    Inputs:  input_ids [1, T], seg_lens [N] int64 (sum T), seqlens_k [N] int32 (the solo graph's
-             value per slot: start + n - 1; for an empty segment the row lands at seqlens_k + 1
-             when padded, seqlens_k otherwise), rows [R] int64, past_key.{i}.{b}, past_value.{i}.{b}
+    Inputs:  input_ids [1, T], seg_lens [N] int64 (each >= 1, sum T), seqlens_k [N] int32 (the solo
+             graph's value per slot: start + n - 1), rows [R] int64, past_key.{i}.{b}, past_value.{i}.{b};
+             padded graphs also attn_rows [T + N], attn_lens [N], attn_keep [T] (attention_rows())
     Outputs: logits or hidden [1, R, W], present_key.{i}.{b}, present_value.{i}.{b}
     """
     try:
@@ -76,19 +77,13 @@ def pack_graph(path: str, slots: int) -> tuple[bytes, bool]:
         consts.append(onnx.numpy_helper.from_array(np.asarray(array), name))
         return name
 
-    zero_i64, one_i64 = const("pack/zero", np.array([0], np.int64)), const("pack/one", np.array([1], np.int64))
-    minus_one, axis1 = const("pack/minus_one", np.array([-1], np.int64)), const("pack/axis1", np.array([1], np.int64))
-    big = const("pack/max", np.array([np.iinfo(np.int64).max], np.int64))
     one_i32 = const("pack/one_i32", np.array(1, np.int32))
-    fzero = const("pack/fzero", np.array(0.0, np.float32))
-    per_slot = []            # (n_b [1] int64, min(n_b, 1), seqlens_b [1] int32, total_b [1] int32)
+    per_slot = []            # (seqlens_b [1] int32, total_b [1] int32) as the solo graph's attention gets them
     for b in range(N):
-        idx = const(f"pack/slot{b}", np.array([b], np.int64))
-        n_b = op("Gather", ["seg_lens", idx])
-        s_b = op("Gather", ["seqlens_k", idx])
+        s_b = op("Gather", ["seqlens_k", const(f"pack/slot{b}", np.array([b], np.int64))])
         if padded:
             s_b = op("Add", [s_b, one_i32])
-        per_slot.append((n_b, op("Min", [n_b, one_i64]), s_b, op("Add", [s_b, one_i32])))
+        per_slot.append((s_b, op("Add", [s_b, one_i32])))
     setup, new = new, []
 
     kv_dims = {}
@@ -134,42 +129,33 @@ def pack_graph(path: str, slots: int) -> tuple[bytes, bool]:
                 skip.add(id(c))
                 dropped_io.add(c.output[0])
         dropped_io.update((n.input[3], n.input[4]))
-        segs, zeros = [], []
-        for src in srcs:
-            if not src:
-                segs.append(None)
-                zeros.append(None)
-                continue
-            segs.append(op("Split", [src, "seg_lens"], n_out=N, axis=1) if N > 1 else [op("Identity", [src])])
-            zeros.append(op("Mul", [op("Slice", [src, zero_i64, one_i64, axis1]), fzero]))
+        # a padded graph's attention gets each segment + a copy of its last row, as solo: one
+        # Gather of all segments' rows (attn_rows), split by attn_lens, the extra rows dropped
+        # after by one Gather (attn_keep)
+        lens = "attn_lens" if padded else "seg_lens"
+        segs = [None if not src else
+                op("Split", [op("Gather", [src, "attn_rows"], axis=1) if padded else src, lens], n_out=N, axis=1)
+                if N > 1 else [op("Gather", [src, "attn_rows"], axis=1) if padded else src]
+                for src in srcs]
         outs = []
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
         for b in range(N):
-            n_b, has_b, s_b, total_b = per_slot[b]
-            ins = []
-            for seg, zero in zip(segs, zeros):
-                if seg is None:
-                    ins.append("")
-                    continue
-                with_zero = op("Concat", [zero, seg[b]], axis=1)
-                if padded:      # + the last row (the zero row when the segment is empty)
-                    ins.append(op("Concat", [seg[b], op("Slice", [with_zero, minus_one, big, axis1])], axis=1))
-                else:           # the segment, or the zero row alone when it is empty
-                    ins.append(op("Slice", [with_zero, has_b, big, axis1]))
+            s_b, total_b = per_slot[b]
+            ins = ["" if seg is None else seg[b] for seg in segs]
             pk, pv = f"past_key.{layer}.{b}", f"past_value.{layer}.{b}"
-            counter[0] += 1
             name = f"pack/L{layer}/s{b}/attn"
-            o = [f"{name}/out{j}" for j in range(3)]
-            o[1:] = [f"present_key.{layer}.{b}", f"present_value.{layer}.{b}"]
+            o = [f"{name}/out0", f"present_key.{layer}.{b}", f"present_value.{layer}.{b}"]
             new.append(helper.make_node("GroupQueryAttention", ins + [pk, pv, s_b, total_b] + list(n.input[7:]),
                                         o, name=name, domain=n.domain, **attrs))
-            outs.append(op("Slice", [o[0], zero_i64, n_b, axis1]))
+            outs.append(o[0])
             shape = [d.dim_value or d.dim_param for d in kv_dims[n.input[3]].dim]
             for nm in (pk, pv):
                 added_in.append(helper.make_tensor_value_info(nm, TensorProto.FLOAT, shape))
-            for nm in (f"present_key.{layer}.{b}", f"present_value.{layer}.{b}"):
+            for nm in o[1:]:
                 added_out.append(helper.make_tensor_value_info(nm, TensorProto.FLOAT, shape))
-        new.append(helper.make_node("Concat", outs, [out_name], name=f"pack/L{layer}/concat", axis=1))
+        joined = op("Concat", outs, axis=1) if N > 1 else outs[0]
+        new.append(helper.make_node("Gather", [joined, "attn_keep"], [out_name], name=f"pack/L{layer}/keep", axis=1)
+                   if padded else helper.make_node("Identity", [joined], [out_name], name=f"pack/L{layer}/out"))
         rewrite[id(n)], new = new, []
 
     nodes = list(setup)
@@ -186,6 +172,10 @@ def pack_graph(path: str, slots: int) -> tuple[bytes, bool]:
     inputs += [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [N]),
                helper.make_tensor_value_info("seg_lens", TensorProto.INT64, [N]),
                helper.make_tensor_value_info("rows", TensorProto.INT64, ["R"])] + added_in
+    if padded:
+        inputs += [helper.make_tensor_value_info("attn_rows", TensorProto.INT64, ["TN"]),
+                   helper.make_tensor_value_info("attn_lens", TensorProto.INT64, [N]),
+                   helper.make_tensor_value_info("attn_keep", TensorProto.INT64, ["T"])]
     outputs = [x for x in g.output if x.name not in dropped_io] + added_out
     used = {x for n in nodes for x in n.input}
     stale = used & dropped_io
@@ -199,6 +189,36 @@ def pack_graph(path: str, slots: int) -> tuple[bytes, bool]:
     g.output.extend(outputs)
     g.initializer.extend(consts)
     return model.SerializeToString(), padded
+
+
+_mapped: dict[str, list] = {}           # graph file -> its external weights
+_maps: dict[str, np.memmap] = {}        # weights file -> its one map in this process
+
+
+def mapped_weights(path: str) -> list[tuple[str, ort.OrtValue]]:
+    """The external weights of the graph at `path` as OrtValues over one copy-on-write map of each
+    weights file, made once per process. Sessions given them share those pages; each session
+    that loads the file itself maps it again (measured, SmolLM2 native: ~100 MB more resident per
+    packed width, against ~3 MB shared)."""
+    if path in _mapped:
+        return _mapped[path]
+    import onnx
+    from onnx import TensorProto, helper
+    model = onnx.load(path, load_external_data=False)
+    out = []
+    for t in model.graph.initializer:
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        where = os.path.join(os.path.dirname(path), info["location"])
+        if where not in _maps:
+            _maps[where] = np.memmap(where, dtype=np.uint8, mode="c")   # "c": writable for ORT, never written back
+        start = int(info.get("offset", 0))
+        raw = _maps[where][start:start + int(info["length"])]
+        array = raw.view(helper.tensor_dtype_to_np_dtype(t.data_type)).reshape(tuple(t.dims))
+        out.append((t.name, ort.OrtValue.ortvalue_from_numpy(array)))
+    _mapped[path] = out
+    return out
 
 
 class SlotCache:
@@ -248,33 +268,49 @@ class BatchedKVCache:
 class PackedGraph:
     """A decoder graph (full graph or draft body) bound to every slot of a BatchedKVCache.
 
-    A pass with one sequence in it runs the graph itself on that slot (the solo computation, no
-    idle slots' attention nodes); only a pass over several sequences needs the packed graph
-    (pack_graph), derived from the graph's file on first use."""
+    A pass with one sequence in it runs the graph itself on that slot (the solo computation). A
+    pass over n sequences runs the graph packed for exactly n (pack_graph, one session per width,
+    derived from the graph's file on first use or by prepare()), bound to those n slots' KV: the
+    idle slots cost nothing (measured: with 2 of 8 slots busy, a graph packed for all 8 spent more
+    than half its pass on the idle slots' attention). The sessions share the weights: ONNX Runtime
+    maps the graph's external weights file, and the kernel library caches its repacked weights."""
+
+    BINDINGS = 64            # the IOBindings kept, one per set of busy slots (LRU)
 
     def __init__(self, runner: GraphRunner, cache: BatchedKVCache, providers: list[str] | None = None,
                  num_threads: int | None = None):
         self.runner, self.cache = runner, cache
         self.providers, self.num_threads = providers or ["CPUExecutionProvider"], num_threads
         self.solo = [runner.bind(slot) for slot in cache.slot]
-        self._session = None
+        self.padded = False
+        self._sessions: dict[int, ort.InferenceSession] = {}       # width -> session
+        self._bindings: OrderedDict[tuple, ort.IOBinding] = OrderedDict()
+
+    def prepare(self, widths=None):
+        """Build the packed sessions of `widths` (default: every width 2..slots) now, so that no
+        pass waits for one."""
+        for w in widths if widths is not None else range(2, self.cache.slots + 1):
+            self._session(w)
 
     def run(self, segments: list[tuple[list[int], int]], rows: list[int]) -> np.ndarray:
-        """segments[b] = (tokens, start) of slot b (tokens may be empty: start is then where a
-        scratch row may be written, past the slot's valid positions); returns the output rows
-        `rows` (indices into the packed tokens, ascending) as [len(rows), width]."""
+        """segments[b] = (tokens, start) of slot b (tokens empty: slot b takes no part); returns
+        the output rows `rows` (indices into the packed tokens, ascending) as [len(rows), width]."""
         busy = [b for b, (toks, _) in enumerate(segments) if toks]
+        if not busy:
+            if rows:
+                raise ValueError("rows asked of a pass with no tokens")
+            return np.zeros((0, 0), np.float32)
         if len(busy) == 1:
             toks, start = segments[busy[0]]
             first = rows[0] if rows else len(toks) - 1
             if list(rows) == list(range(first, first + len(rows))) and (not rows or rows[-1] == len(toks) - 1):
                 return self.solo[busy[0]].run(toks, start, logits_from=first)[:len(rows)]
+        segments = [segments[b] for b in busy]      # empty segments hold no rows: `rows` stays valid
         for toks, start in segments:
             if start + len(toks) > self.cache.capacity:
                 raise ValueError(f"context length {start + len(toks)} exceeds the KV cache capacity "
                                  f"{self.cache.capacity}")
-        if self._session is None:
-            self._pack()
+        bind = self._binding(tuple(busy))
         pad = self.runner.padding
         wanted = len(rows)
         if pad is not None:
@@ -283,54 +319,71 @@ class PackedGraph:
                 rows = list(rows) + [rows[-1]]     # the head never computes a lone row either
         lens = np.array([len(t) for t, _ in segments], np.int64)
         ids = np.fromiter((t for toks, _ in segments for t in toks), np.int64, int(lens.sum())).reshape(1, -1)
-        seqlens = np.empty(len(segments), np.int32)
-        for b, (toks, start) in enumerate(segments):
-            seqlens[b] = start + len(toks) - 1 if toks or self.padded else start
-        bind = self.binding
+        seqlens = np.array([start + len(toks) - 1 for toks, start in segments], np.int32)
         bind.bind_cpu_input(contract.INPUT_IDS, ids)
         bind.bind_cpu_input("seg_lens", lens)
         bind.bind_cpu_input(contract.SEQLENS, seqlens)
         bind.bind_cpu_input("rows", np.asarray(rows, np.int64))
+        if self.padded:
+            for name, value in zip(("attn_rows", "attn_lens", "attn_keep"), attention_rows(lens)):
+                bind.bind_cpu_input(name, value)
         bind.bind_output(self.runner.output, "cpu")
-        self._session.run_with_iobinding(bind)
+        self._sessions[len(busy)].run_with_iobinding(bind)
         return bind.get_outputs()[-1].numpy()[0][:wanted]
 
-    def _pack(self):
-        path = self.runner.path
-        if path is None or self.cache.slots == 1:
-            raise BatchingError("a pass over several sequences needs the graph's file and a batched cache")
-        data, self.padded = pack_graph(path, self.cache.slots)
-        self._session = create_session(data, self.providers, self.num_threads, external_dir=os.path.dirname(path))
-        b = self._session.io_binding()
-        for s, slot in enumerate(self.cache.slot):
+    def _session(self, width: int) -> ort.InferenceSession:
+        if width not in self._sessions:
+            path = self.runner.path
+            if path is None or self.cache.slots == 1:
+                raise BatchingError("a pass over several sequences needs the graph's file and a batched cache")
+            data, self.padded = pack_graph(path, width)
+            self._sessions[width] = create_session(data, self.providers, self.num_threads,
+                                                   external_dir=os.path.dirname(path),
+                                                   initializers=mapped_weights(path))
+        return self._sessions[width]
+
+    def _binding(self, slots: tuple[int, ...]) -> ort.IOBinding:
+        """The IOBinding of the session packed for len(slots), its slot j bound to cache slot slots[j]."""
+        bind = self._bindings.get(slots)
+        if bind is not None:
+            self._bindings.move_to_end(slots)
+            return bind
+        bind = self._session(len(slots)).io_binding()
+        for j, s in enumerate(slots):
+            slot = self.cache.slot[s]
             for i in self.runner.kv_layers:
-                b.bind_ortvalue_input(f"past_key.{i}.{s}", slot.keys[i])
-                b.bind_ortvalue_output(f"present_key.{i}.{s}", slot.keys[i])
-                b.bind_ortvalue_input(f"past_value.{i}.{s}", slot.values[i])
-                b.bind_ortvalue_output(f"present_value.{i}.{s}", slot.values[i])
-        self.binding = b
+                bind.bind_ortvalue_input(f"past_key.{i}.{j}", slot.keys[i])
+                bind.bind_ortvalue_output(f"present_key.{i}.{j}", slot.keys[i])
+                bind.bind_ortvalue_input(f"past_value.{i}.{j}", slot.values[i])
+                bind.bind_ortvalue_output(f"present_value.{i}.{j}", slot.values[i])
+        self._bindings[slots] = bind
+        if len(self._bindings) > self.BINDINGS:
+            self._bindings.popitem(last=False)
+        return bind
+
+
+def attention_rows(lens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For segments of `lens` rows packed in order: the rows a padded graph's attention takes
+    (each segment, then a copy of its last row), their lengths per segment, and the rows of the
+    attention's output to keep (all but each segment's extra one)."""
+    ends = np.cumsum(lens)
+    starts = ends - lens
+    take = np.concatenate([np.append(np.arange(a, e), e - 1) for a, e in zip(starts, ends)])
+    keep = np.concatenate([np.arange(a, e) + b for b, (a, e) in enumerate(zip(starts, ends))])
+    return take.astype(np.int64), (lens + 1).astype(np.int64), keep.astype(np.int64)
 
 
 def _pad_segments(segments, rows, pad: contract.Padding):
-    """A packed pass padded as `pad` pads a solo pass (contract.py): each busy segment gets the
-    padding row its solo pass would, and where the product's rows are then 128 j + 1 one more row
-    goes to an idle slot (a scratch token where nothing valid lives) or, with none idle, to the
-    longest segment. Returns the segments and `rows` renumbered into the padded packing."""
-    segments = [(list(t), st) for t, st in segments]
+    """A packed pass padded as `pad` pads a solo pass (contract.py): each segment gets the padding
+    row its solo pass would, and where the product's rows are then 128 j + 1 the longest segment
+    gets one more. Returns the segments and `rows` renumbered into the padded packing."""
     lens = [len(t) for t, _ in segments]
-    extra = [int(n > 0 and (pad.every or (pad.single and n == 1))) for n in lens]
+    extra = [int(pad.every or (pad.single and n == 1)) for n in lens]
     if contract.single_row(sum(lens) + sum(extra)):
-        idle = [b for b, n in enumerate(lens) if not n]
-        if idle:
-            extra[idle[0]] = 1          # a scratch token (its output is never read)
-            segments[idle[0]][0].append(0)
-        else:
-            extra[max(range(len(lens)), key=lens.__getitem__)] += 1
-    where, at = [], 0                    # old packed index -> new packed index
-    for (toks, _), n, e in zip(segments, lens, extra):
+        extra[max(range(len(lens)), key=lens.__getitem__)] += 1
+    where, at, padded = [], 0, []        # where: old packed index -> new packed index
+    for (toks, start), n, e in zip(segments, lens, extra):
         where.extend(range(at, at + n))
         at += n + e
-        toks.extend(toks[-1:] * (n + e - len(toks)))
-    return segments, [where[r] for r in rows]
-
-
+        padded.append((list(toks) + [toks[-1]] * e, start))
+    return padded, [where[r] for r in rows]

@@ -104,6 +104,7 @@ class Scheduler:
         self._graphs = (providers, num_threads)
         self.graph = full
         self.full = PackedGraph(full, self.cache, providers, num_threads)
+        self.full.prepare()                               # every width now: no request waits for one
         self.bodies: dict[int, PackedGraph] = {}         # id(draft body runner) -> its packed graph
         self.planner = planner
         self._pending: list[Sequence] = []
@@ -123,6 +124,7 @@ class Scheduler:
         """The packed graph of a draft body (GraphRunner) over this loop's cache."""
         if id(body) not in self.bodies:
             self.bodies[id(body)] = PackedGraph(body, self.cache, *self._graphs)
+            self.bodies[id(body)].prepare()
         return self.bodies[id(body)]
 
     # -- requests -----------------------------------------------------------------------------
