@@ -5,6 +5,7 @@ The identity is asserted first (greedy, then seeded sampling); then admission, c
 and cancellation."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -46,15 +47,23 @@ def _requests():
     return reqs
 
 
-@pytest.fixture(params=["as-loaded", "pad-single", "pad-every"])
-def padded_engine(request, tiny_engine):
-    """tiny_engine with its full graph's passes padded each way the runtime may pad them."""
-    from conflayers.runtime import contract
-    was = tiny_engine.full.padding
+@pytest.fixture(params=[(a, p) for a in ("slot-attention", "gqa") for p in ("as-loaded", "pad-single", "pad-every")],
+                ids=lambda v: "-".join(v))
+def padded_engine(request, tiny_bundle, monkeypatch):
+    """The tiny bundle's engine, its attention SlotAttention (the kernel library's) or ONNX
+    Runtime's GroupQueryAttention (CONFLAYERS_ATTENTION=off: the packed graphs per width), its
+    full graph's passes padded each way the runtime may pad them."""
+    from conflayers.runtime import Engine, attention, contract
+    mode, padding = request.param
+    if mode == "gqa":
+        monkeypatch.setenv("CONFLAYERS_ATTENTION", "off")
+    elif not attention.available():
+        pytest.skip("the kernel library (SlotAttention) is not built on this machine")
+    eng = Engine.load(tiny_bundle, prompt_cache=False)
     pads = {"pad-single": contract.PAD_SINGLE, "pad-every": contract.PAD_EVERY}
-    tiny_engine.full.padding = pads.get(request.param, was)
-    yield tiny_engine
-    tiny_engine.full.padding = was
+    eng.full.padding = pads.get(padding, eng.full.padding)
+    yield eng
+    eng.close()
 
 
 def test_packed_passes_are_bit_identical_to_solo_passes(padded_engine):
@@ -68,6 +77,7 @@ def test_packed_passes_are_bit_identical_to_solo_passes(padded_engine):
     cap, n_slots = 128, 4
     cache = BatchedKVCache(eng.spec, n_slots, cap)
     full = PackedGraph(eng.full, cache, eng.providers)
+    assert full.slot_attention is (os.environ.get("CONFLAYERS_ATTENTION") != "off")
     prompts = [list(rng.integers(3, 300, n)) for n in (7, 23, 3)]
     solo, last = [], []
     for b, p in enumerate(prompts):

@@ -43,6 +43,7 @@ LOGITS = "logits"
 HIDDEN = "hidden"
 KEEP_POSITIONS = "keep_positions"       # node name (prefix) of the final Slice(s) from logits_from
 ATTENTION_PAD = ("seqlens_pad", "total_pad")   # node names of the full graph's attention padding
+                                        # (dropped where SlotAttention runs: attention.py)
 
 META_SPARE_POSITIONS = "conflayers.spare_positions"   # full graph metadata: positions past max_context
                                         # its rotary tables cover (absent: 1, bundle formats 1-3)

@@ -19,16 +19,67 @@ from collections import OrderedDict
 import numpy as np
 import onnxruntime as ort
 
-from . import contract
+from . import attention, contract
 from .modelspec import ModelSpec
-from .ort_backend import GraphRunner, KVCache, create_session
+from .ort_backend import GraphRunner, KVCache, create_session, mapped_weights
 
 
 class BatchingError(RuntimeError):
     """The bundle, device or environment cannot be served by the batched engine."""
 
 
-# -- the packed graph ---------------------------------------------------------------------------
+# -- the packed graphs --------------------------------------------------------------------------
+def pack_slot_graph(path: str) -> bytes:
+    """The decoder graph at `path` (full or draft body) with SlotAttention (attention.py) for any
+    number of sequences packed along its sequence axis: every node but attention computes each
+    position on its own, and each SlotAttention node takes every segment, over the whole batched
+    KV buffers (past_key.{i} [slots, ...], bound as both past and present). The final Slice from
+    `logits_from` becomes a Gather of `rows`.
+
+    Inputs:  input_ids [1, T], seg_lens [N] int64 (each >= 1, sum T), slots [N] int64 (each
+             segment's KV slot), seqlens_k [N] int32 (start + n - 1 per segment), rows [R] int64,
+             past_key.{i}, past_value.{i} [slots, kv_heads, L, head_dim]
+    Outputs: logits or hidden [1, R, W], present_key.{i}, present_value.{i}
+    """
+    try:
+        import onnx
+        from onnx import TensorProto, helper
+    except ImportError:
+        raise BatchingError("the batched engine derives its graphs with the `onnx` package: "
+                            "pip install 'onnx>=1.17'") from None
+    model = onnx.load(path, load_external_data=False)
+    if not attention.rewrite(model, path):
+        raise BatchingError(f"{path}: its attention does not run as SlotAttention")
+    g = model.graph
+    nodes = []
+    for n in g.node:
+        if n.op_type == attention.OP:
+            del n.input[8:]
+            n.input.extend(["seg_lens", "slots"])
+        elif n.op_type == "Slice" and n.name.startswith("keep_positions"):
+            n = helper.make_node("Gather", [n.input[0], "rows"], list(n.output), name=n.name, axis=1)
+        nodes.append(n)
+    del g.node[:]
+    g.node.extend(nodes)
+    used = {x for n in nodes for x in n.input}
+    inputs = []
+    for x in g.input:
+        if x.name.startswith(("past_key.", "past_value.")):
+            x.type.tensor_type.shape.dim[0].dim_param = "slots"
+        if x.name in used and x.name != contract.SEQLENS:
+            inputs.append(x)
+    for x in g.output:
+        if x.name.startswith(("present_key.", "present_value.")):
+            x.type.tensor_type.shape.dim[0].dim_param = "slots"
+    inputs += [helper.make_tensor_value_info(contract.SEQLENS, TensorProto.INT32, ["N"]),
+               helper.make_tensor_value_info("seg_lens", TensorProto.INT64, ["N"]),
+               helper.make_tensor_value_info("slots", TensorProto.INT64, ["N"]),
+               helper.make_tensor_value_info("rows", TensorProto.INT64, ["R"])]
+    del g.input[:]
+    g.input.extend(inputs)
+    return model.SerializeToString()
+
+
 def pack_graph(path: str, slots: int) -> tuple[bytes, bool]:
     """The decoder graph at `path` (full or draft body) rewritten for `slots` sequences packed
     along its sequence axis, each with at least one row. Returns (serialized model, whether its
@@ -98,31 +149,11 @@ def pack_graph(path: str, slots: int) -> tuple[bytes, bool]:
     added_in, added_out = [], []
     for n in gqa_nodes:
         layer = n.input[3][len("past_key."):]
-        srcs = []
-        for x in n.input[:3]:
-            if not x:
-                srcs.append("")
-                continue
-            if padded:          # Pad(x, edge) (or, older graphs, Concat([x, Slice(x, -1:)])) -> x
-                pad = producer[x]
-                mode = {a.name: helper.get_attribute_value(a) for a in pad.attribute}.get("mode")
-                if pad.op_type == "Pad" and mode == b"edge":
-                    skip.add(id(pad))
-                else:
-                    last = producer.get(pad.input[1]) if len(pad.input) > 1 else None
-                    if pad.op_type != "Concat" or last is None or last.op_type != "Slice" or last.input[0] != pad.input[0]:
-                        raise BatchingError(f"{path}: unexpected attention padding before {n.name}")
-                    skip.update((id(pad), id(last)))
-                srcs.append(pad.input[0])
-            else:
-                srcs.append(x)
-        out_name = n.output[0]
-        if padded:              # Slice(attn, 0, -1) drops the extra row
-            (trim,) = consumers[n.output[0]]
-            if trim.op_type != "Slice":
-                raise BatchingError(f"{path}: unexpected attention output of {n.name}")
-            skip.add(id(trim))
-            out_name = trim.output[0]
+        try:
+            srcs, out_name, dropped = attention.sources(n, producer, consumers, path)
+        except attention.AttentionError as e:
+            raise BatchingError(str(e)) from None
+        skip.update(id(d) for d in dropped)
         for j in (1, 2):        # the present outputs: graph outputs, or (older graphs) Identity nodes'
             dropped_io.add(n.output[j])
             for c in consumers.get(n.output[j], []):
@@ -191,36 +222,6 @@ def pack_graph(path: str, slots: int) -> tuple[bytes, bool]:
     return model.SerializeToString(), padded
 
 
-_mapped: dict[str, list] = {}           # graph file -> its external weights
-_maps: dict[str, np.memmap] = {}        # weights file -> its one map in this process
-
-
-def mapped_weights(path: str) -> list[tuple[str, ort.OrtValue]]:
-    """The external weights of the graph at `path` as OrtValues over one copy-on-write map of each
-    weights file, made once per process. Sessions given them share those pages; each session
-    that loads the file itself maps it again (measured, SmolLM2 native: ~100 MB more resident per
-    packed width, against ~3 MB shared)."""
-    if path in _mapped:
-        return _mapped[path]
-    import onnx
-    from onnx import TensorProto, helper
-    model = onnx.load(path, load_external_data=False)
-    out = []
-    for t in model.graph.initializer:
-        if t.data_location != TensorProto.EXTERNAL:
-            continue
-        info = {e.key: e.value for e in t.external_data}
-        where = os.path.join(os.path.dirname(path), info["location"])
-        if where not in _maps:
-            _maps[where] = np.memmap(where, dtype=np.uint8, mode="c")   # "c": writable for ORT, never written back
-        start = int(info.get("offset", 0))
-        raw = _maps[where][start:start + int(info["length"])]
-        array = raw.view(helper.tensor_dtype_to_np_dtype(t.data_type)).reshape(tuple(t.dims))
-        out.append((t.name, ort.OrtValue.ortvalue_from_numpy(array)))
-    _mapped[path] = out
-    return out
-
-
 class SlotCache:
     """One slot of a BatchedKVCache as a batch-1 KVCache (views, no copy)."""
 
@@ -268,12 +269,16 @@ class BatchedKVCache:
 class PackedGraph:
     """A decoder graph (full graph or draft body) bound to every slot of a BatchedKVCache.
 
-    A pass with one sequence in it runs the graph itself on that slot (the solo computation). A
-    pass over n sequences runs the graph packed for exactly n (pack_graph, one session per width,
-    derived from the graph's file on first use or by prepare()), bound to those n slots' KV: the
-    idle slots cost nothing (measured: with 2 of 8 slots busy, a graph packed for all 8 spent more
-    than half its pass on the idle slots' attention). The sessions share the weights: ONNX Runtime
-    maps the graph's external weights file, and the kernel library caches its repacked weights."""
+    A pass with one sequence in it runs the graph itself on that slot (the solo computation).
+    A pass over several runs a packed graph, derived from the graph's file when the scheduler
+    starts (prepare()):
+    - where the sessions run SlotAttention (attention.py), one graph for any set of slots
+      (pack_slot_graph): one attention node a layer takes every segment;
+    - else a graph per width n (pack_graph), bound to the n busy slots' KV, so idle slots cost
+      nothing (measured: with 2 of 8 slots busy, a graph packed for all 8 spent more than half its
+      pass on the idle slots' attention).
+    The sessions share the weights (ort_backend.mapped_weights), and the kernel library caches
+    its repacked weights."""
 
     BINDINGS = 64            # the IOBindings kept, one per set of busy slots (LRU)
 
@@ -283,12 +288,19 @@ class PackedGraph:
         self.providers, self.num_threads = providers or ["CPUExecutionProvider"], num_threads
         self.solo = [runner.bind(slot) for slot in cache.slot]
         self.padded = False
-        self._sessions: dict[int, ort.InferenceSession] = {}       # width -> session
+        # as create_session decided for the solo graph's session
+        self.slot_attention = self.providers[0] == "CPUExecutionProvider" and attention.available()
+        self._sessions: dict[int, ort.InferenceSession] = {}       # width (0: any, SlotAttention) -> session
         self._bindings: OrderedDict[tuple, ort.IOBinding] = OrderedDict()
 
     def prepare(self, widths=None):
-        """Build the packed sessions of `widths` (default: every width 2..slots) now, so that no
-        pass waits for one."""
+        """Build the packed sessions now, so that no pass waits for one (without SlotAttention:
+        those of `widths`, default every width 2..slots)."""
+        if self.cache.slots == 1:
+            return
+        if self.slot_attention:
+            self._session(0)
+            return
         for w in widths if widths is not None else range(2, self.cache.slots + 1):
             self._session(w)
 
@@ -310,7 +322,8 @@ class PackedGraph:
             if start + len(toks) > self.cache.capacity:
                 raise ValueError(f"context length {start + len(toks)} exceeds the KV cache capacity "
                                  f"{self.cache.capacity}")
-        bind = self._binding(tuple(busy))
+        width = 0 if self.slot_attention else len(busy)
+        bind = self._binding(() if self.slot_attention else tuple(busy))
         pad = self.runner.padding
         wanted = len(rows)
         if pad is not None:
@@ -324,11 +337,13 @@ class PackedGraph:
         bind.bind_cpu_input("seg_lens", lens)
         bind.bind_cpu_input(contract.SEQLENS, seqlens)
         bind.bind_cpu_input("rows", np.asarray(rows, np.int64))
-        if self.padded:
+        if self.slot_attention:
+            bind.bind_cpu_input("slots", np.asarray(busy, np.int64))
+        elif self.padded:
             for name, value in zip(("attn_rows", "attn_lens", "attn_keep"), attention_rows(lens)):
                 bind.bind_cpu_input(name, value)
         bind.bind_output(self.runner.output, "cpu")
-        self._sessions[len(busy)].run_with_iobinding(bind)
+        self._sessions[width].run_with_iobinding(bind)
         return bind.get_outputs()[-1].numpy()[0][:wanted]
 
     def _session(self, width: int) -> ort.InferenceSession:
@@ -336,19 +351,29 @@ class PackedGraph:
             path = self.runner.path
             if path is None or self.cache.slots == 1:
                 raise BatchingError("a pass over several sequences needs the graph's file and a batched cache")
-            data, self.padded = pack_graph(path, width)
+            if width == 0:
+                data = pack_slot_graph(path)
+            else:
+                data, self.padded = pack_graph(path, width)
             self._sessions[width] = create_session(data, self.providers, self.num_threads,
                                                    external_dir=os.path.dirname(path),
                                                    initializers=mapped_weights(path))
         return self._sessions[width]
 
     def _binding(self, slots: tuple[int, ...]) -> ort.IOBinding:
-        """The IOBinding of the session packed for len(slots), its slot j bound to cache slot slots[j]."""
+        """The IOBinding of the session packed for len(slots), its slot j bound to cache slot
+        slots[j]; () the SlotAttention session's, bound to the whole buffers."""
         bind = self._bindings.get(slots)
         if bind is not None:
             self._bindings.move_to_end(slots)
             return bind
         bind = self._session(len(slots)).io_binding()
+        if not slots:
+            for i in self.runner.kv_layers:
+                for kind, arrays in (("key", self.cache.k), ("value", self.cache.v)):
+                    whole = ort.OrtValue.ortvalue_from_numpy(arrays[i])
+                    bind.bind_ortvalue_input(f"past_{kind}.{i}", whole)
+                    bind.bind_ortvalue_output(f"present_{kind}.{i}", whole)
         for j, s in enumerate(slots):
             slot = self.cache.slot[s]
             for i in self.runner.kv_layers:

@@ -12,4 +12,6 @@ void add_block_offsets_ops(Ort::CustomOpDomain& domain);
 const char* qmatmul_engine();                          // "amx", "avx2", "scalar" or "off" (throws on a bad
 void add_qmatmul_ops(Ort::CustomOpDomain& domain);     // CONFLAYERS_QMATMUL)
 
+void add_attention_ops(Ort::CustomOpDomain& domain);   // SlotAttention (AVX2 + FMA)
+
 }  // namespace conflayers_kernels

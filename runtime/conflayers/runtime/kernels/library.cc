@@ -18,13 +18,14 @@ std::vector<Ort::CustomOpDomain> g_domains;    // kept alive for every session t
 
 extern "C" {
 
-// What registers here: "offsets:avx2 qmatmul:<engine>" (amx, avx2, scalar, or off: QMatMul's
-// ONNX functions run), "none" (nothing: a CPU without AVX2), or why CONFLAYERS_QMATMUL is refused.
+// What registers here: "offsets:avx2 qmatmul:<engine> attention:avx2" (engine amx, avx2, scalar,
+// or off: QMatMul's ONNX functions run), "none" (nothing: a CPU without AVX2), or why
+// CONFLAYERS_QMATMUL is refused.
 const char* conflayers_kernels_path() {
   static thread_local std::string said;
   if (!conflayers_kernels::block_offsets_supported()) return "none";
   try {
-    said = std::string("offsets:avx2 qmatmul:") + conflayers_kernels::qmatmul_engine();
+    said = std::string("offsets:avx2 qmatmul:") + conflayers_kernels::qmatmul_engine() + " attention:avx2";
   } catch (const std::exception& e) {
     said = std::string("error: ") + e.what();
   }
@@ -41,6 +42,7 @@ OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtA
     Ort::CustomOpDomain domain("conflayers");
     conflayers_kernels::add_block_offsets_ops(domain);
     conflayers_kernels::add_qmatmul_ops(domain);     // none where no engine is chosen
+    conflayers_kernels::add_attention_ops(domain);
     Ort::UnownedSessionOptions(options).Add(domain);
     g_domains.push_back(std::move(domain));
   } catch (const std::exception& e) {

@@ -1,0 +1,348 @@
+// SlotAttention: causal grouped-query attention with rotary embeddings over KV caches updated in
+// place, for one sequence or several packed along the rows (domain "conflayers"; the runtime
+// writes it in place of GroupQueryAttention when the library is loaded: attention.py).
+//
+//   SlotAttention(query [1, T, (N + 2 Nkv) H] packed, or [1, T, N H] with key, value [1, T, Nkv H],
+//                 key?, value?, past_key [B, Nkv, L, H], past_value [B, Nkv, L, H],
+//                 seqlens_k [S] int32 (per segment: its total length - 1, as GroupQueryAttention),
+//                 cos_cache [P, R/2], sin_cache [P, R/2], seg_lens? [S] int64 (rows per segment,
+//                 in order; absent: one segment of all T rows), slots? [S] int64 (the KV slot of
+//                 each segment; absent: 0, 1, ...))
+//     -> output [1, T, N H], present_key, present_value (bind them to past_key / past_value's
+//        buffers: the new rows are written in place; otherwise the past is copied first)
+//   attributes: num_heads N, kv_num_heads Nkv, scale, local_window_size (as GroupQueryAttention in
+//   ONNX Runtime 1.32, and a Hugging Face sliding window: > 0 attends the last local_window_size
+//   positions, its own included), do_rotary (non-interleaved halves of the first R dimensions).
+//
+// Why: GroupQueryAttention on the CPU computes a one-row pass on another path than a 2+-row pass
+// (the graphs pad every attention by a row for it), and it takes one batch entry per call when
+// rows are added to a past, so a packed pass of n sequences ran n nodes per layer (~35 us each at
+// 150 positions on a 2-core AVX2 VM). This op takes every segment in one node.
+//
+// Exactness by construction: each row's result is a function of its own query row, its position
+// and the KV positions it attends, computed in one fixed order (8-lane FMA dot products summed in
+// a fixed tree, an 8-lane softmax sum from the window's first position, an FMA sequence over the
+// positions for the values), whatever the pass's rows, segments or threads. AVX2 + FMA only, on
+// every CPU: the bits do not depend on which x86 CPU runs it.
+#define ORT_API_MANUAL_INIT   // the API table comes from the ONNX Runtime that loads us
+#include <onnxruntime_cxx_api.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+namespace {
+
+#define TARGET __attribute__((target("avx2,fma")))
+
+// exp(x) for x <= 0 (scores minus their maximum): Cephes' expf polynomial, 2^n by the exponent.
+TARGET inline __m256 exp_nonpositive(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// Lane i of the result: the sum of a[i]'s 8 lanes, ((0+1)+(2+3))+((4+5)+(6+7)) for every i.
+TARGET inline __m256 sum8x8(const __m256* a) {
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+TARGET inline float sum8(__m256 v) {     // lane 0 of sum8x8 with a[0] = v
+  const __m256 z = _mm256_setzero_ps();
+  const __m256 a[8] = {v, z, z, z, z, z, z, z};
+  return _mm256_cvtss_f32(sum8x8(a));
+}
+
+// Rotary embedding of one head's row at `pos` (non-interleaved: dimension i pairs with i + R/2),
+// the dimensions from R on copied. One compiled copy (noinline, no FMA target) for queries and
+// keys alike: an inlined copy could be contracted into FMAs differently.
+__attribute__((noinline)) void rotate(const float* x, float* y, int h, int half, const float* cos, const float* sin) {
+  for (int i = 0; i < half; ++i) {
+    const float a = x[i], b = x[i + half];
+    y[i] = a * cos[i] - b * sin[i];
+    y[i + half] = b * cos[i] + a * sin[i];
+  }
+  for (int i = 2 * half; i < h; ++i) y[i] = x[i];
+}
+
+struct Problem {
+  // rows
+  const float* q;
+  const float* k;
+  const float* v;
+  int64_t q_stride, kv_stride;          // floats between rows of q and of k / v
+  float* out;
+  // segments
+  std::vector<int64_t> first;           // per segment: its first row
+  std::vector<int64_t> rows, past, slot;
+  // caches
+  float* key;
+  float* value;
+  int64_t slot_stride, head_stride;     // floats per slot and per KV head of the caches
+  const float* cos;
+  const float* sin;
+  int half;                             // R / 2 (0: no rotary)
+  // shape
+  int heads, kv_heads, h;
+  float scale;
+  int window;
+};
+
+struct Task {
+  int seg, row, head;
+};
+
+// One query row and head: the attention over positions [lo, pos] of its slot, into `out`.
+// H: the head size when known at compile time (the same operations in the same order as H = 0,
+// the run-time size: unrolled, the query stays in registers).
+template <int H>
+TARGET void attend(const Problem& p, const Task& t, std::vector<float>& scores, std::vector<float>& qr) {
+  const int h = H ? H : p.h;
+  const int64_t row = p.first[t.seg] + t.row;
+  const int64_t pos = p.past[t.seg] + t.row;
+  const int kvh = t.head / (p.heads / p.kv_heads);
+  const float* q = p.q + row * p.q_stride + static_cast<int64_t>(t.head) * h;
+  qr.resize(h);
+  if (p.half) rotate(q, qr.data(), h, p.half, p.cos + pos * p.half, p.sin + pos * p.half);
+  else std::memcpy(qr.data(), q, h * sizeof(float));
+  const float* keys = p.key + p.slot[t.seg] * p.slot_stride + kvh * p.head_stride;
+  const float* values = p.value + p.slot[t.seg] * p.slot_stride + kvh * p.head_stride;
+  const int64_t lo = p.window > 0 && pos >= p.window ? pos - p.window + 1 : 0;
+  const int64_t n = pos - lo + 1;
+  scores.resize((n + 7) / 8 * 8);
+  // scores, 8 positions at a time (the last group repeats the last position)
+  for (int64_t j = 0; j < n; j += 8) {
+    __m256 acc[8];
+    for (int u = 0; u < 8; ++u) {
+      const float* kr = keys + std::min(lo + j + u, pos) * h;
+      __m256 a = _mm256_mul_ps(_mm256_loadu_ps(qr.data()), _mm256_loadu_ps(kr));
+      for (int d = 8; d < h; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qr.data() + d), _mm256_loadu_ps(kr + d), a);
+      acc[u] = a;
+    }
+    _mm256_storeu_ps(scores.data() + j, _mm256_mul_ps(sum8x8(acc), _mm256_set1_ps(p.scale)));
+  }
+  float top = scores[0];
+  for (int64_t j = 1; j < n; ++j) top = std::max(top, scores[j]);
+  __m256 total = _mm256_setzero_ps();
+  const __m256 vtop = _mm256_set1_ps(top);
+  for (int64_t j = 0; j < n; j += 8) {
+    __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores.data() + j), vtop));
+    if (j + 8 > n) {                      // the repeated positions weigh nothing
+      alignas(32) int32_t keep[8];
+      for (int u = 0; u < 8; ++u) keep[u] = j + u < n ? -1 : 0;
+      e = _mm256_and_ps(e, _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(keep))));
+    }
+    _mm256_storeu_ps(scores.data() + j, e);
+    total = _mm256_add_ps(total, e);
+  }
+  const float inv = 1.0f / sum8(total);
+  float* out = p.out + row * static_cast<int64_t>(p.heads) * h + static_cast<int64_t>(t.head) * h;
+  for (int d0 = 0; d0 < h; d0 += 64) {    // 8 accumulators of 8 dimensions at a time
+    const int dn = std::min(64, h - d0);
+    __m256 acc[8];
+    for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+      const __m256 w = _mm256_set1_ps(scores[j] * inv);
+      const float* vr = values + (lo + j) * h + d0;
+      for (int c = 0; c < dn / 8; ++c) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vr + 8 * c), acc[c]);
+    }
+    for (int c = 0; c < dn / 8; ++c) _mm256_storeu_ps(out + d0 + 8 * c, acc[c]);
+  }
+}
+
+struct Job {
+  const Problem* p;
+  const std::vector<Task>* tasks;
+  size_t per;                            // tasks per parallel batch
+};
+
+void attend_range(const Problem& p, const Task* t, const Task* end) {
+  thread_local std::vector<float> scores, qr;
+  switch (p.h) {
+    case 64: for (; t != end; ++t) attend<64>(p, *t, scores, qr); break;
+    case 128: for (; t != end; ++t) attend<128>(p, *t, scores, qr); break;
+    case 256: for (; t != end; ++t) attend<256>(p, *t, scores, qr); break;
+    default: for (; t != end; ++t) attend<0>(p, *t, scores, qr);
+  }
+}
+
+void run_tasks(void* data, size_t index) {
+  const Job& job = *static_cast<const Job*>(data);
+  const size_t a = index * job.per, b = std::min(job.tasks->size(), a + job.per);
+  attend_range(*job.p, job.tasks->data() + a, job.tasks->data() + b);
+}
+
+// Work below which one thread does it all: waking the pool costs more (the QMatMul and offsets
+// kernels measured the same on this VM class).
+constexpr int64_t kParallelWork = 1 << 16;
+
+struct SlotAttentionKernel {
+  SlotAttentionKernel(const OrtApi& api, const OrtKernelInfo* info) : api_(api) {
+    Ort::ConstKernelInfo ki(info);
+    heads_ = static_cast<int>(ki.GetAttribute<int64_t>("num_heads"));
+    kv_heads_ = static_cast<int>(ki.GetAttribute<int64_t>("kv_num_heads"));
+    scale_ = ki.GetAttribute<float>("scale");
+    window_ = static_cast<int>(attr_or(ki, "local_window_size", -1));
+    rotary_ = attr_or(ki, "do_rotary", 0) == 1;
+    if (heads_ <= 0 || kv_heads_ <= 0 || heads_ % kv_heads_ != 0)
+      throw std::runtime_error("conflayers SlotAttention: num_heads must be a positive multiple of kv_num_heads");
+    if (attr_or(ki, "rotary_interleaved", 0) != 0)
+      throw std::runtime_error("conflayers SlotAttention: interleaved rotary is not supported");
+  }
+
+  static int64_t attr_or(Ort::ConstKernelInfo& ki, const char* name, int64_t dflt) {
+    try {
+      return ki.GetAttribute<int64_t>(name);
+    } catch (const Ort::Exception&) {
+      return dflt;
+    }
+  }
+
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    Ort::ConstValue query = ctx.GetInput(0), key = ctx.GetInput(1), value = ctx.GetInput(2);
+    Ort::ConstValue past_k = ctx.GetInput(3), past_v = ctx.GetInput(4), seqlens = ctx.GetInput(5);
+    Ort::ConstValue cos = ctx.GetInput(6), sin = ctx.GetInput(7);
+    Ort::ConstValue seg_lens = ctx.GetInputCount() > 8 ? ctx.GetInput(8) : Ort::ConstValue{nullptr};
+    Ort::ConstValue slots = ctx.GetInputCount() > 9 ? ctx.GetInput(9) : Ort::ConstValue{nullptr};
+    const std::vector<int64_t> kv_shape = past_k.GetTensorTypeAndShapeInfo().GetShape();
+    const std::vector<int64_t> q_shape = query.GetTensorTypeAndShapeInfo().GetShape();
+    if (kv_shape.size() != 4 || kv_shape[1] != kv_heads_ || past_v.GetTensorTypeAndShapeInfo().GetShape() != kv_shape)
+      throw std::runtime_error("conflayers SlotAttention: past_key and past_value must be [slots, kv_num_heads, L, H]");
+    if (q_shape.size() != 3 || q_shape[0] != 1)
+      throw std::runtime_error("conflayers SlotAttention: query must be [1, rows, width]");
+    Problem p;
+    p.heads = heads_, p.kv_heads = kv_heads_, p.h = static_cast<int>(kv_shape[3]), p.scale = scale_, p.window = window_;
+    const int64_t t_rows = q_shape[1], h = p.h, length = kv_shape[2];
+    if (h % 8 != 0) throw std::runtime_error("conflayers SlotAttention: head size must be a multiple of 8");
+    const bool packed = key == nullptr;
+    if (q_shape[2] != (packed ? (heads_ + 2 * kv_heads_) * h : heads_ * h))
+      throw std::runtime_error("conflayers SlotAttention: query width does not match the heads and head size");
+    p.q = query.GetTensorData<float>();
+    p.q_stride = q_shape[2];
+    if (packed) {
+      p.k = p.q + heads_ * h, p.v = p.k + kv_heads_ * h, p.kv_stride = p.q_stride;
+    } else {
+      p.k = key.GetTensorData<float>(), p.v = value.GetTensorData<float>(), p.kv_stride = kv_heads_ * h;
+    }
+    // segments
+    const int64_t n_seg = seqlens.GetTensorTypeAndShapeInfo().GetElementCount();
+    const int32_t* total = seqlens.GetTensorData<int32_t>();
+    p.first.resize(n_seg), p.rows.resize(n_seg), p.past.resize(n_seg), p.slot.resize(n_seg);
+    int64_t at = 0;
+    for (int64_t s = 0; s < n_seg; ++s) {
+      p.rows[s] = seg_lens ? seg_lens.GetTensorData<int64_t>()[s] : t_rows;
+      p.slot[s] = slots ? slots.GetTensorData<int64_t>()[s] : s;
+      p.first[s] = at;
+      p.past[s] = static_cast<int64_t>(total[s]) + 1 - p.rows[s];
+      at += p.rows[s];
+      if (p.rows[s] < 0 || p.past[s] < 0 || total[s] >= length || p.slot[s] < 0 || p.slot[s] >= kv_shape[0])
+        throw std::runtime_error("conflayers SlotAttention: segment " + std::to_string(s) + " (rows " +
+                                 std::to_string(p.rows[s]) + ", length " + std::to_string(total[s] + 1) + ", slot " +
+                                 std::to_string(p.slot[s]) + ") does not fit the KV cache [" +
+                                 std::to_string(kv_shape[0]) + ", " + std::to_string(length) + "]");
+    }
+    if (at != t_rows) throw std::runtime_error("conflayers SlotAttention: seg_lens must add up to the query's rows");
+    // caches: written in place when present is bound to past's buffer
+    Ort::UnownedValue present_k = ctx.GetOutput(1, kv_shape), present_v = ctx.GetOutput(2, kv_shape);
+    p.key = present_k.GetTensorMutableData<float>(), p.value = present_v.GetTensorMutableData<float>();
+    const size_t cache_bytes = static_cast<size_t>(kv_shape[0] * kv_shape[1] * length * h) * sizeof(float);
+    if (p.key != past_k.GetTensorData<float>()) std::memcpy(p.key, past_k.GetTensorData<float>(), cache_bytes);
+    if (p.value != past_v.GetTensorData<float>()) std::memcpy(p.value, past_v.GetTensorData<float>(), cache_bytes);
+    p.head_stride = length * h, p.slot_stride = kv_heads_ * length * h;
+    p.half = 0;
+    if (rotary_) {
+      const std::vector<int64_t> c_shape = cos.GetTensorTypeAndShapeInfo().GetShape();
+      if (c_shape.size() != 2 || 2 * c_shape[1] > h || sin.GetTensorTypeAndShapeInfo().GetShape() != c_shape)
+        throw std::runtime_error("conflayers SlotAttention: cos_cache and sin_cache must be [positions, <= H/2]");
+      for (int64_t s = 0; s < n_seg; ++s)
+        if (p.past[s] + p.rows[s] > c_shape[0])
+          throw std::runtime_error("conflayers SlotAttention: a position is past the rotary tables' " +
+                                   std::to_string(c_shape[0]));
+      p.half = static_cast<int>(c_shape[1]);
+      p.cos = cos.GetTensorData<float>(), p.sin = sin.GetTensorData<float>();
+    }
+    p.out = ctx.GetOutput(0, {1, t_rows, static_cast<int64_t>(heads_) * h}).GetTensorMutableData<float>();
+    // the new rows' keys (rotated) and values, written before any row attends
+    int64_t work = 0;
+    std::vector<Task> tasks;
+    for (int64_t s = 0; s < n_seg; ++s) {
+      for (int64_t r = 0; r < p.rows[s]; ++r) {
+        const int64_t row = p.first[s] + r, pos = p.past[s] + r;
+        for (int j = 0; j < kv_heads_; ++j) {
+          float* kd = p.key + p.slot[s] * p.slot_stride + j * p.head_stride + pos * h;
+          float* vd = p.value + p.slot[s] * p.slot_stride + j * p.head_stride + pos * h;
+          const float* ks = p.k + row * p.kv_stride + j * h;
+          if (p.half) rotate(ks, kd, h, p.half, p.cos + pos * p.half, p.sin + pos * p.half);
+          else std::memcpy(kd, ks, h * sizeof(float));
+          std::memcpy(vd, p.v + row * p.kv_stride + j * h, h * sizeof(float));
+        }
+        const int64_t span = window_ > 0 ? std::min<int64_t>(pos + 1, window_) : pos + 1;
+        work += span * heads_ * h;
+        for (int hd = 0; hd < heads_; ++hd) tasks.push_back(Task{static_cast<int>(s), static_cast<int>(r), hd});
+      }
+    }
+    if (tasks.empty()) return;
+    if (work < kParallelWork) {
+      attend_range(p, tasks.data(), tasks.data() + tasks.size());
+      return;
+    }
+    Job job{&p, &tasks, std::max<size_t>(1, tasks.size() / 64)};
+    const size_t batches = (tasks.size() + job.per - 1) / job.per;
+    Ort::ThrowOnError(api_.KernelContext_ParallelFor(context, run_tasks, batches, 0, &job));
+  }
+
+ private:
+  const OrtApi& api_;
+  int heads_ = 0, kv_heads_ = 0, window_ = -1;
+  float scale_ = 1.0f;
+  bool rotary_ = false;
+};
+
+struct SlotAttentionOp : Ort::CustomOpBase<SlotAttentionOp, SlotAttentionKernel> {
+  void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const { return new SlotAttentionKernel(api, info); }
+  const char* GetName() const { return "SlotAttention"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 10; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    if (i == 5) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+    if (i >= 8) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+    return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i == 1 || i == 2 || i >= 8 ? OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL
+                                      : OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 3; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+SlotAttentionOp g_slot_attention;
+
+}  // namespace
+
+namespace conflayers_kernels {
+
+void add_attention_ops(Ort::CustomOpDomain& domain) { domain.Add(&g_slot_attention); }
+
+}  // namespace conflayers_kernels
