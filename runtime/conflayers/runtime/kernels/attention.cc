@@ -108,65 +108,115 @@ struct Problem {
   int window;
 };
 
+// A block of query rows (consecutive rows of one segment) and query heads of one KV head: they
+// share every key and value they read, a tile of positions at a time (from L1 instead of each
+// query reading the whole KV from L2).
 struct Task {
-  int seg, row, head;
+  int seg, row, rows, head, heads;
 };
 
-// One query row and head: the attention over positions [lo, pos] of its slot, into `out`.
-// H: the head size when known at compile time (the same operations in the same order as H = 0,
-// the run-time size: unrolled, the query stays in registers).
+constexpr int kTile = 4096;              // floats of K (or V) per tile: 16 KB
+
+// The task's attention, into `out`. Per query (row and head) every score, the softmax and every
+// output element are the same operations in the same order as for that query alone:
+//   score(q, t) = (q[0:8] * k_t[0:8], then FMA over the next 8 dimensions in order), its 8 lanes
+//                 summed by sum8x8's tree, times scale;
+//   softmax over the query's positions [lo, pos] in 8-lane groups from lo;
+//   out(q)[d]   = FMA over t = lo..pos in order of w_t * v_t[d], from 0.
+// Tiles and blocks only change which query reads a position first. H: the head size when known
+// at compile time (the same operations as H = 0, the run-time size, unrolled).
 template <int H>
-TARGET void attend(const Problem& p, const Task& t, std::vector<float>& scores, std::vector<float>& qr) {
+TARGET void attend(const Problem& p, const Task& t, std::vector<float>& buf) {
   const int h = H ? H : p.h;
-  const int64_t row = p.first[t.seg] + t.row;
-  const int64_t pos = p.past[t.seg] + t.row;
-  const int kvh = t.head / (p.heads / p.kv_heads);
-  const float* q = p.q + row * p.q_stride + static_cast<int64_t>(t.head) * h;
-  qr.resize(h);
-  if (p.half) rotate(q, qr.data(), h, p.half, p.cos + pos * p.half, p.sin + pos * p.half);
-  else std::memcpy(qr.data(), q, h * sizeof(float));
+  const int group = p.heads / p.kv_heads;
+  const int kvh = t.head / group;
+  const int nq = t.rows * t.heads;
+  const int64_t pos0 = p.past[t.seg] + t.row, pos_max = pos0 + t.rows - 1;
+  const auto lo_of = [&](int64_t pos) { return p.window > 0 && pos >= p.window ? pos - p.window + 1 : int64_t{0}; };
+  const int64_t lo_min = lo_of(pos0);
+  const int64_t span = pos_max - lo_min + 1;
+  const int64_t stride = (span + 7) / 8 * 8 + 8;        // per query: its scores (then weights)
+  buf.resize(static_cast<size_t>(nq) * (h + stride));
+  float* qr = buf.data();                                // [nq][h]: the rotated queries
+  float* sc = qr + static_cast<size_t>(nq) * h;          // [nq][stride], index 0 = position lo_min
+  for (int r = 0; r < t.rows; ++r) {
+    const int64_t row = p.first[t.seg] + t.row + r, pos = pos0 + r;
+    for (int g = 0; g < t.heads; ++g) {
+      const float* q = p.q + row * p.q_stride + static_cast<int64_t>(t.head + g) * h;
+      float* dst = qr + static_cast<size_t>(r * t.heads + g) * h;
+      if (p.half) rotate(q, dst, h, p.half, p.cos + pos * p.half, p.sin + pos * p.half);
+      else std::memcpy(dst, q, h * sizeof(float));
+    }
+  }
   const float* keys = p.key + p.slot[t.seg] * p.slot_stride + kvh * p.head_stride;
   const float* values = p.value + p.slot[t.seg] * p.slot_stride + kvh * p.head_stride;
-  const int64_t lo = p.window > 0 && pos >= p.window ? pos - p.window + 1 : 0;
-  const int64_t n = pos - lo + 1;
-  scores.resize((n + 7) / 8 * 8);
-  // scores, 8 positions at a time (the last group repeats the last position)
-  for (int64_t j = 0; j < n; j += 8) {
-    __m256 acc[8];
-    for (int u = 0; u < 8; ++u) {
-      const float* kr = keys + std::min(lo + j + u, pos) * h;
-      __m256 a = _mm256_mul_ps(_mm256_loadu_ps(qr.data()), _mm256_loadu_ps(kr));
-      for (int d = 8; d < h; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qr.data() + d), _mm256_loadu_ps(kr + d), a);
-      acc[u] = a;
+  const int64_t tile = std::max<int64_t>(8, kTile / h / 8 * 8);
+  // scores over [lo_min, pos_max], 8 positions at a time (the last group repeats pos_max)
+  for (int64_t t0 = 0; t0 < span; t0 += tile) {
+    const int64_t t1 = std::min(span, t0 + tile);
+    for (int qi = 0; qi < nq; ++qi) {
+      const float* qv = qr + static_cast<size_t>(qi) * h;
+      float* s = sc + static_cast<size_t>(qi) * stride;
+      for (int64_t j = t0; j < t1; j += 8) {
+        __m256 acc[8];
+        for (int u = 0; u < 8; ++u) {
+          const float* kr = keys + std::min(lo_min + j + u, pos_max) * h;
+          __m256 a = _mm256_mul_ps(_mm256_loadu_ps(qv), _mm256_loadu_ps(kr));
+          for (int d = 8; d < h; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qv + d), _mm256_loadu_ps(kr + d), a);
+          acc[u] = a;
+        }
+        _mm256_storeu_ps(s + j, _mm256_mul_ps(sum8x8(acc), _mm256_set1_ps(p.scale)));
+      }
     }
-    _mm256_storeu_ps(scores.data() + j, _mm256_mul_ps(sum8x8(acc), _mm256_set1_ps(p.scale)));
   }
-  float top = scores[0];
-  for (int64_t j = 1; j < n; ++j) top = std::max(top, scores[j]);
-  __m256 total = _mm256_setzero_ps();
-  const __m256 vtop = _mm256_set1_ps(top);
-  for (int64_t j = 0; j < n; j += 8) {
-    __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores.data() + j), vtop));
-    if (j + 8 > n) {                      // the repeated positions weigh nothing
-      alignas(32) int32_t keep[8];
-      for (int u = 0; u < 8; ++u) keep[u] = j + u < n ? -1 : 0;
-      e = _mm256_and_ps(e, _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(keep))));
+  // per query: softmax over its own positions, the weights written in place
+  for (int qi = 0; qi < nq; ++qi) {
+    const int64_t pos = pos0 + qi / t.heads, lo = lo_of(pos), n = pos - lo + 1;
+    float* s = sc + static_cast<size_t>(qi) * stride + (lo - lo_min);
+    float top = s[0];
+    for (int64_t j = 1; j < n; ++j) top = std::max(top, s[j]);
+    __m256 total = _mm256_setzero_ps();
+    const __m256 vtop = _mm256_set1_ps(top);
+    for (int64_t j = 0; j < n; j += 8) {
+      __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + j), vtop));
+      if (j + 8 > n) {                    // positions past the query's weigh nothing
+        alignas(32) int32_t keep[8];
+        for (int u = 0; u < 8; ++u) keep[u] = j + u < n ? -1 : 0;
+        e = _mm256_and_ps(e, _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(keep))));
+      }
+      _mm256_storeu_ps(s + j, e);
+      total = _mm256_add_ps(total, e);
     }
-    _mm256_storeu_ps(scores.data() + j, e);
-    total = _mm256_add_ps(total, e);
+    const float inv = 1.0f / sum8(total);
+    for (int64_t j = 0; j < n; ++j) s[j] *= inv;
   }
-  const float inv = 1.0f / sum8(total);
-  float* out = p.out + row * static_cast<int64_t>(p.heads) * h + static_cast<int64_t>(t.head) * h;
-  for (int d0 = 0; d0 < h; d0 += 64) {    // 8 accumulators of 8 dimensions at a time
+  // values: per 64 dimensions, each query's 8 accumulators carried across the tiles
+  for (int d0 = 0; d0 < h; d0 += 64) {
     const int dn = std::min(64, h - d0);
-    __m256 acc[8];
-    for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
-    for (int64_t j = 0; j < n; ++j) {
-      const __m256 w = _mm256_set1_ps(scores[j] * inv);
-      const float* vr = values + (lo + j) * h + d0;
-      for (int c = 0; c < dn / 8; ++c) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vr + 8 * c), acc[c]);
+    for (int qi = 0; qi < nq; ++qi) {
+      float* out = p.out + (p.first[t.seg] + t.row + qi / t.heads) * static_cast<int64_t>(p.heads) * h +
+                   static_cast<int64_t>(t.head + qi % t.heads) * h + d0;
+      for (int c = 0; c < dn / 8; ++c) _mm256_storeu_ps(out + 8 * c, _mm256_setzero_ps());
     }
-    for (int c = 0; c < dn / 8; ++c) _mm256_storeu_ps(out + d0 + 8 * c, acc[c]);
+    for (int64_t t0 = 0; t0 < span; t0 += tile) {
+      const int64_t t1 = std::min(span, t0 + tile);
+      for (int qi = 0; qi < nq; ++qi) {
+        const int64_t pos = pos0 + qi / t.heads, lo = lo_of(pos) - lo_min, end = pos - lo_min + 1;
+        const int64_t a = std::max(t0, lo), b = std::min(t1, end);
+        if (a >= b) continue;
+        float* out = p.out + (p.first[t.seg] + t.row + qi / t.heads) * static_cast<int64_t>(p.heads) * h +
+                     static_cast<int64_t>(t.head + qi % t.heads) * h + d0;
+        const float* w = sc + static_cast<size_t>(qi) * stride;
+        __m256 acc[8];
+        for (int c = 0; c < dn / 8; ++c) acc[c] = _mm256_loadu_ps(out + 8 * c);
+        for (int64_t j = a; j < b; ++j) {
+          const __m256 wj = _mm256_set1_ps(w[j]);
+          const float* vr = values + (lo_min + j) * h + d0;
+          for (int c = 0; c < dn / 8; ++c) acc[c] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(vr + 8 * c), acc[c]);
+        }
+        for (int c = 0; c < dn / 8; ++c) _mm256_storeu_ps(out + 8 * c, acc[c]);
+      }
+    }
   }
 }
 
@@ -177,12 +227,12 @@ struct Job {
 };
 
 void attend_range(const Problem& p, const Task* t, const Task* end) {
-  thread_local std::vector<float> scores, qr;
+  thread_local std::vector<float> buf;
   switch (p.h) {
-    case 64: for (; t != end; ++t) attend<64>(p, *t, scores, qr); break;
-    case 128: for (; t != end; ++t) attend<128>(p, *t, scores, qr); break;
-    case 256: for (; t != end; ++t) attend<256>(p, *t, scores, qr); break;
-    default: for (; t != end; ++t) attend<0>(p, *t, scores, qr);
+    case 64: for (; t != end; ++t) attend<64>(p, *t, buf); break;
+    case 128: for (; t != end; ++t) attend<128>(p, *t, buf); break;
+    case 256: for (; t != end; ++t) attend<256>(p, *t, buf); break;
+    default: for (; t != end; ++t) attend<0>(p, *t, buf);
   }
 }
 
@@ -195,6 +245,8 @@ void run_tasks(void* data, size_t index) {
 // Work below which one thread does it all: waking the pool costs more (the QMatMul and offsets
 // kernels measured the same on this VM class).
 constexpr int64_t kParallelWork = 1 << 16;
+constexpr int kBlockQueries = 12;        // queries sharing each position's loads: 12 x 8 floats stay in L1
+constexpr int kMinTasks = 4;
 
 struct SlotAttentionKernel {
   SlotAttentionKernel(const OrtApi& api, const OrtKernelInfo* info) : api_(api) {
@@ -299,9 +351,23 @@ struct SlotAttentionKernel {
         }
         const int64_t span = window_ > 0 ? std::min<int64_t>(pos + 1, window_) : pos + 1;
         work += span * heads_ * h;
-        for (int hd = 0; hd < heads_; ++hd) tasks.push_back(Task{static_cast<int>(s), static_cast<int>(r), hd});
       }
     }
+    // tasks: blocks of rows x the query heads of a KV head (at most kBlockQueries queries), the
+    // heads split where that leaves fewer than kMinTasks tasks (so that the threads have work)
+    const int group = heads_ / kv_heads_;
+    const int block_rows = std::max(1, kBlockQueries / group);
+    int64_t grouped = 0;
+    for (int64_t s = 0; s < n_seg; ++s) grouped += (p.rows[s] + block_rows - 1) / block_rows * kv_heads_;
+    const int parts = grouped >= kMinTasks ? 1 : std::min<int>(group, static_cast<int>((kMinTasks + grouped - 1) / std::max<int64_t>(grouped, 1)));
+    const int part = (group + parts - 1) / parts;
+    for (int64_t s = 0; s < n_seg; ++s)
+      for (int64_t r = 0; r < p.rows[s]; r += block_rows)
+        for (int j = 0; j < kv_heads_; ++j)
+          for (int g = 0; g < group; g += part)
+            tasks.push_back(Task{static_cast<int>(s), static_cast<int>(r),
+                                 static_cast<int>(std::min<int64_t>(block_rows, p.rows[s] - r)), j * group + g,
+                                 std::min(part, group - g)});
     if (tasks.empty()) return;
     if (work < kParallelWork) {
       attend_range(p, tasks.data(), tasks.data() + tasks.size());
