@@ -13,6 +13,23 @@ sys.path.insert(0, HERE)
 
 
 @pytest.fixture(scope="session")
+def kernel_library():
+    """The built kernel library; built here if setup did not (skipped only where it cannot be
+    built, or where this CPU runs none of its kernels)."""
+    import shutil
+    import subprocess
+    from conflayers.runtime import kernels
+    if not os.path.isfile(kernels.BUILT):
+        missing = [t for t in ("g++", "curl", "dpkg-deb") if shutil.which(t) is None]
+        if missing:
+            pytest.skip(f"cannot build the kernel library here: no {', '.join(missing)}")
+        subprocess.run(["bash", os.path.join(REPO, "tools", "build_kernels.sh")], check=True)
+    if kernels.cpu_path(kernels.BUILT) == "none":
+        pytest.skip("this CPU has no AVX2+FMA+F16C: the library registers no kernels (the ONNX functions run)")
+    return kernels.BUILT
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory):
     import tiny
     return tiny.make_tokenizer(str(tmp_path_factory.mktemp("tiny_tok")))

@@ -4,10 +4,6 @@ depend on the pass it is in: alone, with more rows, or packed with other sequenc
 and the graph rewrite against ONNX Runtime's GroupQueryAttention."""
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -16,19 +12,12 @@ from onnx import TensorProto, helper
 
 from conflayers.runtime import attention, kernels, ort_backend
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 @pytest.fixture(scope="module")
-def library():
-    if not os.path.isfile(kernels.BUILT):
-        missing = [t for t in ("g++", "curl", "dpkg-deb") if shutil.which(t) is None]
-        if missing:
-            pytest.skip(f"cannot build the kernel library here: no {', '.join(missing)}")
-        subprocess.run(["bash", os.path.join(REPO, "tools", "build_kernels.sh")], check=True)
-    if "attention:" not in kernels.cpu_path(kernels.BUILT):
-        pytest.skip("this CPU has no AVX2+FMA: the library registers no SlotAttention")
-    return kernels.BUILT
+def library(kernel_library):
+    if "attention:" not in kernels.cpu_path(kernel_library):
+        pytest.skip("this build of the kernel library has no SlotAttention")
+    return kernel_library
 
 
 class Shape:

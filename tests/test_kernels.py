@@ -4,8 +4,6 @@ not depend on how many rows share the pass (a one-token step equals that row of 
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 
 import numpy as np
 import onnx
@@ -17,20 +15,11 @@ from conflayers.compiler.export import decoder_graph
 from conflayers.runtime import kernels, ort_backend
 from conflayers.runtime.ort_backend import create_session
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def library():
-    """The built library; built here if setup did not (skipped only where it cannot be built)."""
-    if not os.path.isfile(kernels.BUILT):
-        missing = [t for t in ("g++", "curl", "dpkg-deb") if shutil.which(t) is None]
-        if missing:
-            pytest.skip(f"cannot build the kernel library here: no {', '.join(missing)}")
-        subprocess.run(["bash", os.path.join(REPO, "tools", "build_kernels.sh")], check=True)
-    if kernels.cpu_path(kernels.BUILT) == "none":
-        pytest.skip("this CPU has no AVX2+FMA+F16C: the library registers no kernels (the ONNX functions run)")
-    return kernels.BUILT
+def library(kernel_library):
+    return kernel_library
 
 
 def _graph(op: str, k: int, n: int, offsets: np.ndarray | None = None) -> onnx.ModelProto:

@@ -29,6 +29,17 @@ class BatchingError(RuntimeError):
 
 
 # -- the packed graphs --------------------------------------------------------------------------
+def _onnx():
+    """(onnx, TensorProto, helper), or a BatchingError saying how to install them."""
+    try:
+        import onnx
+        from onnx import TensorProto, helper
+    except ImportError:
+        raise BatchingError("the batched engine derives its graphs with the `onnx` package: "
+                            "pip install 'onnx>=1.17'") from None
+    return onnx, TensorProto, helper
+
+
 def pack_slot_graph(path: str) -> bytes:
     """The decoder graph at `path` (full or draft body) with SlotAttention (attention.py) for any
     number of sequences packed along its sequence axis: every node but attention computes each
@@ -41,12 +52,7 @@ def pack_slot_graph(path: str) -> bytes:
              past_key.{i}, past_value.{i} [slots, kv_heads, L, head_dim]
     Outputs: logits or hidden [1, R, W], present_key.{i}, present_value.{i}
     """
-    try:
-        import onnx
-        from onnx import TensorProto, helper
-    except ImportError:
-        raise BatchingError("the batched engine derives its graphs with the `onnx` package: "
-                            "pip install 'onnx>=1.17'") from None
+    onnx, TensorProto, helper = _onnx()
     model = onnx.load(path, load_external_data=False)
     if not attention.rewrite(model, path):
         raise BatchingError(f"{path}: its attention does not run as SlotAttention")
@@ -97,12 +103,7 @@ def pack_graph(path: str, slots: int) -> tuple[bytes, bool]:
              padded graphs also attn_rows [T + N], attn_lens [N], attn_keep [T] (attention_rows())
     Outputs: logits or hidden [1, R, W], present_key.{i}.{b}, present_value.{i}.{b}
     """
-    try:
-        import onnx
-        from onnx import TensorProto, helper
-    except ImportError:
-        raise BatchingError("the batched engine derives its graphs with the `onnx` package: "
-                            "pip install 'onnx>=1.17'") from None
+    onnx, TensorProto, helper = _onnx()
     model = onnx.load(path, load_external_data=False)
     g = model.graph
     producer = {o: n for n in g.node for o in n.output}
