@@ -48,7 +48,9 @@ struct TileWeights {
   int bytes_per_block() const { return kCols * block * bits / 8; }
 };
 
-// The activations quantized per row and block: q [m, k] in k order; d, sum, qsum [m, nb].
+// The activations quantized per row and block, in the layout of the engine that quantized them
+// (its own groups() reads them): q [m, k] in k order and d, sum, qsum [m, nb] (AMX, scalar), or
+// block-major q [nb, m, block] and d, sum, qsum [nb, m] (AVX2).
 struct Rows {
   std::vector<int8_t> q;
   std::vector<float> d, sum;
