@@ -366,7 +366,9 @@ def test_guard_keeps_a_cheap_good_draft(guard_engine):
                         guard=guard, stats=stats))
     assert _flat(its) == truth
     assert guard.active and stats.guard_stopped_at is None
-    assert stats.draft_steps == len(its) - 1 > guard.min_steps
+    # every step drafted but the check's plain steps (one check: after min_steps, then 2x as many)
+    assert len(its) - 1 < 1 + 3 * guard.min_steps + guard.probe_steps
+    assert stats.draft_steps == len(its) - 1 - guard.probe_steps > guard.min_steps
     assert stats.acceptance_rate == 1.0
 
 
@@ -432,3 +434,47 @@ def test_speculation_guard_synthetic():
     assert run(1000.0 * (1 - 0.015)) is True      # 1.5% slower: within the tolerance
     assert run(1000.0 * (1 - 0.06)) is False      # 6% slower: off
     assert run(1000.0 * (1 - 0.06), tol=0.1) is True
+
+
+def test_guard_keeps_drafting_only_on_measured_plain_steps():
+    """The cost-model estimate of a plain step may be too slow (a verify's cost grows with the
+    context faster than a step's): a draft the estimate keeps is kept only if it beats plain steps
+    measured on the request itself, checked again as the context grows."""
+    cost = lambda n: 1.0            # says a verify costs one plain step: plain estimated at 2 ms
+    spec = dict(produced=2, drafted=2, draft_s=0.001, verify_s=0.002)   # 2 tokens per 3 ms
+
+    # measured plain steps of 1.2 ms (833 tok/s) beat 667 tok/s: off after the probe
+    g = SpeculationGuard(cost, min_steps=8, probe_steps=4)
+    for _ in range(8):
+        assert g.drafting()
+        g.record(**spec)
+    assert g.active and not g.drafting()          # the estimate kept it; waiting for plain steps
+    for i in range(4):
+        g.record_plain(0.0012)
+    assert not g.active and not g.drafting()
+
+    # measured plain steps of 2 ms (500 tok/s): kept; the next check comes after 16 steps
+    g = SpeculationGuard(cost, min_steps=8, probe_steps=4)
+    for _ in range(8):
+        g.record(**spec)
+    for _ in range(4):
+        g.record_plain(0.002)
+    assert g.drafting()
+    for _ in range(15):
+        g.record(**spec)
+        assert g.drafting()
+    g.record(**spec)
+    assert not g.drafting()
+    # ... where plain got faster relative to drafting (the second check measures again)
+    for _ in range(4):
+        g.record_plain(0.001)
+    assert not g.active
+
+    # plain steps taken in a batch are not timed: no decision from them, drafting resumes
+    g = SpeculationGuard(cost, min_steps=8, probe_steps=4)
+    for _ in range(8):
+        g.record(**spec)
+    for _ in range(4):
+        g.record_plain(None)
+    assert g.active and g.drafting()
+

@@ -340,7 +340,7 @@ class Scheduler:
         s.proposed = s.job is not None and job.kind == "ngram"
 
     def _budget(self, s: Sequence, batch: int, limit: int) -> Budget:
-        if limit <= 0 or (s.guard is not None and not s.guard.active):
+        if limit <= 0 or (s.guard is not None and not s.guard.drafting()):
             return NOTHING
         if batch <= 1 or s.always_draft or self.planner is None:
             return Budget.alone(limit)
@@ -403,6 +403,10 @@ class Scheduler:
                 self.planner.observe_proposal(s.name, len(job.tokens), n)
         else:
             n, new = 0, [s.sampler.pick(logits[0])]
+            if s.guard is not None and s.guard.active:
+                s.guard.record_plain(sum(timing) if timing is not None else None)
+                if not s.guard.active:
+                    st.guard_stopped_at = st.tokens + 1
         if s.drafter is not None:
             s.drafter.feedback(job.tokens if job is not None else [], n)
         st.full_passes += 1

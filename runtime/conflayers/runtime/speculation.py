@@ -45,26 +45,69 @@ class SpeculationGuard:
     """Turns drafting off for the rest of a request once it is measured to cost time.
 
     Speculative throughput is measured directly (tokens per second of draft + verify). The plain
-    step it competes with is estimated from the same verify passes: a verify of n tokens costs
-    verify_cost(n) plain steps on this hardware (the profile's cost model)."""
+    step it competes with is measured too, on the same request near the same context length: at
+    each check the guard asks for a few plain steps (`probe_steps`; drafting() is False while it
+    waits for them), which produce the request's tokens like any step, so a probe wastes nothing.
+    A verify's cost grows with the context faster than a step's, so a plain step estimated from the
+    verify passes through a cost model measured at one length (verify_cost(n) plain steps) comes
+    out too slow at long contexts: that estimate only turns a draft off early, at the first check,
+    when even it says the draft loses; keeping a draft on always rests on measured plain steps.
+    Checks come after min_steps speculative steps, then after twice as many each time (at most
+    `max_period`)."""
 
-    def __init__(self, verify_cost: Callable[[int], float], min_steps: int = 8, tolerance: float = 0.03):
+    def __init__(self, verify_cost: Callable[[int], float], min_steps: int = 8, tolerance: float = 0.03,
+                 probe_steps: int = 4, max_period: int = 64):
         self.verify_cost = verify_cost
         self.min_steps = min_steps
         self.tolerance = tolerance
+        self.probe_steps = probe_steps
+        self.max_period = max_period
         self.active = True
-        self._tokens = 0
-        self._spec_s = 0.0
-        self._plain_s = 0.0
-        self._steps = 0
+        self._period = min_steps       # speculative steps until the next check
+        self._probe_left = 0           # plain steps the current check still waits for
+        self._checks = 0
+        self._reset()
+
+    def _reset(self):
+        self._steps = self._tokens = 0
+        self._spec_s = self._est_plain_s = 0.0
+        self._plain_n, self._plain_s = 0, 0.0
+
+    def drafting(self) -> bool:
+        """Whether the next step may draft: not once turned off, nor while a check waits for plain steps."""
+        return self.active and self._probe_left == 0
 
     def record(self, produced: int, drafted: int, draft_s: float, verify_s: float):
+        """A speculative step: `produced` tokens in draft_s + verify_s seconds."""
+        if not self.active:
+            return
         self._steps += 1
         self._tokens += produced
         self._spec_s += draft_s + verify_s
-        self._plain_s += verify_s / self.verify_cost(drafted + 1)
-        if self._steps >= self.min_steps:
-            spec_rate = self._tokens / self._spec_s
-            plain_rate = self._steps / self._plain_s
-            if spec_rate < plain_rate * (1.0 - self.tolerance):
-                self.active = False
+        self._est_plain_s += verify_s / self.verify_cost(drafted + 1)
+        if self._steps < self._period or self._probe_left:
+            return
+        if self._checks == 0 and self._loses(self._steps / self._est_plain_s):
+            self.active = False
+        else:
+            self._probe_left = self.probe_steps
+
+    def record_plain(self, seconds: float | None):
+        """A step without drafts that took `seconds` (None: not timed alone, e.g. in a batch)."""
+        if not self.active or not self._probe_left:
+            return
+        self._probe_left -= 1
+        if seconds is not None:
+            self._plain_n += 1
+            self._plain_s += seconds
+        if self._probe_left:
+            return
+        self._checks += 1
+        if self._plain_n and self._plain_s > 0 and self._loses(self._plain_n / self._plain_s):
+            self.active = False
+            return
+        self._period = min(2 * self._period, self.max_period)
+        self._reset()
+
+    def _loses(self, plain_rate: float) -> bool:
+        return self._spec_s > 0 and self._tokens / self._spec_s < plain_rate * (1.0 - self.tolerance)
