@@ -279,3 +279,18 @@ def test_llamacpp_on_real_gguf(tmp_path, request):
         assert s["rss"]["peak_rss_mb"] > 0, s["rss"]
     assert found["llamacpp-prompt-lookup"]["speculative"] is True
     assert found["llamacpp-prompt-lookup"]["draft_steps"] >= 0
+
+
+def test_unguarded_system(tiny_bundle, tmp_path, capsys):
+    """unguarded:<name> runs that profile without the speculation guard, beside the guarded one;
+    both stay identical to plain, and the guard is back on for the systems after it."""
+    rc, doc = bench(tmp_path, tiny_bundle, "--task", "gsm8k", "--num-prompts", 2, "--max-new-tokens", 40,
+                    "--systems", "plain,profile:int8skip,unguarded:int8skip")
+    assert rc == 0
+    systems = by_name(doc)
+    assert all(s["identical_to_plain"] for s in doc["systems"])
+    assert systems["unguarded:int8skip"]["profiles_used"] == {"int8skip": 2}
+    assert systems["unguarded:int8skip"]["guard_stopped_prompts"] == 0
+    assert doc["meta"]["settings"]["guard"] is True
+    assert main([str(tiny_bundle), "--systems", "plain,unguarded:nope"]) == 2
+    assert "unknown system 'unguarded:nope'" in capsys.readouterr().err

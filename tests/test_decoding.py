@@ -443,15 +443,25 @@ def test_guard_keeps_drafting_only_on_measured_plain_steps():
     cost = lambda n: 1.0            # says a verify costs one plain step: plain estimated at 2 ms
     spec = dict(produced=2, drafted=2, draft_s=0.001, verify_s=0.002)   # 2 tokens per 3 ms
 
-    # measured plain steps of 1.2 ms (833 tok/s) beat 667 tok/s: off after the probe
+    # measured plain steps of 1.2 ms (833 tok/s) beat 667 tok/s: off after two such checks
     g = SpeculationGuard(cost, min_steps=8, probe_steps=4)
-    for _ in range(8):
-        assert g.drafting()
-        g.record(**spec)
-    assert g.active and not g.drafting()          # the estimate kept it; waiting for plain steps
-    for i in range(4):
-        g.record_plain(0.0012)
+    for check in range(2):
+        for _ in range(8):                        # the second check comes as soon as the first
+            assert g.drafting()
+            g.record(**spec)
+        assert g.active and not g.drafting()      # the estimate kept it; waiting for plain steps
+        for i in range(4):
+            g.record_plain(0.0012)
     assert not g.active and not g.drafting()
+
+    # one losing check (a noisy probe) followed by a winning one: drafting goes on
+    g = SpeculationGuard(cost, min_steps=8, probe_steps=4)
+    for plain_s in (0.0012, 0.002):
+        for _ in range(8):
+            g.record(**spec)
+        for _ in range(4):
+            g.record_plain(plain_s)
+    assert g.drafting()
 
     # measured plain steps of 2 ms (500 tok/s): kept; the next check comes after 16 steps
     g = SpeculationGuard(cost, min_steps=8, probe_steps=4)
@@ -465,7 +475,11 @@ def test_guard_keeps_drafting_only_on_measured_plain_steps():
         assert g.drafting()
     g.record(**spec)
     assert not g.drafting()
-    # ... where plain got faster relative to drafting (the second check measures again)
+    # ... where plain got faster relative to drafting (each check measures again)
+    for _ in range(4):
+        g.record_plain(0.001)
+    for _ in range(16):
+        g.record(**spec)
     for _ in range(4):
         g.record_plain(0.001)
     assert not g.active

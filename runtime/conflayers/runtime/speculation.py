@@ -53,15 +53,19 @@ class SpeculationGuard:
     out too slow at long contexts: that estimate only turns a draft off early, at the first check,
     when even it says the draft loses; keeping a draft on always rests on measured plain steps.
     Checks come after min_steps speculative steps, then after twice as many each time (at most
-    `max_period`)."""
+    `max_period`). One noisy probe must not end a draft that pays: drafting stops after
+    `strikes` checks in a row that measured it losing (the next check then comes as soon as the
+    first)."""
 
     def __init__(self, verify_cost: Callable[[int], float], min_steps: int = 8, tolerance: float = 0.03,
-                 probe_steps: int = 4, max_period: int = 64):
+                 probe_steps: int = 4, max_period: int = 64, strikes: int = 2):
         self.verify_cost = verify_cost
         self.min_steps = min_steps
         self.tolerance = tolerance
         self.probe_steps = probe_steps
         self.max_period = max_period
+        self.strikes = strikes
+        self._lost = 0                 # checks in a row that measured drafting losing
         self.active = True
         self._period = min_steps       # speculative steps until the next check
         self._probe_left = 0           # plain steps the current check still waits for
@@ -104,9 +108,13 @@ class SpeculationGuard:
             return
         self._checks += 1
         if self._plain_n and self._plain_s > 0 and self._loses(self._plain_n / self._plain_s):
-            self.active = False
-            return
-        self._period = min(2 * self._period, self.max_period)
+            self._lost += 1
+            if self._lost >= self.strikes:
+                self.active = False
+                return
+        else:
+            self._lost = 0
+            self._period = min(2 * self._period, self.max_period)
         self._reset()
 
     def _loses(self, plain_rate: float) -> bool:

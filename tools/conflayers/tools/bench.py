@@ -10,6 +10,8 @@ systems, on the same prompts, in one process, interleaved.
 Systems (--systems a,b,c; default: all):
   plain             the runtime, plain greedy decoding with the full graph: the baseline (always run)
   profile:<name>    the runtime, speculative decoding with that profile's draft
+  unguarded:<name>  the same without the speculation guard (only when named: what the guard
+                    gains or costs, side by side)
   auto              the runtime, task="auto" (the profile is chosen per prompt)
   ngram             the runtime with its n-gram drafter (prompt lookup, default settings: match the
                     last 3..1 tokens, propose up to 8) on the bundle's full graph
@@ -277,7 +279,7 @@ def resolve_systems(spec: str | None, profiles: list[str]) -> list[str]:
         name = raw.strip()
         if not name:
             continue
-        if name not in available:
+        if name not in available and not (name.startswith("unguarded:") and name.split(":", 1)[1] in profiles):
             raise BenchError(f"unknown system {name!r}; available: {', '.join(available)}")
         if name not in names:
             names.append(name)
@@ -360,7 +362,7 @@ class Slot:
         self.status = "pending"
         self.rss: dict = {}
         self.disk: dict | None = None     # {"bytes", "path", "what"}: the files this system loads
-        self.kind = RUNTIME if name in ("plain", "auto", NGRAM) or name.startswith("profile:") else \
+        self.kind = RUNTIME if name in ("plain", "auto", NGRAM) or name.startswith(("profile:", "unguarded:")) else \
             (GENAI if name in GENAI_SYSTEMS else LLAMACPP if name in LLAMACPP_SYSTEMS else HF)
 
     @property
@@ -410,7 +412,8 @@ def build_systems(names, args, runtime: RuntimeBackend, warm_prompt: BenchPrompt
         elif s.name == NGRAM:
             s.system = RuntimeSystem(NGRAM, NGramBackend(runtime), NGRAM, speculate=True)
         else:
-            s.system = RuntimeSystem(s.name, runtime, s.name.split(":", 1)[1], speculate=True)
+            s.system = RuntimeSystem(s.name, runtime, s.name.split(":", 1)[1], speculate=True,
+                                     guard=not s.name.startswith("unguarded:"))
     warm(rt)
     record(rt, "runtime", "one Engine (full graph + every draft) serves plain, the profiles and auto")
     rt_disk = {"bytes": path_bytes(engine.bundle.path), "path": engine.bundle.path, "what": "bundle directory"}
@@ -631,7 +634,7 @@ def measure_memory(args, slots, runtime, prompt: BenchPrompt, meta: dict) -> Non
     for s in slots:
         if not s.ok:
             continue
-        if s.name.startswith("profile:"):
+        if s.name.startswith(("profile:", "unguarded:")):
             p = s.name.split(":", 1)[1]
             specs[s.name] = {"kind": RUNTIME, "profiles": [p], "runs": [[p, True]]}
             wanted[s.name] = s.name

@@ -270,8 +270,9 @@ class NGramBackend:
 class RuntimeSystem:
     kind = RUNTIME
 
-    def __init__(self, name: str, backend: RuntimeBackend, task: str | None, speculate: bool):
+    def __init__(self, name: str, backend: RuntimeBackend, task: str | None, speculate: bool, guard: bool = True):
         self.name, self.backend, self.task, self.speculate = name, backend, task, speculate
+        self.guard = guard          # False: this system runs without the speculation guard
 
     @property
     def speculative(self) -> bool:
@@ -283,8 +284,12 @@ class RuntimeSystem:
 
     def generate(self, prompt: BenchPrompt, max_new: int) -> Run:
         engine = self.backend.engine
-        r = engine.generate(**prompt.runtime_kwargs(), task=self.task, max_new_tokens=max_new,
-                            temperature=0.0, speculate=self.speculate)
+        kept, engine.use_guard = engine.use_guard, engine.use_guard and self.guard   # one request at a time
+        try:
+            r = engine.generate(**prompt.runtime_kwargs(), task=self.task, max_new_tokens=max_new,
+                                temperature=0.0, speculate=self.speculate)
+        finally:
+            engine.use_guard = kept
         m = r.metrics
         if m.prompt_tokens != len(prompt.ids):
             raise RuntimeError(f"the runtime tokenised prompt {prompt.uid} to {m.prompt_tokens} tokens, "
