@@ -492,3 +492,26 @@ def test_guard_keeps_drafting_only_on_measured_plain_steps():
         g.record_plain(None)
     assert g.active and g.drafting()
 
+
+
+def test_guard_counts_steps_without_drafts_as_plain():
+    """An n-gram drafter that found no match verifies its token alone: a plain step. Such steps
+    are the plain side of the comparison (no probe needed when there are enough of them), never
+    the drafting side, so a draft is not judged by the steps where it proposed nothing."""
+    g = SpeculationGuard(lambda n: 1.0, min_steps=8, probe_steps=4)
+    for _ in range(20):                           # no match yet: 1 token per 2.1 ms, lookup included
+        g.record(produced=1, drafted=0, draft_s=0.0001, verify_s=0.002)
+        assert g.drafting()
+    for _ in range(8):                            # matches: 3 tokens per 3 ms
+        g.record(produced=3, drafted=3, draft_s=0.0001, verify_s=0.0029)
+    assert g.active and g.drafting()              # checked on the 20 plain steps: no probe asked
+    for _ in range(16):                           # matches that lose to plain steps of 2.1 ms
+        g.record(produced=1, drafted=3, draft_s=0.0001, verify_s=0.0029)
+    assert g.active and not g.drafting()          # no plain steps since the check: a probe
+    for _ in range(4):
+        g.record_plain(0.0021)
+    assert g.active                               # one losing check: a strike
+    for _ in range(16):
+        g.record(produced=1, drafted=3, draft_s=0.0001, verify_s=0.0029)
+        g.record(produced=1, drafted=0, draft_s=0.0001, verify_s=0.002)
+    assert not g.active                           # the second, on the plain steps in between

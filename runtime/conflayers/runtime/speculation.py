@@ -44,18 +44,18 @@ def speedup_over_plain(accepted_per_step: float, spec_step_ms: float, plain_step
 class SpeculationGuard:
     """Turns drafting off for the rest of a request once it is measured to cost time.
 
-    Speculative throughput is measured directly (tokens per second of draft + verify). The plain
-    step it competes with is measured too, on the same request near the same context length: at
-    each check the guard asks for a few plain steps (`probe_steps`; drafting() is False while it
-    waits for them), which produce the request's tokens like any step, so a probe wastes nothing.
-    A verify's cost grows with the context faster than a step's, so a plain step estimated from the
-    verify passes through a cost model measured at one length (verify_cost(n) plain steps) comes
-    out too slow at long contexts: that estimate only turns a draft off early, at the first check,
-    when even it says the draft loses; keeping a draft on always rests on measured plain steps.
-    Checks come after min_steps speculative steps, then after twice as many each time (at most
-    `max_period`). One noisy probe must not end a draft that pays: drafting stops after
-    `strikes` checks in a row that measured it losing (the next check then comes as soon as the
-    first)."""
+    It compares the request's own steps: those that drafted (tokens per second of draft +
+    verify) against those that did not (plain steps: the drafter proposed nothing, e.g. no n-gram
+    match, or the guard asked for them), both near the same context length. At each check it
+    needs `probe_steps` plain steps since the last one; when the drafter gave fewer, it asks for
+    the rest (drafting() is False until they ran), and they produce the request's tokens like any
+    step, so a probe wastes nothing. A plain step estimated from the verify passes through a cost
+    model measured at one length (verify_cost(n) plain steps) comes out too slow at long
+    contexts, where a verify grows faster than a step: that estimate only turns a draft off early,
+    at the first check, when even it says the draft loses; keeping a draft rests on measured plain
+    steps. Checks come after min_steps drafting steps, then after twice as many each time (at most
+    `max_period`). One noisy probe must not end a draft that pays: drafting stops after `strikes`
+    checks in a row that measured it losing (the next check then comes as soon as the first)."""
 
     def __init__(self, verify_cost: Callable[[int], float], min_steps: int = 8, tolerance: float = 0.03,
                  probe_steps: int = 4, max_period: int = 64, strikes: int = 2):
@@ -65,11 +65,11 @@ class SpeculationGuard:
         self.probe_steps = probe_steps
         self.max_period = max_period
         self.strikes = strikes
-        self._lost = 0                 # checks in a row that measured drafting losing
         self.active = True
-        self._period = min_steps       # speculative steps until the next check
+        self._period = min_steps       # drafting steps until the next check
         self._probe_left = 0           # plain steps the current check still waits for
         self._checks = 0
+        self._lost = 0                 # checks in a row that measured drafting losing
         self._reset()
 
     def _reset(self):
@@ -82,8 +82,12 @@ class SpeculationGuard:
         return self.active and self._probe_left == 0
 
     def record(self, produced: int, drafted: int, draft_s: float, verify_s: float):
-        """A speculative step: `produced` tokens in draft_s + verify_s seconds."""
+        """A step that verified `drafted` draft tokens (0: a plain step) and gave `produced` tokens
+        in draft_s + verify_s seconds."""
         if not self.active:
+            return
+        if drafted == 0:
+            self.record_plain(draft_s + verify_s)
             return
         self._steps += 1
         self._tokens += produced
@@ -93,19 +97,24 @@ class SpeculationGuard:
             return
         if self._checks == 0 and self._loses(self._steps / self._est_plain_s):
             self.active = False
-        else:
-            self._probe_left = self.probe_steps
+            return
+        self._probe_left = max(self.probe_steps - self._plain_n, 0)
+        if not self._probe_left:
+            self._check()
 
     def record_plain(self, seconds: float | None):
         """A step without drafts that took `seconds` (None: not timed alone, e.g. in a batch)."""
-        if not self.active or not self._probe_left:
+        if not self.active:
             return
-        self._probe_left -= 1
         if seconds is not None:
             self._plain_n += 1
             self._plain_s += seconds
         if self._probe_left:
-            return
+            self._probe_left -= 1
+            if not self._probe_left:
+                self._check()
+
+    def _check(self):
         self._checks += 1
         if self._plain_n and self._plain_s > 0 and self._loses(self._plain_n / self._plain_s):
             self._lost += 1
