@@ -3,9 +3,10 @@
 // than a pass of 2+ rows, so that its one-token steps and verify passes differ in the last bits.
 // Here every row takes the same code whatever the pass: the exact int32 block dot products from
 // VPMADDUBSW + VPMADDWD (llama.cpp's AVX2 way), then the common float epilogue, 8 columns a vector.
-// A tile is 8 columns x up to 4 rows, its accumulators in registers: a verify pass or a batch
-// costs per row what its arithmetic costs (9 rows: 0.85x the 16-column tile of stop 36, with
-// which GCC spilled half the registers).
+// 4-bit passes of 2+ rows take tiles of 8 columns x up to 4 rows with every accumulator in a
+// register (the 16-column tiles spilled half of theirs: on the AVX2 EPYC the 8-column tiles take
+// 0.75-0.9x the time at 2-4 rows and 0.92-0.95x at 8-16, SmolLM2's shapes,
+// tools/experiments/qmatmul/rows.cc); one-row passes and 8-bit ones keep 16-column tiles.
 #include <immintrin.h>
 
 #include <cstdint>
@@ -172,22 +173,118 @@ CONFLAYERS_AVX2 void avx2_half(const Problem& p, int g, int h, int r0) {
 #undef STORE
 #undef STORE_TAIL
 
+// Group g (16 columns: two vectors) against rows r0 .. r0+R-1 (R <= 4), both halves from each
+// load of the codes: a pass of one row (a one-token step, bound by reading the codes, where the
+// half tiles above measured up to 1.2x slower), a 4-bit tile's last single row, and every 8-bit
+// pass (the head; at 2-9 rows 1.05-1.25x faster than half tiles here).
+template <int R, int kBits, bool kOffsets>
+CONFLAYERS_AVX2 void avx2_rows(const Problem& p, int g, int r0) {
+  const TileWeights& w = *p.w;
+  const int nb = w.nb, per = w.bytes_per_block(), block = w.block, m = p.m;
+  const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const int8_t* src = w.codes.data() + static_cast<size_t>(g) * nb * per;
+  const int8_t* qb = p.a->q.data() + static_cast<size_t>(r0) * block;
+  const size_t qstep = static_cast<size_t>(m) * block;
+  size_t at = static_cast<size_t>(g) * nb * kCols;
+  __m256 acc[R][2];
+  for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int b = 0; b < nb; ++b, src += per, qb += qstep, at += kCols) {
+    for (int line = 0; line < per; line += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchBlocks * per + line), _MM_HINT_T0);
+    const size_t rb = static_cast<size_t>(b) * m + r0;
+    __m256i dot[R][2];
+    if (kBits == 4) {
+      // raw codes 0..15 x int8: each int16 lane sums 16 products of at most 15 x 127 (no overflow)
+      __m256i s16[R][2];
+      for (int i = 0; i < R; ++i) s16[i][0] = s16[i][1] = _mm256_setzero_si256();
+      for (int j = 0; j < 4; ++j) {         // tile rows j (low nibbles, k 4j..) and 4 + j (high, k 16 + 4j..)
+        const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 64 * j));
+        const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 64 * j + 32));
+        const __m256i l0 = _mm256_and_si256(v0, mask), l1 = _mm256_and_si256(v1, mask);
+        const __m256i h0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), mask), h1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), mask);
+        for (int i = 0; i < R; ++i) {
+          const int32_t* a = reinterpret_cast<const int32_t*>(qb + i * block);
+          const __m256i al = _mm256_set1_epi32(a[j]), ah = _mm256_set1_epi32(a[4 + j]);
+          s16[i][0] = _mm256_add_epi16(s16[i][0], _mm256_add_epi16(_mm256_maddubs_epi16(l0, al), _mm256_maddubs_epi16(h0, ah)));
+          s16[i][1] = _mm256_add_epi16(s16[i][1], _mm256_add_epi16(_mm256_maddubs_epi16(l1, al), _mm256_maddubs_epi16(h1, ah)));
+        }
+      }
+      for (int i = 0; i < R; ++i) {
+        const __m256i mid = _mm256_set1_epi32(-8 * p.a->qsum[rb + i]);
+        dot[i][0] = _mm256_add_epi32(_mm256_madd_epi16(s16[i][0], ones), mid);
+        dot[i][1] = _mm256_add_epi32(_mm256_madd_epi16(s16[i][1], ones), mid);
+      }
+    } else {
+      // centered codes -128..127: |code| x (int8 with the code's sign), pairs within int16;
+      // block / 4 tile rows (8, or 4 for Q6_K's blocks of 16)
+      for (int i = 0; i < R; ++i) dot[i][0] = dot[i][1] = _mm256_setzero_si256();
+      for (int t = 0; t < block / 4; ++t) {
+        const __m256i c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 64 * t));
+        const __m256i c1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 64 * t + 32));
+        const __m256i u0 = _mm256_abs_epi8(c0), u1 = _mm256_abs_epi8(c1);
+        for (int i = 0; i < R; ++i) {
+          const __m256i a = _mm256_set1_epi32(reinterpret_cast<const int32_t*>(qb + i * block)[t]);
+          dot[i][0] = _mm256_add_epi32(dot[i][0], _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(a, c0)), ones));
+          dot[i][1] = _mm256_add_epi32(dot[i][1], _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(a, c1)), ones));
+        }
+      }
+    }
+    const __m256 s0 = column_values8(w.scales, at), s1 = column_values8(w.scales, at + 8);
+    for (int i = 0; i < R; ++i) {
+      const __m256 d = _mm256_set1_ps(p.a->d[rb + i]);
+      acc[i][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[i][0]), _mm256_mul_ps(s0, d), acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[i][1]), _mm256_mul_ps(s1, d), acc[i][1]);
+    }
+    if (kOffsets) {
+      const __m256 o0 = column_values8(w.offsets, at), o1 = column_values8(w.offsets, at + 8);
+      for (int i = 0; i < R; ++i) {
+        const __m256 sum = _mm256_set1_ps(p.a->sum[rb + i]);
+        acc[i][0] = _mm256_fmadd_ps(sum, o0, acc[i][0]);
+        acc[i][1] = _mm256_fmadd_ps(sum, o1, acc[i][1]);
+      }
+    }
+  }
+  const int n0 = g * kCols, left = p.n - n0;
+  for (int i = 0; i < R; ++i) {
+    float* y = p.y + static_cast<size_t>(r0 + i) * p.n + n0;
+    if (left >= kCols) {
+      _mm256_storeu_ps(y, acc[i][0]);
+      _mm256_storeu_ps(y + 8, acc[i][1]);
+    } else {                                   // the matrix's last, partial group
+      alignas(32) float tail[kCols];
+      _mm256_store_ps(tail, acc[i][0]);
+      _mm256_store_ps(tail + 8, acc[i][1]);
+      for (int c = 0; c < left; ++c) y[c] = tail[c];
+    }
+  }
+}
+
 // Rows per register tile: 4 (measured on the AVX2 EPYC with tools/experiments/qmatmul/rows.cc:
 // 5 and 6 rows were no faster, and GCC spills their registers).
 constexpr int kRows = 4;
 
 template <int kBits, bool kOffsets>
 CONFLAYERS_AVX2 void avx2_groups_bits(const Problem& p, int g0, int g1) {
-  for (int g = g0; g < g1; ++g)                // a group's codes stay in L1 across halves and row tiles
-    for (int h = 0; h < 2; ++h)
-      for (int r0 = 0; r0 < p.m; r0 += kRows) {
-        switch (p.m - r0 < kRows ? p.m - r0 : kRows) {
-          case 1: avx2_half<1, kBits, kOffsets>(p, g, h, r0); break;
+  // 4-bit: half tiles of up to 4 rows, a last single row whole-group; 8-bit: whole-group tiles
+  const int tiled = kBits == 8 ? 0 : p.m % kRows == 1 ? p.m - 1 : p.m;
+  for (int g = g0; g < g1; ++g) {              // a group's codes stay in L1 across halves and row tiles
+    for (int h = 0; h < 2 && tiled; ++h)
+      for (int r0 = 0; r0 < tiled; r0 += kRows) {
+        switch (tiled - r0 < kRows ? tiled - r0 : kRows) {
           case 2: avx2_half<2, kBits, kOffsets>(p, g, h, r0); break;
           case 3: avx2_half<3, kBits, kOffsets>(p, g, h, r0); break;
           default: avx2_half<4, kBits, kOffsets>(p, g, h, r0); break;
         }
       }
+    for (int r0 = tiled; r0 < p.m; r0 += kRows) {
+      switch (p.m - r0 < kRows ? p.m - r0 : kRows) {
+        case 1: avx2_rows<1, kBits, kOffsets>(p, g, r0); break;
+        case 2: avx2_rows<2, kBits, kOffsets>(p, g, r0); break;
+        case 3: avx2_rows<3, kBits, kOffsets>(p, g, r0); break;
+        default: avx2_rows<4, kBits, kOffsets>(p, g, r0); break;
+      }
+    }
+  }
 }
 
 CONFLAYERS_AVX2 void avx2_groups(const Problem& p, int g0, int g1) {
