@@ -294,3 +294,18 @@ def test_unguarded_system(tiny_bundle, tmp_path, capsys):
     assert doc["meta"]["settings"]["guard"] is True
     assert main([str(tiny_bundle), "--systems", "plain,unguarded:nope"]) == 2
     assert "unknown system 'unguarded:nope'" in capsys.readouterr().err
+
+
+def test_genai_builder_gets_flat_rope_fields_for_gemma3():
+    """transformers 5 keeps Gemma 3's RoPE per layer type; the GenAI builder shim gives the builder
+    the flat fields it reads, with the same thetas, and leaves flat configs as they are."""
+    import transformers
+
+    from conflayers.tools.genai_builder import flatten_rope
+    c = flatten_rope(transformers.Gemma3TextConfig())
+    assert c.rope_parameters["rope_type"] == "default"
+    assert c.rope_theta == c.rope_parameters["rope_theta"] == 1_000_000.0     # the global layers'
+    assert c.rope_local_base_freq == 10_000.0                                 # the sliding layers'
+    llama = transformers.LlamaConfig()
+    before = dict(llama.rope_parameters)
+    assert flatten_rope(llama).rope_parameters == before and not hasattr(llama, "rope_local_base_freq")

@@ -506,7 +506,7 @@ def genai_model_dir(hf_dir: str, model_name: str, log=print, precision: str = "f
     try:
         log(f"building the ONNX Runtime GenAI model of {hf_dir} ({precision}, {provider}) into {out} ...")
         t0 = time.perf_counter()
-        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", hf_dir,
+        cmd = [sys.executable, "-m", "conflayers.tools.genai_builder", "-i", hf_dir,
                "-o", os.path.join(work, "model"), "-p", precision, "-e", provider, "-c", os.path.join(work, "hf_cache")]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -544,6 +544,10 @@ class GenAIBackend:
         self.model = og.Model(config)
         self.weight_bytes = sum(os.path.getsize(os.path.join(model_dir, f)) for f in os.listdir(model_dir)
                                 if f.endswith((".onnx.data", ".data")) or f.endswith(".onnx"))
+        # GenAI's KV cache must hold a sliding window whole (Gemma 3: 512), whatever the request
+        with open(os.path.join(model_dir, "genai_config.json")) as f:
+            window = ((json.load(f).get("model") or {}).get("decoder") or {}).get("sliding_window") or {}
+        self.min_length = int(window.get("window_size") or 0)
 
 
 class GenAISystem:
@@ -562,7 +566,7 @@ class GenAISystem:
     def generate(self, prompt: BenchPrompt, max_new: int) -> Run:
         og = self.backend.og
         params = og.GeneratorParams(self.backend.model)
-        params.set_search_options(do_sample=False, max_length=len(prompt.ids) + max_new)
+        params.set_search_options(do_sample=False, max_length=max(len(prompt.ids) + max_new, self.backend.min_length))
         if self.ngram:
             params.set_speculative_options(ngram_size=GENAI_NGRAM_SIZE, max_draft_tokens=int(self.ngram))
         t0 = time.perf_counter()
