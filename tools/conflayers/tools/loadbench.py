@@ -589,6 +589,10 @@ class GenAIEngineHost:
                     "max_batch_size": self.max_batch}}}))
             model = og.Model(config)
             engine = og.Engine(model)
+            # the KV cache must hold a sliding window whole (Gemma 3: 512), whatever the request
+            with open(os.path.join(self.model_dir, "genai_config.json")) as f:
+                window = ((json.load(f).get("model") or {}).get("decoder") or {}).get("sliding_window") or {}
+            window = int(window.get("window_size") or 0)
             self.stats["capability_max_batch"] = engine.get_capabilities().configured_max_batch_size
             buf = engine.create_event_buffer(max(64, 4 * self.max_batch))
         except BaseException as e:      # noqa: BLE001 - re-raised in the constructor
@@ -621,7 +625,7 @@ class GenAIEngineHost:
                     continue
                 try:
                     opts = og.RequestOptions()
-                    opts.set_max_session_tokens(len(job.ids) + job.max_tokens)
+                    opts.set_max_session_tokens(max(len(job.ids) + job.max_tokens, window))
                     job.request = engine.create_request(options=opts)
                     turn = og.TurnOptions(job.request)
                     turn.set_max_generated_tokens(job.max_tokens)
