@@ -395,18 +395,17 @@ class Scheduler:
             st.accepted_tokens += n
             st.accept_lengths.append(n)
             new = job.tokens[:n] + [nxt]
-            if s.guard is not None and timing is not None:
-                s.guard.record(n + 1, len(job.tokens), *timing)
-                if not s.guard.active:
-                    st.guard_stopped_at = st.tokens + len(new)
             if s.proposed and self.planner is not None:
                 self.planner.observe_proposal(s.name, len(job.tokens), n)
         else:
             n, new = 0, [s.sampler.pick(logits[0])]
-            if s.guard is not None and s.guard.active:
+        if s.guard is not None and s.guard.active:      # it learns from drafting and plain steps alike
+            if job is None:
                 s.guard.record_plain(sum(timing) if timing is not None else None)
-                if not s.guard.active:
-                    st.guard_stopped_at = st.tokens + 1
+            elif timing is not None:
+                s.guard.record(n + 1, len(job.tokens), *timing)
+            if not s.guard.active:
+                st.guard_stopped_at = st.tokens + len(new)
         if s.drafter is not None:
             s.drafter.feedback(job.tokens if job is not None else [], n)
         st.full_passes += 1

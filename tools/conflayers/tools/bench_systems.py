@@ -527,6 +527,14 @@ def genai_model_dir(hf_dir: str, model_name: str, log=print, precision: str = "f
         shutil.rmtree(work, ignore_errors=True)
 
 
+def genai_window(model_dir: str) -> int:
+    """The sliding window of a GenAI model (Gemma 3: 512; 0 without one): its KV cache must hold
+    the window whole, so no request may ask for fewer positions."""
+    with open(os.path.join(model_dir, "genai_config.json")) as f:
+        window = ((json.load(f).get("model") or {}).get("decoder") or {}).get("sliding_window") or {}
+    return int(window.get("window_size") or 0)
+
+
 class GenAIBackend:
     kind = GENAI
 
@@ -544,10 +552,7 @@ class GenAIBackend:
         self.model = og.Model(config)
         self.weight_bytes = sum(os.path.getsize(os.path.join(model_dir, f)) for f in os.listdir(model_dir)
                                 if f.endswith((".onnx.data", ".data")) or f.endswith(".onnx"))
-        # GenAI's KV cache must hold a sliding window whole (Gemma 3: 512), whatever the request
-        with open(os.path.join(model_dir, "genai_config.json")) as f:
-            window = ((json.load(f).get("model") or {}).get("decoder") or {}).get("sliding_window") or {}
-        self.min_length = int(window.get("window_size") or 0)
+        self.min_length = genai_window(model_dir)
 
 
 class GenAISystem:

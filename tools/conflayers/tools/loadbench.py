@@ -589,10 +589,8 @@ class GenAIEngineHost:
                     "max_batch_size": self.max_batch}}}))
             model = og.Model(config)
             engine = og.Engine(model)
-            # the KV cache must hold a sliding window whole (Gemma 3: 512), whatever the request
-            with open(os.path.join(self.model_dir, "genai_config.json")) as f:
-                window = ((json.load(f).get("model") or {}).get("decoder") or {}).get("sliding_window") or {}
-            window = int(window.get("window_size") or 0)
+            from .bench_systems import genai_window
+            window = genai_window(self.model_dir)
             self.stats["capability_max_batch"] = engine.get_capabilities().configured_max_batch_size
             buf = engine.create_event_buffer(max(64, 4 * self.max_batch))
         except BaseException as e:      # noqa: BLE001 - re-raised in the constructor

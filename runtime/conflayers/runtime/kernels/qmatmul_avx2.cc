@@ -105,7 +105,6 @@ CONFLAYERS_AVX2 void avx2_half(const Problem& p, int g, int h, int r0) {
   const float* sb = p.a->sum.data() + r0;
   const int32_t* qsb = p.a->qsum.data() + r0;
   const size_t qstep = static_cast<size_t>(m) * block;
-  const uint16_t* s16p = w.scales.half ? w.scales.f16.data() : nullptr;
   size_t at = static_cast<size_t>(g) * nb * kCols + 8 * h;
   __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
   for (int b = 0; b < nb; ++b, src += per, qb += qstep, db += m, sb += m, qsb += m, at += kCols) {
@@ -140,8 +139,7 @@ CONFLAYERS_AVX2 void avx2_half(const Problem& p, int g, int h, int r0) {
         ROWS(NEXT8)
       }
     }
-    const __m256 s = s16p ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s16p + at)))
-                          : _mm256_loadu_ps(w.scales.f32.data() + at);
+    const __m256 s = column_values8(w.scales, at);
 #define SCALE(i) acc##i = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot##i), _mm256_mul_ps(s, _mm256_set1_ps(db[i])), acc##i);
     ROWS(SCALE)
     if (kOffsets) {
