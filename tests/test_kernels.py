@@ -136,11 +136,16 @@ QMATMUL_OPS = {None: "QMatMul", np.float32: "QMatMulOffsets", np.float16: "QMatM
 
 
 def _qmatmul_graph(k: int, n: int, bits: int, offsets_dtype, weights: dict | None = None, node: bool = True,
-                   block: int = 32):
+                   block: int = 32, gate: str | None = None):
     """y = QMatMul*(x, codes, scales[, offsets]) with the compiler's functions, or (node=False) the
     nodes the compiler writes without the op: MatMulNBits [+ AddBlockOffsets(16)]. The weights are
-    constants when given, else inputs. block 16: QMatMul16 (8-bit, no offsets)."""
+    constants when given, else inputs. block 16: QMatMul16 (8-bit, no offsets). gate (an
+    activation): its QMatMulGLU twin, y [.., n / 2]."""
     op = decoder_graph.QMATMUL16 if block == 16 else QMATMUL_OPS[offsets_dtype]
+    extra = {}
+    if gate:
+        op = decoder_graph.QMATMUL_GLU[op]
+        extra = dict(zip(("alpha", "beta"), decoder_graph.GATE_ACTIVATIONS[gate]))
     nb, blob = k // block, block * bits // 8
     names = ["x", "codes", "scales"] + ([] if offsets_dtype is None else ["offsets"])
     types = {"codes": (TensorProto.UINT8, [n, nb, blob]), "scales": (TensorProto.FLOAT, ["N", "NB"]),   # (checked by the kernel)
@@ -154,14 +159,15 @@ def _qmatmul_graph(k: int, n: int, bits: int, offsets_dtype, weights: dict | Non
             inits.append(onnx.numpy_helper.from_array(weights[name], name))
     attrs = dict(K=k, N=n, bits=bits, block_size=block)
     if node:
-        nodes = [helper.make_node(op, names, ["y"], domain=kernels.DOMAIN, **attrs)]
+        nodes = [helper.make_node(op, names, ["y"], domain=kernels.DOMAIN, **attrs, **extra)]
     else:
         mm = "y" if offsets_dtype is None else "y0"
         nodes = [helper.make_node("MatMulNBits", names[:3], [mm], domain="com.microsoft", accuracy_level=4, **attrs)]
         if offsets_dtype is not None:
             nodes.append(helper.make_node(decoder_graph.QMATMUL_CALLS[op], ["y0", "x", "offsets"], ["y"], domain=kernels.DOMAIN))
     custom = sorted({nd.op_type for nd in nodes if nd.domain == kernels.DOMAIN})
-    g = helper.make_graph(nodes, "t", ins, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "S", n])], inits)
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "S", n // 2 if gate else n])
+    g = helper.make_graph(nodes, "t", ins, [out], inits)
     m = helper.make_model(g, opset_imports=list(decoder_graph.OPSET) + [helper.make_opsetid(kernels.DOMAIN, 1)],
                           functions=decoder_graph.kernel_functions(custom))
     m.ir_version = 10
@@ -325,3 +331,63 @@ def test_qmatmul_rejects_weights_that_do_not_match_its_shape(library, engines):
     w["scales"] = w["scales"][:4]
     with pytest.raises(Exception, match="codes or scales do not match K=64 and N=8"):
         sess.run(None, {"x": np.ones((1, 2, k), np.float32), **w})
+
+
+# -- QMatMulGLU: the product and an MLP's gate in one node -------------------------------------------
+
+def _gate_reference(y, gate):
+    """act(gate) * up in float64 from the product y [.., 2F]."""
+    alpha, beta = decoder_graph.GATE_ACTIVATIONS[gate]
+    f = y.shape[-1] // 2
+    g, u = y[..., :f], y[..., f:]
+    with np.errstate(over="ignore"):          # exp of a far tail: inf, the gate 0
+        return g / (1 + np.exp(-g * (alpha + beta * g * g))) * u
+
+
+@pytest.mark.parametrize("bits,block,offsets_dtype", [(4, 32, np.float16), (4, 32, None), (8, 32, None), (8, 16, None)])
+@pytest.mark.parametrize("gate", ["silu", "gelu_tanh"])
+def test_qmatmul_glu_is_the_gated_product_and_rows_are_independent(library, engine, bits, block, offsets_dtype, gate):
+    """QMatMulGLU = act(gate) * up of QMatMul's product (float64 reference), every row of a pass
+    equal to the row alone bit for bit, and its ONNX function (where QMatMul is not registered)
+    equal to rounding."""
+    k, n = 576, 96
+    w = _qweights(k, n, bits, offsets_dtype, seed=11 + bits, fp16_values=True, block=block)
+    w["scales"] *= np.float32(8.0)                       # gates of a few units: the sigmoid's curve, both tails
+    sess = _session(_qmatmul_graph(k, n, bits, offsets_dtype, w, block=block, gate=gate), library)
+    for rows in (1, 2, 3, 5, 9, 17):
+        x = np.random.default_rng(rows).standard_normal((1, rows, k)).astype(np.float32)
+        y = sess.run(None, {"x": x})[0]
+        assert y.shape == (1, rows, n // 2)
+        ref = _gate_reference(_qmatmul_reference(x, w, k, n, bits, block), gate)
+        assert np.max(np.abs(y[0] - ref)) <= 1e-5 * np.max(np.abs(ref)), f"{engine} {gate} rows={rows}"
+        for i in range(rows):
+            assert np.array_equal(sess.run(None, {"x": x[:, i:i + 1]})[0][0, 0], y[0, i]), f"{engine}: row {i} of {rows}"
+    os.environ["CONFLAYERS_QMATMUL"] = "off"             # (the engine fixture restores it)
+    fn = _session(_qmatmul_graph(k, n, bits, offsets_dtype, w, block=block, gate=gate), library)
+    got = fn.run(None, {"x": x})[0]
+    assert np.max(np.abs(got - y)) <= 1e-4 * np.max(np.abs(y))
+
+
+@pytest.mark.parametrize("gate", ["silu", "gelu_tanh"])
+def test_every_engine_gives_the_scalar_gate_bit_for_bit(library, engines, gate, monkeypatch):
+    """The activation follows one float sequence in every engine (qmatmul.h's exp_fixed): gates
+    from tiny to past the exponent's clamp (|z| > 88), both signs."""
+    k, n = 64, 64
+    w = _qweights(k, n, 8, None, seed=3)
+    w["scales"][:] = np.geomspace(1e-6, 40.0, n).astype(np.float32)[:, None]     # column scales: tiny to huge
+    x = np.random.default_rng(5).standard_normal((1, 7, k)).astype(np.float32)
+    outs = {}
+    for engine in engines:
+        monkeypatch.setenv("CONFLAYERS_QMATMUL", engine)
+        sess = _session(_qmatmul_graph(k, n, 8, None, w, gate=gate), library)
+        outs[engine] = [sess.run(None, {"x": x[:, :rows]})[0] for rows in (1, 2, 7)]
+    assert np.isfinite(outs["scalar"][-1]).all()
+    for engine in engines:
+        for a, b in zip(outs[engine], outs["scalar"]):
+            assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), f"{engine} differs from the scalar engine"
+
+
+def test_qmatmul_glu_refuses_a_gate_width_off_its_groups(library, engines):
+    w = _qweights(64, 48, 8, None)
+    with pytest.raises(Exception, match="N .gate and up, packed. must be a multiple of 32"):
+        _session(_qmatmul_graph(64, 48, 8, None, w, gate="silu"), library)

@@ -17,7 +17,8 @@ if [ "$variant" = 0 ] && [ -f "$LIB" ] && [ -z "$(find "$SRC" -maxdepth 1 \( -na
   echo "$LIB (up to date)"; exit 0
 fi
 # No -march: the library must load on any x86-64; its kernels carry their own target attributes
-# and register only where the CPU has them.
-g++ -O3 -std=c++17 -shared -fPIC -Wall "$@" -I"$INC" "$SRC"/*.cc -o "$LIB.tmp"
+# and register only where the CPU has them. -ffp-contract=off: no multiply-add fused behind the
+# code's back, so every engine's float sequence stays the one written (qmatmul.h).
+g++ -O3 -std=c++17 -ffp-contract=off -shared -fPIC -Wall "$@" -I"$INC" "$SRC"/*.cc -o "$LIB.tmp"
 mv "$LIB.tmp" "$LIB"
 echo "$LIB"

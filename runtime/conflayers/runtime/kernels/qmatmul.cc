@@ -4,6 +4,10 @@
 //   QMatMulOffsets(x, codes, scales, offsets fp32)     ... + sum_b blocksum_b(x) * offsets[b, n]
 //   QMatMulOffsets16(...)                              the same, offsets in fp16
 //   QMatMul16(x, codes, scales)                        QMatMul on 8-bit blocks of 16 (Q6_K's)
+//   QMatMulGLU, QMatMulGLUOffsets, QMatMulGLUOffsets16, QMatMulGLU16 (the same inputs, attributes
+//       alpha, beta): y = x @ W = [gate | up] (N = 2F), out = gate sigmoid(gate (alpha + beta
+//       gate^2)) up [.., F]: an MLP's packed gate/up projection and its activation in one node
+//       (SiLU, GELU-tanh), which on SmolLM2 replaced a Split, a QuickGelu and a Mul per layer
 //
 // The inputs are MatMulNBits' (codes [N, K/32, 16 | 32] of 4 or 8 bits, blocks of 32, mid 8 or
 // 128, fp32 scales [N, K/32]; or Q6_K's 8-bit blocks of 16) plus the GGUF offsets [K/32, N]. The
@@ -184,6 +188,25 @@ void run_task(void* data, size_t index) {
   t.engine->groups(t.problem, g0, g1);
 }
 
+// QMatMulGLU: a task computes the gate's groups [g0, g1) and the up projection's groups that
+// pair with them (F / 16 groups on), then the activation of those columns: a row's result still
+// comes from the same float sequence whatever the pass.
+struct GateTask {
+  const Engine* engine;
+  Problem problem;     // y: the [m, 2F] product, scratch
+  Gate gate;
+};
+
+void run_gate_task(void* data, size_t index) {
+  const GateTask& t = *static_cast<const GateTask*>(data);
+  const int half = t.gate.f / kCols;
+  const int g0 = static_cast<int>(index) * kGroupsPerTask;
+  const int g1 = g0 + kGroupsPerTask < half ? g0 + kGroupsPerTask : half;
+  t.engine->groups(t.problem, g0, g1);
+  t.engine->groups(t.problem, half + g0, half + g1);
+  t.engine->gate(t.gate, g0 * kCols, g1 * kCols);
+}
+
 enum class Offsets { kNone, kFp32, kFp16 };
 
 std::vector<float> offsets_fp32(Ort::ConstValue off, Offsets kind, size_t count) {
@@ -200,13 +223,21 @@ std::vector<float> offsets_fp32(Ort::ConstValue off, Offsets kind, size_t count)
 }
 
 struct QMatMulKernel {
-  QMatMulKernel(const OrtApi& api, const OrtKernelInfo* info, Offsets offsets, bool block16, const Engine* engine)
-      : api_(api), offsets_(offsets), engine_(engine) {
+  QMatMulKernel(const OrtApi& api, const OrtKernelInfo* info, Offsets offsets, bool block16, bool glu,
+                const Engine* engine)
+      : api_(api), offsets_(offsets), glu_(glu), engine_(engine) {
     Ort::ConstKernelInfo ki(info);
     k_ = static_cast<int>(ki.GetAttribute<int64_t>("K"));
     n_ = static_cast<int>(ki.GetAttribute<int64_t>("N"));
     bits_ = static_cast<int>(ki.GetAttribute<int64_t>("bits"));
     block_ = static_cast<int>(ki.GetAttribute<int64_t>("block_size"));
+    if (glu_) {
+      alpha_ = ki.GetAttribute<float>("alpha");
+      beta_ = ki.GetAttribute<float>("beta");
+      if (n_ % (2 * kCols) != 0)
+        throw std::runtime_error("conflayers QMatMulGLU: N (gate and up, packed) must be a multiple of 32 (got N=" +
+                                 std::to_string(n_) + "); write the gate's Split and activation as nodes instead");
+    }
     const bool shape_ok = block16 ? block_ == kBlock16 && bits_ == 8 : block_ == kBlock && (bits_ == 4 || bits_ == 8);
     if (!shape_ok || k_ <= 0 || n_ <= 0 || k_ % block_ != 0)
       throw std::runtime_error(std::string("conflayers ") + (block16 ? "QMatMul16: needs 8-bit blocks of 16" :
@@ -241,34 +272,48 @@ struct QMatMulKernel {
       throw std::runtime_error("conflayers QMatMul: x's last dimension must be K=" + std::to_string(k_));
     int64_t m = 1;
     for (size_t i = 0; i + 1 < shape.size(); ++i) m *= shape[i];
-    shape.back() = n_;
+    shape.back() = glu_ ? n_ / 2 : n_;
     Ort::UnownedValue y = ctx.GetOutput(0, shape);
     if (m == 0) return;
     std::shared_ptr<const TileWeights> w = weights_;
     if (!w) w = prepare(ctx.GetInput(1), ctx.GetInput(2), offsets_ == Offsets::kNone ? Ort::ConstValue{nullptr} : ctx.GetInput(3));
     thread_local Rows rows;
     engine_->quantize(x.GetTensorData<float>(), static_cast<int>(m), k_, block_, &rows);
-    Task task{engine_, Problem{&rows, w.get(), y.GetTensorMutableData<float>(), n_, k_, static_cast<int>(m)}};
-    const size_t tasks = (static_cast<size_t>(w->groups) + kGroupsPerTask - 1) / kGroupsPerTask;
-    Ort::ThrowOnError(api_.KernelContext_ParallelFor(context, run_task, tasks, 4, &task));
+    float* out = y.GetTensorMutableData<float>();
+    if (!glu_) {
+      Task task{engine_, Problem{&rows, w.get(), out, n_, k_, static_cast<int>(m)}};
+      const size_t tasks = (static_cast<size_t>(w->groups) + kGroupsPerTask - 1) / kGroupsPerTask;
+      Ort::ThrowOnError(api_.KernelContext_ParallelFor(context, run_task, tasks, 4, &task));
+      return;
+    }
+    thread_local std::vector<float> packed;      // [m, 2F]: gate and up, read back by the activation
+    packed.resize(static_cast<size_t>(m) * n_);
+    GateTask task{engine_, Problem{&rows, w.get(), packed.data(), n_, k_, static_cast<int>(m)},
+                  Gate{packed.data(), out, static_cast<int>(m), n_ / 2, alpha_, beta_}};
+    const size_t tasks = (static_cast<size_t>(n_ / 2 / kCols) + kGroupsPerTask - 1) / kGroupsPerTask;
+    Ort::ThrowOnError(api_.KernelContext_ParallelFor(context, run_gate_task, tasks, 4, &task));
   }
 
  private:
   const OrtApi& api_;
   Offsets offsets_;
+  bool glu_;
   const Engine* engine_;
   int k_ = 0, n_ = 0, bits_ = 0, block_ = kBlock;
+  float alpha_ = 1.f, beta_ = 0.f;
   std::shared_ptr<const TileWeights> weights_;
 };
 
 struct QMatMulOp : Ort::CustomOpBase<QMatMulOp, QMatMulKernel> {
-  explicit QMatMulOp(Offsets offsets, bool block16 = false) : offsets_(offsets), block16_(block16) {}
+  QMatMulOp(Offsets offsets, bool block16, bool glu) : offsets_(offsets), block16_(block16), glu_(glu) {}
   void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const {
-    return new QMatMulKernel(api, info, offsets_, block16_, engine);
+    return new QMatMulKernel(api, info, offsets_, block16_, glu_, engine);
   }
   const char* GetName() const {
-    if (block16_) return "QMatMul16";
-    return offsets_ == Offsets::kNone ? "QMatMul" : offsets_ == Offsets::kFp32 ? "QMatMulOffsets" : "QMatMulOffsets16";
+    if (block16_) return glu_ ? "QMatMulGLU16" : "QMatMul16";
+    if (offsets_ == Offsets::kNone) return glu_ ? "QMatMulGLU" : "QMatMul";
+    if (offsets_ == Offsets::kFp32) return glu_ ? "QMatMulGLUOffsets" : "QMatMulOffsets";
+    return glu_ ? "QMatMulGLUOffsets16" : "QMatMulOffsets16";
   }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
   size_t GetInputTypeCount() const { return offsets_ == Offsets::kNone ? 3 : 4; }
@@ -284,11 +329,12 @@ struct QMatMulOp : Ort::CustomOpBase<QMatMulOp, QMatMulKernel> {
 
  private:
   Offsets offsets_;
-  bool block16_;
+  bool block16_, glu_;
 };
 
-QMatMulOp g_qmatmul(Offsets::kNone), g_qmatmul_offsets(Offsets::kFp32), g_qmatmul_offsets16(Offsets::kFp16),
-    g_qmatmul16(Offsets::kNone, true);
+QMatMulOp g_ops[] = {{Offsets::kNone, false, false}, {Offsets::kFp32, false, false}, {Offsets::kFp16, false, false},
+                     {Offsets::kNone, true, false},  {Offsets::kNone, false, true},  {Offsets::kFp32, false, true},
+                     {Offsets::kFp16, false, true},  {Offsets::kNone, true, true}};
 
 
 }  // namespace
@@ -303,9 +349,9 @@ const char* qmatmul_engine() {
 void add_qmatmul_ops(Ort::CustomOpDomain& domain) {
   const Engine* e = chosen_engine();
   if (!e) return;
-  for (QMatMulOp* op : {&g_qmatmul, &g_qmatmul_offsets, &g_qmatmul_offsets16, &g_qmatmul16}) {
-    op->engine = e;
-    domain.Add(op);
+  for (QMatMulOp& op : g_ops) {
+    op.engine = e;
+    domain.Add(&op);
   }
 }
 

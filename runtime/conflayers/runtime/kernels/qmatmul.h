@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace conflayers_kernels {
@@ -65,13 +66,58 @@ struct Problem {
   int n, k, m;
 };
 
+// The gated activation of QMatMulGLU (qmatmul.cc) on a product y [m, 2F] = [gate | up]:
+//   out[r, c] = g sigmoid(z) u,  g = y[r, c], u = y[r, F + c],  z = g (alpha + beta g^2)
+// (SiLU: alpha 1, beta 0; GELU-tanh: 0.5 g (1 + tanh(s (g + 0.044715 g^3))) = g sigmoid(2 s (...)),
+// alpha 2s, beta 2s 0.044715), columns [c0, c1) of every row, in this fixed float sequence:
+//   z = beta == 0 ? g alpha : g fma(beta, g g, alpha);   e = exp_fixed(-z);   out = (g / (1 + e)) u
+struct Gate {
+  const float* y;    // [m, 2F]
+  float* out;        // [m, F]
+  int m, f;
+  float alpha, beta;
+};
+
+// exp(x) as Cephes' expf, in a sequence each engine repeats exactly: x clamped to [kExpLo, kExpHi]
+// (max, then min, as MAXPS / MINPS order their operands), n = round_half_even(x log2 e),
+// r = x - n ln 2 in two fma steps, a degree-5 polynomial by fma, times 2^n from exponent bits.
+constexpr float kExpLo = -87.3f, kExpHi = 88.3f, kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                               4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
+inline float exp_fixed(float x) {
+  x = x > kExpLo ? x : kExpLo;
+  x = x < kExpHi ? x : kExpHi;
+  const float n = std::nearbyint(x * kLog2e);      // half to even in the default rounding mode
+  float r = std::fma(n, -kLn2Hi, x);
+  r = std::fma(n, -kLn2Lo, r);
+  float p = kExpPoly[0];
+  for (int i = 1; i < 6; ++i) p = std::fma(p, r, kExpPoly[i]);
+  p = std::fma(p, r * r, r) + 1.f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int>(n) + 127) << 23;
+  float pow2;
+  std::memcpy(&pow2, &bits, sizeof pow2);
+  return p * pow2;
+}
+
+inline float gated(float g, float u, float alpha, float beta) {
+  const float z = beta == 0.f ? g * alpha : g * std::fma(beta, g * g, alpha);
+  return (g / (1.f + exp_fixed(-z))) * u;
+}
+
+void gate_scalar(const Gate& a, int c0, int c1);
+void gate_avx2(const Gate& a, int c0, int c1);     // the AVX2 and AMX engines'
+
 // An engine quantizes the rows, then computes groups [g0, g1) of 16 columns for every row (called
-// from ONNX Runtime's thread pool, one range per task). The AMX engine takes blocks of 32 only
-// (the op gives blocks of 16 to the AVX2 engine there: the same arithmetic).
+// from ONNX Runtime's thread pool, one range per task), and (QMatMulGLU) the gated activation of
+// its columns. The AMX engine takes blocks of 32 only (the op gives blocks of 16 to the AVX2
+// engine there: the same arithmetic).
 struct Engine {
   const char* name;
   void (*quantize)(const float* x, int m, int k, int block, Rows* out);
   void (*groups)(const Problem& p, int g0, int g1);
+  void (*gate)(const Gate& a, int c0, int c1);
 };
 
 bool amx_usable();      // AMX-INT8 + AVX-512 VNNI, and the OS lets this process use the tiles

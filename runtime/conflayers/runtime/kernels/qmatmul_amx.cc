@@ -214,7 +214,7 @@ bool amx_usable() {
   return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
 }
 
-const Engine kAmxEngine = {"amx", quantize_plain, amx_groups};
+const Engine kAmxEngine = {"amx", quantize_plain, amx_groups, gate_avx2};
 
 }  // namespace qmm
 }  // namespace conflayers_kernels

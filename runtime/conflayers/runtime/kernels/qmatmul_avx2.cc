@@ -291,14 +291,46 @@ CONFLAYERS_AVX2 void avx2_groups(const Problem& p, int g0, int g1) {
   else offsets ? avx2_groups_bits<8, true>(p, g0, g1) : avx2_groups_bits<8, false>(p, g0, g1);
 }
 
+// exp_fixed (qmatmul.h) on 8 lanes, the same operations in the same order.
+CONFLAYERS_AVX2 inline __m256 exp_fixed8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(kExpLo)), _mm256_set1_ps(kExpHi));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-kLn2Hi), x);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(-kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[i]));
+  p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
 }  // namespace
+
+// The gated activation (qmatmul.h's Gate), 8 columns a vector; a last partial vector by the
+// scalar sequence (the same bits).
+CONFLAYERS_AVX2 void gate_avx2(const Gate& a, int c0, int c1) {
+  const __m256 alpha = _mm256_set1_ps(a.alpha), beta = _mm256_set1_ps(a.beta), one = _mm256_set1_ps(1.f);
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  for (int r = 0; r < a.m; ++r) {
+    const float* y = a.y + static_cast<size_t>(r) * 2 * a.f;
+    float* out = a.out + static_cast<size_t>(r) * a.f;
+    int c = c0;
+    for (; c + 8 <= c1; c += 8) {
+      const __m256 g = _mm256_loadu_ps(y + c), u = _mm256_loadu_ps(y + a.f + c);
+      const __m256 z = a.beta == 0.f ? _mm256_mul_ps(g, alpha) : _mm256_mul_ps(g, _mm256_fmadd_ps(beta, _mm256_mul_ps(g, g), alpha));
+      const __m256 e = exp_fixed8(_mm256_xor_ps(z, sign));
+      _mm256_storeu_ps(out + c, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), u));
+    }
+    for (; c < c1; ++c) out[c] = gated(y[c], y[a.f + c], a.alpha, a.beta);
+  }
+}
 
 bool avx2_usable() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
 
-const Engine kAvx2Engine = {"avx2", quantize_avx2, avx2_groups};
+const Engine kAvx2Engine = {"avx2", quantize_avx2, avx2_groups, gate_avx2};
 
 }  // namespace qmm
 }  // namespace conflayers_kernels

@@ -64,7 +64,15 @@ void scalar_groups(const Problem& p, int g0, int g1) {
 
 }  // namespace
 
-const Engine kScalarEngine = {"scalar", quantize_scalar, scalar_groups};
+void gate_scalar(const Gate& a, int c0, int c1) {
+  for (int r = 0; r < a.m; ++r) {
+    const float* y = a.y + static_cast<size_t>(r) * 2 * a.f;
+    float* out = a.out + static_cast<size_t>(r) * a.f;
+    for (int c = c0; c < c1; ++c) out[c] = gated(y[c], y[a.f + c], a.alpha, a.beta);
+  }
+}
+
+const Engine kScalarEngine = {"scalar", quantize_scalar, scalar_groups, gate_scalar};
 
 }  // namespace qmm
 }  // namespace conflayers_kernels
