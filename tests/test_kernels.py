@@ -136,16 +136,20 @@ QMATMUL_OPS = {None: "QMatMul", np.float32: "QMatMulOffsets", np.float16: "QMatM
 
 
 def _qmatmul_graph(k: int, n: int, bits: int, offsets_dtype, weights: dict | None = None, node: bool = True,
-                   block: int = 32, gate: str | None = None):
+                   block: int = 32, gate: str | None = None, norm: bool = False):
     """y = QMatMul*(x, codes, scales[, offsets]) with the compiler's functions, or (node=False) the
     nodes the compiler writes without the op: MatMulNBits [+ AddBlockOffsets(16)]. The weights are
     constants when given, else inputs. block 16: QMatMul16 (8-bit, no offsets). gate (an
-    activation): its QMatMulGLU twin, y [.., n / 2]."""
+    activation): its QMatMulGLU twin, y [.., n / 2]. norm: its QMatMulNorm twin, inputs x, delta,
+    norm_weight [k] and a second output, total."""
     op = decoder_graph.QMATMUL16 if block == 16 else QMATMUL_OPS[offsets_dtype]
     extra = {}
     if gate:
         op = decoder_graph.QMATMUL_GLU[op]
         extra = dict(zip(("alpha", "beta"), decoder_graph.GATE_ACTIVATIONS[gate]))
+    if norm:
+        op = decoder_graph.qmatmul_variant(op, glu=bool(gate), norm=True)
+        extra["epsilon"] = 1e-5
     nb, blob = k // block, block * bits // 8
     names = ["x", "codes", "scales"] + ([] if offsets_dtype is None else ["offsets"])
     types = {"codes": (TensorProto.UINT8, [n, nb, blob]), "scales": (TensorProto.FLOAT, ["N", "NB"]),   # (checked by the kernel)
@@ -158,16 +162,21 @@ def _qmatmul_graph(k: int, n: int, bits: int, offsets_dtype, weights: dict | Non
         else:
             inits.append(onnx.numpy_helper.from_array(weights[name], name))
     attrs = dict(K=k, N=n, bits=bits, block_size=block)
+    outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "S", n // 2 if gate else n])]
+    if norm:
+        names = ["x", "delta", "norm_weight"] + names[1:]
+        ins += [helper.make_tensor_value_info("delta", TensorProto.FLOAT, [1, "S", k]),
+                helper.make_tensor_value_info("norm_weight", TensorProto.FLOAT, [k])]
+        outs.append(helper.make_tensor_value_info("total", TensorProto.FLOAT, [1, "S", k]))
     if node:
-        nodes = [helper.make_node(op, names, ["y"], domain=kernels.DOMAIN, **attrs, **extra)]
+        nodes = [helper.make_node(op, names, [o.name for o in outs], domain=kernels.DOMAIN, **attrs, **extra)]
     else:
         mm = "y" if offsets_dtype is None else "y0"
         nodes = [helper.make_node("MatMulNBits", names[:3], [mm], domain="com.microsoft", accuracy_level=4, **attrs)]
         if offsets_dtype is not None:
             nodes.append(helper.make_node(decoder_graph.QMATMUL_CALLS[op], ["y0", "x", "offsets"], ["y"], domain=kernels.DOMAIN))
     custom = sorted({nd.op_type for nd in nodes if nd.domain == kernels.DOMAIN})
-    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "S", n // 2 if gate else n])
-    g = helper.make_graph(nodes, "t", ins, [out], inits)
+    g = helper.make_graph(nodes, "t", ins, outs, inits)
     m = helper.make_model(g, opset_imports=list(decoder_graph.OPSET) + [helper.make_opsetid(kernels.DOMAIN, 1)],
                           functions=decoder_graph.kernel_functions(custom))
     m.ir_version = 10
@@ -391,3 +400,47 @@ def test_qmatmul_glu_refuses_a_gate_width_off_its_groups(library, engines):
     w = _qweights(64, 48, 8, None)
     with pytest.raises(Exception, match="N .gate and up, packed. must be a multiple of 32"):
         _session(_qmatmul_graph(64, 48, 8, None, w, gate="silu"), library)
+
+
+# -- QMatMulNorm: a layer's residual add and RMSNorm in the node that reads the norm ------------------
+
+@pytest.mark.parametrize("bits,block,offsets_dtype", [(4, 32, np.float16), (8, 32, None), (8, 16, None)])
+@pytest.mark.parametrize("gate", [None, "silu"])
+def test_qmatmul_norm_is_the_product_of_the_normed_sum_and_rows_are_independent(library, engine, bits, block,
+                                                                                  offsets_dtype, gate):
+    """QMatMulNorm*(x, delta, w, ...) = (QMatMul*(rmsnorm(x + delta) * w), x + delta): the total
+    exactly x + delta, the product against a float64 reference, every row of a pass equal to the
+    row alone bit for bit, and the ONNX function (SkipSimplifiedLayerNormalization first) equal to
+    rounding."""
+    k, n = 576, 96
+    w = _qweights(k, n, bits, offsets_dtype, seed=5 + bits, fp16_values=True, block=block)
+    sess = _session(_qmatmul_graph(k, n, bits, offsets_dtype, w, block=block, gate=gate, norm=True), library)
+    r = np.random.default_rng(2)
+    nw = (1 + 0.1 * r.standard_normal(k)).astype(np.float32)
+    for rows in (1, 2, 5, 9):
+        x = r.standard_normal((1, rows, k)).astype(np.float32) * np.float32(4)
+        delta = r.standard_normal((1, rows, k)).astype(np.float32)
+        y, total = sess.run(None, {"x": x, "delta": delta, "norm_weight": nw})
+        assert np.array_equal(total, x + delta)
+        t = total.astype(np.float64)
+        h = (t / np.sqrt((t ** 2).mean(-1, keepdims=True) + 1e-5) * nw).astype(np.float32)
+        ref = _qmatmul_reference(h, w, k, n, bits, block)
+        ref = _gate_reference(ref, gate) if gate else ref
+        # h's last bits may round the other way than float64's and move an int8 code by one
+        assert np.max(np.abs(y[0] - ref)) <= 2e-2 * np.max(np.abs(ref)), f"{engine} rows={rows}"
+        for i in range(rows):
+            alone = sess.run(None, {"x": x[:, i:i + 1], "delta": delta[:, i:i + 1], "norm_weight": nw})
+            assert np.array_equal(alone[0][0, 0], y[0, i]) and np.array_equal(alone[1][0, 0], total[0, i])
+    os.environ["CONFLAYERS_QMATMUL"] = "off"             # (the engine fixture restores it)
+    fn = _session(_qmatmul_graph(k, n, bits, offsets_dtype, w, block=block, gate=gate, norm=True), library)
+    got, got_total = fn.run(None, {"x": x, "delta": delta, "norm_weight": nw})
+    assert np.array_equal(got_total, total)
+    assert np.max(np.abs(got - y)) <= 2e-2 * np.max(np.abs(y))
+
+
+def test_qmatmul_norm_refuses_a_delta_of_another_shape(library, engines):
+    w = _qweights(64, 32, 8, None)
+    sess = _session(_qmatmul_graph(64, 32, 8, None, w, norm=True), library)
+    x = np.ones((1, 2, 64), np.float32)
+    with pytest.raises(Exception, match="delta must have x's shape"):
+        sess.run(None, {"x": x, "delta": x[:, :1], "norm_weight": np.ones(64, np.float32)})

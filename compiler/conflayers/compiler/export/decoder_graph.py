@@ -16,6 +16,8 @@ import hashlib
 import math
 import os
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
@@ -38,11 +40,21 @@ OFFSET_BLOCK = 32                  # GGUF's block and K-quant sub-block: the off
 QMATMUL_FORMS = {(32, 4), (32, 8), (16, 8)}   # (block, bits) the kernel library's QMatMul ops take
 QMATMUL16 = "QMatMul16"            # Q6_K's 8-bit blocks of 16 (without offsets)
 QMATMUL_WITH = {False: "QMatMulOffsets", True: "QMatMulOffsets16"}      # by fp16 offsets
-# the same products followed by an MLP's gate: [gate | up] -> gate sigmoid(gate (alpha + beta gate^2)) up
-QMATMUL_GLU = {op: op.replace("QMatMul", "QMatMulGLU", 1) for op in ("QMatMul", QMATMUL16, *QMATMUL_WITH.values())}
-QMATMUL_OPS = ("QMatMul", QMATMUL16, *QMATMUL_WITH.values(), *QMATMUL_GLU.values())
-QMATMUL_CALLS = {"QMatMulOffsets": "AddBlockOffsets", "QMatMulOffsets16": "AddBlockOffsets16",
-                 "QMatMulGLUOffsets": "AddBlockOffsets", "QMatMulGLUOffsets16": "AddBlockOffsets16"}
+QMATMUL_BASE = ("QMatMul", QMATMUL16, *QMATMUL_WITH.values())
+
+
+def qmatmul_variant(op: str, glu: bool = False, norm: bool = False) -> str:
+    """The op computing `op`'s product with an MLP's gate after it ([gate | up] -> gate
+    sigmoid(gate (alpha + beta gate^2)) up) and/or a residual add + RMSNorm before it."""
+    kind = op[len("QMatMul"):].removeprefix("Norm").removeprefix("GLU")
+    return "QMatMul" + ("Norm" if norm else "") + ("GLU" if glu else "") + kind
+
+
+QMATMUL_GLU = {op: qmatmul_variant(op, glu=True) for op in QMATMUL_BASE}
+QMATMUL_OPS = tuple(qmatmul_variant(op, glu, norm) for norm in (False, True) for glu in (False, True)
+                    for op in QMATMUL_BASE)
+QMATMUL_CALLS = {op: "AddBlockOffsets16" if op.endswith("Offsets16") else "AddBlockOffsets"
+                 for op in QMATMUL_OPS if "Offsets" in op}
 # g sigmoid(g (alpha + beta g^2)): SiLU, and GELU-tanh (0.5 g (1 + tanh(y)) = g sigmoid(2y))
 _GELU_ALPHA = 2.0 * math.sqrt(2.0 / math.pi)
 GATE_ACTIVATIONS = {"silu": (1.0, 0.0), "gelu_tanh": (_GELU_ALPHA, _GELU_ALPHA * 0.044715)}
@@ -140,6 +152,21 @@ def _rows_key(rows: np.ndarray) -> str:
     return hashlib.sha256(np.asarray(rows, np.int64).tobytes()).hexdigest()[:12]
 
 
+@dataclass(eq=False)
+class _Normed:
+    """rmsnorm(x + delta) * weight, not yet computed: the QMatMul that reads it computes it in its
+    prologue (QMatMulNorm*, which also writes `total` = x + delta, the residual stream), else
+    _Graph.tensor writes it as a SkipSimplifiedLayerNormalization. `total` is named up front, so
+    later nodes can read it whichever node writes it."""
+    x: str
+    delta: str
+    weight: str
+    eps: float
+    total: str
+    h: str | None = None           # the tensor, once written as its own node
+    fused: bool = False            # computed inside its consumer: no tensor exists
+
+
 class _Graph:
     def __init__(self, stores: WeightStores, precision: str):
         self.nodes, self.inits, self.inputs, self.outputs = [], [], [], []
@@ -149,12 +176,37 @@ class _Graph:
         self._init_names = set()
         self._half_offsets: set[str] = set()    # offsets initializers stored in fp16
 
-    def op(self, op_type, inputs, n_out=1, domain="", name=None, **attrs):
+    def op(self, op_type, inputs, n_out=1, domain="", name=None, outputs=None, **attrs):
         self._n += 1
         base = name or f"{op_type}_{self._n}"
         outs = [f"{base}/out{j}" for j in range(n_out)]
+        for j, given in enumerate(outputs or []):
+            outs[j] = given or outs[j]
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=base, domain=domain, **attrs))
         return outs[0] if n_out == 1 else outs
+
+    def tensor(self, x) -> str:
+        """x's tensor name; a pending norm (_Normed) written first as its own node."""
+        if not isinstance(x, _Normed):
+            return x
+        if x.fused:
+            raise ValueError("a norm already computed inside its QMatMul has no tensor of its own")
+        if x.h is None:
+            x.h = self.op("SkipSimplifiedLayerNormalization", [x.x, x.delta, x.weight], n_out=4, domain=MS,
+                          outputs=[None, None, None, x.total], epsilon=x.eps)[0]
+        return x.h
+
+    def _qmatmul_node(self, op, x, q: QuantMatrix, weights: list[str], label, **attrs):
+        """One kernel-library QMatMul* node reading x; a pending norm is fused into it
+        (QMatMulNorm*: measured on SmolLM2's native target, ~0.3 ms of a ~6 ms step)."""
+        if not isinstance(x, _Normed) or x.h is not None:
+            return self.op(op, [self.tensor(x)] + weights, domain=KERNELS_DOMAIN, name=label,
+                           K=q.k, N=q.n, bits=q.bits, block_size=q.block, **attrs)
+        x.fused = True
+        y, _ = self.op(qmatmul_variant(op, glu="GLU" in op, norm=True), [x.x, x.delta, x.weight] + weights, n_out=2,
+                       domain=KERNELS_DOMAIN, name=label, outputs=[None, x.total], K=q.k, N=q.n, bits=q.bits,
+                       block_size=q.block, epsilon=x.eps, **attrs)
+        return y
 
     def const(self, name, array):
         if name not in self._init_names:
@@ -175,6 +227,7 @@ class _Graph:
         q = self.stores.quantized(wname, self.precision, rows)
         if q is not None:
             return self.matmul_blocks(x, q, wname if rows is None else f"{wname}.rows{_rows_key(rows)}", label)
+        x = self.tensor(x)
         if self.precision == "native" and wname.endswith(".qkv"):   # q, k, v of different GGUF types
             p = wname[: -len("qkv")]
             parts = [self.matmul(x, p + part, f"{label}_{part}") for part in "qkv"]
@@ -197,6 +250,7 @@ class _Graph:
         parts = _packed_parts(wname)
         q = None if self.precision == "fp32" else self.stores.quantized(wname, self.precision)
         if q is None:
+            x = self.tensor(x)
             return [self.matmul(x, p, f"{label}_{p.rpartition('.')[2]}") for p in parts]
         y = self.matmul_blocks(x, q, wname, label)
         sizes = [self.stores.array(p).shape[1] for p in parts]
@@ -214,9 +268,9 @@ class _Graph:
             if offsets is not None and q.block != OFFSET_BLOCK:
                 raise ValueError(f"{wname}: offsets per block of {q.block}; the graph's correction needs {OFFSET_BLOCK}")
             alpha, beta = GATE_ACTIVATIONS[activation]
-            return self.op(QMATMUL_GLU[self._qmatmul_op(q, offsets)], [x, codes, scales] + ([offsets] if offsets else []),
-                           domain=KERNELS_DOMAIN, name=label, K=q.k, N=q.n, bits=q.bits, block_size=q.block,
-                           alpha=float(alpha), beta=float(beta))
+            return self._qmatmul_node(QMATMUL_GLU[self._qmatmul_op(q, offsets)], x, q,
+                                      [codes, scales] + ([offsets] if offsets else []), label,
+                                      alpha=float(alpha), beta=float(beta))
         gate, up = self.matmul_parts(x, wname, label)
         if activation == "silu":
             act = self.op("Mul", [gate, self.op("Sigmoid", [gate])])
@@ -250,8 +304,9 @@ class _Graph:
         if (q.block, q.bits) in QMATMUL_FORMS:
             # one node, run by the kernel library's QMatMul (AMX or AVX2 engine) where it is
             # loaded, else by its ONNX function: MatMulNBits (+ AddBlockOffsets), the nodes below
-            return self.op(self._qmatmul_op(q, offsets), [x, codes, scales] + ([offsets] if offsets else []), domain=KERNELS_DOMAIN,
-                           name=label, K=q.k, N=q.n, bits=q.bits, block_size=q.block)
+            return self._qmatmul_node(self._qmatmul_op(q, offsets), x, q, [codes, scales] + ([offsets] if offsets else []),
+                                      label)
+        x = self.tensor(x)
         y = self.op("MatMulNBits", [x, codes, scales], domain=MS, name=label, K=q.k, N=q.n, bits=q.bits,
                     block_size=q.block, accuracy_level=4)
         if offsets is None:
@@ -321,15 +376,22 @@ def _attribute_refs(node, refs: dict[str, str], kind):
 def qmatmul_function(op: str) -> onnx.FunctionProto:
     """QMatMul(16)(x, codes, scales[, offsets]) as MatMulNBits (accuracy level 4) [+ AddBlockOffsets(16)]:
     what a session runs where the kernel library's QMatMul is not registered
-    (runtime/kernels/qmatmul.cc); the same nodes as a graph written without the op. QMatMulGLU*:
-    then Split into gate and up, and gate * Sigmoid(gate * (alpha + beta * gate^2)) * up."""
+    (runtime/kernels/qmatmul.cc); the same nodes as a graph written without the op. QMatMulNorm*:
+    a SkipSimplifiedLayerNormalization before (x, delta, norm_weight -> the product's input and
+    the output total); *GLU*: after, a Split into gate and up and gate * Sigmoid(gate * (alpha +
+    beta * gate^2)) * up."""
     attrs = ["K", "N", "bits", "block_size"]
-    glu = op in QMATMUL_GLU.values()
+    glu, norm, offsets = "GLU" in op, op.startswith("QMatMulNorm"), op in QMATMUL_CALLS
     product = "product" if glu else "y"
-    offsets = op in QMATMUL_CALLS
+    nodes, inputs, outputs = [], ["x", "codes", "scales"], ["y"]
+    if norm:
+        ssln = helper.make_node("SkipSimplifiedLayerNormalization", ["x_in", "delta", "norm_weight"],
+                                ["x", "", "", "total"], domain=MS)
+        nodes.append(_attribute_refs(ssln, {"epsilon": "epsilon"}, onnx.AttributeProto.FLOAT))
+        inputs, outputs, attrs = ["x_in", "delta", "norm_weight", "codes", "scales"], ["y", "total"], attrs + ["epsilon"]
     mm = helper.make_node("MatMulNBits", ["x", "codes", "scales"], ["y0" if offsets else product], domain=MS,
                           accuracy_level=4)
-    nodes, inputs = [_attribute_refs(mm, {a: a for a in attrs}, onnx.AttributeProto.INT)], ["x", "codes", "scales"]
+    nodes.append(_attribute_refs(mm, {a: a for a in ["K", "N", "bits", "block_size"]}, onnx.AttributeProto.INT))
     if offsets:
         nodes.append(helper.make_node(QMATMUL_CALLS[op], ["y0", "x", "offsets"], [product], domain=KERNELS_DOMAIN))
         inputs.append("offsets")
@@ -343,7 +405,7 @@ def qmatmul_function(op: str) -> onnx.FunctionProto:
                   helper.make_node("Sigmoid", ["z"], ["sz"]), helper.make_node("Mul", ["gate", "sz"], ["act"]),
                   helper.make_node("Mul", ["act", "up"], ["y"])]
         attrs = attrs + ["alpha", "beta"]
-    return helper.make_function(KERNELS_DOMAIN, op, inputs, ["y"], nodes,
+    return helper.make_function(KERNELS_DOMAIN, op, inputs, outputs, nodes,
                                 OPSET + [helper.make_opsetid(KERNELS_DOMAIN, 1)], attributes=attrs)
 
 
@@ -485,7 +547,7 @@ def build(spec: ModelSpec, stores: WeightStores, plan: DraftPlan | None = None, 
         pending = g.op("Slice", [pending, contract.LOGITS_FROM, ends, axis], name=f"{contract.KEEP_POSITIONS}_delta")
     _, x = _add_norm(g, x, pending, "final_norm", spec)
     if part == "body":
-        g.nodes.append(helper.make_node("Identity", [x], [contract.HIDDEN], name="hidden_out"))
+        g.nodes.append(helper.make_node("Identity", [g.tensor(x)], [contract.HIDDEN], name="hidden_out"))
         g.outputs.insert(0, helper.make_tensor_value_info(contract.HIDDEN, TensorProto.FLOAT, [1, "S", H]))
         return g.model("conflayers draft body")
     logits = _head(g, spec, x, None)
@@ -507,12 +569,13 @@ def _norm(g: _Graph, x, wname, spec):
 
 
 def _add_norm(g: _Graph, x, delta, wname, spec):
-    """(x + delta, rmsnorm(x + delta)) in one fused op; plain norm when nothing is pending."""
+    """(x + delta, rmsnorm(x + delta)): the norm pending (_Normed) for the node that reads it to
+    compute; plain norm when nothing is pending."""
     if delta is None:
         return x, _norm(g, x, wname, spec)
-    h, _, _, total = g.op("SkipSimplifiedLayerNormalization", [x, delta, g.weight(wname)], n_out=4,
-                          domain=MS, epsilon=spec.rms_norm_eps)
-    return total, h
+    g._n += 1
+    normed = _Normed(x, delta, g.weight(wname), float(spec.rms_norm_eps), total=f"{wname}/total_{g._n}")
+    return normed.total, normed
 
 
 def _head_norm(g: _Graph, x, wname, spec, heads):

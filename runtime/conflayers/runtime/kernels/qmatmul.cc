@@ -8,6 +8,10 @@
 //       alpha, beta): y = x @ W = [gate | up] (N = 2F), out = gate sigmoid(gate (alpha + beta
 //       gate^2)) up [.., F]: an MLP's packed gate/up projection and its activation in one node
 //       (SiLU, GELU-tanh), which on SmolLM2 replaced a Split, a QuickGelu and a Mul per layer
+//   QMatMulNorm* (every op above with "Norm" after "QMatMul": inputs x, delta, norm_weight, then
+//       the op's own; attribute epsilon): total = x + delta, h = total / sqrt(mean(total^2) +
+//       epsilon) * norm_weight, outputs (the product of h, total): a layer's residual add and
+//       RMSNorm (SkipSimplifiedLayerNormalization) in the node that reads h
 //
 // The inputs are MatMulNBits' (codes [N, K/32, 16 | 32] of 4 or 8 bits, blocks of 32, mid 8 or
 // 128, fp32 scales [N, K/32]; or Q6_K's 8-bit blocks of 16) plus the GGUF offsets [K/32, N]. The
@@ -209,6 +213,26 @@ void run_gate_task(void* data, size_t index) {
 
 enum class Offsets { kNone, kFp32, kFp16 };
 
+// The Norm ops' prologue, row by row in one fixed sequence (8 partial sums of squares in k order,
+// added pairwise), so a row's h never depends on the pass: total = x + delta, h as above.
+void add_rms_norm(const float* x, const float* delta, const float* w, int64_t m, int k, float eps,
+                  float* total, float* h) {
+  for (int64_t r = 0; r < m; ++r) {
+    const float* xr = x + r * k;
+    const float* dr = delta + r * k;
+    float* t = total + r * k;
+    float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int i = 0; i < k; ++i) {
+      t[i] = xr[i] + dr[i];
+      part[i % 8] += t[i] * t[i];
+    }
+    const float ss = ((part[0] + part[4]) + (part[2] + part[6])) + ((part[1] + part[5]) + (part[3] + part[7]));
+    const float inv = 1.f / std::sqrt(ss / static_cast<float>(k) + eps);
+    float* hr = h + r * k;
+    for (int i = 0; i < k; ++i) hr[i] = t[i] * inv * w[i];
+  }
+}
+
 std::vector<float> offsets_fp32(Ort::ConstValue off, Offsets kind, size_t count) {
   if (off.GetTensorTypeAndShapeInfo().GetElementCount() != count)
     throw std::runtime_error("conflayers QMatMulOffsets: offsets must hold K/32 x N values");
@@ -223,10 +247,11 @@ std::vector<float> offsets_fp32(Ort::ConstValue off, Offsets kind, size_t count)
 }
 
 struct QMatMulKernel {
-  QMatMulKernel(const OrtApi& api, const OrtKernelInfo* info, Offsets offsets, bool block16, bool glu,
+  QMatMulKernel(const OrtApi& api, const OrtKernelInfo* info, Offsets offsets, bool block16, bool glu, bool norm,
                 const Engine* engine)
-      : api_(api), offsets_(offsets), glu_(glu), engine_(engine) {
+      : api_(api), offsets_(offsets), glu_(glu), norm_(norm), w0_(norm ? 3 : 1), engine_(engine) {
     Ort::ConstKernelInfo ki(info);
+    if (norm_) eps_ = ki.GetAttribute<float>("epsilon");
     k_ = static_cast<int>(ki.GetAttribute<int64_t>("K"));
     n_ = static_cast<int>(ki.GetAttribute<int64_t>("N"));
     bits_ = static_cast<int>(ki.GetAttribute<int64_t>("bits"));
@@ -245,10 +270,10 @@ struct QMatMulKernel {
                                std::to_string(k_) + " bits=" + std::to_string(bits_) + " block=" + std::to_string(block_) + ")");
     if (block_ == kBlock16 && engine_ == &kAmxEngine) engine_ = &kAvx2Engine;   // the same arithmetic, 16-wide blocks
     int c1 = 0, c2 = 0, c3 = 1;      // constant weights (the compiler's graphs): repacked here, once
-    Ort::ConstValue codes = ki.GetTensorConstantInput(1, &c1);
-    Ort::ConstValue scales = ki.GetTensorConstantInput(2, &c2);
+    Ort::ConstValue codes = ki.GetTensorConstantInput(w0_, &c1);
+    Ort::ConstValue scales = ki.GetTensorConstantInput(w0_ + 1, &c2);
     Ort::ConstValue off{nullptr};
-    if (offsets_ != Offsets::kNone) off = ki.GetTensorConstantInput(3, &c3);
+    if (offsets_ != Offsets::kNone) off = ki.GetTensorConstantInput(w0_ + 2, &c3);
     if (c1 && c2 && c3) weights_ = prepare(codes, scales, off);
   }
 
@@ -274,11 +299,24 @@ struct QMatMulKernel {
     for (size_t i = 0; i + 1 < shape.size(); ++i) m *= shape[i];
     shape.back() = glu_ ? n_ / 2 : n_;
     Ort::UnownedValue y = ctx.GetOutput(0, shape);
+    const float* a = x.GetTensorData<float>();
+    thread_local std::vector<float> normed;
+    if (norm_) {
+      shape.back() = k_;
+      Ort::ConstValue delta = ctx.GetInput(1), nw = ctx.GetInput(2);
+      if (delta.GetTensorTypeAndShapeInfo().GetShape() != shape || nw.GetTensorTypeAndShapeInfo().GetElementCount() != static_cast<size_t>(k_))
+        throw std::runtime_error("conflayers QMatMulNorm: delta must have x's shape and norm_weight K=" + std::to_string(k_) + " values");
+      Ort::UnownedValue total = ctx.GetOutput(1, shape);
+      normed.resize(static_cast<size_t>(m) * k_);
+      add_rms_norm(a, delta.GetTensorData<float>(), nw.GetTensorData<float>(), m, k_, eps_,
+                   total.GetTensorMutableData<float>(), normed.data());
+      a = normed.data();
+    }
     if (m == 0) return;
     std::shared_ptr<const TileWeights> w = weights_;
-    if (!w) w = prepare(ctx.GetInput(1), ctx.GetInput(2), offsets_ == Offsets::kNone ? Ort::ConstValue{nullptr} : ctx.GetInput(3));
+    if (!w) w = prepare(ctx.GetInput(w0_), ctx.GetInput(w0_ + 1), offsets_ == Offsets::kNone ? Ort::ConstValue{nullptr} : ctx.GetInput(w0_ + 2));
     thread_local Rows rows;
-    engine_->quantize(x.GetTensorData<float>(), static_cast<int>(m), k_, block_, &rows);
+    engine_->quantize(a, static_cast<int>(m), k_, block_, &rows);
     float* out = y.GetTensorMutableData<float>();
     if (!glu_) {
       Task task{engine_, Problem{&rows, w.get(), out, n_, k_, static_cast<int>(m)}};
@@ -297,45 +335,59 @@ struct QMatMulKernel {
  private:
   const OrtApi& api_;
   Offsets offsets_;
-  bool glu_;
+  bool glu_, norm_;
+  int w0_;                 // the index of the codes input (after x, or x, delta, norm_weight)
   const Engine* engine_;
   int k_ = 0, n_ = 0, bits_ = 0, block_ = kBlock;
-  float alpha_ = 1.f, beta_ = 0.f;
+  float alpha_ = 1.f, beta_ = 0.f, eps_ = 0.f;
   std::shared_ptr<const TileWeights> weights_;
 };
 
 struct QMatMulOp : Ort::CustomOpBase<QMatMulOp, QMatMulKernel> {
-  QMatMulOp(Offsets offsets, bool block16, bool glu) : offsets_(offsets), block16_(block16), glu_(glu) {}
+  QMatMulOp(Offsets offsets, bool block16, bool glu, bool norm)
+      : offsets_(offsets), block16_(block16), glu_(glu), norm_(norm) {
+    name_ = std::string("QMatMul") + (norm ? "Norm" : "") + (glu ? "GLU" : "") +
+            (block16 ? "16" : offsets == Offsets::kNone ? "" : offsets == Offsets::kFp32 ? "Offsets" : "Offsets16");
+  }
   void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const {
-    return new QMatMulKernel(api, info, offsets_, block16_, glu_, engine);
+    return new QMatMulKernel(api, info, offsets_, block16_, glu_, norm_, engine);
   }
-  const char* GetName() const {
-    if (block16_) return glu_ ? "QMatMulGLU16" : "QMatMul16";
-    if (offsets_ == Offsets::kNone) return glu_ ? "QMatMulGLU" : "QMatMul";
-    if (offsets_ == Offsets::kFp32) return glu_ ? "QMatMulGLUOffsets" : "QMatMulOffsets";
-    return glu_ ? "QMatMulGLUOffsets16" : "QMatMulOffsets16";
-  }
+  const char* GetName() const { return name_.c_str(); }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return offsets_ == Offsets::kNone ? 3 : 4; }
+  size_t GetInputTypeCount() const { return (offsets_ == Offsets::kNone ? 3 : 4) + (norm_ ? 2 : 0); }
   ONNXTensorElementDataType GetInputType(size_t i) const {
+    if (norm_ && i > 0) {
+      if (i < 3) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;      // delta, norm_weight
+      i -= 2;
+    }
     if (i == 1) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
     if (i == 3 && offsets_ == Offsets::kFp16) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
     return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
-  size_t GetOutputTypeCount() const { return 1; }
+  size_t GetOutputTypeCount() const { return norm_ ? 2 : 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 
   const Engine* engine = nullptr;    // set at registration
 
  private:
   Offsets offsets_;
-  bool block16_, glu_;
+  bool block16_, glu_, norm_;
+  std::string name_;
 };
 
-QMatMulOp g_ops[] = {{Offsets::kNone, false, false}, {Offsets::kFp32, false, false}, {Offsets::kFp16, false, false},
-                     {Offsets::kNone, true, false},  {Offsets::kNone, false, true},  {Offsets::kFp32, false, true},
-                     {Offsets::kFp16, false, true},  {Offsets::kNone, true, true}};
-
+// every combination: {plain, Norm} x {plain, GLU} x {no offsets, fp32, fp16 offsets, blocks of 16}
+std::vector<QMatMulOp>& qmatmul_ops() {
+  static std::vector<QMatMulOp> ops = [] {
+    std::vector<QMatMulOp> v;
+    for (bool norm : {false, true})
+      for (bool glu : {false, true}) {
+        for (Offsets o : {Offsets::kNone, Offsets::kFp32, Offsets::kFp16}) v.emplace_back(o, false, glu, norm);
+        v.emplace_back(Offsets::kNone, true, glu, norm);
+      }
+    return v;
+  }();
+  return ops;
+}
 
 }  // namespace
 
@@ -349,7 +401,7 @@ const char* qmatmul_engine() {
 void add_qmatmul_ops(Ort::CustomOpDomain& domain) {
   const Engine* e = chosen_engine();
   if (!e) return;
-  for (QMatMulOp& op : g_ops) {
+  for (QMatMulOp& op : qmatmul_ops()) {
     op.engine = e;
     domain.Add(&op);
   }
