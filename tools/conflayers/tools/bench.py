@@ -456,7 +456,7 @@ def build_systems(names, args, runtime: RuntimeBackend, warm_prompt: BenchPrompt
     threads = runtime_threads()
     for precision in dict.fromkeys(GENAI_SYSTEMS[n][0] for n in names if n in GENAI_SYSTEMS):
         group = [slots[n] for n in names if n in GENAI_SYSTEMS and GENAI_SYSTEMS[n][0] == precision]
-        reason, backend = hf_reason, None
+        reason, backend, rewindable = hf_reason, None, None
         if reason is None:
             try:
                 import onnxruntime_genai  # noqa: F401
@@ -481,7 +481,13 @@ def build_systems(names, args, runtime: RuntimeBackend, warm_prompt: BenchPrompt
                 s.status, s.reason = "skipped", (f"not available: GenAI's max_draft_tokens must be 1-16, "
                                                  f"--prompt-lookup-tokens is {ngram}")
                 continue
-            s.system = GenAISystem(s.name, backend, engine.stop_ids, ngram=ngram)
+            if ngram is not None and backend.min_length and backend.min_length < engine.capacity:
+                # a sliding window (Gemma 3): its n-gram mode needs a cache that evicts nothing
+                if rewindable is None:
+                    rewindable = GenAIBackend(model_dir, threads, cache_slack=engine.capacity)
+                s.system = GenAISystem(s.name, rewindable, engine.stop_ids, ngram=ngram)
+            else:
+                s.system = GenAISystem(s.name, backend, engine.stop_ids, ngram=ngram)
             s.disk = {"bytes": path_bytes(backend.model_dir), "path": backend.model_dir,
                       "what": f"GenAI model directory ({precision})"}
         warm(group)
@@ -490,7 +496,9 @@ def build_systems(names, args, runtime: RuntimeBackend, warm_prompt: BenchPrompt
                 s.reason = (f"not available: onnxruntime-genai {_version('onnxruntime-genai')}'s n-gram speculative "
                             f"decoding failed on this model on CPU ({s.reason})")
         record(group, f"genai-{precision}", f"one GenAI {precision} model serves "
-               + ", ".join(s.name for s in group))
+               + ", ".join(s.name for s in group)
+               + ("; the n-gram one a second copy whose sliding-window cache keeps the whole context"
+                  if rewindable is not None else ""))
 
     # llama.cpp: one Llama per system (prompt lookup needs every position's logits), same GGUF file
     lc = [slots[n] for n in names if slots[n].kind == LLAMACPP]

@@ -527,18 +527,22 @@ def genai_model_dir(hf_dir: str, model_name: str, log=print, precision: str = "f
         shutil.rmtree(work, ignore_errors=True)
 
 
+def genai_sliding_window(model_dir: str) -> dict:
+    """A GenAI model's decoder.sliding_window settings ({} without one)."""
+    with open(os.path.join(model_dir, "genai_config.json")) as f:
+        return ((json.load(f).get("model") or {}).get("decoder") or {}).get("sliding_window") or {}
+
+
 def genai_window(model_dir: str) -> int:
     """The sliding window of a GenAI model (Gemma 3: 512; 0 without one): its KV cache must hold
     the window whole, so no request may ask for fewer positions."""
-    with open(os.path.join(model_dir, "genai_config.json")) as f:
-        window = ((json.load(f).get("model") or {}).get("decoder") or {}).get("sliding_window") or {}
-    return int(window.get("window_size") or 0)
+    return int(genai_sliding_window(model_dir).get("window_size") or 0)
 
 
 class GenAIBackend:
     kind = GENAI
 
-    def __init__(self, model_dir: str, threads: int | None = None):
+    def __init__(self, model_dir: str, threads: int | None = None, cache_slack: int = 0):
         try:
             import onnxruntime_genai as og
         except ImportError as e:
@@ -546,13 +550,19 @@ class GenAIBackend:
         self.og = og
         self.model_dir = model_dir
         self.threads = threads or runtime_threads()
+        self.min_length = genai_window(model_dir)
         config = og.Config(model_dir)      # the runtime's thread count, not GenAI's default
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-            "intra_op_num_threads": self.threads}}}}))
+        decoder = {"session_options": {"intra_op_num_threads": self.threads}}
+        if self.min_length and cache_slack:
+            # positions a sliding-window cache keeps past the window. GenAI's n-gram speculation
+            # rewinds only a cache that has evicted nothing ("Cannot rewind ... already been
+            # evicted" past window + slack): its systems get a model with slack for the whole
+            # context. (An overlay replaces the whole object: the builder's settings + the slack.)
+            decoder["sliding_window"] = {**genai_sliding_window(model_dir), "cache_slack": int(cache_slack)}
+        config.overlay(json.dumps({"model": {"decoder": decoder}}))
         self.model = og.Model(config)
         self.weight_bytes = sum(os.path.getsize(os.path.join(model_dir, f)) for f in os.listdir(model_dir)
                                 if f.endswith((".onnx.data", ".data")) or f.endswith(".onnx"))
-        self.min_length = genai_window(model_dir)
 
 
 class GenAISystem:
