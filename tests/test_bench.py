@@ -309,3 +309,40 @@ def test_genai_builder_gets_flat_rope_fields_for_gemma3():
     llama = transformers.LlamaConfig()
     before = dict(llama.rope_parameters)
     assert flatten_rope(llama).rope_parameters == before and not hasattr(llama, "rope_local_base_freq")
+
+
+def test_a_reference_system_failing_on_a_later_task_keeps_its_earlier_rows():
+    """run_sections + summarize with a reference system that fails on the second task's prompt:
+    the first task reports its figures, the second says it failed and where (not the whole
+    system marked failed everywhere)."""
+    from conflayers.tools import bench
+    from conflayers.tools.bench_systems import BenchPrompt, Run
+
+    class Fake:
+        speculative = False
+
+        def __init__(self, fail_on=None):
+            self.fail_on = fail_on
+
+        def generate(self, prompt, max_new):
+            if prompt.uid == self.fail_on:
+                raise RuntimeError("cannot rewind")
+            return Run(token_ids=[1, 2, 3], generated=3, ttft_s=0.01, tokens_per_s=100.0, total_s=0.05, full_passes=3)
+
+        def weight_bytes(self, run):
+            return 1000, 0
+
+    slots = [bench.Slot("plain"), bench.Slot("genai-int4-ngram")]
+    slots[0].system, slots[1].system = Fake(), Fake(fail_on="b/1")
+    slots[0].kind = "genai"           # (a reference kind: no runtime accounting in this fake)
+    for s in slots:
+        s.status = "ok"
+    sections = [{"task": t, "bench_prompts": [BenchPrompt(f"{t}/{i}", "x", None, [5, 6]) for i in range(2)]}
+                for t in ("a", "b")]
+    bench.run_sections(sections, slots, 8)
+    first, second = (bench.summarize(sec, slots, None) for sec in sections)
+    row = {r["name"]: r for r in first}["genai-int4-ngram"]
+    assert row["status"] == "ok" and row["n_prompts"] == 2 and row["tokens_per_s"] == 100.0
+    row = {r["name"]: r for r in second}["genai-int4-ngram"]
+    assert row["status"] == "failed" and "cannot rewind" in row["reason"] and "b/1" in row["reason"]
+    assert row["tokens_per_s"] is None

@@ -548,6 +548,7 @@ def run_sections(sections, slots, max_new: int, own_profile: bool = False) -> No
                     if s.kind == RUNTIME:
                         raise
                     s.status, s.reason = "failed", f"{type(e).__name__}: {e} (on prompt {prompt.uid})"
+                    sec.setdefault("failures", {})[s.name] = s.reason
                     _log(f"{s.name} failed: {s.reason}")
                     continue
                 runs[s.name].append(r)
@@ -574,9 +575,16 @@ def summarize(sec, slots, engine) -> list[dict]:
                "profiles_used": {}, "guard_stopped_prompts": None, "weight_bytes_full": None,
                "weight_bytes_draft": None, "bytes_per_token": None, "bandwidth_gb_s": None, "rss": s.rss or None,
                "disk": s.disk or None}
+        failed_here = sec.get("failures", {}).get(s.name)
+        # a system that failed on a later task still reports the tasks it ran whole
+        ran = s.system is not None and bool(runs.get(s.name)) and failed_here is None
+        if failed_here:
+            obj.update(status="failed", reason=failed_here)
+        elif ran:
+            obj.update(status="ok", reason=None)
         if s.ok and s.name not in runs:
             obj.update(status="skipped", reason="not run on this task (--own-profile)")
-        if s.ok and s.name in runs:
+        if ran:
             rs = runs[s.name]
             tps = [r.tokens_per_s for r in rs]
             mean_tps = _mean(tps)
