@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-
 from dataclasses import dataclass
 
 import numpy as np
@@ -259,9 +258,9 @@ class _Graph:
 
     def gated_mlp(self, x, wname, label, activation: str):
         """act(gate) * up of the packed `wname`: one QMatMulGLU node where its weights take the
-        kernel library's QMatMul and the gate's width is a multiple of 16 (measured on SmolLM2's
-        native target: a Split, a QuickGelu and a Mul a layer, ~1 ms of a ~12 ms step, in an ORT
-        profile); else the product(s) and the activation as nodes."""
+        kernel library's QMatMul and the gate's width is a multiple of 16 (it replaced a Split, a
+        QuickGelu and a Mul a layer: SmolLM2's native step 6.17 -> 5.73 ms on an AVX2 EPYC); else
+        the product(s) and the activation as nodes."""
         q = None if self.precision == "fp32" else self.stores.quantized(wname, self.precision)
         if q is not None and (q.block, q.bits) in QMATMUL_FORMS and q.n % 32 == 0:
             codes, scales, offsets = self.blocks(q, wname)

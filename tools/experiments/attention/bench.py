@@ -1,0 +1,121 @@
+"""SlotAttention alone (one node, SmolLM2's heads: 9 query, 3 KV, 64 dims), ms per pass of 1 and
+9 rows over 30 layers' caches at growing past lengths, over a cache of random values (never calloc'd zero pages, which
+would be read from L1), for one or more builds of the kernel library side by side.
+
+    python tools/experiments/attention/bench.py [--lib A.so --lib B.so] [--pasts 256,1024,2048,4000]
+
+Each build's outputs are checked against the first's bit for bit (a build that changes the
+arithmetic says so). Compare builds with `bash tools/build_kernels.sh -o /tmp/variant.so -D...`.
+
+Measured 2026-12-07 (2-core AVX2 EPYC, 2 threads, min of 8): 1 row 3.8 / 15.5 ms at 1024 / 4000
+positions (4000: 184 MB of keys and values, ~12 GB/s), 9 rows 12.8 / 49.7 ms (compute-bound:
+~20-30 core cycles a query and position against the 8 of its 16 FMAs). Variants tried, none
+faster beyond the VM's noise: blocks of 27 queries (a KV head's whole 9-row pass in one task,
+its keys and values read once), no head split on one-row passes, 8 and 32 KB tiles; and, in a
+standalone copy of `attend`, bit-identical loops sharing each key load between two queries and
+each value load between two heads of a row (within ~10%).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+from conflayers.runtime import attention, kernels
+
+HEADS, KV, H, HALF = 9, 3, 64, 32
+
+
+def session(lib: str, length: int, threads: int):
+    vi = helper.make_tensor_value_info
+    cache = [1, KV, length, H]
+    ins = [vi("q", TensorProto.FLOAT, [1, "T", (HEADS + 2 * KV) * H]), vi("past_key", TensorProto.FLOAT, cache),
+           vi("past_value", TensorProto.FLOAT, cache), vi("seqlens", TensorProto.INT32, ["N"]),
+           vi("cos", TensorProto.FLOAT, ["P", HALF]), vi("sin", TensorProto.FLOAT, ["P", HALF])]
+    node = helper.make_node(attention.OP, ["q", "", "", "past_key", "past_value", "seqlens", "cos", "sin"],
+                            ["out", "present_key", "present_value"], domain=kernels.DOMAIN, num_heads=HEADS,
+                            kv_num_heads=KV, scale=float(H) ** -0.5, do_rotary=1)
+    outs = [vi("out", TensorProto.FLOAT, [1, "T", HEADS * H]), vi("present_key", TensorProto.FLOAT, cache),
+            vi("present_value", TensorProto.FLOAT, cache)]
+    m = helper.make_model(helper.make_graph([node], "a", ins, outs),
+                          opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(kernels.DOMAIN, 1)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")   # several sessions share 2 cores
+    so.register_custom_ops_library(lib)
+    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--lib", action="append", help="kernel library builds (default: the runtime's)")
+    ap.add_argument("--pasts", default="256,1024,2048,4000")
+    ap.add_argument("--rows", default="1,9")
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=30, help="caches a pass reads (a model's layers)")
+    args = ap.parse_args(argv)
+    libs = args.lib or [kernels.library()]
+    pasts = [int(p) for p in args.pasts.split(",")]
+    widths = [int(r) for r in args.rows.split(",")]
+    length = max(pasts) + max(widths) + 8
+    rng = np.random.default_rng(0)
+    # one cache per layer, as a model has (30 for SmolLM2): a pass reads them all, from memory
+    caches = [(rng.standard_normal((1, KV, length, H), dtype=np.float32),
+               rng.standard_normal((1, KV, length, H), dtype=np.float32)) for _ in range(args.layers)]
+    angle = np.arange(length)[:, None] * (10000.0 ** (-np.arange(HALF) / HALF))
+    cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+    q = {n: rng.standard_normal((1, n, (HEADS + 2 * KV) * H), dtype=np.float32) for n in widths}
+    sessions = [session(lib, length, args.threads) for lib in libs]
+    bindings = {}
+    for i in range(len(libs)):
+        for past in pasts:
+            for n in widths:
+                for layer, cache in enumerate(caches):
+                    b = sessions[i].io_binding()
+                    b.bind_cpu_input("q", q[n])
+                    for name, arr in zip(("key", "value"), cache):
+                        v = ort.OrtValue.ortvalue_from_numpy(arr)
+                        b.bind_ortvalue_input(f"past_{name}", v)
+                        b.bind_ortvalue_output(f"present_{name}", v)
+                    b.bind_cpu_input("seqlens", np.array([past + n - 1], np.int32))
+                    b.bind_cpu_input("cos", cos)
+                    b.bind_cpu_input("sin", sin)
+                    b.bind_output("out", "cpu")
+                    bindings[(i, past, n, layer)] = b
+
+    def run(i, past, n):
+        """One pass over every layer's cache: seconds, and the last layer's output."""
+        t = time.perf_counter()
+        for layer in range(len(caches)):
+            sessions[i].run_with_iobinding(bindings[(i, past, n, layer)])
+        dt = time.perf_counter() - t
+        return dt, bindings[(i, past, n, len(caches) - 1)].get_outputs()[-1].numpy()
+
+    best = {}
+    for _ in range(args.rounds):          # interleaved: the VM's noise hits every build alike
+        for past in pasts:
+            for n in widths:
+                for i in range(len(libs)):
+                    dt, out = run(i, past, n)
+                    k = (i, past, n)
+                    best[k] = min(best.get(k, 1e9), dt)
+                    if i and not np.array_equal(out, run(0, past, n)[1]):
+                        print(f"!! {libs[i]} differs from {libs[0]} at past {past}, {n} rows")
+    print(f"{'past':>6} {'rows':>5} " + " ".join(f"{'ms lib' + str(i):>10}" for i in range(len(libs)))
+          + ("  " + " ".join(f"{'x lib' + str(i):>8}" for i in range(1, len(libs))) if len(libs) > 1 else ""))
+    for past in pasts:
+        for n in widths:
+            ms = [best[(i, past, n)] * 1e3 for i in range(len(libs))]
+            line = f"{past:>6} {n:>5} " + " ".join(f"{m:>10.3f}" for m in ms)
+            if len(libs) > 1:
+                line += "  " + " ".join(f"{m / ms[0]:>8.2f}" for m in ms[1:])
+            print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
