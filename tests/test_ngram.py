@@ -410,3 +410,72 @@ def test_batched_ngram_decisions_follow_the_served_acceptance(engine):
         assert [be.draft_length("hy", n) for n in (1, 2, 3, 4)] == model_plan
     finally:
         engine.set_batching(1)
+
+
+# -- 6. how much of a match to propose: the verify curve of this machine -------------------------
+STEEP = [1.0, 1.17, 1.28, 1.62, 1.93, 2.26, 2.48, 2.69, 3.01]   # SmolLM2 native, AVX2 EPYC, 843 tokens
+
+
+def _curve(values):
+    return lambda n: values[n - 1] if n <= len(values) else values[-1] + 0.3 * (n - len(values))
+
+
+def test_proposal_length_follows_the_verify_curve():
+    """Known answers: a free verify takes the whole match; on the steep 4-bit curve a half-kept
+    proposal pays at 2 tokens, a 95%-kept one at 7, a 10%-kept one not at all."""
+    from conflayers.runtime.ngram import proposal_length
+    flat = _curve([1.0] * 9)
+    assert proposal_length(8, 0.5, flat) == 8
+    assert proposal_length(8, 0.5, _curve(STEEP)) == 2
+    assert proposal_length(8, 0.95, _curve(STEEP)) == 7
+    assert proposal_length(3, 0.95, _curve(STEEP)) == 3
+    assert proposal_length(8, 0.1, _curve(STEEP)) == 0
+    assert proposal_length(0, 0.95, flat) == 0
+
+
+def test_acceptance_estimate_counts_the_tokens_tried():
+    from conflayers.runtime.ngram import AcceptanceEstimate
+    a = AcceptanceEstimate(prior=0.5, weight=4.0)
+    assert a.rate == 0.5
+    a.update(3, 3)                     # all kept: three tries, no rejection seen
+    a.update(4, 1)                     # one kept, the second rejected: two tries
+    assert (a.accepted, a.tries) == (4, 5)
+    assert a.rate == pytest.approx((4 + 2) / (5 + 4))
+
+
+def test_proposals_are_cut_by_the_verify_curve_and_output_stays_plain(engine):
+    """Lossless first: the planted text proposes plain decoding's continuation; with the steep
+    curve its proposals are cut (from the 0.5 prior, 2 tokens pay; 3 once most are kept) and the
+    output is still plain decoding's; without a curve whole 6-token matches go, as before."""
+    ids = engine.encode(PROMPTS[0])
+    plain = _greedy(engine, ids, 24)
+    seg = ids[-2:] + list(plain[:20])
+    text = ids[:len(ids) - len(seg) - 2] + seg + ids[-2:]
+    longest = {}
+    for name, curve in (("whole", None), ("cut", _curve(STEEP))):
+        ng = NGramDrafter(NGramPolicy(1, 3, 6), engine.spec.vocab_size)
+        ng.verify_cost = curve
+        out, bound, stats = _loop(engine, ids, Planted(ng, text), 24)
+        assert out == plain
+        assert stats.accepted_tokens >= 12
+        longest[name] = max(stats.accept_lengths)
+        assert bound.acceptance.accepted == stats.accepted_tokens
+        assert stats.accepted_tokens <= bound.acceptance.tries <= stats.accepted_tokens + stats.draft_steps
+    assert longest["whole"] == 6 and 2 <= longest["cut"] <= 3
+
+
+def test_an_ngram_profile_gets_this_machines_verify_curve(ngram_bundle):
+    """adapt: the engine times the full graph for the n-gram profile (widths 1..max_tokens + 1)
+    and gives that curve to its drafter and guard; adapt=False keeps the compiled curve, and a
+    profile without one proposes whole matches."""
+    e = Engine.load(ngram_bundle, guard=False)
+    assert e.adapt_policy("ng") is not None
+    costs = e.machine_costs["ng"]
+    assert len(costs.verify_ms) == 7 and costs.draft_ms == 0.0
+    assert all(b >= a for a, b in zip(costs.verify_ms, costs.verify_ms[1:])) and costs.verify_ms[0] > 0
+    assert e.drafters["ng"].verify_cost(1) == 1.0 and e.drafters["ng"].verify_cost(7) >= 1.0
+    e.close()
+    fixed = Engine.load(ngram_bundle, guard=False, adapt=False)
+    fixed.adapt_policy("ng")
+    assert fixed.machine_costs["ng"] is None and fixed.drafters["ng"].verify_cost is None   # no cost model
+    fixed.close()

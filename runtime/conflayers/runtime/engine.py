@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterator, Protocol, runtime_checkable
 
 from . import contract, exactness, probe
-from .batchplan import BatchPlanner
+from .batchplan import BatchPlanner, ngram_part
 from .bundle import Bundle
 from .cascade import CascadeDrafter
 from .drafter import DraftPolicy, LayerSkipDrafter
@@ -338,8 +338,26 @@ class Engine:
                     costs = probe.measure(self.full, model, self.spec, width, context,
                                           profile.verify_cost, self.device)
                     model.policy = choose_policy(rows, costs)
+                ngram = ngram_part(drafter)
+                if ngram is not None:
+                    costs = self._ngram_costs(profile, ngram, costs)
                 self.machine_costs[name] = costs
         return drafter.policy
+
+    def _ngram_costs(self, profile, ngram: NGramDrafter, costs: MachineCosts | None) -> MachineCosts | None:
+        """Give an n-gram drafter the verify curve its proposals are cut by (ngram.py): the one
+        measured for the profile's model draft, else the full graph timed here at the profile's
+        context (adapt), else the compiled curve where the profile has one (none: proposals are
+        not cut). Returns the costs the guard then uses."""
+        if costs is None and self.adapt:
+            width = ngram.policy.max_tokens + 1
+            context = max(1, min(profile.cost_context, self.capacity - width - 1))
+            costs = probe.verify_curve(self.full, self.spec, width, context, self.device)
+        if costs is not None:
+            ngram.verify_cost = costs.verify_cost
+        elif profile.verify_relative:
+            ngram.verify_cost = profile.verify_cost
+        return costs
 
     # -- requests -----------------------------------------------------------------------------
     def encode(self, prompt: str | None = None, messages=None, prompt_ids=None) -> list[int]:
