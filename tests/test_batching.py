@@ -225,6 +225,29 @@ def test_speculation_follows_the_costs_measured_at_start(tiny_bundle, tiny_engin
         be.close()
 
 
+def test_batch_costs_are_timed_over_a_written_past(tiny_bundle, tiny_engine):
+    """The start-up timings run over past positions that hold values (a never-written cache reads
+    the kernel's zero page from L1), and those values never reach a request: outputs after it
+    equal solo decoding's."""
+    from conflayers.runtime import Engine
+    from conflayers.runtime.batchcost import write_past
+    be = Engine.load(tiny_bundle, max_batch=4)
+    try:
+        cache = be.scheduler.cache
+        for arr in list(cache.k.values()) + list(cache.v.values()):
+            assert np.count_nonzero(arr[:, :, :8]) == arr[:, :, :8].size      # written by the timings
+        prompts = ["def add(a, b):", "Janet has 3 apples", "7"]
+        outs = [be.generate(p, task="int8skip", max_new_tokens=12).token_ids for p in prompts]
+        assert outs == [tiny_engine.generate(p, task="int8skip", max_new_tokens=12).token_ids for p in prompts]
+    finally:
+        be.close()
+    from conflayers.runtime.packing import BatchedKVCache
+    fresh = BatchedKVCache(tiny_engine.spec, 2, 32)
+    write_past(fresh, 10)
+    k = fresh.k[0]
+    assert np.count_nonzero(k[:, :, :10]) == k[:, :, :10].size and not k[:, :, 10:].any()
+
+
 def test_server_with_batched_engine(tiny_engine, batched):
     """conflayers-serve --max-batch: concurrent HTTP requests equal their solo completions and
     /metrics reports the batch occupancy."""

@@ -93,9 +93,11 @@ def sizes_up_to(max_batch: int) -> tuple:
 def measure(full, drafts: dict, max_batch: int, width: int, context: int, reps: int = 5) -> BatchCosts:
     """BatchCosts through the packed full graph `full` and drafts {profile: (packed body, head
     GraphRunner)} (batching.PackedGraph), at `context` tokens of past in every slot. Writes
-    scratch KV at positions context.. of the first slots: call it before any request is admitted."""
+    scratch KV at positions 0.. of the slots (write_past, then the timed passes): call it before
+    any request is admitted."""
     sizes = sizes_up_to(max_batch)
     token = 10
+    write_past(full.cache, context)
 
     def segments(n, rows):
         return [([token] * rows, context)] * n + [([], context)] * (max_batch - n)
@@ -112,6 +114,23 @@ def measure(full, drafts: dict, max_batch: int, width: int, context: int, reps: 
     draft_ms = {name: tuple(ms[("draft", id(body), id(head), n)] for n in sizes)
                 for name, (body, head) in drafts.items()}
     return BatchCosts(sizes, width, full_ms, draft_ms)
+
+
+def write_past(cache, context: int) -> None:
+    """Random values in positions 0..context of every slot of a BatchedKVCache (on the CPU; a
+    device cache is left as allocated). A never-written cache maps every page to the kernel's one
+    zero page, where attention reads its past from L1 and a pass looks cheaper than any served
+    one. No request is in the cache yet; a request writes every position it later reads."""
+    rng = np.random.default_rng(0)
+    if cache.slots == 1:
+        solo = cache.slot[0]
+        if solo.device != "cpu":
+            return
+        arrays = [solo.key_array(i) for i in solo.keys] + [solo.value_array(i) for i in solo.values]
+    else:
+        arrays = list(cache.k.values()) + list(cache.v.values())
+    for arr in arrays:
+        arr[:, :, :context] = rng.standard_normal(arr[:, :, :context].shape, dtype=np.float32) * 0.5
 
 
 def _to_beat(n: int) -> float:
