@@ -14,7 +14,8 @@ Systems (--systems a,b,c; default: all):
                     gains or costs, side by side)
   auto              the runtime, task="auto" (the profile is chosen per prompt)
   ngram             the runtime with its n-gram drafter (prompt lookup, default settings: match the
-                    last 3..1 tokens, propose up to 8) on the bundle's full graph
+                    last 3..1 tokens, propose up to 8, cut to the length this machine's verify
+                    cost pays for) on the bundle's full graph
   hf                transformers generate(), greedy, same model, torch threads = cores
   hf-prompt-lookup  transformers prompt-lookup decoding (prompt_lookup_num_tokens=10), greedy
   genai             ONNX Runtime GenAI plain greedy decoding of the same model (fp32, cpu), built
