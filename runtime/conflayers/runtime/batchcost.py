@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import probe
 from .speculation import speedup_over_plain
 from .timing import time_jobs
 
@@ -117,20 +118,11 @@ def measure(full, drafts: dict, max_batch: int, width: int, context: int, reps: 
 
 
 def write_past(cache, context: int) -> None:
-    """Random values in positions 0..context of every slot of a BatchedKVCache (on the CPU; a
-    device cache is left as allocated). A never-written cache maps every page to the kernel's one
-    zero page, where attention reads its past from L1 and a pass looks cheaper than any served
-    one. No request is in the cache yet; a request writes every position it later reads."""
-    rng = np.random.default_rng(0)
-    if cache.slots == 1:
-        solo = cache.slot[0]
-        if solo.device != "cpu":
-            return
-        arrays = [solo.key_array(i) for i in solo.keys] + [solo.value_array(i) for i in solo.values]
-    else:
-        arrays = list(cache.k.values()) + list(cache.v.values())
-    for arr in arrays:
-        arr[:, :, :context] = rng.standard_normal(arr[:, :, :context].shape, dtype=np.float32) * 0.5
+    """Random values in positions 0..context of every slot of a BatchedKVCache (probe.write_past:
+    a never-written cache reads the zero page, and a pass looks cheaper than any served one). No
+    request is in the cache yet; a request writes every position it later reads."""
+    for slot in cache.slot:
+        probe.write_past(slot, context)
 
 
 def _to_beat(n: int) -> float:

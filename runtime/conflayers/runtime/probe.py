@@ -61,12 +61,18 @@ def verify_curve(full: GraphRunner, spec: ModelSpec, width: int, context: int, d
 
 
 def scratch_cache(spec: ModelSpec, context: int, width: int, device: str) -> KVCache:
-    """A KV cache for timings at `context` tokens of past, those positions written (module
-    docstring; a device cache is left as allocated)."""
+    """A KV cache for timings at `context` tokens of past, those positions written."""
     cache = KVCache(spec, context + width + 1, device)
-    if device == "cpu":
-        rng = np.random.default_rng(0)
-        for layer in range(spec.num_layers):
-            for arr in (cache.key_array(layer), cache.value_array(layer)):
-                arr[:, :, :context] = rng.standard_normal(arr[:, :, :context].shape, dtype=np.float32) * 0.5
+    write_past(cache, context)
     return cache
+
+
+def write_past(cache, context: int) -> None:
+    """Random values in positions 0..context of a KVCache (or one slot of a BatchedKVCache) on
+    the CPU (module docstring: the zero page); a device cache is left as allocated."""
+    if cache.device != "cpu":
+        return
+    rng = np.random.default_rng(0)
+    for layer in cache.keys:
+        for arr in (cache.key_array(layer), cache.value_array(layer)):
+            arr[:, :, :context] = rng.standard_normal(arr[:, :, :context].shape, dtype=np.float32) * 0.5
