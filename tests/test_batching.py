@@ -230,7 +230,7 @@ def test_batch_costs_are_timed_over_a_written_past(tiny_bundle, tiny_engine):
     the kernel's zero page from L1), and those values never reach a request: outputs after it
     equal solo decoding's."""
     from conflayers.runtime import Engine
-    from conflayers.runtime.batchcost import write_past
+    from conflayers.runtime.timing import write_batched_past
     be = Engine.load(tiny_bundle, max_batch=4)
     try:
         cache = be.scheduler.cache
@@ -243,7 +243,7 @@ def test_batch_costs_are_timed_over_a_written_past(tiny_bundle, tiny_engine):
         be.close()
     from conflayers.runtime.packing import BatchedKVCache
     fresh = BatchedKVCache(tiny_engine.spec, 2, 32)
-    write_past(fresh, 10)
+    write_batched_past(fresh, 10)
     k = fresh.k[0]
     assert np.count_nonzero(k[:, :, :10]) == k[:, :, :10].size and not k[:, :, 10:].any()
 

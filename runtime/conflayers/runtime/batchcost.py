@@ -25,9 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import probe
 from .speculation import speedup_over_plain
-from .timing import time_jobs
+from .timing import time_jobs, write_batched_past
 
 MARGIN = 0.10            # predicted gain a batch of 2 or more needs before it drafts (see above)
 
@@ -94,11 +93,11 @@ def sizes_up_to(max_batch: int) -> tuple:
 def measure(full, drafts: dict, max_batch: int, width: int, context: int, reps: int = 5) -> BatchCosts:
     """BatchCosts through the packed full graph `full` and drafts {profile: (packed body, head
     GraphRunner)} (batching.PackedGraph), at `context` tokens of past in every slot. Writes
-    scratch KV at positions 0.. of the slots (write_past, then the timed passes): call it before
-    any request is admitted."""
+    scratch KV at positions 0.. of the slots (write_batched_past, then the timed passes): call it
+    before any request is admitted."""
     sizes = sizes_up_to(max_batch)
     token = 10
-    write_past(full.cache, context)
+    write_batched_past(full.cache, context)
 
     def segments(n, rows):
         return [([token] * rows, context)] * n + [([], context)] * (max_batch - n)
@@ -116,13 +115,6 @@ def measure(full, drafts: dict, max_batch: int, width: int, context: int, reps: 
                 for name, (body, head) in drafts.items()}
     return BatchCosts(sizes, width, full_ms, draft_ms)
 
-
-def write_past(cache, context: int) -> None:
-    """Random values in positions 0..context of every slot of a BatchedKVCache (probe.write_past:
-    a never-written cache reads the zero page, and a pass looks cheaper than any served one). No
-    request is in the cache yet; a request writes every position it later reads."""
-    for slot in cache.slot:
-        probe.write_past(slot, context)
 
 
 def _to_beat(n: int) -> float:

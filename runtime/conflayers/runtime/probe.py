@@ -22,7 +22,7 @@ from .drafter import LayerSkipDrafter
 from .modelspec import ModelSpec
 from .ort_backend import GraphRunner, KVCache
 from .policy import MachineCosts
-from .timing import time_jobs
+from .timing import time_jobs, write_past
 
 
 def measure(full: GraphRunner, drafter: LayerSkipDrafter, spec: ModelSpec, width: int, context: int,
@@ -65,14 +65,3 @@ def scratch_cache(spec: ModelSpec, context: int, width: int, device: str) -> KVC
     cache = KVCache(spec, context + width + 1, device)
     write_past(cache, context)
     return cache
-
-
-def write_past(cache, context: int) -> None:
-    """Random values in positions 0..context of a KVCache (or one slot of a BatchedKVCache) on
-    the CPU (module docstring: the zero page); a device cache is left as allocated."""
-    if cache.device != "cpu":
-        return
-    rng = np.random.default_rng(0)
-    for layer in cache.keys:
-        for arr in (cache.key_array(layer), cache.value_array(layer)):
-            arr[:, :, :context] = rng.standard_normal(arr[:, :, :context].shape, dtype=np.float32) * 0.5
