@@ -232,7 +232,7 @@ def test_qmatmul_function_fallback_is_the_matmulnbits_graph_bit_for_bit(offsets_
             assert np.array_equal(fn.run(None, {"x": x})[0], plain.run(None, {"x": x})[0]), (lib, rows)
 
 
-ENGINES = ("amx", "avx2", "scalar")
+ENGINES = ("amx", "avx512", "avx2", "scalar")
 
 
 def _engines_here(library) -> list[str]:
@@ -255,7 +255,8 @@ def engines(library):
 
 @pytest.fixture(params=ENGINES)
 def engine(request, engines, monkeypatch):
-    """Each QMatMul engine in turn, where this CPU has it (AMX: Xeons of 2023 on; AVX2: the rest)."""
+    """Each QMatMul engine in turn, where this CPU has it (AMX: Xeons of 2023 on; AVX-512 VNNI: Zen 4/5,
+    Ice Lake on; AVX2: the rest)."""
     if request.param not in engines:
         pytest.skip(f"this CPU (or its OS) does not run the {request.param} engine (it runs {', '.join(engines)})")
     monkeypatch.setenv("CONFLAYERS_QMATMUL", request.param)
@@ -270,7 +271,7 @@ def test_the_fastest_engine_is_the_default(library, engines, monkeypatch):
 
 def test_a_bad_engine_name_is_refused_with_the_choices(library, monkeypatch):
     monkeypatch.setenv("CONFLAYERS_QMATMUL", "avx9")
-    assert kernels.cpu_path(library).startswith("error: CONFLAYERS_QMATMUL=avx9: expected amx, avx2, scalar, off")
+    assert kernels.cpu_path(library).startswith("error: CONFLAYERS_QMATMUL=avx9: expected amx, avx512, avx2, scalar, off")
     monkeypatch.setenv("CONFLAYERS_KERNELS", library)
     kernels.library.cache_clear()
     try:

@@ -5,8 +5,8 @@ with or without the library. Each .cc file says what its ops do and why they are
   qmatmul.cc        QMatMul, QMatMulOffsets(16), QMatMul16 (Q6_K's 8-bit blocks of 16): the
                     4/8-bit matrix product, exact integer block products and one float
                     sequence per row (qmatmul.h), on one of its engines: qmatmul_amx.cc
-                    (AMX-INT8), qmatmul_avx2.cc (any AVX2 CPU), qmatmul_scalar.cc (the
-                    reference); the engines agree bit for bit
+                    (AMX-INT8), qmatmul_avx512.cc (AVX-512 VNNI), qmatmul_avx2.cc (any AVX2
+                    CPU), qmatmul_scalar.cc (the reference); the engines agree bit for bit
   attention.cc      SlotAttention: causal GQA attention with rotary over in-place KV caches,
                     one sequence or many packed, every row in one fixed order (AVX2, FMA); the
                     runtime writes it in place of GroupQueryAttention (attention.py)
@@ -15,7 +15,7 @@ with or without the library. Each .cc file says what its ops do and why they are
 Built by tools/build_kernels.sh (setup.sh runs it) into kernels/build/. The runtime registers the
 library in every CPU session when it is there and the CPU has its kernels;
 CONFLAYERS_KERNELS=off runs the ONNX functions instead (for A/B measurement),
-CONFLAYERS_QMATMUL=off only QMatMul's (=amx|avx2|scalar picks its engine),
+CONFLAYERS_QMATMUL=off only QMatMul's (=amx|avx512|avx2|scalar picks its engine),
 CONFLAYERS_ATTENTION=off keeps ONNX Runtime's GroupQueryAttention,
 CONFLAYERS_KERNELS=/path/lib.so names another build. Not for CUDA sessions: their nodes would run
 on the CPU with copies. With the library, a one-token step and a verify agree by construction,
@@ -55,7 +55,7 @@ def library() -> str | None:
 
 def cpu_path(path: str = BUILT) -> str:
     """Which kernels the library at `path` runs on this CPU: "offsets:avx2 qmatmul:<engine>
-    attention:avx2" (engine amx, avx2, scalar, or off), "none", or "error: ..." (a
+    attention:avx2" (engine amx, avx512, avx2, scalar, or off), "none", or "error: ..." (a
     CONFLAYERS_QMATMUL it refuses)."""
     lib = ctypes.CDLL(path)
     lib.conflayers_kernels_path.restype = ctypes.c_char_p

@@ -9,7 +9,7 @@ namespace conflayers_kernels {
 bool block_offsets_supported();                        // AVX2 + FMA + F16C
 void add_block_offsets_ops(Ort::CustomOpDomain& domain);
 
-const char* qmatmul_engine();                          // "amx", "avx2", "scalar" or "off" (throws on a bad
+const char* qmatmul_engine();                          // "amx", "avx512", "avx2", "scalar" or "off" (throws on a bad
 void add_qmatmul_ops(Ort::CustomOpDomain& domain);     // CONFLAYERS_QMATMUL)
 
 void add_attention_ops(Ort::CustomOpDomain& domain);   // SlotAttention (AVX2 + FMA)

@@ -18,7 +18,7 @@ std::vector<Ort::CustomOpDomain> g_domains;    // kept alive for every session t
 
 extern "C" {
 
-// What registers here: "offsets:avx2 qmatmul:<engine> attention:avx2" (engine amx, avx2, scalar,
+// What registers here: "offsets:avx2 qmatmul:<engine> attention:avx2" (engine amx, avx512, avx2, scalar,
 // or off: QMatMul's ONNX functions run), "none" (nothing: a CPU without AVX2), or why
 // CONFLAYERS_QMATMUL is refused.
 const char* conflayers_kernels_path() {

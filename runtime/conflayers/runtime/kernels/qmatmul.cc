@@ -27,9 +27,10 @@
 // exact integers, and every row goes through the same float sequence (qmatmul.h): a row's result
 // never depends on the pass's size, its place in it, the thread, or the engine that computes it:
 //   qmatmul_amx.cc     AMX tiles for 2+ rows, AVX-512 VNNI for one (CPUs with AMX-INT8)
+//   qmatmul_avx512.cc  VPDPBUSD (CPUs with AVX-512 VNNI and no AMX: AMD Zen 4/5, Ice Lake)
 //   qmatmul_avx2.cc    VPMADDUBSW (every other CPU with AVX2 + FMA + F16C)
 //   qmatmul_scalar.cc  one value at a time: the reference the tests hold the others to
-// CONFLAYERS_QMATMUL picks one (amx, avx2, scalar; off: the ONNX functions); unset, the fastest.
+// CONFLAYERS_QMATMUL picks one (amx, avx512, avx2, scalar; off: the ONNX functions); unset, the fastest.
 //
 // The weights are repacked once into B-tile order (qmatmul.h), the size of the codes plus the
 // scales and offsets (custom ops get no PrePack, so ONNX Runtime keeps its own copy of the
@@ -122,18 +123,21 @@ void repack(const uint8_t* codes, const float* scales, const float* offsets_nb_n
 // The engine CONFLAYERS_QMATMUL names, else the fastest this CPU has; nullptr: QMatMul is not
 // registered (the ONNX functions run). Read when a session registers the library.
 const Engine* chosen_engine() {
-  static const bool amx = amx_usable(), avx2 = avx2_usable();
+  static const bool amx = amx_usable(), avx512 = avx512_usable(), avx2 = avx2_usable();
   const char* env = std::getenv("CONFLAYERS_QMATMUL");
   const std::string want = env ? env : "";
-  if (want.empty() || want == "auto") return amx ? &kAmxEngine : avx2 ? &kAvx2Engine : nullptr;
+  if (want.empty() || want == "auto")
+    return amx ? &kAmxEngine : avx512 ? &kAvx512Engine : avx2 ? &kAvx2Engine : nullptr;
   if (want == "off" || want == "0") return nullptr;
   if (want == "scalar") return &kScalarEngine;
   if (want == "avx2" && avx2) return &kAvx2Engine;
+  if (want == "avx512" && avx512) return &kAvx512Engine;
   if (want == "amx" && amx) return &kAmxEngine;
-  if (want == "avx2" || want == "amx")
+  if (want == "avx2" || want == "avx512" || want == "amx")
     throw std::runtime_error("CONFLAYERS_QMATMUL=" + want + ": this CPU (or its OS) does not give " +
-                             (want == "amx" ? "AMX-INT8" : "AVX2 + FMA + F16C") + "; unset it to use the fastest engine here");
-  throw std::runtime_error("CONFLAYERS_QMATMUL=" + want + ": expected amx, avx2, scalar, off or auto");
+                             (want == "amx" ? "AMX-INT8" : want == "avx512" ? "AVX-512 VNNI" : "AVX2 + FMA + F16C") +
+                             "; unset it to use the fastest engine here");
+  throw std::runtime_error("CONFLAYERS_QMATMUL=" + want + ": expected amx, avx512, avx2, scalar, off or auto");
 }
 
 // ---- the weights, repacked once per distinct matrix ---------------------------------------------
@@ -268,7 +272,8 @@ struct QMatMulKernel {
       throw std::runtime_error(std::string("conflayers ") + (block16 ? "QMatMul16: needs 8-bit blocks of 16" :
                                "QMatMul: needs blocks of 32 with 4 or 8 bits") + " and K a multiple of the block (got K=" +
                                std::to_string(k_) + " bits=" + std::to_string(bits_) + " block=" + std::to_string(block_) + ")");
-    if (block_ == kBlock16 && engine_ == &kAmxEngine) engine_ = &kAvx2Engine;   // the same arithmetic, 16-wide blocks
+    if (block_ == kBlock16 && (engine_ == &kAmxEngine || engine_ == &kAvx512Engine))
+      engine_ = &kAvx2Engine;   // the same arithmetic, 16-wide blocks
     int c1 = 0, c2 = 0, c3 = 1;      // constant weights (the compiler's graphs): repacked here, once
     Ort::ConstValue codes = ki.GetTensorConstantInput(w0_, &c1);
     Ort::ConstValue scales = ki.GetTensorConstantInput(w0_ + 1, &c2);

@@ -111,8 +111,8 @@ void gate_avx2(const Gate& a, int c0, int c1);     // the AVX2 and AMX engines'
 
 // An engine quantizes the rows, then computes groups [g0, g1) of 16 columns for every row (called
 // from ONNX Runtime's thread pool, one range per task), and (QMatMulGLU) the gated activation of
-// its columns. The AMX engine takes blocks of 32 only (the op gives blocks of 16 to the AVX2
-// engine there: the same arithmetic).
+// its columns. The AMX and AVX-512 engines take blocks of 32 only (the op gives blocks of 16 to
+// the AVX2 engine there: the same arithmetic).
 struct Engine {
   const char* name;
   void (*quantize)(const float* x, int m, int k, int block, Rows* out);
@@ -121,8 +121,14 @@ struct Engine {
 };
 
 bool amx_usable();      // AMX-INT8 + AVX-512 VNNI, and the OS lets this process use the tiles
+bool avx512_usable();   // AVX-512 F/BW/DQ/VL + VNNI, FMA, F16C
 bool avx2_usable();     // AVX2 + FMA + F16C
-extern const Engine kAmxEngine, kAvx2Engine, kScalarEngine;
+extern const Engine kAmxEngine, kAvx512Engine, kAvx2Engine, kScalarEngine;
+
+// The AVX-512 VNNI engine's parts (qmatmul_avx512.cc) the AMX engine shares: activations in the
+// row-major layout, and groups [g0, g1) for any number of rows.
+void quantize_avx512(const float* x, int m, int k, int block, Rows* out);
+void vnni_groups(const Problem& p, int g0, int g1);
 
 // The sum of a block of 32 (16) floats in the fixed tree every engine uses (GCC's
 // _mm512_reduce_add_ps of x[0..15] + x[16..31]): pairs i, i+16 (blocks of 32), then i, i+8, then

@@ -1,7 +1,7 @@
 // QMatMul's AMX engine (see qmatmul.h for the arithmetic every engine follows): passes of 2+ rows
 // on AMX tiles (TDPBSSD on the centered codes: the exact int32 block dot products of 16 rows per
-// instruction, then the per-row float epilogue), one-row passes with AVX-512 VNNI (VPDPBUSD on the
-// raw codes less mid x the activations' block sum: the same integers, no tiles).
+// instruction, then the per-row float epilogue), one-row passes and the activations' quantization
+// from the AVX-512 VNNI engine (qmatmul_avx512.cc: the same integers, no tiles).
 // Measured on SmolLM2's 121 matrices (tools/experiments/qmatmul/bench.py --lib this library,
 // 2-core Xeon with AMX): 1.2x MatMulNBits' speed at one row, 1.7x at 9.
 #include <immintrin.h>
@@ -28,31 +28,6 @@ constexpr int kTileRows = 16;
 CONFLAYERS_AMX inline __m512 column_values(const ColumnValues& v, size_t at) {
   if (v.half) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v.f16.data() + at)));
   return _mm512_loadu_ps(v.f32.data() + at);
-}
-
-// The activations, vectorized: each block's values come from the same operations in every row.
-CONFLAYERS_AMX void quantize_plain(const float* x, int m, int k, int /*block: 32*/, Rows* out) {
-  const int nb = k / kBlock;
-  out->resize(m, k, kBlock);
-  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
-  for (int r = 0; r < m; ++r)
-    for (int b = 0; b < nb; ++b) {
-      const size_t at = static_cast<size_t>(r) * nb + b;
-      const float* xb = x + static_cast<size_t>(r) * k + b * kBlock;
-      const __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-      const float id = amax > 0.f ? 127.f / amax : 0.f;
-      const __m512 scale = _mm512_set1_ps(id);
-      // x * (127 / amax), rounded to nearest even (the MXCSR default), within -127..127
-      const __m512i q0 = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v0, scale)), lo), hi);
-      const __m512i q1 = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v1, scale)), lo), hi);
-      int8_t* q = out->q.data() + static_cast<size_t>(r) * k + b * kBlock;
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(q0));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(q1));
-      out->d[at] = amax / 127.f;
-      out->sum[at] = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));   // qmatmul.h's block_sum tree under GCC
-      out->qsum[at] = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
-    }
 }
 
 struct TileConfig {
@@ -139,62 +114,8 @@ CONFLAYERS_AMX void amx_group(const Problem& p, int g, int r0, int rows) {
 }
 
 
-#ifndef VNNI_ROWS
-#define VNNI_ROWS 1
-#endif
-constexpr int kVnniRows = VNNI_ROWS;   // passes of at most this many rows skip the tiles
-
-// The same group for a pass of few rows, without tiles: the same int32 dot products from VPDPBUSD
-// on the raw codes (0..15, or the 8-bit codes) less 8 (128) x the activations' block sum, exact,
-// then the same float sequence as amx_group: so a row's result does not depend on the engine.
-CONFLAYERS_AMX void vnni_group(const Problem& p, int g, int r0, int rows) {
-  const TileWeights& w = *p.w;
-  const int nb = w.nb, k = p.k, per = w.bits == 4 ? 256 : 512;
-  const int mid = w.bits == 4 ? 8 : 128;
-  const __m512i mask = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  const int8_t* codes = w.codes.data() + static_cast<size_t>(g) * nb * per;
-  __m512 acc[kVnniRows];
-  for (int r = 0; r < rows; ++r) acc[r] = _mm512_setzero_ps();
-  for (int b = 0; b < nb; ++b) {
-    const int8_t* src = codes + static_cast<size_t>(b) * per;
-    __m512i wv[8];
-    if (w.bits == 4) {
-      for (int i = 0; i < 4; ++i) {
-        const __m512i v = _mm512_loadu_si512(src + 64 * i);
-        wv[i] = _mm512_and_si512(v, mask);
-        wv[4 + i] = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
-      }
-    } else {
-      for (int i = 0; i < 8; ++i) wv[i] = _mm512_xor_si512(_mm512_loadu_si512(src + 64 * i), flip);
-    }
-    const size_t at = (static_cast<size_t>(g) * nb + b) * kTileCols;
-    const __m512 s = column_values(w.scales, at);
-    const __m512 off = w.offsets.empty() ? _mm512_setzero_ps() : column_values(w.offsets, at);
-    for (int r = 0; r < rows; ++r) {
-      const int32_t* a = reinterpret_cast<const int32_t*>(p.a->q.data() + static_cast<size_t>(r0 + r) * k + b * kBlock);
-      const int asum = p.a->qsum[static_cast<size_t>(r0 + r) * nb + b];
-      __m512i d0 = _mm512_set1_epi32(-mid * asum), d1 = _mm512_setzero_si512();
-      for (int i = 0; i < 8; i += 2) {
-        d0 = _mm512_dpbusd_epi32(d0, wv[i], _mm512_set1_epi32(a[i]));
-        d1 = _mm512_dpbusd_epi32(d1, wv[i + 1], _mm512_set1_epi32(a[i + 1]));
-      }
-      const size_t rb = static_cast<size_t>(r0 + r) * nb + b;
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1)),
-                               _mm512_mul_ps(s, _mm512_set1_ps(p.a->d[rb])), acc[r]);
-      if (!w.offsets.empty())
-        acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(p.a->sum[rb]), off, acc[r]);
-    }
-  }
-  const int n0 = g * kTileCols;
-  const __mmask16 keep = p.n - n0 >= kTileCols ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (p.n - n0)) - 1);
-  for (int r = 0; r < rows; ++r) _mm512_mask_storeu_ps(p.y + static_cast<size_t>(r0 + r) * p.n + n0, keep, acc[r]);
-}
-
 CONFLAYERS_AMX void amx_groups(const Problem& p, int g0, int g1) {
-  if (p.m <= kVnniRows) {
-    for (int g = g0; g < g1; ++g) vnni_group(p, g, 0, p.m);
-    return;
-  }
+  if (p.m == 1) return vnni_groups(p, g0, g1);     // one row: no tiles to configure
   int configured = -1;
   for (int r0 = 0; r0 < p.m; r0 += kTileRows) {
     const int rows = p.m - r0 < kTileRows ? p.m - r0 : kTileRows;
@@ -206,15 +127,12 @@ CONFLAYERS_AMX void amx_groups(const Problem& p, int g0, int g1) {
 }  // namespace
 
 bool amx_usable() {
-  __builtin_cpu_init();
-  if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") || !__builtin_cpu_supports("avx512dq") ||
-      !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-int8"))
-    return false;
+  if (!avx512_usable() || !__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-int8")) return false;
   constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;     // Linux asks a process to opt in to AMX state
   return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
 }
 
-const Engine kAmxEngine = {"amx", quantize_plain, amx_groups, gate_avx2};
+const Engine kAmxEngine = {"amx", quantize_avx512, amx_groups, gate_avx2};
 
 }  // namespace qmm
 }  // namespace conflayers_kernels

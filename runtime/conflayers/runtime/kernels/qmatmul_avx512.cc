@@ -1,0 +1,147 @@
+// QMatMul's AVX-512 VNNI engine (qmatmul.h gives the arithmetic every engine follows), for CPUs
+// with AVX-512 VNNI and no AMX (AMD Zen 4 and 5, Intel Ice Lake to Sapphire Rapids without the
+// tiles' OS permission): VPDPBUSD on the raw codes (0..15, or the 8-bit codes with their sign bit
+// flipped) times the activations, less mid x the activations' block sum, gives the exact int32
+// block dot products of 16 columns per instruction (64 multiply-adds, against VPMADDUBSW's 32
+// plus a VPMADDWD on AVX2), then the common float epilogue. Rows go in chunks of at most 8 with
+// every accumulator in a register, the block's unpacked weights shared by the chunk's rows.
+// The AMX engine takes its one-row passes from here (vnni_groups).
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "qmatmul.h"
+
+// GCC 12 flags the undefined upper lanes inside its own _mm512_* headers (a known false positive)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace conflayers_kernels {
+namespace qmm {
+namespace {
+
+#define CONFLAYERS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")))
+
+constexpr int kChunk = 8;      // rows per chunk: 8 accumulators + 8 weight vectors in registers
+#ifndef PREFETCH_BLOCKS
+#define PREFETCH_BLOCKS 16
+#endif
+constexpr int kPrefetchBlocks = PREFETCH_BLOCKS;   // codes fetched this many blocks ahead (as AVX2's)
+
+// The 16 columns' values of block `at` (= (group * nb + block) * 16) as fp32.
+CONFLAYERS_AVX512 inline __m512 column_values(const ColumnValues& v, size_t at) {
+  if (v.half) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v.f16.data() + at)));
+  return _mm512_loadu_ps(v.f32.data() + at);
+}
+
+// Group g (16 columns) against rows r0 .. r0+R-1: per block, the codes unpacked once, then per
+// row 8 VPDPBUSD (two chains) and the float sequence of qmatmul.h.
+template <int R>
+CONFLAYERS_AVX512 void vnni_chunk(const Problem& p, int g, int r0) {
+  const TileWeights& w = *p.w;
+  const int nb = w.nb, k = p.k, per = w.bits == 4 ? 256 : 512;
+  const int mid = w.bits == 4 ? 8 : 128;
+  const bool offsets = !w.offsets.empty();
+  const __m512i mask = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const int8_t* codes = w.codes.data() + static_cast<size_t>(g) * nb * per;
+  const int8_t* q = p.a->q.data() + static_cast<size_t>(r0) * k;
+  const size_t row0 = static_cast<size_t>(r0) * nb;
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int b = 0; b < nb; ++b) {
+    const int8_t* src = codes + static_cast<size_t>(b) * per;
+    if (PREFETCH_BLOCKS > 0)
+      for (int line = 0; line < per; line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchBlocks * per + line), _MM_HINT_T0);
+    __m512i wv[8];
+    if (w.bits == 4) {
+      for (int i = 0; i < 4; ++i) {
+        const __m512i v = _mm512_loadu_si512(src + 64 * i);
+        wv[i] = _mm512_and_si512(v, mask);
+        wv[4 + i] = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+      }
+    } else {
+      for (int i = 0; i < 8; ++i) wv[i] = _mm512_xor_si512(_mm512_loadu_si512(src + 64 * i), flip);
+    }
+    const size_t at = (static_cast<size_t>(g) * nb + b) * kCols;
+    const __m512 s = column_values(w.scales, at);
+    const __m512 off = offsets ? column_values(w.offsets, at) : _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r) {
+      const int32_t* a = reinterpret_cast<const int32_t*>(q + static_cast<size_t>(r) * k + b * kBlock);
+      const size_t rb = row0 + static_cast<size_t>(r) * nb + b;
+      __m512i d0 = _mm512_set1_epi32(-mid * p.a->qsum[rb]), d1 = _mm512_setzero_si512();
+      for (int i = 0; i < 8; i += 2) {
+        d0 = _mm512_dpbusd_epi32(d0, wv[i], _mm512_set1_epi32(a[i]));
+        d1 = _mm512_dpbusd_epi32(d1, wv[i + 1], _mm512_set1_epi32(a[i + 1]));
+      }
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1)),
+                               _mm512_mul_ps(s, _mm512_set1_ps(p.a->d[rb])), acc[r]);
+      if (offsets) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(p.a->sum[rb]), off, acc[r]);
+    }
+  }
+  const int n0 = g * kCols;
+  const __mmask16 keep = p.n - n0 >= kCols ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (p.n - n0)) - 1);
+  for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(p.y + static_cast<size_t>(r0 + r) * p.n + n0, keep, acc[r]);
+}
+
+CONFLAYERS_AVX512 void vnni_rows(const Problem& p, int g, int r0, int rows) {
+  switch (rows) {
+    case 1: return vnni_chunk<1>(p, g, r0);
+    case 2: return vnni_chunk<2>(p, g, r0);
+    case 3: return vnni_chunk<3>(p, g, r0);
+    case 4: return vnni_chunk<4>(p, g, r0);
+    case 5: return vnni_chunk<5>(p, g, r0);
+    case 6: return vnni_chunk<6>(p, g, r0);
+    case 7: return vnni_chunk<7>(p, g, r0);
+    default: return vnni_chunk<8>(p, g, r0);
+  }
+}
+
+}  // namespace
+
+// The activations, vectorized: each block's values come from the same operations in every row.
+CONFLAYERS_AVX512 void quantize_avx512(const float* x, int m, int k, int /*block: 32*/, Rows* out) {
+  const int nb = k / kBlock;
+  out->resize(m, k, kBlock);
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+  for (int r = 0; r < m; ++r)
+    for (int b = 0; b < nb; ++b) {
+      const size_t at = static_cast<size_t>(r) * nb + b;
+      const float* xb = x + static_cast<size_t>(r) * k + b * kBlock;
+      const __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+      const float id = amax > 0.f ? 127.f / amax : 0.f;
+      const __m512 scale = _mm512_set1_ps(id);
+      // x * (127 / amax), rounded to nearest even (the MXCSR default), within -127..127
+      const __m512i q0 = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v0, scale)), lo), hi);
+      const __m512i q1 = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v1, scale)), lo), hi);
+      int8_t* q = out->q.data() + static_cast<size_t>(r) * k + b * kBlock;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(q0));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(q1));
+      out->d[at] = amax / 127.f;
+      out->sum[at] = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));   // qmatmul.h's block_sum tree under GCC
+      out->qsum[at] = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    }
+}
+
+// Groups [g0, g1) for every row: chunks of at most kChunk rows, as even as they go (9 rows: 5 + 4).
+CONFLAYERS_AVX512 void vnni_groups(const Problem& p, int g0, int g1) {
+  const int chunks = (p.m + kChunk - 1) / kChunk;
+  for (int g = g0; g < g1; ++g)
+    for (int c = 0, r0 = 0; c < chunks; ++c) {
+      const int rows = (p.m - r0) / (chunks - c);
+      vnni_rows(p, g, r0, rows);
+      r0 += rows;
+    }
+}
+
+bool avx512_usable() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+}
+
+const Engine kAvx512Engine = {"avx512", quantize_avx512, vnni_groups, gate_avx2};
+
+}  // namespace qmm
+}  // namespace conflayers_kernels
