@@ -21,7 +21,10 @@ namespace {
 
 #define CONFLAYERS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")))
 
-constexpr int kChunk = 8;      // rows per chunk: 8 accumulators + 8 weight vectors in registers
+#ifndef VNNI_CHUNK
+#define VNNI_CHUNK 8
+#endif
+constexpr int kChunk = VNNI_CHUNK;   // rows per chunk: 8 accumulators + 8 weight vectors in registers
 #ifndef PREFETCH_BLOCKS
 #define PREFETCH_BLOCKS 16
 #endif
@@ -83,17 +86,12 @@ CONFLAYERS_AVX512 void vnni_chunk(const Problem& p, int g, int r0) {
   for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(p.y + static_cast<size_t>(r0 + r) * p.n + n0, keep, acc[r]);
 }
 
-CONFLAYERS_AVX512 void vnni_rows(const Problem& p, int g, int r0, int rows) {
-  switch (rows) {
-    case 1: return vnni_chunk<1>(p, g, r0);
-    case 2: return vnni_chunk<2>(p, g, r0);
-    case 3: return vnni_chunk<3>(p, g, r0);
-    case 4: return vnni_chunk<4>(p, g, r0);
-    case 5: return vnni_chunk<5>(p, g, r0);
-    case 6: return vnni_chunk<6>(p, g, r0);
-    case 7: return vnni_chunk<7>(p, g, r0);
-    default: return vnni_chunk<8>(p, g, r0);
+template <int R = kChunk>
+CONFLAYERS_AVX512 void vnni_rows(const Problem& p, int g, int r0, int rows) {   // 1 <= rows <= kChunk
+  if constexpr (R > 1) {
+    if (rows < R) return vnni_rows<R - 1>(p, g, r0, rows);
   }
+  vnni_chunk<R>(p, g, r0);
 }
 
 }  // namespace
