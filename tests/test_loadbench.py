@@ -90,6 +90,10 @@ def test_conflayers_batched_and_unbatched(tiny_bundle, prompts_file, tmp_path):
     assert any("burst of 6 against conflayers-batched" in line for line in loadbench.burst_lines(report["bursts"]))
     table = loadbench.markdown_table(report)
     assert table.count("\n| batched |") == 2 and table.count("\n| unbatched |") == 2
+    # each level is measured at a primed prompt cache, the first system's first level too (its
+    # prompts were never sent before that level's priming): every answer reused its prompt's KV
+    for r in report["levels"]:
+        assert r["prompt_cache_hits"] == r["requests"], r
     assert "growth" in loadbench.rss_table(report)
 
 
