@@ -51,7 +51,7 @@ struct TileWeights {
 
 // The activations quantized per row and block, in the layout of the engine that quantized them
 // (its own groups() reads them): q [m, k] in k order and d, sum, qsum [m, nb] (AMX, scalar), or
-// block-major q [nb, m, block] and d, sum, qsum [nb, m] (AVX2).
+// block-major q [nb, m, block] and d, sum, qsum [nb, m] (AVX-512, AVX2).
 struct Rows {
   std::vector<int8_t> q;
   std::vector<float> d, sum;
@@ -126,7 +126,8 @@ bool avx2_usable();     // AVX2 + FMA + F16C
 extern const Engine kAmxEngine, kAvx512Engine, kAvx2Engine, kScalarEngine;
 
 // The AVX-512 VNNI engine's parts (qmatmul_avx512.cc) the AMX engine shares: activations in the
-// row-major layout, and groups [g0, g1) for any number of rows.
+// row-major layout (the tiles'), and groups [g0, g1) of block-major rows, which one row's are in
+// either layout (the AMX engine's one-row passes).
 void quantize_avx512(const float* x, int m, int k, int block, Rows* out);
 void vnni_groups(const Problem& p, int g0, int g1);
 

@@ -37,26 +37,29 @@ CONFLAYERS_AVX512 inline __m512 column_values(const ColumnValues& v, size_t at) 
 }
 
 // Group g (16 columns) against rows r0 .. r0+R-1: per block, the codes unpacked once, then per
-// row 8 VPDPBUSD (two chains) and the float sequence of qmatmul.h.
-template <int R>
+// row 8 VPDPBUSD (two chains) and the float sequence of qmatmul.h. The rows are block-major
+// (quantize_vnni): a block's rows lie side by side, so every row's activations, scale and sums
+// are immediate offsets from one pointer per block (row-major, GCC spilled the rows' addresses).
+template <int R, int kBits, bool kOffsets>
 CONFLAYERS_AVX512 void vnni_chunk(const Problem& p, int g, int r0) {
   const TileWeights& w = *p.w;
-  const int nb = w.nb, k = p.k, per = w.bits == 4 ? 256 : 512;
-  const int mid = w.bits == 4 ? 8 : 128;
-  const bool offsets = !w.offsets.empty();
+  const int nb = w.nb, m = p.m, per = kBits == 4 ? 256 : 512, mid = kBits == 4 ? 8 : 128;
   const __m512i mask = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  const int8_t* codes = w.codes.data() + static_cast<size_t>(g) * nb * per;
-  const int8_t* q = p.a->q.data() + static_cast<size_t>(r0) * k;
-  const size_t row0 = static_cast<size_t>(r0) * nb;
+  const int8_t* src = w.codes.data() + static_cast<size_t>(g) * nb * per;
+  const int8_t* qb = p.a->q.data() + static_cast<size_t>(r0) * kBlock;
+  const float* db = p.a->d.data() + r0;
+  const float* sb = p.a->sum.data() + r0;
+  const int32_t* qsb = p.a->qsum.data() + r0;
+  const size_t qstep = static_cast<size_t>(m) * kBlock;
+  size_t at = static_cast<size_t>(g) * nb * kCols;
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  for (int b = 0; b < nb; ++b) {
-    const int8_t* src = codes + static_cast<size_t>(b) * per;
+  for (int b = 0; b < nb; ++b, src += per, qb += qstep, db += m, sb += m, qsb += m, at += kCols) {
     if (PREFETCH_BLOCKS > 0)
       for (int line = 0; line < per; line += 64)
         _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchBlocks * per + line), _MM_HINT_T0);
     __m512i wv[8];
-    if (w.bits == 4) {
+    if (kBits == 4) {
       for (int i = 0; i < 4; ++i) {
         const __m512i v = _mm512_loadu_si512(src + 64 * i);
         wv[i] = _mm512_and_si512(v, mask);
@@ -65,20 +68,18 @@ CONFLAYERS_AVX512 void vnni_chunk(const Problem& p, int g, int r0) {
     } else {
       for (int i = 0; i < 8; ++i) wv[i] = _mm512_xor_si512(_mm512_loadu_si512(src + 64 * i), flip);
     }
-    const size_t at = (static_cast<size_t>(g) * nb + b) * kCols;
     const __m512 s = column_values(w.scales, at);
-    const __m512 off = offsets ? column_values(w.offsets, at) : _mm512_setzero_ps();
+    const __m512 off = kOffsets ? column_values(w.offsets, at) : _mm512_setzero_ps();
     for (int r = 0; r < R; ++r) {
-      const int32_t* a = reinterpret_cast<const int32_t*>(q + static_cast<size_t>(r) * k + b * kBlock);
-      const size_t rb = row0 + static_cast<size_t>(r) * nb + b;
-      __m512i d0 = _mm512_set1_epi32(-mid * p.a->qsum[rb]), d1 = _mm512_setzero_si512();
+      const int32_t* a = reinterpret_cast<const int32_t*>(qb + r * kBlock);
+      __m512i d0 = _mm512_set1_epi32(-mid * qsb[r]), d1 = _mm512_setzero_si512();
       for (int i = 0; i < 8; i += 2) {
-        d0 = _mm512_dpbusd_epi32(d0, wv[i], _mm512_set1_epi32(a[i]));
-        d1 = _mm512_dpbusd_epi32(d1, wv[i + 1], _mm512_set1_epi32(a[i + 1]));
+        d0 = _mm512_dpbusd_epi32(d0, wv[i], _mm512_set1_epi32(a[i]));   // (VPDPBUSD's embedded
+        d1 = _mm512_dpbusd_epi32(d1, wv[i + 1], _mm512_set1_epi32(a[i + 1]));   // broadcast: no faster)
       }
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1)),
-                               _mm512_mul_ps(s, _mm512_set1_ps(p.a->d[rb])), acc[r]);
-      if (offsets) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(p.a->sum[rb]), off, acc[r]);
+                               _mm512_mul_ps(s, _mm512_set1_ps(db[r])), acc[r]);
+      if (kOffsets) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(sb[r]), off, acc[r]);
     }
   }
   const int n0 = g * kCols;
@@ -86,24 +87,37 @@ CONFLAYERS_AVX512 void vnni_chunk(const Problem& p, int g, int r0) {
   for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(p.y + static_cast<size_t>(r0 + r) * p.n + n0, keep, acc[r]);
 }
 
-template <int R = kChunk>
+template <int kBits, bool kOffsets, int R = kChunk>
 CONFLAYERS_AVX512 void vnni_rows(const Problem& p, int g, int r0, int rows) {   // 1 <= rows <= kChunk
   if constexpr (R > 1) {
-    if (rows < R) return vnni_rows<R - 1>(p, g, r0, rows);
+    if (rows < R) return vnni_rows<kBits, kOffsets, R - 1>(p, g, r0, rows);
   }
-  vnni_chunk<R>(p, g, r0);
+  vnni_chunk<R, kBits, kOffsets>(p, g, r0);
 }
 
-}  // namespace
+// Groups [g0, g1) for every row: chunks of at most kChunk rows, as even as they go (9 rows: 4 + 5).
+template <int kBits, bool kOffsets>
+CONFLAYERS_AVX512 void vnni_groups_of(const Problem& p, int g0, int g1) {
+  const int chunks = (p.m + kChunk - 1) / kChunk;
+  for (int g = g0; g < g1; ++g)
+    for (int c = 0, r0 = 0; c < chunks; ++c) {
+      const int rows = (p.m - r0) / (chunks - c);
+      vnni_rows<kBits, kOffsets>(p, g, r0, rows);
+      r0 += rows;
+    }
+}
 
-// The activations, vectorized: each block's values come from the same operations in every row.
-CONFLAYERS_AVX512 void quantize_avx512(const float* x, int m, int k, int /*block: 32*/, Rows* out) {
+// The activations per row and block, each block's values from the same operations in every row;
+// stored row-major (q [m, k], d / sum / qsum [m, nb]: the AMX tiles' layout) or block-major
+// (q [nb, m, 32], d / sum / qsum [nb, m]: this engine's). One row is the same in both.
+template <bool kBlockMajor>
+CONFLAYERS_AVX512 void quantize_rows(const float* x, int m, int k, Rows* out) {
   const int nb = k / kBlock;
   out->resize(m, k, kBlock);
   const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
   for (int r = 0; r < m; ++r)
     for (int b = 0; b < nb; ++b) {
-      const size_t at = static_cast<size_t>(r) * nb + b;
+      const size_t at = kBlockMajor ? static_cast<size_t>(b) * m + r : static_cast<size_t>(r) * nb + b;
       const float* xb = x + static_cast<size_t>(r) * k + b * kBlock;
       const __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
       const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
@@ -112,7 +126,7 @@ CONFLAYERS_AVX512 void quantize_avx512(const float* x, int m, int k, int /*block
       // x * (127 / amax), rounded to nearest even (the MXCSR default), within -127..127
       const __m512i q0 = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v0, scale)), lo), hi);
       const __m512i q1 = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v1, scale)), lo), hi);
-      int8_t* q = out->q.data() + static_cast<size_t>(r) * k + b * kBlock;
+      int8_t* q = out->q.data() + (kBlockMajor ? at * kBlock : static_cast<size_t>(r) * k + b * kBlock);
       _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(q0));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(q1));
       out->d[at] = amax / 127.f;
@@ -121,15 +135,20 @@ CONFLAYERS_AVX512 void quantize_avx512(const float* x, int m, int k, int /*block
     }
 }
 
-// Groups [g0, g1) for every row: chunks of at most kChunk rows, as even as they go (9 rows: 5 + 4).
+CONFLAYERS_AVX512 void quantize_vnni(const float* x, int m, int k, int /*block: 32*/, Rows* out) {
+  quantize_rows<true>(x, m, k, out);
+}
+
+}  // namespace
+
+CONFLAYERS_AVX512 void quantize_avx512(const float* x, int m, int k, int /*block: 32*/, Rows* out) {
+  quantize_rows<false>(x, m, k, out);
+}
+
 CONFLAYERS_AVX512 void vnni_groups(const Problem& p, int g0, int g1) {
-  const int chunks = (p.m + kChunk - 1) / kChunk;
-  for (int g = g0; g < g1; ++g)
-    for (int c = 0, r0 = 0; c < chunks; ++c) {
-      const int rows = (p.m - r0) / (chunks - c);
-      vnni_rows(p, g, r0, rows);
-      r0 += rows;
-    }
+  const bool offsets = !p.w->offsets.empty();
+  if (p.w->bits == 4) offsets ? vnni_groups_of<4, true>(p, g0, g1) : vnni_groups_of<4, false>(p, g0, g1);
+  else offsets ? vnni_groups_of<8, true>(p, g0, g1) : vnni_groups_of<8, false>(p, g0, g1);
 }
 
 bool avx512_usable() {
@@ -139,7 +158,7 @@ bool avx512_usable() {
          __builtin_cpu_supports("f16c");
 }
 
-const Engine kAvx512Engine = {"avx512", quantize_avx512, vnni_groups, gate_avx2};
+const Engine kAvx512Engine = {"avx512", quantize_vnni, vnni_groups, gate_avx2};
 
 }  // namespace qmm
 }  // namespace conflayers_kernels
