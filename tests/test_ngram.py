@@ -443,6 +443,23 @@ def test_acceptance_estimate_counts_the_tokens_tried():
     assert a.rate == pytest.approx((4 + 2) / (5 + 4))
 
 
+def test_acceptance_is_kept_per_match_length():
+    """Proposals from 1-token matches that fail do not cut those from 3-token matches that are
+    kept: each length has its own estimate (from the prior until its first verify), and on the
+    steep curve the two get different lengths."""
+    from conflayers.runtime.ngram import MatchAcceptance, proposal_length
+    a = MatchAcceptance()
+    assert a.rate(1) == a.rate(3) == 0.5
+    for _ in range(6):
+        a.update(1, 4, 0)              # 1-token matches: the first token rejected
+        a.update(3, 4, 4)              # 3-token matches: every token kept
+    assert a.rate(1) < 0.5 < a.rate(3) and a.rate(2) == 0.5
+    assert (a.accepted, a.tries) == (24, 30)
+    assert a.rate(1) == pytest.approx(2 / 10) and a.rate(3) == pytest.approx(26 / 28)
+    assert proposal_length(8, a.rate(1), _curve(STEEP)) == 1       # one rate for both (0.76): 2 tokens each
+    assert proposal_length(8, a.rate(3), _curve(STEEP)) == 7
+
+
 def test_proposals_are_cut_by_the_verify_curve_and_output_stays_plain(engine):
     """Lossless first: the planted text proposes plain decoding's continuation; with the steep
     curve its proposals are cut (from the 0.5 prior, 2 tokens pay; 3 once most are kept) and the

@@ -13,8 +13,10 @@ How much of a match to propose depends on the machine: a verify pass of k + 1 to
 ~1.05x a step on an fp32 target but 3x at k = 8 on a 4-bit one on an AVX2 CPU (the int8
 arithmetic of its extra rows), where the default 8-token proposals of a long-prompt task lost
 (0.85x). Each proposal is therefore cut to the length k that maximizes expected tokens per unit
-of verify cost, (1 + a + ... + a^k) / verify_cost(k + 1), with `a` its
-own proposals' per-token acceptance so far (AcceptanceEstimate) and verify_cost the full graph's
+of verify cost, (1 + a + ... + a^k) / verify_cost(k + 1), with `a` the per-token acceptance so
+far of the request's proposals from matches of the same length (MatchAcceptance: a 3-token
+match is kept more often than a 1-token one, and one rate for all had let failed short matches
+cut the long ones) and verify_cost the full graph's
 curve measured on this machine (the engine sets NGramDrafter.verify_cost; None: the whole match,
 as before). The curve is a sequence's alone; in a batch an extra row delays every sequence, so
 proposals should be shorter still, and the batch planner decides whether they pay at all. A
@@ -94,6 +96,28 @@ class AcceptanceEstimate:
         return (self.accepted + self.prior * self.weight) / (self.tries + self.weight)
 
 
+class MatchAcceptance:
+    """A request's AcceptanceEstimate per match length n (each from the prior until its own
+    proposals are verified), and the totals over all of them."""
+
+    def __init__(self):
+        self.by_match: dict[int, AcceptanceEstimate] = {}
+
+    def rate(self, n: int) -> float:
+        return (self.by_match.get(n) or AcceptanceEstimate()).rate
+
+    def update(self, n: int, proposed: int, accepted: int) -> None:
+        self.by_match.setdefault(n, AcceptanceEstimate()).update(proposed, accepted)
+
+    @property
+    def accepted(self) -> int:
+        return sum(e.accepted for e in self.by_match.values())
+
+    @property
+    def tries(self) -> int:
+        return sum(e.tries for e in self.by_match.values())
+
+
 def proposal_length(available: int, rate: float, verify_cost: Callable[[int], float]) -> int:
     """The k <= available that maximizes expected tokens per verify pass over its cost,
     (1 + rate + ... + rate^k) / verify_cost(k + 1); 0 when a plain step (1 / verify_cost(1))
@@ -135,8 +159,9 @@ class BoundNGramDrafter:
         self.index = NGramIndex(policy.n_max, prompt)
         self.in_sync = True
         self.verify_cost = verify_cost
-        self.acceptance = AcceptanceEstimate()
+        self.acceptance = MatchAcceptance()
         self._proposed = 0            # tokens of this step's proposal, when it is an n-gram one
+        self._matched = 0             # the length of its match
 
     def observe(self, last_token: int, start: int) -> None:
         """Append the step's last token (at position `start`). A gap (positions decoded without
@@ -154,7 +179,8 @@ class BoundNGramDrafter:
         p = self.policy
         tokens, n = self.index.lookup(p.n_min, p.n_max, min(p.max_tokens, budget.limit))
         if tokens and self.verify_cost is not None:
-            tokens = tokens[:proposal_length(len(tokens), self.acceptance.rate, self.verify_cost)]
+            tokens = tokens[:proposal_length(len(tokens), self.acceptance.rate(n), self.verify_cost)]
+        self._matched = n
         return tokens, n
 
     def proposing(self, tokens: list[int]) -> list[int]:
@@ -170,7 +196,7 @@ class BoundNGramDrafter:
     def feedback(self, tokens: list[int], accepted: int) -> None:
         """This step's proposal (whoever made it) and how many of its tokens the target kept."""
         if self._proposed:
-            self.acceptance.update(self._proposed, min(accepted, self._proposed))
+            self.acceptance.update(self._matched, self._proposed, min(accepted, self._proposed))
             self._proposed = 0
         if self.in_sync:
             self.index.extend(tokens[:accepted])
