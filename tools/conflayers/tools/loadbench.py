@@ -255,7 +255,9 @@ def summarize(results: list, wall: float, concurrency: int) -> dict:
 
 def has_prompt_cache(kind: str, extra: dict) -> bool:
     """Whether a system's server keeps prompts' KV between requests (primed before each level)."""
-    return kind in ("conflayers-batched", "conflayers") or (kind == "llamacpp-server" and bool(extra.get("cache_prompt")))
+    if kind.startswith("conflayers"):
+        return not kind.endswith("-nocache")          # the -nocache kinds start with --no-prompt-cache
+    return kind == "llamacpp-server" and bool(extra.get("cache_prompt"))
 
 
 def run_level(url, prompts: list[str], concurrency: int, requests: int, max_tokens: int,
@@ -1051,7 +1053,7 @@ def run_bench(a) -> dict:
                         continue
                 else:
                     cmd = conflayers_command(a.bundle, kind.startswith("conflayers-batched"), a.max_batch,
-                                             a.max_context, a.prefill_chunk, prompt_cache=not kind.endswith("-nocache"))
+                                             a.max_context, a.prefill_chunk, prompt_cache=has_prompt_cache(kind, {}))
                 # one at a time: the batched server times its passes at start-up (its speculation
                 # plan), which another server loading beside it would distort
                 _log(f"starting {kind}: {' '.join(cmd[1:])}")
