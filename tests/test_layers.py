@@ -28,7 +28,7 @@ import pytest
 ROOT = os.path.join(os.path.dirname(__file__), "..", "runtime", "conflayers", "runtime")
 LAYERS = {
     "base": {"contract", "modelspec", "sampling", "jsonfmt", "textio", "device", "draftplan", "speculation", "timing",
-             "batchcost", "rayutil"},
+             "batchcost", "batchguard", "rayutil"},
     "artifacts": {"policy", "profile", "selection", "bundle"},
     "ort": {"ort_backend", "kernels", "attention", "exactness", "packing", "promptstore"},
     "drafters": {"drafter", "ngram", "cascade"},

@@ -8,11 +8,14 @@ ngram_proposes(profile, n): predictions from what the batched passes cost on thi
 (batchcost.py, measured through the scheduler's packed graphs before any request), and for
 n-gram proposals from their acceptance as served (proposal_rate). Alone (n = 1) a request drafts
 as its drafter's policy for this machine says. A seeded sampled request always drafts as alone
-(the scheduler does not ask the planner for it), so it reproduces its solo sample.
+(the scheduler does not ask the planner for it), so it reproduces its solo sample. What these
+decisions give as served is measured by the batch guard (batchguard.py), which turns drafting off
+at batch sizes where it runs slower than plain batched decoding.
 """
 from __future__ import annotations
 
 from . import batchcost
+from .batchguard import BatchGuard
 from .cascade import CascadeDrafter
 from .drafter import LayerSkipDrafter
 from .ngram import HybridDrafter, NGramDrafter
@@ -30,6 +33,18 @@ class BatchPlanner:
         self.costs: batchcost.BatchCosts | None = None
         self._decisions: dict[tuple, int | bool | None] = {}
         self._proposals: dict[str, tuple[int, int, int]] = {}    # profile -> n-gram (steps, drafted, kept)
+        # an override (tests) is followed as given; else what the decisions give is measured
+        self.guard = BatchGuard() if spec_max_batch is None else None
+
+    def drafting_allowed(self, batch: int) -> bool:
+        """Whether a step over `batch` sequences may draft at all (the batch guard; alone: yes)."""
+        return batch < 2 or self.guard is None or self.guard.allows(batch)
+
+    def observe_step(self, batch: int, drafting: bool, tokens: int, seconds: float):
+        """A step over `batch` decoding sequences, none prefilling, run with drafting allowed or
+        not, that gave `tokens` in `seconds` (what the batch guard learns from)."""
+        if self.guard is not None:
+            self.guard.record(batch, drafting, tokens, seconds)
 
     def measure(self, scheduler) -> None:
         """BatchCosts at the widest step any profile may take, through the scheduler's packed

@@ -10,7 +10,8 @@ One step:
             full graph's verify boundaries), how many of them a model draft may propose (alone: its
             drafter's policy for this machine, until the speculation guard turns drafting off; in a
             batch of n: the batch planner's draft length for n, batchplan.py) and whether n-gram
-            proposals are taken
+            proposals are taken; the batch guard may run a step of a batch without drafts, to
+            measure what drafting gives there (batchguard.py)
   3 draft   each drafter begins its proposal (drafter.py); the draft passes they ask for run
             batched, one pass per draft body over the sequences that need it, then one per head,
             until every proposal is complete (n-gram proposals need none)
@@ -119,6 +120,7 @@ class Scheduler:
         self._closed = False
         self._thread = None
         self.steps = 0
+        self._drafting = True                             # this step may draft (the batch guard)
 
     def packed(self, body) -> PackedGraph:
         """The packed graph of a draft body (GraphRunner) over this loop's cache."""
@@ -265,6 +267,8 @@ class Scheduler:
         prefill = next((s for s in order if s.token is None), None)
         # the batch counts the sequences still prefilling too (they join within a few steps)
         t0 = time.perf_counter()
+        self._drafting = self.planner is None or self.planner.drafting_allowed(len(order))
+        before = sum(s.stats.tokens for s in decoding)
         for s in decoding:
             self._plan(s, len(order))
         self._draft([s for s in decoding if s.job is not None])
@@ -296,6 +300,10 @@ class Scheduler:
             r = where[id(s)]
             self._keep(s, logits[r:r + 1 + (len(s.job.tokens) if s.job is not None else 0)],
                        (t1 - t0, t2 - t1) if alone else None)
+        if self.planner is not None and prefill is None and len(decoding) > 1 \
+                and any(s.drafter is not None for s in decoding):
+            self.planner.observe_step(len(decoding), self._drafting,
+                                      sum(s.stats.tokens for s in decoding) - before, time.perf_counter() - t0)
 
     def _prefill_chunk(self, s: Sequence, decoding: list) -> list[int]:
         """This step's prompt tokens of a prefilling sequence: all that fit when nothing else
@@ -344,6 +352,8 @@ class Scheduler:
             return NOTHING
         if batch <= 1 or s.always_draft or self.planner is None:
             return Budget.alone(limit)
+        if not self._drafting:
+            return Budget(limit, 0, False)
         k = self.planner.draft_length(s.name, batch)
         return Budget(limit, min(limit, k or 0), self.planner.ngram_proposes(s.name, batch))
 

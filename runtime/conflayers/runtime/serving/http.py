@@ -463,6 +463,13 @@ class ConflayersServer(ThreadingHTTPServer):
                                                 self.engine.active),
                      "batch_waiting_requests": ("Requests waiting for a batch slot.", self.engine.waiting),
                      "max_batch": ("Sequences decoded together at most (--max-batch).", self.engine.max_batch)}
+            guard = getattr(self.engine.planner, "guard", None)
+            if guard is not None:
+                batch["batch_drafting_paused_sizes"] = (
+                    "Classes of batch sizes (2, 3-4, 5-8, ...) where the batch guard measured drafting "
+                    "slower than plain batched decoding and turned it off.", len(guard.paused()))
+                batch["batch_guard_switches"] = ("Times the batch guard turned drafting off or on again.",
+                                                 guard.switches())
         return {**batch, "running_requests": ("Generation requests generating now.", a.running),
                 "queued_requests": ("Generation requests waiting for a slot.", a.waiting),
                 "max_concurrency": ("Requests that may generate at once (--max-concurrency).", a.slots),
