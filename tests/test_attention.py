@@ -193,6 +193,49 @@ def test_each_row_is_bit_identical_however_the_pass_is_made(library, name):
             assert np.array_equal(c[0, :, :15], w[0, :, :15]), f"{label}: the KV written differs"
 
 
+def _has_avx512() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return all(f" {f}" in flags for f in ("avx512f", "avx512dq", "avx512vl"))
+
+
+WIDE_SHAPES = {**SHAPES,
+               "smollm2-long": Shape(9, 3, 64, 32, length=300, slots=2),        # several 64-position tiles
+               "gemma-long-window": Shape(4, 1, 256, 128, window=37, packed=False, length=300),
+               "odd-group": Shape(6, 2, 32, 16, window=9, length=120)}
+
+
+@pytest.mark.parametrize("name", WIDE_SHAPES)
+def test_the_avx512_path_gives_the_avx2_paths_bits(library, name, monkeypatch):
+    """CONFLAYERS_ATTENTION_ISA=avx2 against avx512 (two queries per instruction): every output
+    and KV row bit-identical, over one-row steps, verifies, prompt chunks and packed segments,
+    windows that give a pair of queries different positions, and pasts of several tiles."""
+    if not _has_avx512():
+        pytest.skip("this CPU has no AVX-512 F/DQ/VL: only the AVX2 path runs here")
+    s = WIDE_SHAPES[name]
+    last = s.length - 12
+    plans = [[(0, last, 1)], [(0, last - 3, 9)], [(0, 2, 11)], [(0, last // 2, 4)]]
+    if s.slots > 1:
+        plans.append([(1, last - 20, 3), (0, 5, 1)])
+    outs = {}
+    for isa in ("avx2", "avx512"):
+        monkeypatch.setenv("CONFLAYERS_ATTENTION_ISA", isa)
+        sess = _session(s, library, segments=True)
+        cache = _cache(s, seed=11)
+        got = [_run(sess, s, cache, [(slot, past, _rows(s, n, 100 * i + j)) for j, (slot, past, n) in enumerate(plan)])
+               for i, plan in enumerate(plans)]
+        outs[isa] = (got, cache)
+    for i, (a, b) in enumerate(zip(outs["avx2"][0], outs["avx512"][0])):
+        assert np.array_equal(a, b), f"pass {plans[i]}: outputs differ between the AVX2 and AVX-512 paths"
+    for a, b in zip(outs["avx2"][1], outs["avx512"][1]):
+        assert np.array_equal(a, b), "the KV written differs between the AVX2 and AVX-512 paths"
+    monkeypatch.setenv("CONFLAYERS_ATTENTION_ISA", "avx-1024")
+    with pytest.raises(Exception, match="CONFLAYERS_ATTENTION_ISA=avx-1024: expected avx512, avx2 or auto"):
+        _session(s, library, segments=True)
+
+
 def test_bad_segments_are_refused_with_a_clear_error(library):
     s = SHAPES["partial-rotary"]
     sess = _session(s, library, segments=True)

@@ -137,6 +137,7 @@ def test_avx2_cpu_is_exact_unpadded_with_the_kernel_library(native_bundle):
         pytest.skip("the kernel library is not built here (tools/build_kernels.sh)")
     out = _as_haswell(native_bundle)
     assert "qmatmul:avx2" in out["conflayers_kernels"].strip("()").split(), out["conflayers_kernels"]
+    assert "attention:avx2" in out["conflayers_kernels"].strip("()").split(), out["conflayers_kernels"]
     unpadded = out[contract.SINGLE_ROW_OK.name]
     assert all(v == 0.0 for v in unpadded.values()), f"QMatMul's rows differ under AVX2: {unpadded}"
     assert out["choose"]["exact"] and out["choose"]["padding"] == contract.SINGLE_ROW_OK.name

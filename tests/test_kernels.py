@@ -265,7 +265,11 @@ def engine(request, engines, monkeypatch):
 
 def test_the_fastest_engine_is_the_default(library, engines, monkeypatch):
     monkeypatch.delenv("CONFLAYERS_QMATMUL", raising=False)
-    assert kernels.cpu_path(library) == f"offsets:avx2 qmatmul:{engines[0]} attention:avx2"
+    monkeypatch.delenv("CONFLAYERS_ATTENTION_ISA", raising=False)
+    attention = "avx512" if "avx512" in engines or "amx" in engines else "avx2"   # AVX-512 F/DQ/VL come with VNNI
+    assert kernels.cpu_path(library) == f"offsets:avx2 qmatmul:{engines[0]} attention:{attention}"
+    monkeypatch.setenv("CONFLAYERS_ATTENTION_ISA", "avx2")
+    assert kernels.cpu_path(library).endswith(" attention:avx2")
     assert engines[-1] == "scalar" and len(engines) >= 2       # the library needs AVX2: that engine is always here
 
 

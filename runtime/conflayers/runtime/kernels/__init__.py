@@ -8,15 +8,17 @@ with or without the library. Each .cc file says what its ops do and why they are
                     (AMX-INT8), qmatmul_avx512.cc (AVX-512 VNNI), qmatmul_avx2.cc (any AVX2
                     CPU), qmatmul_scalar.cc (the reference); the engines agree bit for bit
   attention.cc      SlotAttention: causal GQA attention with rotary over in-place KV caches,
-                    one sequence or many packed, every row in one fixed order (AVX2, FMA); the
-                    runtime writes it in place of GroupQueryAttention (attention.py)
+                    one sequence or many packed, every row in one fixed order (AVX2, FMA; on
+                    AVX-512 CPUs two queries per instruction, the same bits); the runtime
+                    writes it in place of GroupQueryAttention (attention.py)
   library.cc        which of them this CPU runs, and the registration
 
 Built by tools/build_kernels.sh (setup.sh runs it) into kernels/build/. The runtime registers the
 library in every CPU session when it is there and the CPU has its kernels;
 CONFLAYERS_KERNELS=off runs the ONNX functions instead (for A/B measurement),
 CONFLAYERS_QMATMUL=off only QMatMul's (=amx|avx512|avx2|scalar picks its engine),
-CONFLAYERS_ATTENTION=off keeps ONNX Runtime's GroupQueryAttention,
+CONFLAYERS_ATTENTION=off keeps ONNX Runtime's GroupQueryAttention, CONFLAYERS_ATTENTION_ISA=avx2
+keeps SlotAttention on its AVX2 path (=avx512 insists on the AVX-512 one),
 CONFLAYERS_KERNELS=/path/lib.so names another build. Not for CUDA sessions: their nodes would run
 on the CPU with copies. With the library, a one-token step and a verify agree by construction,
 on every CPU with AVX2, and so do the QMatMul engines; the ONNX functions' MatMulNBits differ by
@@ -55,8 +57,9 @@ def library() -> str | None:
 
 def cpu_path(path: str = BUILT) -> str:
     """Which kernels the library at `path` runs on this CPU: "offsets:avx2 qmatmul:<engine>
-    attention:avx2" (engine amx, avx512, avx2, scalar, or off), "none", or "error: ..." (a
-    CONFLAYERS_QMATMUL it refuses)."""
+    attention:<path>" (engine amx, avx512, avx2, scalar, or off; SlotAttention's path avx512 or
+    avx2, the same bits), "none", or "error: ..." (a CONFLAYERS_QMATMUL or
+    CONFLAYERS_ATTENTION_ISA it refuses)."""
     lib = ctypes.CDLL(path)
     lib.conflayers_kernels_path.restype = ctypes.c_char_p
     return lib.conflayers_kernels_path().decode()

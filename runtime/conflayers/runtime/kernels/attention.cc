@@ -22,15 +22,20 @@
 // Exactness by construction: each row's result is a function of its own query row, its position
 // and the KV positions it attends, computed in one fixed order (8-lane FMA dot products summed in
 // a fixed tree, an 8-lane softmax sum from the window's first position, an FMA sequence over the
-// positions for the values), whatever the pass's rows, segments or threads. AVX2 + FMA only, on
-// every CPU: the bits do not depend on which x86 CPU runs it.
+// positions for the values), whatever the pass's rows, segments or threads. The bits do not depend
+// on which x86 CPU runs it: the AVX2 + FMA path defines them, and the AVX-512 path (two queries per
+// instruction, attend_wide) does each 8-lane operation as it does.
 #define ORT_API_MANUAL_INIT   // the API table comes from the ONNX Runtime that loads us
 #include <onnxruntime_cxx_api.h>
 
+// GCC's AVX-512 broadcast and zero-extend intrinsics start from an undefined register, which
+// -Wall reports as maybe uninitialized: every lane is written.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -106,6 +111,7 @@ struct Problem {
   int heads, kv_heads, h;
   float scale;
   int window;
+  bool wide;                            // attend_wide (AVX-512), else attend (AVX2): the same bits
 };
 
 // A block of query rows (consecutive rows of one segment) and query heads of one KV head: they
@@ -125,59 +131,92 @@ constexpr int kTile = 4096;              // floats of K (or V) per tile: 16 KB
 //   out(q)[d]   = FMA over t = lo..pos in order of w_t * v_t[d], from 0.
 // Tiles and blocks only change which query reads a position first. H: the head size when known
 // at compile time (the same operations as H = 0, the run-time size, unrolled).
-template <int H>
-TARGET void attend(const Problem& p, const Task& t, std::vector<float>& buf) {
-  const int h = H ? H : p.h;
-  const int group = p.heads / p.kv_heads;
-  const int kvh = t.head / group;
-  const int nq = t.rows * t.heads;
-  const int64_t pos0 = p.past[t.seg] + t.row, pos_max = pos0 + t.rows - 1;
-  const auto lo_of = [&](int64_t pos) { return p.window > 0 && pos >= p.window ? pos - p.window + 1 : int64_t{0}; };
-  const int64_t lo_min = lo_of(pos0);
-  const int64_t span = pos_max - lo_min + 1;
-  const int64_t stride = (span + 7) / 8 * 8 + 8;        // per query: its scores (then weights)
-  buf.resize(static_cast<size_t>(nq) * (h + stride));
-  float* qr = buf.data();                                // [nq][h]: the rotated queries
-  float* sc = qr + static_cast<size_t>(nq) * h;          // [nq][stride], index 0 = position lo_min
+//
+// On AVX-512 CPUs (attend_wide) two queries share each instruction: lanes 0-7 of a 16-lane
+// register are one query's 8 lanes, lanes 8-15 the other's, so every lane does what its 8-lane
+// register does on the AVX2 path (the same products, sums and order), and the bits are the
+// same on every x86 CPU. The pair's key and value rows come as one 8-float load broadcast to
+// both halves: half the multiply-adds and loads of two queries one at a time.
+
+// What a task works on: its queries rotated, their scores (then weights), positions.
+struct Span {
+  int h, nq;
+  int64_t pos0, pos_max, lo_min, span, stride, tile;
+  float* qr;                            // [nq][h]
+  float* sc;                            // [nq][stride], index 0 = position lo_min
+  const float* keys;
+  const float* values;
+};
+
+inline int64_t lo_of(const Problem& p, int64_t pos) {
+  return p.window > 0 && pos >= p.window ? pos - p.window + 1 : int64_t{0};
+}
+
+inline float* out_of(const Problem& p, const Task& t, int qi, int h, int d0) {
+  return p.out + (p.first[t.seg] + t.row + qi / t.heads) * static_cast<int64_t>(p.heads) * h +
+         static_cast<int64_t>(t.head + qi % t.heads) * h + d0;
+}
+
+inline Span span_of(const Problem& p, const Task& t, int h, std::vector<float>& buf) {
+  Span x;
+  x.h = h;
+  x.nq = t.rows * t.heads;
+  x.pos0 = p.past[t.seg] + t.row, x.pos_max = x.pos0 + t.rows - 1;
+  x.lo_min = lo_of(p, x.pos0);
+  x.span = x.pos_max - x.lo_min + 1;
+  x.stride = (x.span + 7) / 8 * 8 + 8;
+  x.tile = std::max<int64_t>(8, kTile / h / 8 * 8);
+  buf.resize(static_cast<size_t>(x.nq) * (h + x.stride));
+  x.qr = buf.data();
+  x.sc = x.qr + static_cast<size_t>(x.nq) * h;
+  const int kvh = t.head / (p.heads / p.kv_heads);
+  x.keys = p.key + p.slot[t.seg] * p.slot_stride + kvh * p.head_stride;
+  x.values = p.value + p.slot[t.seg] * p.slot_stride + kvh * p.head_stride;
   for (int r = 0; r < t.rows; ++r) {
-    const int64_t row = p.first[t.seg] + t.row + r, pos = pos0 + r;
+    const int64_t row = p.first[t.seg] + t.row + r, pos = x.pos0 + r;
     for (int g = 0; g < t.heads; ++g) {
       const float* q = p.q + row * p.q_stride + static_cast<int64_t>(t.head + g) * h;
-      float* dst = qr + static_cast<size_t>(r * t.heads + g) * h;
+      float* dst = x.qr + static_cast<size_t>(r * t.heads + g) * h;
       if (p.half) rotate(q, dst, h, p.half, p.cos + pos * p.half, p.sin + pos * p.half);
       else std::memcpy(dst, q, h * sizeof(float));
     }
   }
-  const float* keys = p.key + p.slot[t.seg] * p.slot_stride + kvh * p.head_stride;
-  const float* values = p.value + p.slot[t.seg] * p.slot_stride + kvh * p.head_stride;
-  const int64_t tile = std::max<int64_t>(8, kTile / h / 8 * 8);
-  // scores over [lo_min, pos_max], 8 positions at a time (the last group repeats pos_max)
-  for (int64_t t0 = 0; t0 < span; t0 += tile) {
-    const int64_t t1 = std::min(span, t0 + tile);
-    for (int qi = 0; qi < nq; ++qi) {
-      const float* qv = qr + static_cast<size_t>(qi) * h;
-      float* s = sc + static_cast<size_t>(qi) * stride;
-      for (int64_t j = t0; j < t1; j += 8) {
-        __m256 acc[8];
-        for (int u = 0; u < 8; ++u) {
-          const float* kr = keys + std::min(lo_min + j + u, pos_max) * h;
-          __m256 a = _mm256_mul_ps(_mm256_loadu_ps(qv), _mm256_loadu_ps(kr));
-          for (int d = 8; d < h; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qv + d), _mm256_loadu_ps(kr + d), a);
-          acc[u] = a;
-        }
-        _mm256_storeu_ps(s + j, _mm256_mul_ps(sum8x8(acc), _mm256_set1_ps(p.scale)));
-      }
+  return x;
+}
+
+// One query's scores over positions [t0, t1) of the span, 8 at a time (the last group repeats pos_max).
+template <int H>
+TARGET inline void scores_one(const Span& x, const float* qv, float* s, int64_t t0, int64_t t1, float scale) {
+  const int h = H ? H : x.h;
+  for (int64_t j = t0; j < t1; j += 8) {
+    __m256 acc[8];
+    for (int u = 0; u < 8; ++u) {
+      const float* kr = x.keys + std::min(x.lo_min + j + u, x.pos_max) * h;
+      __m256 a = _mm256_mul_ps(_mm256_loadu_ps(qv), _mm256_loadu_ps(kr));
+      for (int d = 8; d < h; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qv + d), _mm256_loadu_ps(kr + d), a);
+      acc[u] = a;
     }
+    _mm256_storeu_ps(s + j, _mm256_mul_ps(sum8x8(acc), _mm256_set1_ps(scale)));
   }
-  // per query: softmax over its own positions, the weights written in place
-  for (int qi = 0; qi < nq; ++qi) {
-    const int64_t pos = pos0 + qi / t.heads, lo = lo_of(pos), n = pos - lo + 1;
-    float* s = sc + static_cast<size_t>(qi) * stride + (lo - lo_min);
-    float top = s[0];
-    for (int64_t j = 1; j < n; ++j) top = std::max(top, s[j]);
+}
+
+// Per query: softmax over its own positions, the weights written in place. The maximum is taken
+// 8 lanes at a time (max is exact in any order).
+TARGET void softmax(const Problem& p, const Task& t, const Span& x) {
+  for (int qi = 0; qi < x.nq; ++qi) {
+    const int64_t pos = x.pos0 + qi / t.heads, lo = lo_of(p, pos), n = pos - lo + 1;
+    float* s = x.sc + static_cast<size_t>(qi) * x.stride + (lo - x.lo_min);
+    __m256 m = _mm256_set1_ps(s[0]);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + j));
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, m);
+    float top = lanes[0];
+    for (int u = 1; u < 8; ++u) top = std::max(top, lanes[u]);
+    for (; j < n; ++j) top = std::max(top, s[j]);
     __m256 total = _mm256_setzero_ps();
     const __m256 vtop = _mm256_set1_ps(top);
-    for (int64_t j = 0; j < n; j += 8) {
+    for (j = 0; j < n; j += 8) {
       __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + j), vtop));
       if (j + 8 > n) {                    // positions past the query's weigh nothing
         alignas(32) int32_t keep[8];
@@ -188,36 +227,165 @@ TARGET void attend(const Problem& p, const Task& t, std::vector<float>& buf) {
       total = _mm256_add_ps(total, e);
     }
     const float inv = 1.0f / sum8(total);
-    for (int64_t j = 0; j < n; ++j) s[j] *= inv;
+    for (j = 0; j < n; ++j) s[j] *= inv;
   }
+}
+
+// One query's output dimensions [d0, d0 + dn) carried on over positions [a, b) of the span.
+TARGET inline void values_one(const Span& x, const float* w, float* out, int64_t a, int64_t b, int d0, int dn) {
+  __m256 acc[8];
+  for (int c = 0; c < dn / 8; ++c) acc[c] = _mm256_loadu_ps(out + 8 * c);
+  for (int64_t j = a; j < b; ++j) {
+    const __m256 wj = _mm256_set1_ps(w[j]);
+    const float* vr = x.values + (x.lo_min + j) * x.h + d0;
+    for (int c = 0; c < dn / 8; ++c) acc[c] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(vr + 8 * c), acc[c]);
+  }
+  for (int c = 0; c < dn / 8; ++c) _mm256_storeu_ps(out + 8 * c, acc[c]);
+}
+
+// [a, b) of query qi's positions within tile [t0, t1) (empty: a >= b).
+inline void range_of(const Problem& p, const Task& t, const Span& x, int qi, int64_t t0, int64_t t1,
+                     int64_t& a, int64_t& b) {
+  const int64_t pos = x.pos0 + qi / t.heads;
+  a = std::max(t0, lo_of(p, pos) - x.lo_min), b = std::min(t1, pos - x.lo_min + 1);
+}
+
+template <int H>
+TARGET void attend(const Problem& p, const Task& t, std::vector<float>& buf) {
+  const int h = H ? H : p.h;
+  const Span x = span_of(p, t, h, buf);
+  for (int64_t t0 = 0; t0 < x.span; t0 += x.tile) {
+    const int64_t t1 = std::min(x.span, t0 + x.tile);
+    for (int qi = 0; qi < x.nq; ++qi)
+      scores_one<H>(x, x.qr + static_cast<size_t>(qi) * h, x.sc + static_cast<size_t>(qi) * x.stride, t0, t1, p.scale);
+  }
+  softmax(p, t, x);
   // values: per 64 dimensions, each query's 8 accumulators carried across the tiles
   for (int d0 = 0; d0 < h; d0 += 64) {
     const int dn = std::min(64, h - d0);
-    for (int qi = 0; qi < nq; ++qi) {
-      float* out = p.out + (p.first[t.seg] + t.row + qi / t.heads) * static_cast<int64_t>(p.heads) * h +
-                   static_cast<int64_t>(t.head + qi % t.heads) * h + d0;
-      for (int c = 0; c < dn / 8; ++c) _mm256_storeu_ps(out + 8 * c, _mm256_setzero_ps());
-    }
-    for (int64_t t0 = 0; t0 < span; t0 += tile) {
-      const int64_t t1 = std::min(span, t0 + tile);
-      for (int qi = 0; qi < nq; ++qi) {
-        const int64_t pos = pos0 + qi / t.heads, lo = lo_of(pos) - lo_min, end = pos - lo_min + 1;
-        const int64_t a = std::max(t0, lo), b = std::min(t1, end);
-        if (a >= b) continue;
-        float* out = p.out + (p.first[t.seg] + t.row + qi / t.heads) * static_cast<int64_t>(p.heads) * h +
-                     static_cast<int64_t>(t.head + qi % t.heads) * h + d0;
-        const float* w = sc + static_cast<size_t>(qi) * stride;
-        __m256 acc[8];
-        for (int c = 0; c < dn / 8; ++c) acc[c] = _mm256_loadu_ps(out + 8 * c);
-        for (int64_t j = a; j < b; ++j) {
-          const __m256 wj = _mm256_set1_ps(w[j]);
-          const float* vr = values + (lo_min + j) * h + d0;
-          for (int c = 0; c < dn / 8; ++c) acc[c] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(vr + 8 * c), acc[c]);
-        }
-        for (int c = 0; c < dn / 8; ++c) _mm256_storeu_ps(out + 8 * c, acc[c]);
+    for (int qi = 0; qi < x.nq; ++qi)
+      for (int c = 0; c < dn / 8; ++c) _mm256_storeu_ps(out_of(p, t, qi, h, d0) + 8 * c, _mm256_setzero_ps());
+    for (int64_t t0 = 0; t0 < x.span; t0 += x.tile) {
+      const int64_t t1 = std::min(x.span, t0 + x.tile);
+      for (int qi = 0; qi < x.nq; ++qi) {
+        int64_t a, b;
+        range_of(p, t, x, qi, t0, t1, a, b);
+        if (a < b) values_one(x, x.sc + static_cast<size_t>(qi) * x.stride, out_of(p, t, qi, h, d0), a, b, d0, dn);
       }
     }
   }
+}
+
+#define TARGET512 __attribute__((target("avx2,fma,avx512f,avx512dq,avx512vl")))
+
+TARGET512 inline __m512 pair_of(const float* a, const float* b) {      // a's 8 floats, then b's
+  return _mm512_insertf32x8(_mm512_zextps256_ps512(_mm256_loadu_ps(a)), _mm256_loadu_ps(b), 1);
+}
+
+TARGET512 inline __m512 both(const float* a) {                          // a's 8 floats, twice
+  return _mm512_broadcast_f32x8(_mm256_loadu_ps(a));
+}
+
+// scores_one for queries qa and qb at once.
+template <int H>
+TARGET512 inline void scores_pair(const Span& x, const float* qa, const float* qb, float* sa, float* sb,
+                                  int64_t t0, int64_t t1, float scale) {
+  const int h = H ? H : x.h;
+  for (int64_t j = t0; j < t1; j += 8) {
+    __m512 acc[8];
+    for (int u = 0; u < 8; ++u) {
+      const float* kr = x.keys + std::min(x.lo_min + j + u, x.pos_max) * h;
+      __m512 a = _mm512_mul_ps(pair_of(qa, qb), both(kr));
+      for (int d = 8; d < h; d += 8) a = _mm512_fmadd_ps(pair_of(qa + d, qb + d), both(kr + d), a);
+      acc[u] = a;
+    }
+    __m256 lo[8], hi[8];
+    for (int u = 0; u < 8; ++u) lo[u] = _mm512_castps512_ps256(acc[u]), hi[u] = _mm512_extractf32x8_ps(acc[u], 1);
+    _mm256_storeu_ps(sa + j, _mm256_mul_ps(sum8x8(lo), _mm256_set1_ps(scale)));
+    _mm256_storeu_ps(sb + j, _mm256_mul_ps(sum8x8(hi), _mm256_set1_ps(scale)));
+  }
+}
+
+// values_one for queries with weights wa, wb over the same positions [a, b).
+TARGET512 inline void values_pair(const Span& x, const float* wa, const float* wb, float* oa, float* ob,
+                                  int64_t a, int64_t b, int d0, int dn) {
+  __m512 acc[8];
+  for (int c = 0; c < dn / 8; ++c) acc[c] = pair_of(oa + 8 * c, ob + 8 * c);
+  for (int64_t j = a; j < b; ++j) {
+    const __m512 wj = _mm512_insertf32x8(_mm512_set1_ps(wa[j]), _mm256_set1_ps(wb[j]), 1);
+    const float* vr = x.values + (x.lo_min + j) * x.h + d0;
+    for (int c = 0; c < dn / 8; ++c) acc[c] = _mm512_fmadd_ps(wj, both(vr + 8 * c), acc[c]);
+  }
+  for (int c = 0; c < dn / 8; ++c) {
+    _mm256_storeu_ps(oa + 8 * c, _mm512_castps512_ps256(acc[c]));
+    _mm256_storeu_ps(ob + 8 * c, _mm512_extractf32x8_ps(acc[c], 1));
+  }
+}
+
+template <int H>
+TARGET512 void attend_wide(const Problem& p, const Task& t, std::vector<float>& buf) {
+  const int h = H ? H : p.h;
+  const Span x = span_of(p, t, h, buf);
+  const auto q_of = [&](int qi) { return x.qr + static_cast<size_t>(qi) * h; };
+  const auto s_of = [&](int qi) { return x.sc + static_cast<size_t>(qi) * x.stride; };
+  for (int64_t t0 = 0; t0 < x.span; t0 += x.tile) {
+    const int64_t t1 = std::min(x.span, t0 + x.tile);
+    int qi = 0;
+    for (; qi + 1 < x.nq; qi += 2) scores_pair<H>(x, q_of(qi), q_of(qi + 1), s_of(qi), s_of(qi + 1), t0, t1, p.scale);
+    if (qi < x.nq) scores_one<H>(x, q_of(qi), s_of(qi), t0, t1, p.scale);
+  }
+  softmax(p, t, x);
+  for (int d0 = 0; d0 < h; d0 += 64) {
+    const int dn = std::min(64, h - d0);
+    for (int qi = 0; qi < x.nq; ++qi)
+      for (int c = 0; c < dn / 8; ++c) _mm256_storeu_ps(out_of(p, t, qi, h, d0) + 8 * c, _mm256_setzero_ps());
+    for (int64_t t0 = 0; t0 < x.span; t0 += x.tile) {
+      const int64_t t1 = std::min(x.span, t0 + x.tile);
+      int qi = 0;
+      for (; qi + 1 < x.nq; qi += 2) {
+        // each query's chain in order: what only the earlier-starting one attends, then both, then
+        // what only the later-ending one attends
+        int64_t a0, b0, a1, b1;
+        range_of(p, t, x, qi, t0, t1, a0, b0);
+        range_of(p, t, x, qi + 1, t0, t1, a1, b1);
+        float* o0 = out_of(p, t, qi, h, d0);
+        float* o1 = out_of(p, t, qi + 1, h, d0);
+        const int64_t a = std::max(a0, a1), b = std::min(b0, b1);
+        if (a >= b) {
+          if (a0 < b0) values_one(x, s_of(qi), o0, a0, b0, d0, dn);
+          if (a1 < b1) values_one(x, s_of(qi + 1), o1, a1, b1, d0, dn);
+          continue;
+        }
+        if (a0 < a) values_one(x, s_of(qi), o0, a0, a, d0, dn);
+        if (a1 < a) values_one(x, s_of(qi + 1), o1, a1, a, d0, dn);
+        values_pair(x, s_of(qi), s_of(qi + 1), o0, o1, a, b, d0, dn);
+        if (b0 > b) values_one(x, s_of(qi), o0, b, b0, d0, dn);
+        if (b1 > b) values_one(x, s_of(qi + 1), o1, b, b1, d0, dn);
+      }
+      if (qi < x.nq) {
+        int64_t a, b;
+        range_of(p, t, x, qi, t0, t1, a, b);
+        if (a < b) values_one(x, s_of(qi), out_of(p, t, qi, h, d0), a, b, d0, dn);
+      }
+    }
+  }
+}
+
+// Whether sessions made now take attend_wide: CONFLAYERS_ATTENTION_ISA=avx2 keeps the AVX2 path
+// (the bits are the same; tests compare them), avx512 insists, unset or auto takes what the CPU has.
+bool wide_chosen() {
+  __builtin_cpu_init();
+  static const bool cpu = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512vl");
+  const char* env = std::getenv("CONFLAYERS_ATTENTION_ISA");
+  const std::string want = env ? env : "";
+  if (want.empty() || want == "auto") return cpu;
+  if (want == "avx2") return false;
+  if (want == "avx512" && cpu) return true;
+  if (want == "avx512")
+    throw std::runtime_error("CONFLAYERS_ATTENTION_ISA=avx512: this CPU (or its OS) does not give AVX-512 F/DQ/VL; "
+                             "unset it to use the fastest path here");
+  throw std::runtime_error("CONFLAYERS_ATTENTION_ISA=" + want + ": expected avx512, avx2 or auto");
 }
 
 struct Job {
@@ -228,6 +396,15 @@ struct Job {
 
 void attend_range(const Problem& p, const Task* t, const Task* end) {
   thread_local std::vector<float> buf;
+  if (p.wide) {
+    switch (p.h) {
+      case 64: for (; t != end; ++t) attend_wide<64>(p, *t, buf); break;
+      case 128: for (; t != end; ++t) attend_wide<128>(p, *t, buf); break;
+      case 256: for (; t != end; ++t) attend_wide<256>(p, *t, buf); break;
+      default: for (; t != end; ++t) attend_wide<0>(p, *t, buf);
+    }
+    return;
+  }
   switch (p.h) {
     case 64: for (; t != end; ++t) attend<64>(p, *t, buf); break;
     case 128: for (; t != end; ++t) attend<128>(p, *t, buf); break;
@@ -260,6 +437,7 @@ struct SlotAttentionKernel {
       throw std::runtime_error("conflayers SlotAttention: num_heads must be a positive multiple of kv_num_heads");
     if (attr_or(ki, "rotary_interleaved", 0) != 0)
       throw std::runtime_error("conflayers SlotAttention: interleaved rotary is not supported");
+    wide_ = wide_chosen();
   }
 
   static int64_t attr_or(Ort::ConstKernelInfo& ki, const char* name, int64_t dflt) {
@@ -285,6 +463,7 @@ struct SlotAttentionKernel {
       throw std::runtime_error("conflayers SlotAttention: query must be [1, rows, width]");
     Problem p;
     p.heads = heads_, p.kv_heads = kv_heads_, p.h = static_cast<int>(kv_shape[3]), p.scale = scale_, p.window = window_;
+    p.wide = wide_;
     const int64_t t_rows = q_shape[1], h = p.h, length = kv_shape[2];
     if (h % 8 != 0) throw std::runtime_error("conflayers SlotAttention: head size must be a multiple of 8");
     const bool packed = key == nullptr;
@@ -383,6 +562,7 @@ struct SlotAttentionKernel {
   int heads_ = 0, kv_heads_ = 0, window_ = -1;
   float scale_ = 1.0f;
   bool rotary_ = false;
+  bool wide_ = false;
 };
 
 struct SlotAttentionOp : Ort::CustomOpBase<SlotAttentionOp, SlotAttentionKernel> {
@@ -410,5 +590,7 @@ SlotAttentionOp g_slot_attention;
 namespace conflayers_kernels {
 
 void add_attention_ops(Ort::CustomOpDomain& domain) { domain.Add(&g_slot_attention); }
+
+const char* attention_path() { return wide_chosen() ? "avx512" : "avx2"; }
 
 }  // namespace conflayers_kernels

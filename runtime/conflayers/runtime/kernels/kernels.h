@@ -12,6 +12,7 @@ void add_block_offsets_ops(Ort::CustomOpDomain& domain);
 const char* qmatmul_engine();                          // "amx", "avx512", "avx2", "scalar" or "off" (throws on a bad
 void add_qmatmul_ops(Ort::CustomOpDomain& domain);     // CONFLAYERS_QMATMUL)
 
-void add_attention_ops(Ort::CustomOpDomain& domain);   // SlotAttention (AVX2 + FMA)
+void add_attention_ops(Ort::CustomOpDomain& domain);   // SlotAttention (AVX2 + FMA, or AVX-512: the same bits)
+const char* attention_path();                          // "avx512" or "avx2": what sessions made now take
 
 }  // namespace conflayers_kernels

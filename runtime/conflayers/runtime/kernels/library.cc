@@ -18,14 +18,15 @@ std::vector<Ort::CustomOpDomain> g_domains;    // kept alive for every session t
 
 extern "C" {
 
-// What registers here: "offsets:avx2 qmatmul:<engine> attention:avx2" (engine amx, avx512, avx2, scalar,
-// or off: QMatMul's ONNX functions run), "none" (nothing: a CPU without AVX2), or why
-// CONFLAYERS_QMATMUL is refused.
+// What registers here: "offsets:avx2 qmatmul:<engine> attention:<path>" (engine amx, avx512, avx2,
+// scalar, or off: QMatMul's ONNX functions run; path avx512 or avx2, the same bits), "none"
+// (nothing: a CPU without AVX2), or why CONFLAYERS_QMATMUL or CONFLAYERS_ATTENTION_ISA is refused.
 const char* conflayers_kernels_path() {
   static thread_local std::string said;
   if (!conflayers_kernels::block_offsets_supported()) return "none";
   try {
-    said = std::string("offsets:avx2 qmatmul:") + conflayers_kernels::qmatmul_engine() + " attention:avx2";
+    said = std::string("offsets:avx2 qmatmul:") + conflayers_kernels::qmatmul_engine() + " attention:" +
+           conflayers_kernels::attention_path();
   } catch (const std::exception& e) {
     said = std::string("error: ") + e.what();
   }
