@@ -14,6 +14,16 @@ faster beyond the VM's noise: blocks of 27 queries (a KV head's whole 9-row pass
 its keys and values read once), no head split on one-row passes, 8 and 32 KB tiles; and, in a
 standalone copy of `attend`, bit-identical loops sharing each key load between two queries and
 each value load between two heads of a row (within ~10%).
+
+Measured 2026-12-07 on the AMD Zen 5 VM (AVX-512): the kept AVX-512 path (two queries per
+instruction, attention.cc's attend_wide) against the AVX2 one, 9 rows 0.71 / 0.74 / 0.68 / 0.79x at
+256 / 1024 / 2048 / 4000 positions. With it, 9 rows at 4000 positions split about 45% scores, 39%
+values, 14% softmax (builds that skip a phase). Tried on top, none beyond the VM's noise: the 8
+positions' dot-product chains in lockstep instead of one after another (0.99-1.10x); blocks of 18
+and 27 queries (0.97-1.04x: the re-reads of keys and values come from cache); no head split on
+one-row passes (1.0x); value sums on 16 lanes per query (1.03-1.16x, slower: the pair's one load
+for two queries is what pays) and in blocks of 4 queries sharing each value load (0.92-0.98x at
+4-9 rows, 1.26-1.32x slower at one row).
 """
 from __future__ import annotations
 
