@@ -94,6 +94,12 @@ def test_conflayers_batched_and_unbatched(tiny_bundle, prompts_file, tmp_path):
     # prompts were never sent before that level's priming): every answer reused its prompt's KV
     for r in report["levels"]:
         assert r["prompt_cache_hits"] == r["requests"], r
+    # the batched server's batch guard is read after each of its levels; the unbatched one has none
+    for r in report["levels"]:
+        if r["system"] == "batched":
+            assert set(r["batch_guard"]) == {"paused_sizes", "switches"} and r["batch_guard"]["paused_sizes"] <= 1
+        else:
+            assert "batch_guard" not in r, r
     assert "growth" in loadbench.rss_table(report)
 
 

@@ -59,6 +59,9 @@ repeats its prompts across systems and levels, so without it the first system on
 at one stream that alone made `batched` look 0.82-0.86x `batched-plain` (time to first token
 0.15 s against 0.02 s), a difference of order, not of decoding. Primed, every system with a cache
 is measured at a warm cache; `batched-nocache` gives the figures of prompts never seen.
+After each level of a speculative batched system the bench reads the server's batch guard from
+its /metrics (the classes of batch sizes where the guard measured drafting slower than plain
+batched steps and turned it off, and its switches so far: runtime/batchguard.py).
 Every answer's text is kept per prompt and compared with the solo greedy answer (the first plain
 conflayers system's at its lowest concurrency): conflayers' systems must match on every prompt at
 every level (the bench exits 1 and names the prompts when one does not); the anchors' agreement is
@@ -552,6 +555,31 @@ def http_json(url: str, path: str, timeout: float = 10.0) -> dict | None:
         return json.loads(data) if resp.status == 200 else None
     except (OSError, ValueError):
         return None
+
+
+def batch_guard(url: str) -> dict | None:
+    """A conflayers server's batch guard as its /metrics say (runtime/batchguard.py):
+    {"paused_sizes": classes of batch sizes where drafting is off now, "switches": since start},
+    or None from a server without one (unbatched, --max-batch 1, not conflayers)."""
+    u = urlsplit(url)
+    try:
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10.0)
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        text = resp.read().decode()
+        conn.close()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if resp.status != 200:
+        return None
+    values = {}
+    for line in text.splitlines():
+        for key in ("batch_drafting_paused_sizes", "batch_guard_switches"):
+            if line.startswith(f"conflayers_{key} "):
+                values[key] = int(float(line.split()[1]))
+    if len(values) < 2:
+        return None
+    return {"paused_sizes": values["batch_drafting_paused_sizes"], "switches": values["batch_guard_switches"]}
 
 
 # ----------------------------------------------------------------------------- GenAI engine server
@@ -1083,12 +1111,18 @@ def run_bench(a) -> dict:
                 if after and after["passes"] > before["passes"]:
                     row["rows_per_pass"] = [(after["rows"] - before["rows"]) / (after["passes"] - before["passes"]),
                                             after["max_rows"]]
+                guard = batch_guard(urls[kind]) if kind.startswith("conflayers") and extra.get("speculate", True) \
+                    else None
+                if guard is not None:
+                    row["batch_guard"] = guard
                 report["levels"].append(row)
                 _log(f"{name:>16} c={c:<3} {row['requests']} requests, {row['errors']} errors, "
                      f"{row['tokens_per_s']:.1f} tok/s, TTFT p50 {_fmt(row['ttft_p50_s'], '.2f')} s, "
                      f"ITL p50 {_fmt(row['itl_p50_ms'], '.1f')} ms"
                      + (f", whole prompt cached {row['prompt_cache_hits']}/{row['requests']}"
-                        if row["prompt_cache_hits"] is not None else ""))
+                        if row["prompt_cache_hits"] is not None else "")
+                     + (f", batch guard: drafting off at {guard['paused_sizes']} size class(es), "
+                        f"{guard['switches']} switches so far" if guard is not None else ""))
         report["outputs"] = output_check(outputs, [(name, kind) for name, kind, _ in systems])
         first_extra: dict[str, dict] = {}              # a burst per server, as its first system asks
         for _, kind, extra in systems:
