@@ -268,7 +268,10 @@ class Scheduler:
         # the batch counts the sequences still prefilling too (they join within a few steps)
         t0 = time.perf_counter()
         self._drafting = self.planner is None or self.planner.drafting_allowed(len(order))
-        before = sum(s.stats.tokens for s in decoding)
+        # what the batch guard learns from: batched steps of decoding sequences only
+        guarded = self.planner is not None and prefill is None and len(decoding) > 1 \
+            and any(s.drafter is not None for s in decoding)
+        before = sum(s.stats.tokens for s in decoding) if guarded else 0
         for s in decoding:
             self._plan(s, len(order))
         self._draft([s for s in decoding if s.job is not None])
@@ -300,8 +303,7 @@ class Scheduler:
             r = where[id(s)]
             self._keep(s, logits[r:r + 1 + (len(s.job.tokens) if s.job is not None else 0)],
                        (t1 - t0, t2 - t1) if alone else None)
-        if self.planner is not None and prefill is None and len(decoding) > 1 \
-                and any(s.drafter is not None for s in decoding):
+        if guarded:
             self.planner.observe_step(len(decoding), self._drafting,
                                       sum(s.stats.tokens for s in decoding) - before, time.perf_counter() - t0)
 

@@ -243,6 +243,12 @@ TARGET inline void values_one(const Span& x, const float* w, float* out, int64_t
   for (int c = 0; c < dn / 8; ++c) _mm256_storeu_ps(out + 8 * c, acc[c]);
 }
 
+// Every query's output dimensions [d0, d0 + dn) set to 0: where the values' chains start.
+TARGET inline void zero_outputs(const Problem& p, const Task& t, const Span& x, int d0, int dn) {
+  for (int qi = 0; qi < x.nq; ++qi)
+    for (int c = 0; c < dn / 8; ++c) _mm256_storeu_ps(out_of(p, t, qi, x.h, d0) + 8 * c, _mm256_setzero_ps());
+}
+
 // [a, b) of query qi's positions within tile [t0, t1) (empty: a >= b).
 inline void range_of(const Problem& p, const Task& t, const Span& x, int qi, int64_t t0, int64_t t1,
                      int64_t& a, int64_t& b) {
@@ -263,8 +269,7 @@ TARGET void attend(const Problem& p, const Task& t, std::vector<float>& buf) {
   // values: per 64 dimensions, each query's 8 accumulators carried across the tiles
   for (int d0 = 0; d0 < h; d0 += 64) {
     const int dn = std::min(64, h - d0);
-    for (int qi = 0; qi < x.nq; ++qi)
-      for (int c = 0; c < dn / 8; ++c) _mm256_storeu_ps(out_of(p, t, qi, h, d0) + 8 * c, _mm256_setzero_ps());
+    zero_outputs(p, t, x, d0, dn);
     for (int64_t t0 = 0; t0 < x.span; t0 += x.tile) {
       const int64_t t1 = std::min(x.span, t0 + x.tile);
       for (int qi = 0; qi < x.nq; ++qi) {
@@ -337,8 +342,7 @@ TARGET512 void attend_wide(const Problem& p, const Task& t, std::vector<float>& 
   softmax(p, t, x);
   for (int d0 = 0; d0 < h; d0 += 64) {
     const int dn = std::min(64, h - d0);
-    for (int qi = 0; qi < x.nq; ++qi)
-      for (int c = 0; c < dn / 8; ++c) _mm256_storeu_ps(out_of(p, t, qi, h, d0) + 8 * c, _mm256_setzero_ps());
+    zero_outputs(p, t, x, d0, dn);
     for (int64_t t0 = 0; t0 < x.span; t0 += x.tile) {
       const int64_t t1 = std::min(x.span, t0 + x.tile);
       int qi = 0;
