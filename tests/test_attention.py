@@ -34,25 +34,27 @@ SHAPES = {
 }
 
 
-def _session(s: Shape, lib: str, segments: bool):
+def _session(s: Shape, lib: str, segments: bool, half: bool = False):
+    """A one-node session: SlotAttention, or SlotAttentionF16 over half caches (`half`)."""
     vi = helper.make_tensor_value_info
+    kv = TensorProto.FLOAT16 if half else TensorProto.FLOAT
     width = (s.heads + 2 * s.kv_heads) * s.h if s.packed else s.heads * s.h
     ins = [vi("q", TensorProto.FLOAT, [1, "T", width])]
     if not s.packed:
         ins += [vi("k", TensorProto.FLOAT, [1, "T", s.kv_heads * s.h]), vi("v", TensorProto.FLOAT, [1, "T", s.kv_heads * s.h])]
     cache = [s.slots, s.kv_heads, s.length, s.h]
-    ins += [vi("past_key", TensorProto.FLOAT, cache), vi("past_value", TensorProto.FLOAT, cache),
+    ins += [vi("past_key", kv, cache), vi("past_value", kv, cache),
             vi("seqlens", TensorProto.INT32, ["N"]), vi("cos", TensorProto.FLOAT, ["P", max(s.half, 1)]),
             vi("sin", TensorProto.FLOAT, ["P", max(s.half, 1)])]
     names = ["q", "" if s.packed else "k", "" if s.packed else "v", "past_key", "past_value", "seqlens", "cos", "sin"]
     if segments:
         ins += [vi("seg_lens", TensorProto.INT64, ["N"]), vi("slots", TensorProto.INT64, ["N"])]
         names += ["seg_lens", "slots"]
-    node = helper.make_node(attention.OP, names, ["out", "present_key", "present_value"], domain=kernels.DOMAIN,
+    node = helper.make_node(attention.OP_F16 if half else attention.OP, names, ["out", "present_key", "present_value"], domain=kernels.DOMAIN,
                             num_heads=s.heads, kv_num_heads=s.kv_heads, scale=float(s.h) ** -0.5,
                             local_window_size=s.window, do_rotary=int(s.half > 0))
-    outs = [vi("out", TensorProto.FLOAT, [1, "T", s.heads * s.h]), vi("present_key", TensorProto.FLOAT, cache),
-            vi("present_value", TensorProto.FLOAT, cache)]
+    outs = [vi("out", TensorProto.FLOAT, [1, "T", s.heads * s.h]), vi("present_key", kv, cache),
+            vi("present_value", kv, cache)]
     m = helper.make_model(helper.make_graph([node], "t", ins, outs),
                           opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(kernels.DOMAIN, 1)])
     so = ort.SessionOptions()
@@ -138,10 +140,11 @@ def _reference(s: Shape, cache, segs):
     return np.concatenate(outs), k_all, v_all
 
 
-def _cache(s: Shape, seed=7):
+def _cache(s: Shape, seed=7, half=False):
     r = np.random.default_rng(seed)
     shape = (s.slots, s.kv_heads, s.length, s.h)
-    return [r.standard_normal(shape).astype(np.float32), r.standard_normal(shape).astype(np.float32)]
+    dtype = np.float16 if half else np.float32
+    return [r.standard_normal(shape).astype(dtype), r.standard_normal(shape).astype(dtype)]
 
 
 @pytest.mark.parametrize("name", SHAPES)
@@ -160,16 +163,18 @@ def test_slot_attention_matches_a_float64_reference(library, name):
     np.testing.assert_array_equal(cache[1], v_ref.astype(np.float32))
 
 
+@pytest.mark.parametrize("half", [False, True], ids=["float", "half"])
 @pytest.mark.parametrize("name", SHAPES)
-def test_each_row_is_bit_identical_however_the_pass_is_made(library, name):
+def test_each_row_is_bit_identical_however_the_pass_is_made(library, name, half):
     """A prefill of 11 rows, the same rows fed one at a time, in chunks, and packed with another
-    slot's segment: every output row and every KV row written are bit-identical."""
+    slot's segment: every output row and every KV row written are bit-identical (float and
+    half caches)."""
     s = SHAPES[name]
     rows = _rows(s, 11, seed=3)
     cut = lambda a, b: tuple(x[a:b] for x in rows)          # noqa: E731
-    alone = _session(s, library, segments=False)
-    packed = _session(s, library, segments=True)
-    base = _cache(s)
+    alone = _session(s, library, segments=False, half=half)
+    packed = _session(s, library, segments=True, half=half)
+    base = _cache(s, half=half)
 
     whole_cache = [c.copy() for c in base]
     whole = _run(alone, s, whole_cache, [(0, 4, rows)], with_segments=False)
@@ -207,8 +212,9 @@ WIDE_SHAPES = {**SHAPES,
                "odd-group": Shape(6, 2, 32, 16, window=9, length=120)}
 
 
+@pytest.mark.parametrize("half", [False, True], ids=["float", "half"])
 @pytest.mark.parametrize("name", WIDE_SHAPES)
-def test_the_avx512_path_gives_the_avx2_paths_bits(library, name, monkeypatch):
+def test_the_avx512_path_gives_the_avx2_paths_bits(library, name, half, monkeypatch):
     """CONFLAYERS_ATTENTION_ISA=avx2 against avx512 (two queries per instruction): every output
     and KV row bit-identical, over one-row steps, verifies, prompt chunks and packed segments,
     windows that give a pair of queries different positions, and pasts of several tiles."""
@@ -222,8 +228,8 @@ def test_the_avx512_path_gives_the_avx2_paths_bits(library, name, monkeypatch):
     outs = {}
     for isa in ("avx2", "avx512"):
         monkeypatch.setenv("CONFLAYERS_ATTENTION_ISA", isa)
-        sess = _session(s, library, segments=True)
-        cache = _cache(s, seed=11)
+        sess = _session(s, library, segments=True, half=half)
+        cache = _cache(s, seed=11, half=half)
         got = [_run(sess, s, cache, [(slot, past, _rows(s, n, 100 * i + j)) for j, (slot, past, n) in enumerate(plan)])
                for i, plan in enumerate(plans)]
         outs[isa] = (got, cache)
@@ -234,6 +240,42 @@ def test_the_avx512_path_gives_the_avx2_paths_bits(library, name, monkeypatch):
     monkeypatch.setenv("CONFLAYERS_ATTENTION_ISA", "avx-1024")
     with pytest.raises(Exception, match="CONFLAYERS_ATTENTION_ISA=avx-1024: expected avx512, avx2 or auto"):
         _session(s, library, segments=True)
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_a_half_cache_is_the_float_computation_on_rounded_keys_and_values(library, name):
+    """SlotAttentionF16 rounds each new key (after rotary) and value to half once, when it writes
+    it, and computes as SlotAttention does on the rounded values: against a float64 reference on
+    the rounded KV, and, with no rotary to round after, bit for bit against SlotAttention fed
+    keys and values that are already halves."""
+    s = SHAPES[name]
+    plan = [(s.slots - 1, 0, 6), (0, 9, 1)] if s.slots > 1 else [(0, 12, 7)]
+    segs = [(slot, past, _rows(s, n, seed)) for seed, (slot, past, n) in enumerate(plan)]
+    cache = _cache(s, half=True)
+    got = _run(_session(s, library, segments=True, half=True), s, cache, segs)
+    # the reference's cache, as written: the rotated keys and the values rounded to half
+    _, k_ref, v_ref = _reference(s, [c.astype(np.float32) for c in cache], segs)
+    np.testing.assert_allclose(cache[0], k_ref.astype(np.float16).astype(np.float32), rtol=1e-3, atol=1e-3)
+    np.testing.assert_array_equal(cache[1], v_ref.astype(np.float16))
+    outs, at = [], 0
+    for slot, past, (q, _, _) in segs:       # attention over the cache as written, in float64
+        for r in range(len(q)):
+            p = past + r
+            lo = max(0, p - s.window + 1) if s.window > 0 else 0
+            qr = _rotate(q[r:r + 1], np.array([p]), s)[0]
+            for hd in range(s.heads):
+                j = hd // (s.heads // s.kv_heads)
+                sc = cache[0][slot, j, lo:p + 1].astype(np.float64) @ qr[hd] * float(s.h) ** -0.5
+                w = np.exp(sc - sc.max())
+                outs.append((w / w.sum()) @ cache[1][slot, j, lo:p + 1].astype(np.float64))
+    np.testing.assert_allclose(got.reshape(-1, s.h), np.array(outs), rtol=2e-5, atol=2e-5)
+    if s.half:
+        return
+    halves = [(slot, past, (q, k.astype(np.float16).astype(np.float32), v.astype(np.float16).astype(np.float32)))
+              for slot, past, (q, k, v) in segs]
+    floats = [c.astype(np.float32) for c in _cache(s, half=True)]
+    want = _run(_session(s, library, segments=True), s, floats, halves)
+    assert np.array_equal(got, want), "the half cache's outputs are not the float path's on halves"
 
 
 def test_bad_segments_are_refused_with_a_clear_error(library):

@@ -223,6 +223,7 @@ class _Boundaries:
     def __init__(self, full, bounds, verify_boundaries=None):
         self.full, self.bounds, self.verify_boundaries = full, list(bounds), verify_boundaries
         self.padding = full.padding
+        self.kv_dtype = full.kv_dtype
         self.passes = []              # (start, tokens) of every pass
 
     def verify_room(self, start):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import click
 
+from .attention import KV_CACHE_HELP, KV_CACHES
 from .bundle import Bundle, BundleError, verify_bundle
 from .engine import Engine, RequestError
 from .profile import ProfileError
@@ -202,10 +203,10 @@ def _run_one(engine, index: int, item: PromptItem, chat: bool, gen_args: dict, s
 
 
 def load_engine(bundle: str, device: str, max_context: int | None, num_threads: int | None,
-                verify: bool):
+                verify: bool, kv_cache: str = "float32"):
     """Engine.load with the CLI's options (errors become `Error:` lines via friendly_errors)."""
     return Engine.load(bundle, device=device, max_context=max_context, num_threads=num_threads,
-                       verify=verify)
+                       verify=verify, kv_cache=kv_cache)
 
 
 def _resolve_chat(engine, chat: bool | None) -> bool:
@@ -254,11 +255,13 @@ DEVICE = click.Choice(["cpu", "cuda", "auto"])
               help="CPU threads for ONNX Runtime (default: all cores, or $CONFLAYERS_THREADS).")
 @click.option("--no-verify", is_flag=True, help="Skip re-hashing the bundle's files at load "
               "(faster start for large bundles; sizes are still checked).")
+@click.option("--kv-cache", type=click.Choice(KV_CACHES), default="float32", show_default=True,
+              help=KV_CACHE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line per prompt (index, id, "
               "text, finish_reason, token_ids, metrics) instead of text and a metrics line.")
 @friendly_errors
 def run_main(bundle, prompt, prompts_file, task, stream, no_speculate, chat, max_new_tokens, temperature,
-             top_p, top_k, seed, stop, max_context, device, num_threads, no_verify, as_json):
+             top_p, top_k, seed, stop, max_context, device, num_threads, no_verify, kv_cache, as_json):
     """Generate text with a compiled BUNDLE using self-speculative decoding.
 
     Prints each completion on stdout and a one-line metrics summary on stderr (profile, tokens/s,
@@ -270,7 +273,7 @@ def run_main(bundle, prompt, prompts_file, task, stream, no_speculate, chat, max
     if prompt == "":
         raise CliError("--prompt must not be empty")
     items = [PromptItem(0, prompt)] if prompt is not None else read_prompts_file(prompts_file)
-    engine = load_engine(bundle, device, max_context, num_threads, verify=not no_verify)
+    engine = load_engine(bundle, device, max_context, num_threads, verify=not no_verify, kv_cache=kv_cache)
     chat = _resolve_chat(engine, chat)
     gen_args = dict(task=task, max_new_tokens=max_new_tokens, temperature=temperature,
                     top_p=top_p, top_k=top_k, seed=seed, stop=list(stop) or None, speculate=not no_speculate)

@@ -30,7 +30,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Protocol, runtime_checkable
 
-from . import contract, exactness, probe
+from . import attention, contract, exactness, probe
 from .batchplan import BatchPlanner, ngram_part
 from .bundle import Bundle
 from .cascade import CascadeDrafter
@@ -148,7 +148,7 @@ class Engine:
                  num_threads: int | None = None, guard: bool = True, adapt: bool = True,
                  limits: RequestLimits | None = None, check_exactness: bool = True, max_batch: int = 1,
                  prefill_chunk: int = 32, spec_max_batch: int | None = None, prompt_cache: bool = True,
-                 prompt_cache_mb: float = 256):
+                 prompt_cache_mb: float = 256, kv_cache: str = "float32"):
         self.bundle = bundle
         self.adapt = adapt            # choose each profile's drafting policy for this machine
         self.spec = bundle.spec
@@ -157,9 +157,12 @@ class Engine:
         self.capacity = min(max_context or bundle.max_context, bundle.max_context)
         self.use_guard = guard
         self.limits = limits or RequestLimits()
+        # float16: the KV caches as halves (attention.py); plain and speculative decoding alike
+        attention.check_kv_cache(kv_cache, self.providers)
+        self.kv_cache = kv_cache
 
         def session(path):
-            return create_session(path, self.providers, num_threads)
+            return create_session(path, self.providers, num_threads, kv_cache=kv_cache)
         self.num_threads = num_threads
         # by construction exact on every CPU (contract.py); the load check may find a cheaper padding
         self.full = GraphRunner(session(bundle.full_graph), list(range(self.spec.num_layers)), "logits",
@@ -308,9 +311,10 @@ class Engine:
              num_threads: int | None = None, verify: bool = True, guard: bool = True,
              adapt: bool = True, limits: RequestLimits | None = None, check_exactness: bool = True,
              max_batch: int = 1, prefill_chunk: int = 32, spec_max_batch: int | None = None,
-             prompt_cache: bool = True, prompt_cache_mb: float = 256) -> "Engine":
+             prompt_cache: bool = True, prompt_cache_mb: float = 256, kv_cache: str = "float32") -> "Engine":
         return cls(Bundle.open(path, verify=verify), device, max_context, num_threads, guard, adapt, limits,
-                   check_exactness, max_batch, prefill_chunk, spec_max_batch, prompt_cache, prompt_cache_mb)
+                   check_exactness, max_batch, prefill_chunk, spec_max_batch, prompt_cache, prompt_cache_mb,
+                   kv_cache)
 
     @property
     def profiles(self) -> list[str]:

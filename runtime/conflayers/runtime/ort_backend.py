@@ -40,16 +40,19 @@ def _use_global_pool(num_threads: int | None) -> bool:
 
 
 def create_session(path: str | bytes, providers: list[str], num_threads: int | None = None,
-                   external_dir: str | None = None, initializers=()) -> ort.InferenceSession:
+                   external_dir: str | None = None, initializers=(), kv_cache: str = "float32") -> ort.InferenceSession:
     """A session for a model file, or for serialized model bytes whose external weights files lie
     in `external_dir` (the batched engine's derived graphs); `initializers`: (name, OrtValue)
     pairs the session uses in place of the graph's own (ONNX Runtime keeps no copy of them).
     A CPU session of a graph file runs the kernel library's SlotAttention where the library has
-    it (attention.py), with the file's weights shared with every other session of the process."""
+    it (attention.py), with the file's weights shared with every other session of the process;
+    kv_cache "float16": over half KV caches (attention.KVCacheError where that cannot run)."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    if kv_cache != "float32":
+        attention.check_kv_cache(kv_cache, providers)
     if isinstance(path, str) and providers[0] == "CPUExecutionProvider" and attention.available():
-        data = attention.rewritten(path)
+        data = attention.rewritten(path, kv_cache)
         if data is not None:
             path, external_dir, initializers = data, os.path.dirname(os.path.abspath(path)), mapped_weights(path)
     for name, value in initializers:
@@ -114,7 +117,7 @@ class KVCache:
     `length` is the number of valid positions. Graphs write new positions in place; rolling back
     rejected draft tokens is lowering `length` (the stale positions are overwritten later)."""
 
-    def __init__(self, spec: ModelSpec, capacity: int, device: str = "cpu"):
+    def __init__(self, spec: ModelSpec, capacity: int, device: str = "cpu", dtype=np.float32):
         self.capacity = int(capacity)
         self.length = 0
         # + the spare slot a padding row writes (contract.py: no pass runs a single row)
@@ -125,7 +128,7 @@ class KVCache:
             self.keys, self.values = {}, {}
             for i in range(spec.num_layers):
                 for store, kind in ((self.keys, "k"), (self.values, "v")):
-                    arr = np.zeros(shape, np.float32)   # calloc'd: pages become resident as used
+                    arr = np.zeros(shape, dtype)        # calloc'd: pages become resident as used
                     self._host[(kind, i)] = arr
                     store[i] = ort.OrtValue.ortvalue_from_numpy(arr)
         else:
@@ -170,6 +173,14 @@ class GraphRunner:
         missing = [i for i in self.kv_layers if contract.past_key(i) not in self.input_names]
         if missing:
             raise ValueError(f"graph has no KV inputs for layers {missing}")
+        types = {i.name: i.type for i in session.get_inputs()}
+        # the KV caches' element type this graph reads and writes (attention.py: float16 caches)
+        self.kv_dtype = np.float16 if self.kv_layers and types[contract.past_key(self.kv_layers[0])] == \
+            "tensor(float16)" else np.float32
+
+    def new_cache(self, spec: ModelSpec, capacity: int, device: str = "cpu") -> "KVCache":
+        """A KV cache of the element type this graph's KV inputs take."""
+        return KVCache(spec, capacity, device, self.kv_dtype)
 
     def bind(self, cache: KVCache) -> "BoundGraph":
         return BoundGraph(self, cache)

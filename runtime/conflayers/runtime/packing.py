@@ -40,7 +40,7 @@ def _onnx():
     return onnx, TensorProto, helper
 
 
-def pack_slot_graph(path: str) -> bytes:
+def pack_slot_graph(path: str, kv_cache: str = "float32") -> bytes:
     """The decoder graph at `path` (full or draft body) with SlotAttention (attention.py) for any
     number of sequences packed along its sequence axis: every node but attention computes each
     position on its own, and each SlotAttention node takes every segment, over the whole batched
@@ -54,12 +54,12 @@ def pack_slot_graph(path: str) -> bytes:
     """
     onnx, TensorProto, helper = _onnx()
     model = onnx.load(path, load_external_data=False)
-    if not attention.rewrite(model, path):
+    if not attention.rewrite(model, path, kv_cache):
         raise BatchingError(f"{path}: its attention does not run as SlotAttention")
     g = model.graph
     nodes = []
     for n in g.node:
-        if n.op_type == attention.OP:
+        if n.op_type in (attention.OP, attention.OP_F16):
             del n.input[8:]
             n.input.extend(["seg_lens", "slots"])
         elif n.op_type == "Slice" and n.name.startswith("keep_positions"):
@@ -253,17 +253,17 @@ class BatchedKVCache:
     buffer (CPU only)."""
 
     def __init__(self, spec: ModelSpec, slots: int, capacity: int, device: str = "cpu",
-                 solo: KVCache | None = None):
+                 solo: KVCache | None = None, dtype=np.float32):
         self.slots, self.capacity = int(slots), int(capacity)
         if self.slots == 1:
-            self.slot = [solo if solo is not None else KVCache(spec, self.capacity, device)]
+            self.slot = [solo if solo is not None else KVCache(spec, self.capacity, device, dtype)]
             return
         if device != "cpu":
             raise BatchingError(f"batching (max_batch {slots}) runs on the CPU only; on {device} "
                                 f"serve with max_batch 1")
         shape = (self.slots, spec.num_kv_heads, self.capacity + contract.KV_SPARE, spec.head_dim)
-        self.k = {i: np.zeros(shape, np.float32) for i in range(spec.num_layers)}
-        self.v = {i: np.zeros(shape, np.float32) for i in range(spec.num_layers)}
+        self.k = {i: np.zeros(shape, dtype) for i in range(spec.num_layers)}
+        self.v = {i: np.zeros(shape, dtype) for i in range(spec.num_layers)}
         self.slot = [SlotCache(self, b) for b in range(self.slots)]
 
 
@@ -353,7 +353,7 @@ class PackedGraph:
             if path is None or self.cache.slots == 1:
                 raise BatchingError("a pass over several sequences needs the graph's file and a batched cache")
             if width == 0:
-                data = pack_slot_graph(path)
+                data = pack_slot_graph(path, "float16" if self.runner.kv_dtype == np.float16 else "float32")
             else:
                 data, self.padded = pack_graph(path, width)
             self._sessions[width] = create_session(data, self.providers, self.num_threads,

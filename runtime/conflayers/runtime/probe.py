@@ -29,7 +29,7 @@ def measure(full: GraphRunner, drafter: LayerSkipDrafter, spec: ModelSpec, width
             compiled_verify_cost: Callable[[int], float], device: str = "cpu", reps: int = 3) -> MachineCosts:
     """MachineCosts for verify widths 1..width (width >= 2) and the drafter's step, measured at
     `context` tokens of past."""
-    cache = scratch_cache(spec, context, width, device)
+    cache = scratch_cache(spec, context, width, device, full.kv_dtype)
     verify, draft = full.bind(cache), drafter.stepper(cache)
     token = min(10, spec.vocab_size - 1)
     ms = time_jobs({"step": lambda: verify.run([token], context),
@@ -50,7 +50,7 @@ def verify_curve(full: GraphRunner, spec: ModelSpec, width: int, context: int, d
     `width` tokens (interpolated between): what an n-gram proposal's length is chosen from. A
     4-bit target's curve bends (on an AVX2 EPYC 1.17x a step at 2 tokens, 1.62x at 4, 3.0x at
     9), so two points would misjudge the short proposals that pay there."""
-    cache = scratch_cache(spec, context, width, device)
+    cache = scratch_cache(spec, context, width, device, full.kv_dtype)
     verify = full.bind(cache)
     token = min(10, spec.vocab_size - 1)
     widths = sorted({w for w in (1, 2, 4, width) if w <= width})
@@ -60,8 +60,8 @@ def verify_curve(full: GraphRunner, spec: ModelSpec, width: int, context: int, d
     return MachineCosts(tuple(float(v) for v in curve), 0.0)
 
 
-def scratch_cache(spec: ModelSpec, context: int, width: int, device: str) -> KVCache:
+def scratch_cache(spec: ModelSpec, context: int, width: int, device: str, dtype=np.float32) -> KVCache:
     """A KV cache for timings at `context` tokens of past, those positions written."""
-    cache = KVCache(spec, context + width + 1, device)
+    cache = KVCache(spec, context + width + 1, device, dtype)
     write_past(cache, context)
     return cache

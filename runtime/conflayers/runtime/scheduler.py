@@ -101,7 +101,7 @@ class Scheduler:
             raise ValueError("max_batch and prefill_chunk must be >= 1")
         self.max_batch, self.prefill_chunk = int(max_batch), int(prefill_chunk)
         self.capacity, self.stop_ids = int(capacity), frozenset(stop_ids)
-        self.cache = BatchedKVCache(spec, self.max_batch, self.capacity, device, solo=cache)
+        self.cache = BatchedKVCache(spec, self.max_batch, self.capacity, device, solo=cache, dtype=full.kv_dtype)
         self._graphs = (providers, num_threads)
         self.graph = full
         self.full = PackedGraph(full, self.cache, providers, num_threads)

@@ -84,6 +84,7 @@ import time
 from collections import Counter
 from importlib.metadata import version
 
+from conflayers.runtime.attention import KVCacheError
 from conflayers.runtime.profile import task_name
 
 from .bench_systems import (GENAI, GENAI_NGRAM_SIZE, HF, LLAMA_CPP_INSTALL_HINT, LLAMACPP, NGRAM, PROMPT_LOOKUP_TOKENS,
@@ -148,6 +149,9 @@ def parse_args(argv):
                         "profile of the bundle (the per-task headline; saves time)")
     p.add_argument("--no-guard", action="store_true",
                    help="runtime without its speculation guard (by default it runs as users get it)")
+    p.add_argument("--kv-cache", choices=("float32", "float16"), default="float32",
+                   help="the runtime's KV cache element type, every conflayers system alike (default float32; "
+                        "float16: see conflayers-run --help)")
     args = p.parse_args(argv)
     if args.num_prompts < 1:
         raise BenchError("--num-prompts must be at least 1")
@@ -640,6 +644,7 @@ def measure_memory(args, slots, runtime, prompt: BenchPrompt, meta: dict) -> Non
     """--memory: one subprocess per system (VmHWM), plus the runtime's full+drafts / full ratio."""
     engine = runtime.engine
     base = {"bundle": engine.bundle.path, "max_new_tokens": args.max_new_tokens, "guard": not args.no_guard,
+            "kv_cache": args.kv_cache,
             "stop_ids": sorted(engine.stop_ids),
             "prompt": {"uid": prompt.uid, "text": prompt.text, "messages": prompt.messages, "ids": prompt.ids}}
     profiles = sorted(engine.bundle.profiles)
@@ -850,7 +855,7 @@ def run(args, argv) -> int:
                        "source": bundle.manifest["model"].get("source"), "profiles": sorted(bundle.profiles),
                        "default_profile": bundle.default_profile},
             "settings": {"max_new_tokens": args.max_new_tokens, "num_prompts": args.num_prompts, "seed": args.seed,
-                         "chat": args.chat, "guard": not args.no_guard, "systems": names,
+                         "chat": args.chat, "guard": not args.no_guard, "kv_cache": args.kv_cache, "systems": names,
                          "memory": args.memory, "greedy": True, "torch_threads": os.cpu_count(),
                          "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
                          "prompt_lookup_num_tokens": args.prompt_lookup_tokens,
@@ -858,8 +863,8 @@ def run(args, argv) -> int:
             "memory": {"mode": "subprocess" if args.memory else "in-process", "rss_start_mb": rss_mb(), "backends": {}}}
     _log(f"loading {bundle.path} ...")
     try:
-        runtime = RuntimeBackend(args.bundle, guard=not args.no_guard, verify=True)
-    except BundleError as e:
+        runtime = RuntimeBackend(args.bundle, guard=not args.no_guard, verify=True, kv_cache=args.kv_cache)
+    except (BundleError, KVCacheError) as e:
         raise BenchError(str(e)) from None
     meta["weight_accounting"] = runtime.accounting
     if args.chat is None:       # like the compiler: the chat template when the model has one

@@ -229,10 +229,10 @@ def weight_accounting(bundle) -> dict:
 class RuntimeBackend:
     kind = RUNTIME
 
-    def __init__(self, bundle_path: str, guard: bool = True, verify: bool = True):
+    def __init__(self, bundle_path: str, guard: bool = True, verify: bool = True, kv_cache: str = "float32"):
         from conflayers.runtime import Engine
         # every system prefills every prompt whole (the anchors keep no prompt cache across calls)
-        self.engine = Engine.load(bundle_path, verify=verify, guard=guard, prompt_cache=False)
+        self.engine = Engine.load(bundle_path, verify=verify, guard=guard, prompt_cache=False, kv_cache=kv_cache)
         self.accounting = weight_accounting(self.engine.bundle)
 
 
@@ -263,7 +263,7 @@ class NGramBackend:
         bundle = copy.copy(base.bundle)
         bundle.manifest = {**bundle.manifest, "profiles": {NGRAM: {}}, "default_profile": NGRAM}
         bundle.profiles = {NGRAM: Profile.from_json(ngram_profile_json(bundle.manifest["model"]))}
-        self.engine = Engine(bundle, guard=base.use_guard, prompt_cache=False)
+        self.engine = Engine(bundle, guard=base.use_guard, prompt_cache=False, kv_cache=base.kv_cache)
         self.accounting = {**runtime.accounting, "draft_bytes": {NGRAM: 0}}
 
 
@@ -782,7 +782,8 @@ def child_main(spec: dict) -> dict:
         bundle = Bundle.open(spec["bundle"], verify=False)
         if spec["profiles"] != "all":
             bundle.profiles = {k: v for k, v in bundle.profiles.items() if k in spec["profiles"]}
-        engine = Engine(bundle, guard=spec.get("guard", True), prompt_cache=False)
+        engine = Engine(bundle, guard=spec.get("guard", True), prompt_cache=False,
+                        kv_cache=spec.get("kv_cache", "float32"))
         for task, speculate in spec.get("runs", [[None, False]]):
             engine.generate(**prompt.runtime_kwargs(), task=task, max_new_tokens=max_new, speculate=speculate)
     elif kind == HF:

@@ -485,7 +485,8 @@ class ServerProcess:
 
 
 def conflayers_command(bundle: str, batched: bool, max_batch: int, max_context: int | None,
-                       prefill_chunk: int | None = None, prompt_cache: bool = True) -> list[str]:
+                       prefill_chunk: int | None = None, prompt_cache: bool = True,
+                       kv_cache: str = "float32") -> list[str]:
     cmd = [sys.executable, "-m", "conflayers.runtime.serving.cli", bundle, "--host", "127.0.0.1", "--port", "0"]
     cmd += ["--max-batch", str(max_batch)] if batched else ["--max-batch", "1", "--max-concurrency", str(max_batch)]
     if not prompt_cache:
@@ -494,6 +495,8 @@ def conflayers_command(bundle: str, batched: bool, max_batch: int, max_context: 
         cmd += ["--max-context", str(max_context)]
     if prefill_chunk and batched:
         cmd += ["--prefill-chunk", str(prefill_chunk)]
+    if kv_cache != "float32":
+        cmd += ["--kv-cache", kv_cache]
     return cmd
 
 
@@ -984,6 +987,8 @@ def parse_args(argv):
     ap.add_argument("--prefill-chunk", type=int, default=None,
                     help="the batched conflayers-serve's --prefill-chunk (prompt tokens per pass beside "
                          "decoding streams; default the server's)")
+    ap.add_argument("--kv-cache", default="float32", choices=["float32", "float16"],
+                    help="conflayers-serve --kv-cache, every conflayers system alike (default float32)")
     ap.add_argument("--genai-precision", default="int4", choices=["int4", "fp32"],
                     help="the GenAI builder's precision (default int4)")
     ap.add_argument("--hf-model", help="the model GenAI's builder converts (default: the bundle's model)")
@@ -1044,7 +1049,7 @@ def run_bench(a) -> dict:
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "bundle": a.bundle, "url": a.url, "task": a.task, "prompts": len(prompts),
               "concurrency": a.levels, "requests_per_level": a.requests, "max_tokens": a.max_tokens,
-              "max_batch": a.max_batch, "threads": threads, "cpus": os.cpu_count(),
+              "max_batch": a.max_batch, "kv_cache": a.kv_cache, "threads": threads, "cpus": os.cpu_count(),
               "platform": f"{platform.system()} {platform.machine()}", "versions": _versions(),
               "systems": [], "servers": {}, "skipped": {}, "levels": [], "rss": {}, "outputs": {},
               "bursts": {}}
@@ -1081,7 +1086,8 @@ def run_bench(a) -> dict:
                         continue
                 else:
                     cmd = conflayers_command(a.bundle, kind.startswith("conflayers-batched"), a.max_batch,
-                                             a.max_context, a.prefill_chunk, prompt_cache=has_prompt_cache(kind, {}))
+                                             a.max_context, a.prefill_chunk, prompt_cache=has_prompt_cache(kind, {}),
+                                             kv_cache=a.kv_cache)
                 # one at a time: the batched server times its passes at start-up (its speculation
                 # plan), which another server loading beside it would distort
                 _log(f"starting {kind}: {' '.join(cmd[1:])}")

@@ -3,9 +3,10 @@
 would be read from L1), for one or more builds of the kernel library side by side.
 
     python tools/experiments/attention/bench.py [--lib A.so --lib B.so] [--pasts 256,1024,2048,4000]
+        [--kv float32,float16]
 
-Each build's outputs are checked against the first's bit for bit (a build that changes the
-arithmetic says so). Compare builds with `bash tools/build_kernels.sh -o /tmp/variant.so -D...`.
+Each build's outputs are checked against the first's bit for bit, per KV cache type (a build that
+changes the arithmetic says so); `--kv float16` adds SlotAttentionF16 over half caches. Compare builds with `bash tools/build_kernels.sh -o /tmp/variant.so -D...`.
 
 Measured 2026-12-07 (2-core AVX2 EPYC, 2 threads, min of 8): 1 row 3.8 / 15.5 ms at 1024 / 4000
 positions (4000: 184 MB of keys and values, ~12 GB/s), 9 rows 12.8 / 49.7 ms (compute-bound:
@@ -39,17 +40,19 @@ from conflayers.runtime import attention, kernels
 HEADS, KV, H, HALF = 9, 3, 64, 32
 
 
-def session(lib: str, length: int, threads: int):
+def session(lib: str, length: int, threads: int, kv: str = "float32"):
     vi = helper.make_tensor_value_info
     cache = [1, KV, length, H]
-    ins = [vi("q", TensorProto.FLOAT, [1, "T", (HEADS + 2 * KV) * H]), vi("past_key", TensorProto.FLOAT, cache),
-           vi("past_value", TensorProto.FLOAT, cache), vi("seqlens", TensorProto.INT32, ["N"]),
+    kt = TensorProto.FLOAT16 if kv == "float16" else TensorProto.FLOAT
+    ins = [vi("q", TensorProto.FLOAT, [1, "T", (HEADS + 2 * KV) * H]), vi("past_key", kt, cache),
+           vi("past_value", kt, cache), vi("seqlens", TensorProto.INT32, ["N"]),
            vi("cos", TensorProto.FLOAT, ["P", HALF]), vi("sin", TensorProto.FLOAT, ["P", HALF])]
-    node = helper.make_node(attention.OP, ["q", "", "", "past_key", "past_value", "seqlens", "cos", "sin"],
+    node = helper.make_node(attention.OP_F16 if kv == "float16" else attention.OP,
+                            ["q", "", "", "past_key", "past_value", "seqlens", "cos", "sin"],
                             ["out", "present_key", "present_value"], domain=kernels.DOMAIN, num_heads=HEADS,
                             kv_num_heads=KV, scale=float(H) ** -0.5, do_rotary=1)
-    outs = [vi("out", TensorProto.FLOAT, [1, "T", HEADS * H]), vi("present_key", TensorProto.FLOAT, cache),
-            vi("present_value", TensorProto.FLOAT, cache)]
+    outs = [vi("out", TensorProto.FLOAT, [1, "T", HEADS * H]), vi("present_key", kt, cache),
+            vi("present_value", kt, cache)]
     m = helper.make_model(helper.make_graph([node], "a", ins, outs),
                           opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(kernels.DOMAIN, 1)])
     so = ort.SessionOptions()
@@ -67,24 +70,37 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--layers", type=int, default=30, help="caches a pass reads (a model's layers)")
+    ap.add_argument("--kv", default="float32", help="KV cache types: float32, float16 or both")
     args = ap.parse_args(argv)
-    libs = args.lib or [kernels.library()]
+    kvs = args.kv.split(",")
+    # one column per (build, KV cache type) that build runs
+    columns = []
+    for lib in args.lib or [kernels.library()]:
+        for kv in kvs:
+            try:
+                session(lib, 64, 1, kv)
+            except Exception as e:        # noqa: BLE001 - an older build without SlotAttentionF16
+                print(f"{lib} {kv}: skipped ({str(e).splitlines()[0][:80]})")
+                continue
+            columns.append((lib, kv))
+    libs = [f"{lib} [{kv}]" for lib, kv in columns]
     pasts = [int(p) for p in args.pasts.split(",")]
     widths = [int(r) for r in args.rows.split(",")]
     length = max(pasts) + max(widths) + 8
     rng = np.random.default_rng(0)
     # one cache per layer, as a model has (30 for SmolLM2): a pass reads them all, from memory
-    caches = [(rng.standard_normal((1, KV, length, H), dtype=np.float32),
+    floats = [(rng.standard_normal((1, KV, length, H), dtype=np.float32),
                rng.standard_normal((1, KV, length, H), dtype=np.float32)) for _ in range(args.layers)]
+    caches = {"float32": floats, "float16": [(k.astype(np.float16), v.astype(np.float16)) for k, v in floats]}
     angle = np.arange(length)[:, None] * (10000.0 ** (-np.arange(HALF) / HALF))
     cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
     q = {n: rng.standard_normal((1, n, (HEADS + 2 * KV) * H), dtype=np.float32) for n in widths}
-    sessions = [session(lib, length, args.threads) for lib in libs]
+    sessions = [session(lib, length, args.threads, kv) for lib, kv in columns]
     bindings = {}
     for i in range(len(libs)):
         for past in pasts:
             for n in widths:
-                for layer, cache in enumerate(caches):
+                for layer, cache in enumerate(caches[columns[i][1]]):
                     b = sessions[i].io_binding()
                     b.bind_cpu_input("q", q[n])
                     for name, arr in zip(("key", "value"), cache):
@@ -100,10 +116,10 @@ def main(argv=None) -> int:
     def run(i, past, n):
         """One pass over every layer's cache: seconds, and the last layer's output."""
         t = time.perf_counter()
-        for layer in range(len(caches)):
+        for layer in range(args.layers):
             sessions[i].run_with_iobinding(bindings[(i, past, n, layer)])
         dt = time.perf_counter() - t
-        return dt, bindings[(i, past, n, len(caches) - 1)].get_outputs()[-1].numpy()
+        return dt, bindings[(i, past, n, args.layers - 1)].get_outputs()[-1].numpy()
 
     best = {}
     for _ in range(args.rounds):          # interleaved: the VM's noise hits every build alike
@@ -113,8 +129,11 @@ def main(argv=None) -> int:
                     dt, out = run(i, past, n)
                     k = (i, past, n)
                     best[k] = min(best.get(k, 1e9), dt)
-                    if i and not np.array_equal(out, run(0, past, n)[1]):
-                        print(f"!! {libs[i]} differs from {libs[0]} at past {past}, {n} rows")
+                    ref = next(j for j, c in enumerate(columns) if c[1] == columns[i][1])
+                    if i != ref and not np.array_equal(out, run(ref, past, n)[1]):
+                        print(f"!! {libs[i]} differs from {libs[ref]} at past {past}, {n} rows")
+    for i, name in enumerate(libs):
+        print(f"lib{i}: {name}")
     print(f"{'past':>6} {'rows':>5} " + " ".join(f"{'ms lib' + str(i):>10}" for i in range(len(libs)))
           + ("  " + " ".join(f"{'x lib' + str(i):>8}" for i in range(1, len(libs))) if len(libs) > 1 else ""))
     for past in pasts:

@@ -14,6 +14,10 @@
 //   ONNX Runtime 1.32, and a Hugging Face sliding window: > 0 attends the last local_window_size
 //   positions, its own included), do_rotary (non-interleaved halves of the first R dimensions).
 //
+// SlotAttentionF16: the same with past_key, past_value and the presents float16 (half the bytes a
+// pass reads from its caches). Each new key (after rotary) and value is rounded to half once, when
+// written; every read converts a half to float exactly, and the arithmetic is the float op's.
+//
 // Why: GroupQueryAttention on the CPU computes a one-row pass on another path than a 2+-row pass
 // (the graphs pad every attention by a row for it), and it takes one batch entry per call when
 // rows are added to a past, so a packed pass of n sequences ran n nodes per layer (~35 us each at
@@ -45,7 +49,23 @@
 
 namespace {
 
-#define TARGET __attribute__((target("avx2,fma")))
+#define TARGET __attribute__((target("avx2,fma,f16c")))
+
+// KV storage: float, or IEEE half precision (SlotAttentionF16: the bits as uint16_t). A half is
+// converted to float exactly on load, so the arithmetic below is the float path's on the
+// rounded values; a new row is rounded to nearest even once, when it is written.
+TARGET inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+TARGET inline __m256 load8(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// A KV row of h floats (a multiple of 8) into storage.
+TARGET inline void store_row(float* dst, const float* src, int h) { std::memcpy(dst, src, h * sizeof(float)); }
+TARGET inline void store_row(uint16_t* dst, const float* src, int h) {
+  for (int i = 0; i < h; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
 
 // exp(x) for x <= 0 (scores minus their maximum): Cephes' expf polynomial, 2^n by the exponent.
 TARGET inline __m256 exp_nonpositive(__m256 x) {
@@ -100,10 +120,11 @@ struct Problem {
   // segments
   std::vector<int64_t> first;           // per segment: its first row
   std::vector<int64_t> rows, past, slot;
-  // caches
-  float* key;
-  float* value;
-  int64_t slot_stride, head_stride;     // floats per slot and per KV head of the caches
+  // caches: float or uint16_t (half) elements, as kv16 says
+  void* key;
+  void* value;
+  bool kv16;
+  int64_t slot_stride, head_stride;     // elements per slot and per KV head of the caches
   const float* cos;
   const float* sin;
   int half;                             // R / 2 (0: no rotary)
@@ -144,8 +165,8 @@ struct Span {
   int64_t pos0, pos_max, lo_min, span, stride, tile;
   float* qr;                            // [nq][h]
   float* sc;                            // [nq][stride], index 0 = position lo_min
-  const float* keys;
-  const float* values;
+  const void* keys;                     // float or uint16_t (Problem::kv16)
+  const void* values;
 };
 
 inline int64_t lo_of(const Problem& p, int64_t pos) {
@@ -170,8 +191,10 @@ inline Span span_of(const Problem& p, const Task& t, int h, std::vector<float>& 
   x.qr = buf.data();
   x.sc = x.qr + static_cast<size_t>(x.nq) * h;
   const int kvh = t.head / (p.heads / p.kv_heads);
-  x.keys = p.key + p.slot[t.seg] * p.slot_stride + kvh * p.head_stride;
-  x.values = p.value + p.slot[t.seg] * p.slot_stride + kvh * p.head_stride;
+  const int64_t at = p.slot[t.seg] * p.slot_stride + kvh * p.head_stride;
+  const size_t esize = p.kv16 ? sizeof(uint16_t) : sizeof(float);
+  x.keys = static_cast<const char*>(p.key) + at * esize;
+  x.values = static_cast<const char*>(p.value) + at * esize;
   for (int r = 0; r < t.rows; ++r) {
     const int64_t row = p.first[t.seg] + t.row + r, pos = x.pos0 + r;
     for (int g = 0; g < t.heads; ++g) {
@@ -185,15 +208,15 @@ inline Span span_of(const Problem& p, const Task& t, int h, std::vector<float>& 
 }
 
 // One query's scores over positions [t0, t1) of the span, 8 at a time (the last group repeats pos_max).
-template <int H>
+template <int H, typename KV>
 TARGET inline void scores_one(const Span& x, const float* qv, float* s, int64_t t0, int64_t t1, float scale) {
   const int h = H ? H : x.h;
   for (int64_t j = t0; j < t1; j += 8) {
     __m256 acc[8];
     for (int u = 0; u < 8; ++u) {
-      const float* kr = x.keys + std::min(x.lo_min + j + u, x.pos_max) * h;
-      __m256 a = _mm256_mul_ps(_mm256_loadu_ps(qv), _mm256_loadu_ps(kr));
-      for (int d = 8; d < h; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qv + d), _mm256_loadu_ps(kr + d), a);
+      const KV* kr = static_cast<const KV*>(x.keys) + std::min(x.lo_min + j + u, x.pos_max) * h;
+      __m256 a = _mm256_mul_ps(_mm256_loadu_ps(qv), load8(kr));
+      for (int d = 8; d < h; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qv + d), load8(kr + d), a);
       acc[u] = a;
     }
     _mm256_storeu_ps(s + j, _mm256_mul_ps(sum8x8(acc), _mm256_set1_ps(scale)));
@@ -232,13 +255,14 @@ TARGET void softmax(const Problem& p, const Task& t, const Span& x) {
 }
 
 // One query's output dimensions [d0, d0 + dn) carried on over positions [a, b) of the span.
+template <typename KV>
 TARGET inline void values_one(const Span& x, const float* w, float* out, int64_t a, int64_t b, int d0, int dn) {
   __m256 acc[8];
   for (int c = 0; c < dn / 8; ++c) acc[c] = _mm256_loadu_ps(out + 8 * c);
   for (int64_t j = a; j < b; ++j) {
     const __m256 wj = _mm256_set1_ps(w[j]);
-    const float* vr = x.values + (x.lo_min + j) * x.h + d0;
-    for (int c = 0; c < dn / 8; ++c) acc[c] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(vr + 8 * c), acc[c]);
+    const KV* vr = static_cast<const KV*>(x.values) + (x.lo_min + j) * x.h + d0;
+    for (int c = 0; c < dn / 8; ++c) acc[c] = _mm256_fmadd_ps(wj, load8(vr + 8 * c), acc[c]);
   }
   for (int c = 0; c < dn / 8; ++c) _mm256_storeu_ps(out + 8 * c, acc[c]);
 }
@@ -256,14 +280,14 @@ inline void range_of(const Problem& p, const Task& t, const Span& x, int qi, int
   a = std::max(t0, lo_of(p, pos) - x.lo_min), b = std::min(t1, pos - x.lo_min + 1);
 }
 
-template <int H>
+template <int H, typename KV>
 TARGET void attend(const Problem& p, const Task& t, std::vector<float>& buf) {
   const int h = H ? H : p.h;
   const Span x = span_of(p, t, h, buf);
   for (int64_t t0 = 0; t0 < x.span; t0 += x.tile) {
     const int64_t t1 = std::min(x.span, t0 + x.tile);
     for (int qi = 0; qi < x.nq; ++qi)
-      scores_one<H>(x, x.qr + static_cast<size_t>(qi) * h, x.sc + static_cast<size_t>(qi) * x.stride, t0, t1, p.scale);
+      scores_one<H, KV>(x, x.qr + static_cast<size_t>(qi) * h, x.sc + static_cast<size_t>(qi) * x.stride, t0, t1, p.scale);
   }
   softmax(p, t, x);
   // values: per 64 dimensions, each query's 8 accumulators carried across the tiles
@@ -275,31 +299,32 @@ TARGET void attend(const Problem& p, const Task& t, std::vector<float>& buf) {
       for (int qi = 0; qi < x.nq; ++qi) {
         int64_t a, b;
         range_of(p, t, x, qi, t0, t1, a, b);
-        if (a < b) values_one(x, x.sc + static_cast<size_t>(qi) * x.stride, out_of(p, t, qi, h, d0), a, b, d0, dn);
+        if (a < b) values_one<KV>(x, x.sc + static_cast<size_t>(qi) * x.stride, out_of(p, t, qi, h, d0), a, b, d0, dn);
       }
     }
   }
 }
 
-#define TARGET512 __attribute__((target("avx2,fma,avx512f,avx512dq,avx512vl")))
+#define TARGET512 __attribute__((target("avx2,fma,f16c,avx512f,avx512dq,avx512vl")))
 
 TARGET512 inline __m512 pair_of(const float* a, const float* b) {      // a's 8 floats, then b's
   return _mm512_insertf32x8(_mm512_zextps256_ps512(_mm256_loadu_ps(a)), _mm256_loadu_ps(b), 1);
 }
 
-TARGET512 inline __m512 both(const float* a) {                          // a's 8 floats, twice
-  return _mm512_broadcast_f32x8(_mm256_loadu_ps(a));
+template <typename KV>
+TARGET512 inline __m512 both(const KV* a) {                             // a's 8 floats, twice
+  return _mm512_broadcast_f32x8(load8(a));
 }
 
 // scores_one for queries qa and qb at once.
-template <int H>
+template <int H, typename KV>
 TARGET512 inline void scores_pair(const Span& x, const float* qa, const float* qb, float* sa, float* sb,
                                   int64_t t0, int64_t t1, float scale) {
   const int h = H ? H : x.h;
   for (int64_t j = t0; j < t1; j += 8) {
     __m512 acc[8];
     for (int u = 0; u < 8; ++u) {
-      const float* kr = x.keys + std::min(x.lo_min + j + u, x.pos_max) * h;
+      const KV* kr = static_cast<const KV*>(x.keys) + std::min(x.lo_min + j + u, x.pos_max) * h;
       __m512 a = _mm512_mul_ps(pair_of(qa, qb), both(kr));
       for (int d = 8; d < h; d += 8) a = _mm512_fmadd_ps(pair_of(qa + d, qb + d), both(kr + d), a);
       acc[u] = a;
@@ -312,13 +337,14 @@ TARGET512 inline void scores_pair(const Span& x, const float* qa, const float* q
 }
 
 // values_one for queries with weights wa, wb over the same positions [a, b).
+template <typename KV>
 TARGET512 inline void values_pair(const Span& x, const float* wa, const float* wb, float* oa, float* ob,
                                   int64_t a, int64_t b, int d0, int dn) {
   __m512 acc[8];
   for (int c = 0; c < dn / 8; ++c) acc[c] = pair_of(oa + 8 * c, ob + 8 * c);
   for (int64_t j = a; j < b; ++j) {
     const __m512 wj = _mm512_insertf32x8(_mm512_set1_ps(wa[j]), _mm256_set1_ps(wb[j]), 1);
-    const float* vr = x.values + (x.lo_min + j) * x.h + d0;
+    const KV* vr = static_cast<const KV*>(x.values) + (x.lo_min + j) * x.h + d0;
     for (int c = 0; c < dn / 8; ++c) acc[c] = _mm512_fmadd_ps(wj, both(vr + 8 * c), acc[c]);
   }
   for (int c = 0; c < dn / 8; ++c) {
@@ -327,7 +353,7 @@ TARGET512 inline void values_pair(const Span& x, const float* wa, const float* w
   }
 }
 
-template <int H>
+template <int H, typename KV>
 TARGET512 void attend_wide(const Problem& p, const Task& t, std::vector<float>& buf) {
   const int h = H ? H : p.h;
   const Span x = span_of(p, t, h, buf);
@@ -336,8 +362,8 @@ TARGET512 void attend_wide(const Problem& p, const Task& t, std::vector<float>& 
   for (int64_t t0 = 0; t0 < x.span; t0 += x.tile) {
     const int64_t t1 = std::min(x.span, t0 + x.tile);
     int qi = 0;
-    for (; qi + 1 < x.nq; qi += 2) scores_pair<H>(x, q_of(qi), q_of(qi + 1), s_of(qi), s_of(qi + 1), t0, t1, p.scale);
-    if (qi < x.nq) scores_one<H>(x, q_of(qi), s_of(qi), t0, t1, p.scale);
+    for (; qi + 1 < x.nq; qi += 2) scores_pair<H, KV>(x, q_of(qi), q_of(qi + 1), s_of(qi), s_of(qi + 1), t0, t1, p.scale);
+    if (qi < x.nq) scores_one<H, KV>(x, q_of(qi), s_of(qi), t0, t1, p.scale);
   }
   softmax(p, t, x);
   for (int d0 = 0; d0 < h; d0 += 64) {
@@ -356,20 +382,20 @@ TARGET512 void attend_wide(const Problem& p, const Task& t, std::vector<float>& 
         float* o1 = out_of(p, t, qi + 1, h, d0);
         const int64_t a = std::max(a0, a1), b = std::min(b0, b1);
         if (a >= b) {
-          if (a0 < b0) values_one(x, s_of(qi), o0, a0, b0, d0, dn);
-          if (a1 < b1) values_one(x, s_of(qi + 1), o1, a1, b1, d0, dn);
+          if (a0 < b0) values_one<KV>(x, s_of(qi), o0, a0, b0, d0, dn);
+          if (a1 < b1) values_one<KV>(x, s_of(qi + 1), o1, a1, b1, d0, dn);
           continue;
         }
-        if (a0 < a) values_one(x, s_of(qi), o0, a0, a, d0, dn);
-        if (a1 < a) values_one(x, s_of(qi + 1), o1, a1, a, d0, dn);
-        values_pair(x, s_of(qi), s_of(qi + 1), o0, o1, a, b, d0, dn);
-        if (b0 > b) values_one(x, s_of(qi), o0, b, b0, d0, dn);
-        if (b1 > b) values_one(x, s_of(qi + 1), o1, b, b1, d0, dn);
+        if (a0 < a) values_one<KV>(x, s_of(qi), o0, a0, a, d0, dn);
+        if (a1 < a) values_one<KV>(x, s_of(qi + 1), o1, a1, a, d0, dn);
+        values_pair<KV>(x, s_of(qi), s_of(qi + 1), o0, o1, a, b, d0, dn);
+        if (b0 > b) values_one<KV>(x, s_of(qi), o0, b, b0, d0, dn);
+        if (b1 > b) values_one<KV>(x, s_of(qi + 1), o1, b, b1, d0, dn);
       }
       if (qi < x.nq) {
         int64_t a, b;
         range_of(p, t, x, qi, t0, t1, a, b);
-        if (a < b) values_one(x, s_of(qi), out_of(p, t, qi, h, d0), a, b, d0, dn);
+        if (a < b) values_one<KV>(x, s_of(qi), out_of(p, t, qi, h, d0), a, b, d0, dn);
       }
     }
   }
@@ -398,22 +424,50 @@ struct Job {
   size_t per;                            // tasks per parallel batch
 };
 
-void attend_range(const Problem& p, const Task* t, const Task* end) {
+template <typename KV>
+void attend_range_of(const Problem& p, const Task* t, const Task* end) {
   thread_local std::vector<float> buf;
   if (p.wide) {
     switch (p.h) {
-      case 64: for (; t != end; ++t) attend_wide<64>(p, *t, buf); break;
-      case 128: for (; t != end; ++t) attend_wide<128>(p, *t, buf); break;
-      case 256: for (; t != end; ++t) attend_wide<256>(p, *t, buf); break;
-      default: for (; t != end; ++t) attend_wide<0>(p, *t, buf);
+      case 64: for (; t != end; ++t) attend_wide<64, KV>(p, *t, buf); break;
+      case 128: for (; t != end; ++t) attend_wide<128, KV>(p, *t, buf); break;
+      case 256: for (; t != end; ++t) attend_wide<256, KV>(p, *t, buf); break;
+      default: for (; t != end; ++t) attend_wide<0, KV>(p, *t, buf);
     }
     return;
   }
   switch (p.h) {
-    case 64: for (; t != end; ++t) attend<64>(p, *t, buf); break;
-    case 128: for (; t != end; ++t) attend<128>(p, *t, buf); break;
-    case 256: for (; t != end; ++t) attend<256>(p, *t, buf); break;
-    default: for (; t != end; ++t) attend<0>(p, *t, buf);
+    case 64: for (; t != end; ++t) attend<64, KV>(p, *t, buf); break;
+    case 128: for (; t != end; ++t) attend<128, KV>(p, *t, buf); break;
+    case 256: for (; t != end; ++t) attend<256, KV>(p, *t, buf); break;
+    default: for (; t != end; ++t) attend<0, KV>(p, *t, buf);
+  }
+}
+
+void attend_range(const Problem& p, const Task* t, const Task* end) {
+  if (p.kv16) attend_range_of<uint16_t>(p, t, end);
+  else attend_range_of<float>(p, t, end);
+}
+
+// The new rows' keys (rotated) and values into the caches (as KV elements), before any row attends.
+template <typename KV>
+void write_rows(const Problem& p, int64_t n_seg, int kv_heads) {
+  const int h = p.h;
+  std::vector<float> rotated(h);
+  KV* key = static_cast<KV*>(p.key);
+  KV* value = static_cast<KV*>(p.value);
+  for (int64_t s = 0; s < n_seg; ++s) {
+    for (int64_t r = 0; r < p.rows[s]; ++r) {
+      const int64_t row = p.first[s] + r, pos = p.past[s] + r;
+      for (int j = 0; j < kv_heads; ++j) {
+        const int64_t at = p.slot[s] * p.slot_stride + j * p.head_stride + pos * h;
+        const float* ks = p.k + row * p.kv_stride + j * h;
+        if (p.half) rotate(ks, rotated.data(), h, p.half, p.cos + pos * p.half, p.sin + pos * p.half);
+        else std::memcpy(rotated.data(), ks, h * sizeof(float));
+        store_row(key + at, rotated.data(), h);
+        store_row(value + at, p.v + row * p.kv_stride + j * h, h);
+      }
+    }
   }
 }
 
@@ -430,7 +484,7 @@ constexpr int kBlockQueries = 12;        // queries sharing each position's load
 constexpr int kMinTasks = 4;
 
 struct SlotAttentionKernel {
-  SlotAttentionKernel(const OrtApi& api, const OrtKernelInfo* info) : api_(api) {
+  SlotAttentionKernel(const OrtApi& api, const OrtKernelInfo* info, bool kv16) : api_(api), kv16_(kv16) {
     Ort::ConstKernelInfo ki(info);
     heads_ = static_cast<int>(ki.GetAttribute<int64_t>("num_heads"));
     kv_heads_ = static_cast<int>(ki.GetAttribute<int64_t>("kv_num_heads"));
@@ -467,7 +521,7 @@ struct SlotAttentionKernel {
       throw std::runtime_error("conflayers SlotAttention: query must be [1, rows, width]");
     Problem p;
     p.heads = heads_, p.kv_heads = kv_heads_, p.h = static_cast<int>(kv_shape[3]), p.scale = scale_, p.window = window_;
-    p.wide = wide_;
+    p.wide = wide_, p.kv16 = kv16_;
     const int64_t t_rows = q_shape[1], h = p.h, length = kv_shape[2];
     if (h % 8 != 0) throw std::runtime_error("conflayers SlotAttention: head size must be a multiple of 8");
     const bool packed = key == nullptr;
@@ -500,10 +554,11 @@ struct SlotAttentionKernel {
     if (at != t_rows) throw std::runtime_error("conflayers SlotAttention: seg_lens must add up to the query's rows");
     // caches: written in place when present is bound to past's buffer
     Ort::UnownedValue present_k = ctx.GetOutput(1, kv_shape), present_v = ctx.GetOutput(2, kv_shape);
-    p.key = present_k.GetTensorMutableData<float>(), p.value = present_v.GetTensorMutableData<float>();
-    const size_t cache_bytes = static_cast<size_t>(kv_shape[0] * kv_shape[1] * length * h) * sizeof(float);
-    if (p.key != past_k.GetTensorData<float>()) std::memcpy(p.key, past_k.GetTensorData<float>(), cache_bytes);
-    if (p.value != past_v.GetTensorData<float>()) std::memcpy(p.value, past_v.GetTensorData<float>(), cache_bytes);
+    p.key = present_k.GetTensorMutableRawData(), p.value = present_v.GetTensorMutableRawData();
+    const size_t cache_bytes = static_cast<size_t>(kv_shape[0] * kv_shape[1] * length * h) *
+                               (kv16_ ? sizeof(uint16_t) : sizeof(float));
+    if (p.key != past_k.GetTensorRawData()) std::memcpy(p.key, past_k.GetTensorRawData(), cache_bytes);
+    if (p.value != past_v.GetTensorRawData()) std::memcpy(p.value, past_v.GetTensorRawData(), cache_bytes);
     p.head_stride = length * h, p.slot_stride = kv_heads_ * length * h;
     p.half = 0;
     if (rotary_) {
@@ -518,24 +573,15 @@ struct SlotAttentionKernel {
       p.cos = cos.GetTensorData<float>(), p.sin = sin.GetTensorData<float>();
     }
     p.out = ctx.GetOutput(0, {1, t_rows, static_cast<int64_t>(heads_) * h}).GetTensorMutableData<float>();
-    // the new rows' keys (rotated) and values, written before any row attends
+    if (kv16_) write_rows<uint16_t>(p, n_seg, kv_heads_);
+    else write_rows<float>(p, n_seg, kv_heads_);
     int64_t work = 0;
-    std::vector<Task> tasks;
-    for (int64_t s = 0; s < n_seg; ++s) {
+    for (int64_t s = 0; s < n_seg; ++s)
       for (int64_t r = 0; r < p.rows[s]; ++r) {
-        const int64_t row = p.first[s] + r, pos = p.past[s] + r;
-        for (int j = 0; j < kv_heads_; ++j) {
-          float* kd = p.key + p.slot[s] * p.slot_stride + j * p.head_stride + pos * h;
-          float* vd = p.value + p.slot[s] * p.slot_stride + j * p.head_stride + pos * h;
-          const float* ks = p.k + row * p.kv_stride + j * h;
-          if (p.half) rotate(ks, kd, h, p.half, p.cos + pos * p.half, p.sin + pos * p.half);
-          else std::memcpy(kd, ks, h * sizeof(float));
-          std::memcpy(vd, p.v + row * p.kv_stride + j * h, h * sizeof(float));
-        }
-        const int64_t span = window_ > 0 ? std::min<int64_t>(pos + 1, window_) : pos + 1;
-        work += span * heads_ * h;
+        const int64_t pos = p.past[s] + r;
+        work += (window_ > 0 ? std::min<int64_t>(pos + 1, window_) : pos + 1) * heads_ * h;
       }
-    }
+    std::vector<Task> tasks;
     // tasks: blocks of rows x the query heads of a KV head (at most kBlockQueries queries), the
     // heads split where that leaves fewer than kMinTasks tasks (so that the threads have work)
     const int group = heads_ / kv_heads_;
@@ -567,16 +613,23 @@ struct SlotAttentionKernel {
   float scale_ = 1.0f;
   bool rotary_ = false;
   bool wide_ = false;
+  bool kv16_ = false;
 };
 
-struct SlotAttentionOp : Ort::CustomOpBase<SlotAttentionOp, SlotAttentionKernel> {
-  void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const { return new SlotAttentionKernel(api, info); }
-  const char* GetName() const { return "SlotAttention"; }
+// SlotAttention (float caches) and SlotAttentionF16 (half caches: past_key, past_value and the
+// presents float16; everything else as SlotAttention).
+template <bool KV16>
+struct SlotAttentionOp : Ort::CustomOpBase<SlotAttentionOp<KV16>, SlotAttentionKernel> {
+  void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const {
+    return new SlotAttentionKernel(api, info, KV16);
+  }
+  const char* GetName() const { return KV16 ? "SlotAttentionF16" : "SlotAttention"; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
   size_t GetInputTypeCount() const { return 10; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
     if (i == 5) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
     if (i >= 8) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+    if (KV16 && (i == 3 || i == 4)) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
     return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
@@ -584,16 +637,23 @@ struct SlotAttentionOp : Ort::CustomOpBase<SlotAttentionOp, SlotAttentionKernel>
                                       : OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED;
   }
   size_t GetOutputTypeCount() const { return 3; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  ONNXTensorElementDataType GetOutputType(size_t i) const {
+    return KV16 && i > 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
 };
 
-SlotAttentionOp g_slot_attention;
+SlotAttentionOp<false> g_slot_attention;
+SlotAttentionOp<true> g_slot_attention_f16;
 
 }  // namespace
 
 namespace conflayers_kernels {
 
-void add_attention_ops(Ort::CustomOpDomain& domain) { domain.Add(&g_slot_attention); }
+void add_attention_ops(Ort::CustomOpDomain& domain) {
+  domain.Add(&g_slot_attention);
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("f16c")) domain.Add(&g_slot_attention_f16);   // every AVX2 CPU made has it
+}
 
 const char* attention_path() { return wide_chosen() ? "avx512" : "avx2"; }
 

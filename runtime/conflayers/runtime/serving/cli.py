@@ -5,6 +5,7 @@ import signal
 
 import click
 
+from ..attention import KV_CACHE_HELP, KV_CACHES
 from ..device import available_providers
 from ..engine import Engine, RequestLimits
 from ..packing import BatchingError
@@ -62,6 +63,8 @@ def deploy_from_cli(bundle: str, address: str, replicas: int | None, autoscale: 
 @click.option("--prompt-cache-mb", type=click.FloatRange(min=0), default=1024, show_default=True,
               help="Host memory for the KV of recent requests (least recently used first out); "
                    "0: only what the batch slots keep.")
+@click.option("--kv-cache", type=click.Choice(KV_CACHES), default="float32", show_default=True,
+              help=KV_CACHE_HELP)
 @click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
               help="Requests waiting for a generation slot; beyond that, 503 with Retry-After.")
 @click.option("--max-connections", type=click.IntRange(min=1), default=128, show_default=True,
@@ -101,7 +104,7 @@ def deploy_from_cli(bundle: str, address: str, replicas: int | None, autoscale: 
 
 
 def main(bundle, host, port, max_context, device, max_concurrency, max_batch, prefill_chunk, no_prompt_cache,
-         prompt_cache_mb, max_queue,
+         prompt_cache_mb, kv_cache, max_queue,
          max_connections, request_timeout, max_body_bytes, max_messages, max_stop, max_stop_chars,
          allow_special_tokens_in_prompt, api_key, allowed_hosts, num_threads, no_verify, ray_address, replicas,
          autoscale, replica_cpus):
@@ -144,13 +147,14 @@ def main(bundle, host, port, max_context, device, max_concurrency, max_batch, pr
             engine, concurrency = deploy_from_cli(
                 bundle, ray_address, replicas, autoscale, replica_cpus, max_batch, max_concurrency,
                 dict(device=device, max_context=max_context, num_threads=num_threads, verify=not no_verify,
-                     limits=limits, prompt_cache=not no_prompt_cache, prompt_cache_mb=prompt_cache_mb))
+                     limits=limits, prompt_cache=not no_prompt_cache, prompt_cache_mb=prompt_cache_mb,
+                     kv_cache=kv_cache))
         else:
             try:
                 engine = Engine.load(bundle, device=device, max_context=max_context, num_threads=num_threads,
                                      verify=not no_verify, limits=limits, max_batch=max_batch,
                                      prefill_chunk=prefill_chunk, prompt_cache=not no_prompt_cache,
-                                     prompt_cache_mb=prompt_cache_mb)
+                                     prompt_cache_mb=prompt_cache_mb, kv_cache=kv_cache)
             except BatchingError as e:
                 raise CliError(f"--max-batch: {e}") from None
             if max_batch > 1:
@@ -170,7 +174,7 @@ def main(bundle, host, port, max_context, device, max_concurrency, max_batch, pr
     h, p = server.server_address[:2]
     click.echo(f"conflayers-serve: {server.model_name} on http://{h}:{p} (profiles: "
                f"{', '.join(server.engine.profiles) or 'none'}; default {server.engine.bundle.default_profile}; "
-               f"max concurrency {server.max_concurrency}, batch {max_batch}, queue {max_queue}, "
+               f"max concurrency {server.max_concurrency}, batch {max_batch}, KV cache {kv_cache}, queue {max_queue}, "
                f"connections {max_connections}; "
                f"API key {'required' if api_key else 'off'}; device {server.engine.device})", err=True)
     try:
