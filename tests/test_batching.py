@@ -173,6 +173,46 @@ def test_16_concurrent_requests_equal_their_solo_output(tiny_engine, batched):
     assert batched.active == 0 and batched.waiting == 0
 
 
+def test_a_newcomers_prompt_chunk_shrinks_as_more_streams_decode(tiny_engine, batched, monkeypatch):
+    """Beside n decoding streams a prompt enters 2 x prefill_chunk / n tokens per step (at most
+    prefill_chunk, at least MIN_CHUNK), so the delay it adds to them all stays about the same;
+    outputs still equal solo."""
+    from conflayers.runtime import scheduler as sched
+    sc = batched.scheduler
+    seen, real = [], sc._prefill_chunk
+
+    def recording(s, decoding):
+        chunk = real(s, decoding)
+        seen.append((len(decoding), len(chunk), len(s.ids) - s.fed))
+        return chunk
+    monkeypatch.setattr(sc, "_prefill_chunk", recording)
+    rng = np.random.default_rng(4)
+    reqs = [{"prompt": f"Count from {i} to a hundred:", "max_new_tokens": 40} for i in range(5)]
+    long_ids = [int(t) for t in rng.integers(3, 380, 70)]
+    results, threads = {}, []
+
+    def one(i, r):
+        results[i] = batched.generate(**r).token_ids
+    for i, r in enumerate(reqs):
+        threads.append(threading.Thread(target=one, args=(i, r)))
+        threads[-1].start()
+    deadline = time.monotonic() + 60
+    while batched.active < len(reqs) and time.monotonic() < deadline:
+        time.sleep(0.002)
+    reqs.append({"prompt_ids": long_ids, "max_new_tokens": 8})
+    threads.append(threading.Thread(target=one, args=(5, reqs[-1])))
+    threads[-1].start()
+    for t in threads:
+        t.join()
+    for i, r in enumerate(reqs):
+        assert results[i] == tiny_engine.generate(**r).token_ids, f"request {i} differs from solo"
+    beside = [(n, size, left) for n, size, left in seen if n]
+    assert any(n >= 3 for n, _, _ in beside), f"no chunk ran beside 3+ decoding streams: {seen}"
+    for n, size, left in beside:
+        want = min(sc.prefill_chunk, max(sched.MIN_CHUNK, 2 * sc.prefill_chunk // n))
+        assert size == min(want, left), (n, size, left)
+
+
 def test_seeded_sampling_equals_solo(tiny_engine, batched):
     """A seeded sampled request drafts as it would alone, so its sample is its solo sample."""
     args = [dict(prompt="The train leaves at 9", task=t, temperature=0.8, top_p=0.95, seed=s, max_new_tokens=30)

@@ -217,7 +217,8 @@ class Engine:
     def set_batching(self, max_batch: int = 1, prefill_chunk: int = 32, spec_max_batch: int | None = None,
                      prompt_cache: bool = True, prompt_cache_mb: float = 256):
         """Decode up to `max_batch` requests together (scheduler.py; 1: one at a time), prompts fed
-        in chunks of at most `prefill_chunk` tokens while others decode; `prompt_cache`: a request
+        in chunks of at most `prefill_chunk` tokens while others decode (2 x prefill_chunk / n
+        beside n decoding, at least 4); `prompt_cache`: a request
         reuses the KV a slot kept of a shared prompt prefix, or host memory did (up to
         `prompt_cache_mb` MB of recent sequences' KV; 0: the slots only); exact. With batching, every
         profile's policy for this machine and the batched passes are timed now, before any

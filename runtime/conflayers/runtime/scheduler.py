@@ -16,8 +16,11 @@ One step:
             batched, one pass per draft body over the sequences that need it, then one per head,
             until every proposal is complete (n-gram proposals need none)
   4 verify  one full-graph pass: a prompt chunk of one sequence still prefilling (all of its prompt
-            that fits when nothing else decodes, else at most prefill_chunk tokens, so a long prompt
-            never stalls running streams for long) and every decoding sequence's token + drafts
+            that fits when nothing else decodes; else prefill_chunk tokens beside one or two
+            decoding sequences and 2 x prefill_chunk / n beside n, at least MIN_CHUNK: each row
+            of a chunk delays every decoding stream, so the chunk shrinks as they grow, and a long
+            prompt never stalls running streams for long) and every decoding sequence's token +
+            drafts
   5 keep    per sequence the agreed prefix + the target's next token (sampling: the rejection
             rule); drafters and the guard learn from it; tokens go to the request's stream
 
@@ -51,6 +54,7 @@ from .speculation import DecodeStats, SpeculationGuard
 
 _DONE = object()
 PREFILL_ALONE = 2048          # the longest prefill pass when nothing else decodes (bounds its memory)
+MIN_CHUNK = 4                 # the fewest prompt tokens a step takes beside decoding sequences
 
 
 class SchedulerClosed(RuntimeError):
@@ -309,8 +313,13 @@ class Scheduler:
 
     def _prefill_chunk(self, s: Sequence, decoding: list) -> list[int]:
         """This step's prompt tokens of a prefilling sequence: all that fit when nothing else
-        decodes, else at most prefill_chunk; never past a verify boundary."""
-        size = self.prefill_chunk if decoding else PREFILL_ALONE
+        decodes, else prefill_chunk beside 1-2 decoding sequences and 2 x prefill_chunk / n beside
+        n (at least MIN_CHUNK: the delay the chunk adds, summed over the streams it delays, stays
+        about the same); never past a verify boundary."""
+        if decoding:
+            size = min(self.prefill_chunk, max(MIN_CHUNK, 2 * self.prefill_chunk // len(decoding)))
+        else:
+            size = PREFILL_ALONE
         room = self.graph.pass_room(s.fed)
         if room is not None:
             size = max(1, min(size, room))

@@ -54,8 +54,9 @@ def deploy_from_cli(bundle: str, address: str, replicas: int | None, autoscale: 
                    f"needs the onnx package). Default: {DEFAULT_CPU_BATCH} on the CPU, 1 on a GPU. "
                    "1: requests decode one at a time.")
 @click.option("--prefill-chunk", type=click.IntRange(min=1), default=32, show_default=True,
-              help="With --max-batch: a newcomer's prompt enters the batch N tokens per step, so the "
-                   "streams already decoding wait at most one such chunk per step.")
+              help="With --max-batch: a newcomer's prompt enters the batch N tokens per step beside one "
+                   "or two decoding streams, 2N/n beside n (at least 4), so the streams already decoding "
+                   "wait at most one such chunk per step. Larger: sooner first tokens, a longer tail.")
 @click.option("--no-prompt-cache", is_flag=True,
               help="Prefill every prompt whole. By default a request reuses the KV of the longest "
                    "prompt prefix it shares with an earlier request (a repeat, a system prompt, "
