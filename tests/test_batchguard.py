@@ -31,9 +31,23 @@ def test_drafting_that_loses_goes_off_and_comes_back_when_it_pays():
     # drafting at 0.8x plain: two checks (8 + 4 steps each) turn it off, at 5-8 only
     _steps(g, 6, 24, 80, 100)
     assert g.paused() == [8] and not g.allows(7) and g.allows(3)
-    # off, it runs plain, probing drafting now and then: a probe that measures it paying turns it on
+    # off, it runs plain, probing drafting now and then: two probes in a row that measure it
+    # paying turn it on
+    drafted = _steps(g, 8, 12, 130, 100)
+    assert drafted == 4 and g.paused() == [8]
     drafted = _steps(g, 8, 12, 130, 100)
     assert drafted == 4 and g.paused() == [] and g.switches() == 2
+
+
+def test_one_lucky_probe_does_not_turn_a_losing_draft_on():
+    g = BatchGuard(min_steps=8, probe_steps=4, strikes=2)
+    _steps(g, 4, 24, 80, 100)                 # off
+    assert g.paused() == [4]
+    _steps(g, 4, 12, 130, 100)                # one probe that wins
+    assert g.paused() == [4]
+    _steps(g, 4, 12, 80, 100)                 # the next loses: the count starts again
+    _steps(g, 4, 12, 130, 100)
+    assert g.paused() == [4]
 
 
 def test_one_noisy_probe_does_not_turn_a_paying_draft_off():

@@ -4,7 +4,7 @@ systems, on the same prompts, in one process, interleaved.
     conflayers-bench BUNDLE [--prompts FILE.jsonl | --task NAME ...] [--num-prompts N]
                      [--max-new-tokens M] [--seed S] [--systems LIST] [--json FILE] [--plot FILE.png]
                      [--hf-model NAME] [--gguf FILE] [--prompt-lookup-tokens N] [--chat|--no-chat]
-                     [--memory] [--no-guard] [--own-profile]
+                     [--memory] [--no-guard] [--own-profile] [--kv-cache float32|float16]
     conflayers-bench plot A.json [B.json ...] -o FILE.png     (one chart from several runs)
 
 Systems (--systems a,b,c; default: all):
