@@ -25,6 +25,15 @@ and 27 queries (0.97-1.04x: the re-reads of keys and values come from cache); no
 one-row passes (1.0x); value sums on 16 lanes per query (1.03-1.16x, slower: the pair's one load
 for two queries is what pays) and in blocks of 4 queries sharing each value load (0.92-0.98x at
 4-9 rows, 1.26-1.32x slower at one row).
+
+Measured 2026-12-07 (stop 43, the same VM), `--kv float32,float16`: SlotAttentionF16 over half caches
+against the float caches, 1 row 0.58 / 0.64 / 0.73x at 4000 / 1024 / 256 positions, 3 rows 0.71-0.92x,
+9 rows 0.89-1.03x (the multiply-adds, not the bytes, bound a 9-row pass). Converting a tile of
+positions to float once per block of queries, instead of each query converting the halves it loads,
+was slower everywhere (1 row 0.85-1.17x, 9 rows 1.03-1.16x of the float caches): the conversion's
+stores and reloads cost more than the conversions it saves at 1-12 queries a block. A shuffle-based
+reduction of a pair's 8 dot-product sums (one zmm tree for both queries instead of two 8-lane
+sum8x8) gave the same bits and no measurable change (0.98x at 9 rows, measured while a CI job ran).
 """
 from __future__ import annotations
 
