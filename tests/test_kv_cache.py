@@ -83,7 +83,13 @@ def test_batched_and_prompt_cached_requests_equal_solo_with_a_half_cache(half, n
     batched = Engine.load(native_bundle, guard=False, kv_cache="float16", max_batch=3, prefill_chunk=6,
                           spec_max_batch=99, prompt_cache_mb=16)
     try:
-        assert batched.scheduler.cache.slot[1].key_array(0).dtype == np.float16
+        from conflayers.runtime.packing import BatchedKVCache
+        cache = batched.scheduler.cache
+        assert cache.slot[1].key_array(0).dtype == np.float16
+        floats = BatchedKVCache(batched.spec, cache.slots, cache.capacity)
+        assert cache.nbytes * 2 == floats.nbytes > 0       # half the memory (conflayers-serve prints it)
+        assert half.scheduler.cache.nbytes * 2 == half.full.new_cache(half.spec, half.capacity).nbytes * 2 \
+            == BatchedKVCache(half.spec, 1, half.capacity).nbytes
         want = {i: half.generate(**_kw(p), task="native_skip", max_new_tokens=N_NEW).token_ids
                 for i, p in enumerate(PROMPTS)}
         for _ in range(2):       # the second round reuses the prompts' KV (slots and host store)

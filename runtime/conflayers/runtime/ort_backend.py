@@ -141,6 +141,11 @@ class KVCache:
     def reset(self):
         self.length = 0
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every layer's keys and values."""
+        return sum(v.tensor_size_in_bytes() for store in (self.keys, self.values) for v in store.values())
+
     def key_array(self, layer: int) -> np.ndarray:
         """Host view of one layer's keys (CPU only; used by tests and the compiler's evaluator)."""
         return self._host[("k", layer)] if self.device == "cpu" else self.keys[layer].numpy()

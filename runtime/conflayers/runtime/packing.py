@@ -266,6 +266,13 @@ class BatchedKVCache:
         self.v = {i: np.zeros(shape, dtype) for i in range(spec.num_layers)}
         self.slot = [SlotCache(self, b) for b in range(self.slots)]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every slot's keys and values (allocated; pages become resident as written)."""
+        if self.slots == 1:
+            return self.slot[0].nbytes
+        return sum(a.nbytes for a in (*self.k.values(), *self.v.values()))
+
 
 class PackedGraph:
     """A decoder graph (full graph or draft body) bound to every slot of a BatchedKVCache.

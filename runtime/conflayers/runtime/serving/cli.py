@@ -173,9 +173,11 @@ def main(bundle, host, port, max_context, device, max_concurrency, max_batch, pr
     server = start()
     signal.signal(signal.SIGTERM, _interrupt)     # `kill` / container stop: close the socket cleanly
     h, p = server.server_address[:2]
+    scheduler = getattr(server.engine, "scheduler", None)      # None: Ray replicas hold the caches
+    kv = f"KV cache {kv_cache}" + (f" ({scheduler.cache.nbytes / 2 ** 20:.0f} MB)" if scheduler is not None else "")
     click.echo(f"conflayers-serve: {server.model_name} on http://{h}:{p} (profiles: "
                f"{', '.join(server.engine.profiles) or 'none'}; default {server.engine.bundle.default_profile}; "
-               f"max concurrency {server.max_concurrency}, batch {max_batch}, KV cache {kv_cache}, queue {max_queue}, "
+               f"max concurrency {server.max_concurrency}, batch {max_batch}, {kv}, queue {max_queue}, "
                f"connections {max_connections}; "
                f"API key {'required' if api_key else 'off'}; device {server.engine.device})", err=True)
     try:
