@@ -109,6 +109,14 @@ def test_batched_and_prompt_cached_requests_equal_solo_with_a_half_cache(half, n
             for i in want:
                 assert got[i].token_ids == want[i], f"prompt {i}: batched output differs from solo"
         assert any(r.metrics.cached_prompt_tokens > 0 for r in got.values())
+        from test_server import Client, parse_prometheus, start      # the server's /metrics says what it takes
+        srv = start(batched)
+        try:
+            samples = parse_prometheus(Client(srv).get("/metrics")[1])
+            assert samples[("conflayers_kv_cache_bytes", frozenset())] == cache.nbytes
+        finally:
+            srv.shutdown()
+            srv.server_close()
     finally:
         batched.close()
 
