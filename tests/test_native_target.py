@@ -200,7 +200,7 @@ def test_verify_identity_check_passes_an_exact_target_and_refuses_one_that_is_no
 
     class WidthDependent:            # a graph whose result depends on how many rows a pass has
         def __init__(self, full):
-            self.full = full
+            self.full, self.kv_dtype = full, full.kv_dtype
 
         def bind(self, cache):
             inner = self.full.bind(cache)

@@ -30,7 +30,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Protocol, runtime_checkable
 
-from . import attention, contract, exactness, probe
+from . import contract, exactness, probe
 from .batchplan import BatchPlanner, ngram_part
 from .bundle import Bundle
 from .cascade import CascadeDrafter
@@ -157,8 +157,7 @@ class Engine:
         self.capacity = min(max_context or bundle.max_context, bundle.max_context)
         self.use_guard = guard
         self.limits = limits or RequestLimits()
-        # float16: the KV caches as halves (attention.py); plain and speculative decoding alike
-        attention.check_kv_cache(kv_cache, self.providers)
+        # float16: the KV caches as halves (attention.py; create_session refuses what cannot run)
         self.kv_cache = kv_cache
 
         def session(path):
@@ -242,6 +241,11 @@ class Engine:
     @property
     def max_batch(self) -> int:
         return self.scheduler.max_batch
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes of the decoding loop's KV caches, as allocated."""
+        return self.scheduler.cache.nbytes
 
     @property
     def active(self) -> int:

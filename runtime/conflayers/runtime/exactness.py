@@ -122,7 +122,7 @@ class _Probe:
         self.pad = padding_of(full)
         rng = np.random.default_rng(seed)
         self.ids = [int(x) for x in rng.integers(min(10, spec.vocab_size - 1), max(11, spec.vocab_size - 10), length)]
-        self.cache = KVCache(spec, length + 2, dtype=getattr(full, "kv_dtype", np.float32))
+        self.cache = KVCache(spec, length + 2, dtype=full.kv_dtype)
         self.steps = full.bind(self.cache)
         self.expected = [self._digest(self.steps.run([t], j)[-1]) for j, t in enumerate(self.ids)]
         self.layers = range(spec.num_layers)

@@ -360,7 +360,7 @@ class PackedGraph:
             if path is None or self.cache.slots == 1:
                 raise BatchingError("a pass over several sequences needs the graph's file and a batched cache")
             if width == 0:
-                data = pack_slot_graph(path, "float16" if self.runner.kv_dtype == np.float16 else "float32")
+                data = pack_slot_graph(path, np.dtype(self.runner.kv_dtype).name)
             else:
                 data, self.padded = pack_graph(path, width)
             self._sessions[width] = create_session(data, self.providers, self.num_threads,

@@ -451,7 +451,7 @@ void attend_range(const Problem& p, const Task* t, const Task* end) {
 
 // The new rows' keys (rotated) and values into the caches (as KV elements), before any row attends.
 template <typename KV>
-void write_rows(const Problem& p, int64_t n_seg, int kv_heads) {
+void write_rows(const Problem& p, int64_t n_seg) {
   const int h = p.h;
   std::vector<float> rotated(h);
   KV* key = static_cast<KV*>(p.key);
@@ -459,7 +459,7 @@ void write_rows(const Problem& p, int64_t n_seg, int kv_heads) {
   for (int64_t s = 0; s < n_seg; ++s) {
     for (int64_t r = 0; r < p.rows[s]; ++r) {
       const int64_t row = p.first[s] + r, pos = p.past[s] + r;
-      for (int j = 0; j < kv_heads; ++j) {
+      for (int j = 0; j < p.kv_heads; ++j) {
         const int64_t at = p.slot[s] * p.slot_stride + j * p.head_stride + pos * h;
         const float* ks = p.k + row * p.kv_stride + j * h;
         if (p.half) rotate(ks, rotated.data(), h, p.half, p.cos + pos * p.half, p.sin + pos * p.half);
@@ -573,8 +573,8 @@ struct SlotAttentionKernel {
       p.cos = cos.GetTensorData<float>(), p.sin = sin.GetTensorData<float>();
     }
     p.out = ctx.GetOutput(0, {1, t_rows, static_cast<int64_t>(heads_) * h}).GetTensorMutableData<float>();
-    if (kv16_) write_rows<uint16_t>(p, n_seg, kv_heads_);
-    else write_rows<float>(p, n_seg, kv_heads_);
+    if (kv16_) write_rows<uint16_t>(p, n_seg);
+    else write_rows<float>(p, n_seg);
     int64_t work = 0;
     for (int64_t s = 0; s < n_seg; ++s)
       for (int64_t r = 0; r < p.rows[s]; ++r) {

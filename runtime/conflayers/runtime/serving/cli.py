@@ -173,8 +173,8 @@ def main(bundle, host, port, max_context, device, max_concurrency, max_batch, pr
     server = start()
     signal.signal(signal.SIGTERM, _interrupt)     # `kill` / container stop: close the socket cleanly
     h, p = server.server_address[:2]
-    scheduler = getattr(server.engine, "scheduler", None)      # None: Ray replicas hold the caches
-    kv = f"KV cache {kv_cache}" + (f" ({scheduler.cache.nbytes / 2 ** 20:.0f} MB)" if scheduler is not None else "")
+    held = getattr(server.engine, "kv_cache_bytes", None)      # None: Ray replicas hold the caches
+    kv = f"KV cache {kv_cache}" + (f" ({held / 2 ** 20:.0f} MB)" if held is not None else "")
     click.echo(f"conflayers-serve: {server.model_name} on http://{h}:{p} (profiles: "
                f"{', '.join(server.engine.profiles) or 'none'}; default {server.engine.bundle.default_profile}; "
                f"max concurrency {server.max_concurrency}, batch {max_batch}, {kv}, queue {max_queue}, "

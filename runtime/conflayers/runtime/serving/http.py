@@ -464,7 +464,7 @@ class ConflayersServer(ThreadingHTTPServer):
                      "batch_waiting_requests": ("Requests waiting for a batch slot.", self.engine.waiting),
                      "max_batch": ("Sequences decoded together at most (--max-batch).", self.engine.max_batch),
                      "kv_cache_bytes": ("Bytes of the batch's KV caches, allocated (--kv-cache float16 halves it).",
-                                        self.engine.scheduler.cache.nbytes)}
+                                        self.engine.kv_cache_bytes)}
             guard = getattr(self.engine.planner, "guard", None)
             if guard is not None:
                 batch["batch_drafting_paused_sizes"] = (
