@@ -338,6 +338,53 @@ def test_every_engine_gives_the_scalar_reference_bit_for_bit(library, engines, b
             assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), f"{engine} differs from the scalar engine"
 
 
+def _layouts(library) -> dict[int, int]:
+    """Stored code width -> matrices QMatMul holds repacked now (the library's own count)."""
+    import ctypes
+    lib = ctypes.CDLL(library)
+    lib.conflayers_qmatmul_layouts.restype = ctypes.c_char_p
+    said = lib.conflayers_qmatmul_layouts().decode()
+    return {int(part.split("-bit:")[0]): int(part.split(":")[1].split("/")[0]) for part in said.split()}
+
+
+@pytest.mark.parametrize("lo,span,planes", [(112, 32, 5), (128, 32, 5), (0, 32, 5), (96, 64, 6), (192, 64, 6),
+                                            (100, 33, 6), (100, 65, 8)])
+@pytest.mark.parametrize("offsets_dtype,gate", [(None, None), (np.float16, None), (np.float32, None), (None, "silu")])
+def test_narrow_8bit_codes_in_planes_give_the_bytes_bits(library, engines, lo, span, planes, offsets_dtype, gate,
+                                                         monkeypatch):
+    """8-bit codes within 32 (64) values (GGUF's Q5_0 / Q5_1 / Q5_K; 64 values: a Q6_K-like span) are held in 5 (6) bits
+    on the AVX-512 engine (qmatmul.h's planes): every pass of 1-17 rows then equals the codes held
+    in bytes (CONFLAYERS_QMATMUL_PLANES=off) and the scalar engine bit for bit, and equals the
+    float64 reference; 33 values need 6 bits and 65 all 8; padding columns (N = 72) stay out."""
+    k, n = 640, 72 if gate is None else 96
+    r = np.random.default_rng(lo + span)
+    w = _qweights(k, n, 8, offsets_dtype, seed=lo + span, fp16_values=True)
+    w["codes"] = (lo + r.integers(0, span, w["codes"].shape)).astype(np.uint8)
+    w["codes"][0, 0, 0], w["codes"][-1, -1, -1] = lo, lo + span - 1       # both ends of the span
+    x = r.standard_normal((1, 17, k)).astype(np.float32)
+    x[0, 2, :32] = 0.0
+    outs = {}
+    for variant in ("planes", "bytes", "scalar"):
+        monkeypatch.setenv("CONFLAYERS_QMATMUL", "scalar" if variant == "scalar" else engines[0])
+        monkeypatch.setenv("CONFLAYERS_QMATMUL_PLANES", "off" if variant == "bytes" else "on")
+        before = _layouts(library)
+        sess = _session(_qmatmul_graph(k, n, 8, offsets_dtype, w, gate=gate), library)
+        made = {bits: c - before.get(bits, 0) for bits, c in _layouts(library).items() if c != before.get(bits, 0)}
+        if variant == "planes":
+            assert made == {planes if engines[0] == "avx512" else 8: 1}, made     # only that engine reads planes
+        outs[variant] = [sess.run(None, {"x": x[:, :rows]})[0] for rows in (1, 2, 3, 9, 17)]
+        del sess
+    ref = _qmatmul_reference(x, w, k, n, 8)
+    if gate:
+        ref = _gate_reference(ref, gate)
+    assert np.max(np.abs(outs["planes"][-1][0] - ref)) <= 1e-5 * np.max(np.abs(ref))
+    for a, b, c in zip(outs["planes"], outs["bytes"], outs["scalar"]):
+        assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+        assert np.array_equal(a.view(np.uint32), c.view(np.uint32))
+    for rows, y in zip((1, 2, 3, 9, 17), outs["planes"]):
+        assert np.array_equal(y[0], outs["planes"][-1][0, :rows]), f"rows of a {rows}-row pass differ from the 17-row pass"
+
+
 def test_qmatmul_rejects_weights_that_do_not_match_its_shape(library, engines):
     k, n = 64, 8
     sess = _session(_qmatmul_graph(k, n, 4, None), library)

@@ -33,6 +33,14 @@ const char* conflayers_kernels_path() {
   return said.c_str();
 }
 
+// The weights QMatMul holds repacked now, by stored code width: "4-bit:30/5898240 5-bit:..." (matrices /
+// code bytes; 5- and 6-bit: narrow 8-bit codes in planes, qmatmul.h); "" when none.
+const char* conflayers_qmatmul_layouts() {
+  static thread_local std::string said;
+  said = conflayers_kernels::qmatmul_layouts();
+  return said.c_str();
+}
+
 OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
   if (api == nullptr) return nullptr;        // an older ONNX Runtime: the ONNX functions run

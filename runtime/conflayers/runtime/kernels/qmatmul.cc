@@ -83,11 +83,23 @@ using namespace conflayers_kernels::qmm;
 
 // Tile byte t of block b for the 16 columns of group g: row r = t / 64 holds k = 4r .. 4r+3 of
 // each column c = (t % 64) / 4.
+// 5 or 6 where every 8-bit code of the matrix lies in 32 or 64 consecutive values (*base: the
+// least, centered), else 0 (qmatmul.h, narrow codes).
+int narrow_planes(const uint8_t* codes, size_t count, int* base) {
+  int lo = 255, hi = 0;
+  for (size_t i = 0; i < count; ++i) lo = codes[i] < lo ? codes[i] : lo, hi = codes[i] > hi ? codes[i] : hi;
+  *base = lo - 128;
+  return hi - lo < 32 ? 5 : hi - lo < 64 ? 6 : 0;
+}
+
 void repack(const uint8_t* codes, const float* scales, const float* offsets_nb_n, int n, int k, int bits,
-            int block, TileWeights* out) {
+            int block, bool planes_ok, TileWeights* out) {
   const int nb = k / block, groups = (n + kCols - 1) / kCols, bytes = block * bits / 8;
   out->groups = groups, out->nb = nb, out->bits = bits, out->block = block;
-  const int per = out->bytes_per_block();
+  int base = 0;
+  if (planes_ok && bits == 8 && block == kBlock) out->planes = narrow_planes(codes, static_cast<size_t>(n) * nb * bytes, &base);
+  out->mid = out->planes ? -base : bits == 4 ? 8 : 128;
+  const int per = out->bytes_per_block(), per8 = kCols * block, half = per8 / 2;
   out->codes.assign(static_cast<size_t>(groups) * nb * per, 0);
   std::vector<float> sc(static_cast<size_t>(groups) * nb * kCols, 0.f), off;
   if (offsets_nb_n) off.assign(sc.size(), 0.f);
@@ -101,7 +113,13 @@ void repack(const uint8_t* codes, const float* scales, const float* offsets_nb_n
       for (int t = 0; t < kCols * block; ++t) {
         const int r = t / 64, c = (t % 64) / 4, kk = 4 * r + t % 4, col = g * kCols + c;
         const int v = col < n ? code(col, b, kk) : 0;
-        if (bits == 8) dst[t] = static_cast<int8_t>(v);
+        if (out->planes) {        // the planes of qmatmul.h (padding columns: code 0)
+          const int c = col < n ? v - base : 0, hi = c >> 4;
+          uint8_t* u = reinterpret_cast<uint8_t*>(dst);
+          u[t % half] |= static_cast<uint8_t>((c & 15) << (t < half ? 0 : 4));
+          if (out->planes == 6) u[half + t % (per8 / 4)] |= static_cast<uint8_t>(hi << (2 * (t / (per8 / 4))));
+          else u[half + t % (per8 / 8)] |= static_cast<uint8_t>(hi << (t / (per8 / 8)));
+        } else if (bits == 8) dst[t] = static_cast<int8_t>(v);
         else if (t < 256) dst[t] = static_cast<int8_t>(v + 8);
         else dst[t - 256] = static_cast<int8_t>(static_cast<uint8_t>(dst[t - 256]) | ((v + 8) << 4));
       }
@@ -163,19 +181,19 @@ std::mutex g_cache_lock;
 std::map<std::string, std::weak_ptr<const TileWeights>> g_cache;
 
 std::shared_ptr<const TileWeights> tile_weights(const uint8_t* codes, const float* scales, const float* offsets,
-                                                int n, int k, int bits, int block) {
+                                                int n, int k, int bits, int block, bool planes_ok) {
   const size_t nb = k / block, code_bytes = static_cast<size_t>(n) * nb * block * bits / 8;
   uint64_t h1 = 0xcbf29ce484222325ULL, h2 = 0x84222325cbf29ce4ULL;
   mix(codes, code_bytes, &h1, &h2);
   mix(scales, static_cast<size_t>(n) * nb * sizeof(float), &h1, &h2);
   if (offsets) mix(offsets, static_cast<size_t>(n) * nb * sizeof(float), &h1, &h2);
   const std::string key = std::to_string(n) + "x" + std::to_string(k) + "x" + std::to_string(bits) + "b" +
-                          std::to_string(block) + (offsets ? "o" : "") +
+                          std::to_string(block) + (offsets ? "o" : "") + (planes_ok && bits == 8 && block == kBlock ? "p" : "") +
                           ":" + std::to_string(h1) + ":" + std::to_string(h2);
   std::lock_guard<std::mutex> hold(g_cache_lock);
   if (auto kept = g_cache[key].lock()) return kept;
   auto made = std::make_shared<TileWeights>();
-  repack(codes, scales, offsets, n, k, bits, block, made.get());
+  repack(codes, scales, offsets, n, k, bits, block, planes_ok, made.get());
   g_cache[key] = made;
   return made;
 }
@@ -291,7 +309,15 @@ struct QMatMulKernel {
     std::vector<float> o;
     if (offsets_ != Offsets::kNone) o = offsets_fp32(off, offsets_, static_cast<size_t>(n_) * nb);
     return tile_weights(codes.GetTensorData<uint8_t>(), scales.GetTensorData<float>(), o.empty() ? nullptr : o.data(),
-                        n_, k_, bits_, block_);
+                        n_, k_, bits_, block_, planes_ok());
+  }
+
+  // Narrow codes in planes (qmatmul.h): read by the AVX-512 engine, which this matrix runs on
+  // (the AMX engine's tiles take bytes); CONFLAYERS_QMATMUL_PLANES=off keeps bytes (A/B runs).
+  bool planes_ok() const {
+    const char* env = std::getenv("CONFLAYERS_QMATMUL_PLANES");
+    const bool off = env && (std::string(env) == "off" || std::string(env) == "0");
+    return !off && engine_ == &kAvx512Engine;
   }
 
   void Compute(OrtKernelContext* context) {
@@ -401,6 +427,23 @@ namespace conflayers_kernels {
 const char* qmatmul_engine() {
   const Engine* e = chosen_engine();
   return e ? e->name : "off";
+}
+
+std::string qmatmul_layouts() {
+  std::map<int, std::pair<int, size_t>> by_bits;     // stored bits -> (matrices, code bytes)
+  {
+    std::lock_guard<std::mutex> hold(g_cache_lock);
+    for (const auto& entry : g_cache)
+      if (auto w = entry.second.lock()) {
+        auto& c = by_bits[w->planes ? w->planes : w->bits];
+        c.first += 1, c.second += w->codes.size();
+      }
+  }
+  std::string out;
+  for (const auto& b : by_bits)
+    out += (out.empty() ? "" : " ") + std::to_string(b.first) + "-bit:" + std::to_string(b.second.first) + "/" +
+           std::to_string(b.second.second);
+  return out;
 }
 
 void add_qmatmul_ops(Ort::CustomOpDomain& domain) {

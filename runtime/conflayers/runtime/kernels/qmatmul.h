@@ -42,11 +42,21 @@ struct ColumnValues {
 // byte t holds k = 4 (t / 64) + t % 4 of column (t % 64) / 4. 4-bit codes (blocks of 32): 256
 // bytes whose low nibbles are bytes 0..255 of that order (k 0..15) and high nibbles bytes
 // 256..511 (k 16..31), raw (0..15); 8-bit codes: 16 x block bytes, centered (code - 128).
+//
+// Narrow 8-bit codes (planes 5 or 6): an 8-bit matrix whose centered codes span at most 32 (64)
+// values, as GGUF's Q5_0 / Q5_1 / Q5_K types give (blocks of 32), is stored in 5 (6) bits a code, c =
+// centered - base: per block, 256 bytes of low nibbles (byte t: c of byte t of the order above in
+// bits 0-3, of byte 256 + t in bits 4-7), then the high bits: 6 bits, 128 bytes, byte t bits 2j,
+// 2j+1 = c[t + 128 j] >> 4; 5 bits, 64 bytes, byte t bit j = c[t + 64 j] >> 4. The block dot
+// product sum_k c_k q_k - mid qsum (mid = -base) is the 8-bit one's integer: the same results, 5/8
+// (6/8) of the bytes a pass reads. Only engines that read planes get them (planes_ok in qmatmul.cc).
 struct TileWeights {
   int groups = 0, nb = 0, bits = 0, block = kBlock;
-  std::vector<int8_t> codes;     // [groups, nb, 256 | 512 | 256 for 8-bit blocks of 16]
+  int planes = 0;                // 0: codes of `bits` bits as above; 5, 6: narrow 8-bit codes
+  int mid = 128;                 // what the dot subtracts per unit of qsum (8-bit: 128, 4-bit: 8)
+  std::vector<int8_t> codes;     // [groups, nb, bytes_per_block()]
   ColumnValues scales, offsets;  // offsets: empty without
-  int bytes_per_block() const { return kCols * block * bits / 8; }
+  int bytes_per_block() const { return kCols * block * (planes ? planes : bits) / 8; }
 };
 
 // The activations quantized per row and block, in the layout of the engine that quantized them
