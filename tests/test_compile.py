@@ -327,8 +327,8 @@ class _RowMixing:
             def __init__(self):
                 self.cache, self.graph = cache, inner.graph
 
-            def run(self, tokens, start, logits_from=0):
-                out = inner.run(tokens, start, logits_from)
+            def run(self, tokens, start, logits_from=0, full_logits=False):
+                out = inner.run(tokens, start, logits_from, full_logits)
                 return out + 1e-3 * out.mean(axis=0, keepdims=True)
         return Bound()
 

@@ -268,8 +268,8 @@ def test_rollback_every_acceptance_length(engine, schedule):
     target = engine.full.bind(cache)
     calls = []
     run = target.run
-    target.run = lambda tokens, start, logits_from=0: (calls.append((len(tokens), start)),
-                                                      run(tokens, start, logits_from))[1]
+    target.run = lambda tokens, start, logits_from=0, full_logits=False: (calls.append((len(tokens), start)),
+                                                                         run(tokens, start, logits_from, full_logits))[1]
     drafter = ScriptedDrafter(cache, len(ids), truth, schedule, spec.num_layers, spec.vocab_size, k)
     stats = DecodeStats()
     out = []

@@ -496,3 +496,127 @@ def test_qmatmul_norm_refuses_a_delta_of_another_shape(library, engines):
     x = np.ones((1, 2, 64), np.float32)
     with pytest.raises(Exception, match="delta must have x's shape"):
         sess.run(None, {"x": x, "delta": x[:, :1], "norm_weight": np.ones(64, np.float32)})
+
+
+# -- QMatMulScreened: the head's greedy token from its top 6 bits (qmatmul.h, head.py) ----------------
+
+def _screened_graph(k: int, n: int, w: dict, norm: bool, screened: bool):
+    """logits = QMatMul[Norm][Screened](x[, delta, norm_weight], codes, scales[, full_logits])."""
+    op = ("QMatMulNorm" if norm else "QMatMul") + ("Screened" if screened else "")
+    ins = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "S", k])]
+    names = ["x"]
+    if norm:
+        ins += [helper.make_tensor_value_info("delta", TensorProto.FLOAT, [1, "S", k])]
+        names += ["delta", "norm_weight"]
+    names += ["codes", "scales"]
+    if screened:
+        ins.append(helper.make_tensor_value_info("full_logits", TensorProto.INT64, [1]))
+        names.append("full_logits")
+    inits = [onnx.numpy_helper.from_array(w["codes"], "codes"), onnx.numpy_helper.from_array(w["scales"], "scales")]
+    if norm:
+        inits.append(onnx.numpy_helper.from_array(w["norm_weight"], "norm_weight"))
+    outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "S", n])]
+    if norm:
+        outs.append(helper.make_tensor_value_info("total", TensorProto.FLOAT, [1, "S", k]))
+    extra = {"epsilon": 1e-5} if norm else {}
+    node = helper.make_node(op, names, [o.name for o in outs], domain=kernels.DOMAIN, K=k, N=n, bits=8, block_size=32, **extra)
+    g = helper.make_graph([node], "t", ins, outs, inits)
+    m = helper.make_model(g, opset_imports=list(decoder_graph.OPSET) + [helper.make_opsetid(kernels.DOMAIN, 1)])
+    m.ir_version = 10
+    return m
+
+
+def _head_weights(k: int, n: int, seed: int):
+    """An 8-bit head like a GGUF Q8_0 one (codes roughly normal around 128, fp16 scales) with traps
+    for the screening: column groups that differ from column 0 only in their codes' low 2 bits (the
+    part screening does not read), a column repeated (a tie: the first must win), a zero column."""
+    r = np.random.default_rng(seed)
+    nb = k // 32
+    codes = np.clip(np.rint(r.standard_normal((n, nb, 32)) * 40 + 128), 0, 255).astype(np.uint8)
+    scales = (r.random((n, nb)) * 0.004 + 5e-4).astype(np.float16).astype(np.float32)
+    for c in range(40, 40 + 48):                  # 3 groups of near-twins of column 0
+        codes[c] = (codes[0] & 0xFC) | r.integers(0, 4, codes[0].shape, dtype=np.uint8)
+        scales[c] = scales[0]
+    codes[200], scales[200] = codes[7], scales[7]      # column 200 == column 7
+    codes[300], scales[300] = 128, scales[300]          # all-zero weights
+    if n > 600:     # column 600 leads 520 in its top bits but trails it exactly (bound too small: 600 wins)
+        codes[520, 0, :2] = (codes[520, 0, :2] & 0xF8) | 3          # low bits 3 (top bits < 63)
+        codes[600], scales[600] = codes[520], scales[520]
+        codes[600, 0, 0] += 1                                        # top bits + 1, low bits 0: +1
+        codes[600, 0, 1] -= 3                                        # low bits 0: -3
+    return {"codes": codes, "scales": scales, "norm_weight": (1 + 0.1 * r.standard_normal(k)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_screened_head_gives_the_plain_heads_argmax_and_its_exact_logits(library, engines, norm, monkeypatch):
+    """On every pass of 1-17 rows: each row's argmax is the plain op's (first index on ties), its
+    finite logits are the plain op's bit for bit, and the row does not depend on the pass; with
+    full_logits 1 the output is the plain op's whole. On the AVX-512 engine the screening leaves
+    most columns -inf; elsewhere every column is computed. Rows include zeros (every logit ties),
+    tiny and huge values, and hidden states aimed at the near-twin columns."""
+    k, n = 576, 1000                                # 62.5 groups of 16: a partial last group
+    w = _head_weights(k, n, seed=5)
+    monkeypatch.setenv("CONFLAYERS_QMATMUL", engines[0])
+    plain = _session(_screened_graph(k, n, w, norm, False), library)
+    screened = _session(_screened_graph(k, n, w, norm, True), library)
+    r = np.random.default_rng(9)
+    x = r.standard_normal((1, 17, k)).astype(np.float32)
+    w0 = ((w["codes"][0].astype(np.float32) - 128) * w["scales"][0][:, None]).reshape(-1)
+    x[0, 1] = w0 / np.linalg.norm(w0) * 30          # points at column 0 and its near-twins
+    x[0, 2] = 0.0                                   # every logit 0: all tie, column 0 wins
+    x[0, 3] *= np.float32(1e-30)
+    x[0, 4] *= np.float32(1e4)
+    w7 = ((w["codes"][7].astype(np.float32) - 128) * w["scales"][7][:, None]).reshape(-1)
+    x[0, 5] = w7                                    # column 7 and its twin 200: 7 must win
+    w520 = ((w["codes"][520].astype(np.float32) - 128) * w["scales"][520][:, None]).reshape(-1)
+    x[0, 6] = w520 / np.linalg.norm(w520) * 30
+    x[0, 6, :2] = np.abs(x[0, 6, :32]).max() * 1.01      # both at 127 once quantized
+    delta = r.standard_normal((1, 17, k)).astype(np.float32) * 0.1
+    if norm:
+        x[0, 2] = -delta[0, 2]                      # the sum is zero: the norm of zeros
+        delta[0, 6] = 0.0
+
+    def feed(rows, full=None):
+        f = {"x": x[:, :rows]}
+        if norm:
+            f["delta"] = delta[:, :rows]
+        if full is not None:
+            f["full_logits"] = np.array([full], np.int64)
+        return f
+
+    kept = []
+    whole = screened.run(None, feed(17, 0))[0][0]
+    for rows in (1, 2, 3, 5, 9, 16, 17):
+        ref = plain.run(None, feed(rows))[0][0]
+        got = screened.run(None, feed(rows, 0))[0][0]
+        assert np.array_equal(got.argmax(-1), ref.argmax(-1)), f"rows={rows}"
+        fin = np.isfinite(got)
+        assert np.array_equal(got[fin].view(np.uint32), ref[fin].view(np.uint32))
+        assert np.array_equal(got.view(np.uint32), whole[:rows].view(np.uint32)), f"rows={rows}: a row depends on the pass"
+        assert np.array_equal(screened.run(None, feed(rows, 1))[0][0].view(np.uint32), ref.view(np.uint32))
+        if norm:
+            assert np.array_equal(screened.run(None, feed(rows, 0))[1], plain.run(None, feed(rows))[1])
+        kept.append(fin.sum(-1))
+    assert whole[2].argmax() == 0 and whole[5].argmax() == 7
+    if not norm:
+        assert whole[6].argmax() == 520 and plain.run(None, feed(17))[0][0][6].argsort()[-2] == 600
+    ref1 = plain.run(None, feed(17))[0][0][1]
+    assert ref1.argmax() in range(40, 88) or ref1.argmax() == 0          # the trap did aim there
+    kept = np.concatenate(kept)
+    if engines[0] == "avx512":
+        assert np.isinf(whole[0]).any() and np.median(kept) < n / 2, kept        # it did screen
+        assert kept.max() == n                                                   # the tie row kept all
+    else:
+        assert (kept == n).all()
+
+
+def test_screened_head_needs_its_full_logits_input_and_8_bits(library, engines):
+    k, n = 64, 320
+    w = _head_weights(k, n, seed=1)
+    sess = _session(_screened_graph(k, n, w, False, True), library)
+    with pytest.raises(Exception, match="full_logits"):      # (ONNX Runtime checks its shape [1] first)
+        sess.run(None, {"x": np.ones((1, 2, k), np.float32), "full_logits": np.zeros(2, np.int64)})
+    four = _screened_graph(k, n, {**w, "codes": w["codes"][..., :16]}, False, True)
+    next(a for a in four.graph.node[0].attribute if a.name == "bits").i = 4
+    with pytest.raises(Exception, match="QMatMulScreened: needs an 8-bit head"):
+        _session(four, library)

@@ -30,7 +30,7 @@ LAYERS = {
     "base": {"contract", "modelspec", "sampling", "jsonfmt", "textio", "device", "draftplan", "speculation", "timing",
              "batchcost", "batchguard", "rayutil"},
     "artifacts": {"policy", "profile", "selection", "bundle"},
-    "ort": {"ort_backend", "kernels", "attention", "exactness", "packing", "promptstore"},
+    "ort": {"ort_backend", "kernels", "attention", "head", "exactness", "packing", "promptstore"},
     "drafters": {"drafter", "ngram", "cascade"},
     "core": {"scheduler", "decoding", "batchplan", "probe", "engine"},
     "serving": {"serving", "serving.schema", "serving.admission", "serving.metrics", "serving.http", "ray_serve"},

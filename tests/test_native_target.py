@@ -85,7 +85,7 @@ def test_full_graph_computes_with_the_gguf_weights(native_bundle, tiny_llama, ti
     ids = list(range(5, 60))
     native = Engine.load(native_bundle, guard=False)
     ref = Engine.load(fp32_dir, guard=False)
-    a = native.full.bind(KVCache(spec, 128)).run(ids, 0)
+    a = native.full.bind(KVCache(spec, 128)).run(ids, 0, full_logits=True)      # every logit (head.py)
     b = ref.full.bind(KVCache(spec, 128)).run(ids, 0)
     rel = np.abs(a - b).max() / np.abs(b).max()
     agree = (a.argmax(-1) == b.argmax(-1)).mean()
@@ -169,7 +169,7 @@ def test_sampling_distribution_equals_the_native_target(engine):
         nxt = {}
         for prefix, p in level.items():
             cache = KVCache(engine.spec, len(ids) + depth + 2)
-            logits = engine.full.bind(cache).run(ids + list(prefix), 0)[-1:].astype(np.float64)
+            logits = engine.full.bind(cache).run(ids + list(prefix), 0, full_logits=True)[-1:].astype(np.float64)
             row = hf_probs(logits, temperature, 0, 1.0)[0] * p
             for t in np.nonzero(row >= 1e-4)[0]:
                 nxt[prefix + (int(t),)] = float(row[t])
@@ -200,14 +200,14 @@ def test_verify_identity_check_passes_an_exact_target_and_refuses_one_that_is_no
 
     class WidthDependent:            # a graph whose result depends on how many rows a pass has
         def __init__(self, full):
-            self.full, self.kv_dtype = full, full.kv_dtype
+            self.full, self.kv_dtype, self.screened = full, full.kv_dtype, full.screened
 
         def bind(self, cache):
             inner = self.full.bind(cache)
 
             class Bound:
-                def run(self, tokens, start, logits_from=0):
-                    out = inner.run(tokens, start, logits_from)
+                def run(self, tokens, start, logits_from=0, full_logits=False):
+                    out = inner.run(tokens, start, logits_from, full_logits)
                     return out + (len(tokens) - 1) * 1e-6
             return Bound()
     with pytest.raises(TargetNotExact, match="2-token pass at position 0 computes its tokens differently"):
@@ -223,7 +223,7 @@ class _Boundaries:
     def __init__(self, full, bounds, verify_boundaries=None):
         self.full, self.bounds, self.verify_boundaries = full, list(bounds), verify_boundaries
         self.padding = full.padding
-        self.kv_dtype = full.kv_dtype
+        self.kv_dtype, self.screened = full.kv_dtype, full.screened
         self.passes = []              # (start, tokens) of every pass
 
     def verify_room(self, start):
@@ -241,10 +241,10 @@ class _Boundaries:
             def __init__(self):
                 self.cache, self.graph = cache, graph
 
-            def run(self, tokens, start, logits_from=0):
+            def run(self, tokens, start, logits_from=0, full_logits=False):
                 from conflayers.runtime.exactness import padding_of
                 graph.passes.append((start, len(tokens)))
-                out = inner.run(tokens, start, logits_from)
+                out = inner.run(tokens, start, logits_from, full_logits)
                 reach = padding_of(graph).reach(start, len(tokens))
                 rows = start + logits_from + np.arange(out.shape[0])
                 step = padding_of(graph).reach(0, 1)       # how far a one-token step at 0 reaches

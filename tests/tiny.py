@@ -98,41 +98,44 @@ def profile_json(task: str, model: dict, precision="int8", skip_layers=(), skip_
     }
 
 
-def native_weights(spec, weights: dict, type_name: str = "Q4_1"):
+def native_weights(spec, weights: dict, type_name: str = "Q4_1", embed_type: str | None = None):
     """The tiny model as if it came from a GGUF file of `type_name`: every matmul weight and the
-    (tied) embedding quantized by the gguf package, read back by the native importer. Returns
-    (canonical weights = the gguf package's dequantization, native QuantMatrix dict)."""
+    (tied) embedding (of `embed_type`, default `type_name`; real files keep it in Q8_0 or Q6_K)
+    quantized by the gguf package, read back by the native importer. Returns (canonical weights =
+    the gguf package's dequantization, native QuantMatrix dict)."""
     import numpy as np
     from gguf import GGMLQuantizationType
     from gguf import quants as gq
 
     from conflayers.compiler.arch import MATMUL_NAMES
     from conflayers.compiler.export.gguf_import import from_blocks
-    qtype = GGMLQuantizationType[type_name]
     out, native = dict(weights), {}
     for name, w in weights.items():
         if name == "embed" or name.split(".")[-1] in MATMUL_NAMES:
+            kind = (embed_type or type_name) if name == "embed" else type_name
+            qtype = GGMLQuantizationType[kind]
             rows = w if name == "embed" else w.T                # GGUF layout: [N, K]
             raw = gq.quantize(np.ascontiguousarray(rows), qtype)
             deq = gq.dequantize(raw, qtype).astype(np.float32)
             out[name] = deq if name == "embed" else np.ascontiguousarray(deq.T)
-            native[name] = from_blocks(raw, type_name, rows.shape[1])
+            native[name] = from_blocks(raw, kind, rows.shape[1])
     if spec.tie_word_embeddings:
         out["lm_head"], native["lm_head"] = out["embed"], native["embed"]
     return out, native
 
 
 def make_bundle(out: str, model, tokenizer_dir: str, profiles=None, force=True, target: str = "fp32",
-                gguf_type: str = "Q4_1") -> str:
+                gguf_type: str = "Q4_1", embed_type: str | None = None) -> str:
     """A bundle of a tiny model written by the compiler's BundleWriter. target="native": the
-    weights as a GGUF file of `gguf_type` would hold them (native_weights)."""
+    weights as a GGUF file of `gguf_type` (its embedding `embed_type`) would hold them
+    (native_weights)."""
     from conflayers.compiler.arch import canonical_weights, model_spec
     from conflayers.compiler.export.bundle_writer import BundleWriter, fingerprint, model_identity
     spec = model_spec(model.config)
     weights = canonical_weights(spec, model.state_dict())
     native = None
     if target == "native":
-        weights, native = native_weights(spec, weights, gguf_type)
+        weights, native = native_weights(spec, weights, gguf_type, embed_type)
     fp = {**fingerprint(spec, weights), "target": target}
     ident = model_identity("tiny", spec, fp)
     if profiles is None:

@@ -140,19 +140,16 @@ def rewrite(model, where: str = "graph", kv_cache: str = "float32") -> bool:
     return True
 
 
-def rewritten(path: str, kv_cache: str = "float32") -> bytes | None:
-    """The graph file at `path` with SlotAttention (serialized; its external weights stay in their
-    files), or None where it keeps GroupQueryAttention (a graph without attention, a draft head,
-    included). kv_cache "float16": a graph whose attention cannot run on half caches is a
-    KVCacheError, naming why."""
-    import onnx
-    model = onnx.load(path, load_external_data=False)
+def rewrite_or_refuse(model, path: str, kv_cache: str = "float32") -> bool:
+    """rewrite(model): True where the graph now runs SlotAttention, False where it keeps
+    GroupQueryAttention (a graph without attention, a draft head, included). kv_cache "float16":
+    a graph whose attention cannot run on half caches is a KVCacheError, naming why."""
     if rewrite(model, path, kv_cache):
-        return model.SerializeToString()
+        return True
     if kv_cache == "float16" and any(n.op_type == "GroupQueryAttention" for n in model.graph.node):
         raise KVCacheError(f"{path}: its attention (interleaved rotary, softcap, smooth softmax or a head size "
                            f"not a multiple of 8) has no float16 KV cache; use the float32 cache (--kv-cache float32)")
-    return None
+    return False
 
 
 def check_kv_cache(kv_cache: str, providers: list[str]) -> None:

@@ -39,6 +39,7 @@ INPUT_IDS = "input_ids"
 SEQLENS = "seqlens_k"
 TOTAL = "total_seq_len"
 LOGITS_FROM = "logits_from"
+FULL_LOGITS = "full_logits"             # int64 [1] input of a graph with the screened head (head.py)
 LOGITS = "logits"
 HIDDEN = "hidden"
 KEEP_POSITIONS = "keep_positions"       # node name (prefix) of the final Slice(s) from logits_from

@@ -160,11 +160,12 @@ class Engine:
         # float16: the KV caches as halves (attention.py; create_session refuses what cannot run)
         self.kv_cache = kv_cache
 
-        def session(path):
-            return create_session(path, self.providers, num_threads, kv_cache=kv_cache)
+        def session(path, screen_head=False):
+            return create_session(path, self.providers, num_threads, kv_cache=kv_cache, screen_head=screen_head)
         self.num_threads = num_threads
-        # by construction exact on every CPU (contract.py); the load check may find a cheaper padding
-        self.full = GraphRunner(session(bundle.full_graph), list(range(self.spec.num_layers)), "logits",
+        # by construction exact on every CPU (contract.py); the load check may find a cheaper padding;
+        # the screened head where the library has it (head.py: the same greedy tokens, fewer bytes)
+        self.full = GraphRunner(session(bundle.full_graph, screen_head=True), list(range(self.spec.num_layers)), "logits",
                                 verify_boundaries=bundle.verify_boundaries, path=bundle.full_graph,
                                 padding=contract.PAD_EVERY if bundle.verify_boundaries else contract.PAD_SINGLE)
         # padding rows reach past the context as far as the graph's rotary tables allow

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import attention, contract, kernels
+from . import attention, contract, head, kernels
 
 LOAD_CHECK_LENGTH = 140      # positions of the load check: a 129-row pass fits
 BOUNDARY_CHECK_LENGTH = 200  # ... of a target with verify boundaries: two of Gemma's (64, 192) fit
@@ -96,7 +96,8 @@ def machine(num_threads: int | None = None) -> dict:
     threads = num_threads or int(os.environ.get("CONFLAYERS_THREADS", "0")) or (os.cpu_count() or 1)
     return {"onnxruntime": ort.__version__, "kernels": kernel_path(), "threads": int(threads),
             "conflayers_kernels": kernels.describe(),     # the custom ops' kernels, or their ONNX functions
-            "attention": attention.OP if attention.available() else "GroupQueryAttention"}
+            "attention": attention.OP if attention.available() else "GroupQueryAttention",
+            "head": "screened" if head.available() else "plain"}      # the full graph's head (head.py)
 
 
 # -- passes ---------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import threading
 import numpy as np
 import onnxruntime as ort
 
-from . import attention, contract, kernels
+from . import attention, contract, head, kernels
 from .device import available_providers, device_of, resolve_providers  # noqa: F401 (their home was here)
 from .modelspec import ModelSpec
 
@@ -39,20 +39,35 @@ def _use_global_pool(num_threads: int | None) -> bool:
         return _global_pool
 
 
+def rewritten(path: str, kv_cache: str = "float32", screen_head: bool = False) -> bytes | None:
+    """The graph file at `path` as this CPU session runs it (serialized; its external weights stay
+    in their files): SlotAttention where the library runs it (attention.py), the screened head where
+    asked and the library screens (head.py); None where neither changes it."""
+    import onnx
+    model = onnx.load(path, load_external_data=False)
+    changed = attention.available() and attention.rewrite_or_refuse(model, path, kv_cache)
+    if screen_head and head.available():
+        changed = head.rewrite(model) or changed
+    return model.SerializeToString() if changed else None
+
+
 def create_session(path: str | bytes, providers: list[str], num_threads: int | None = None,
-                   external_dir: str | None = None, initializers=(), kv_cache: str = "float32") -> ort.InferenceSession:
+                   external_dir: str | None = None, initializers=(), kv_cache: str = "float32",
+                   screen_head: bool = False) -> ort.InferenceSession:
     """A session for a model file, or for serialized model bytes whose external weights files lie
     in `external_dir` (the batched engine's derived graphs); `initializers`: (name, OrtValue)
     pairs the session uses in place of the graph's own (ONNX Runtime keeps no copy of them).
     A CPU session of a graph file runs the kernel library's SlotAttention where the library has
     it (attention.py), with the file's weights shared with every other session of the process;
-    kv_cache "float16": over half KV caches (attention.KVCacheError where that cannot run)."""
+    kv_cache "float16": over half KV caches (attention.KVCacheError where that cannot run);
+    screen_head (a full graph): the screened head where the library screens (head.py)."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if kv_cache != "float32":
         attention.check_kv_cache(kv_cache, providers)
-    if isinstance(path, str) and providers[0] == "CPUExecutionProvider" and attention.available():
-        data = attention.rewritten(path, kv_cache)
+    if isinstance(path, str) and providers[0] == "CPUExecutionProvider" and \
+            (attention.available() or (screen_head and head.available())):     # (both need onnx)
+        data = rewritten(path, kv_cache, screen_head)
         if data is not None:
             path, external_dir, initializers = data, os.path.dirname(os.path.abspath(path)), mapped_weights(path)
     for name, value in initializers:
@@ -182,6 +197,9 @@ class GraphRunner:
         # the KV caches' element type this graph reads and writes (attention.py: float16 caches)
         self.kv_dtype = np.float16 if self.kv_layers and types[contract.past_key(self.kv_layers[0])] == \
             "tensor(float16)" else np.float32
+        # the screened head (head.py): its logits are exact only where they may be the argmax,
+        # unless a pass asks for all of them (full_logits, which every pass then binds)
+        self.screened = contract.FULL_LOGITS in self.input_names
 
     def new_cache(self, spec: ModelSpec, capacity: int, device: str = "cpu") -> "KVCache":
         """A KV cache of the element type this graph's KV inputs take."""
@@ -225,9 +243,11 @@ class BoundGraph:
             b.bind_ortvalue_output(contract.present_value(i), cache.values[i])
         self.binding = b
 
-    def run(self, tokens, start: int, logits_from: int = 0) -> np.ndarray:
+    def run(self, tokens, start: int, logits_from: int = 0, full_logits: bool = False) -> np.ndarray:
         """Feed `tokens` at positions start.. (writing their KV in place); returns the output rows
-        for positions start+logits_from.. as [rows, width]."""
+        for positions start+logits_from.. as [rows, width]. full_logits: every logit exact, where
+        the graph has the screened head (a sampled row needs them; greedy rows need only the argmax,
+        the same either way)."""
         n = len(tokens)
         if start + n > self.cache.capacity:
             raise ValueError(f"context length {start + n} exceeds the KV cache capacity {self.cache.capacity}")
@@ -242,6 +262,8 @@ class BoundGraph:
         b.bind_cpu_input(contract.SEQLENS, np.array([start + rows - 1], np.int32))
         b.bind_cpu_input(contract.TOTAL, np.array(start + rows, np.int32))
         b.bind_cpu_input(contract.LOGITS_FROM, np.array([first], np.int64))
+        if self.graph.screened:
+            b.bind_cpu_input(contract.FULL_LOGITS, np.array([int(full_logits)], np.int64))
         b.bind_output(self.graph.output, "cpu")
         self.graph.session.run_with_iobinding(b)
         out = b.get_outputs()[-1].numpy()[0]

@@ -19,7 +19,7 @@ from collections import OrderedDict
 import numpy as np
 import onnxruntime as ort
 
-from . import attention, contract
+from . import attention, contract, head
 from .modelspec import ModelSpec
 from .ort_backend import GraphRunner, KVCache, create_session, mapped_weights
 
@@ -40,7 +40,7 @@ def _onnx():
     return onnx, TensorProto, helper
 
 
-def pack_slot_graph(path: str, kv_cache: str = "float32") -> bytes:
+def pack_slot_graph(path: str, kv_cache: str = "float32", screen_head: bool = False) -> bytes:
     """The decoder graph at `path` (full or draft body) with SlotAttention (attention.py) for any
     number of sequences packed along its sequence axis: every node but attention computes each
     position on its own, and each SlotAttention node takes every segment, over the whole batched
@@ -56,6 +56,8 @@ def pack_slot_graph(path: str, kv_cache: str = "float32") -> bytes:
     model = onnx.load(path, load_external_data=False)
     if not attention.rewrite(model, path, kv_cache):
         raise BatchingError(f"{path}: its attention does not run as SlotAttention")
+    if screen_head:
+        head.rewrite(model)          # as the solo graph's session has it (head.py)
     g = model.graph
     nodes = []
     for n in g.node:
@@ -86,7 +88,7 @@ def pack_slot_graph(path: str, kv_cache: str = "float32") -> bytes:
     return model.SerializeToString()
 
 
-def pack_graph(path: str, slots: int) -> tuple[bytes, bool]:
+def pack_graph(path: str, slots: int, screen_head: bool = False) -> tuple[bytes, bool]:
     """The decoder graph at `path` (full or draft body) rewritten for `slots` sequences packed
     along its sequence axis, each with at least one row. Returns (serialized model, whether its
     attention pads a row).
@@ -105,6 +107,8 @@ def pack_graph(path: str, slots: int) -> tuple[bytes, bool]:
     """
     onnx, TensorProto, helper = _onnx()
     model = onnx.load(path, load_external_data=False)
+    if screen_head:
+        head.rewrite(model)
     g = model.graph
     producer = {o: n for n in g.node for o in n.output}
     consumers: dict[str, list] = {}
@@ -312,9 +316,10 @@ class PackedGraph:
         for w in widths if widths is not None else range(2, self.cache.slots + 1):
             self._session(w)
 
-    def run(self, segments: list[tuple[list[int], int]], rows: list[int]) -> np.ndarray:
+    def run(self, segments: list[tuple[list[int], int]], rows: list[int], full_logits: bool = False) -> np.ndarray:
         """segments[b] = (tokens, start) of slot b (tokens empty: slot b takes no part); returns
-        the output rows `rows` (indices into the packed tokens, ascending) as [len(rows), width]."""
+        the output rows `rows` (indices into the packed tokens, ascending) as [len(rows), width].
+        full_logits: as BoundGraph.run."""
         busy = [b for b, (toks, _) in enumerate(segments) if toks]
         if not busy:
             if rows:
@@ -324,7 +329,7 @@ class PackedGraph:
             toks, start = segments[busy[0]]
             first = rows[0] if rows else len(toks) - 1
             if list(rows) == list(range(first, first + len(rows))) and (not rows or rows[-1] == len(toks) - 1):
-                return self.solo[busy[0]].run(toks, start, logits_from=first)[:len(rows)]
+                return self.solo[busy[0]].run(toks, start, logits_from=first, full_logits=full_logits)[:len(rows)]
         segments = [segments[b] for b in busy]      # empty segments hold no rows: `rows` stays valid
         for toks, start in segments:
             if start + len(toks) > self.cache.capacity:
@@ -350,6 +355,8 @@ class PackedGraph:
         elif self.padded:
             for name, value in zip(("attn_rows", "attn_lens", "attn_keep"), attention_rows(lens)):
                 bind.bind_cpu_input(name, value)
+        if self.runner.screened:
+            bind.bind_cpu_input(contract.FULL_LOGITS, np.array([int(full_logits)], np.int64))
         bind.bind_output(self.runner.output, "cpu")
         self._sessions[width].run_with_iobinding(bind)
         return bind.get_outputs()[-1].numpy()[0][:wanted]
@@ -360,9 +367,9 @@ class PackedGraph:
             if path is None or self.cache.slots == 1:
                 raise BatchingError("a pass over several sequences needs the graph's file and a batched cache")
             if width == 0:
-                data = pack_slot_graph(path, np.dtype(self.runner.kv_dtype).name)
+                data = pack_slot_graph(path, np.dtype(self.runner.kv_dtype).name, self.runner.screened)
             else:
-                data, self.padded = pack_graph(path, width)
+                data, self.padded = pack_graph(path, width, self.runner.screened)
             self._sessions[width] = create_session(data, self.providers, self.num_threads,
                                                    external_dir=os.path.dirname(path),
                                                    initializers=mapped_weights(path))

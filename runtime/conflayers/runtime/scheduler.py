@@ -298,7 +298,8 @@ class Scheduler:
                 at += len(toks)
         if not rows and not chunk:
             return
-        logits = self.full.run(segments, rows)
+        # a sampled sequence needs every logit exact (the screened head, head.py); greedy ones the argmax
+        logits = self.full.run(segments, rows, full_logits=any(not s.sampler.greedy for s in order))
         t2 = time.perf_counter()
         if prefill is not None and chunk:
             self._prefilled(prefill, chunk, logits[where[id(prefill)]] if id(prefill) in where else None)

@@ -172,7 +172,7 @@ def _version(module: str) -> str | None:
 
 
 def machine_info() -> dict:
-    from conflayers.runtime import kernels
+    from conflayers.runtime import head, kernels
     from conflayers.runtime.exactness import kernel_path
     cpu = None
     try:
@@ -186,7 +186,8 @@ def machine_info() -> dict:
     return {"cores": os.cpu_count(), "cpu": cpu or platform.processor() or None, "kernels": kernel_path(),
             "platform": f"{platform.system()} {platform.machine()}", "python": platform.python_version(),
             "busy_at_start": busy_share(), "copy_bandwidth_gb_s": copy_bandwidth(),
-            "conflayers_kernels": kernels.describe()}
+            "conflayers_kernels": kernels.describe(),
+            "head": "screened" if head.available() else "plain"}      # runtime/head.py
 
 
 def copy_bandwidth(mb: int = 256, threads: int | None = None) -> float:
@@ -739,7 +740,7 @@ def render(doc: dict) -> str:
              + (f", {meta['settings']['threads']} threads" if meta["settings"].get("threads") else "")
              + (f", prompt lookup {meta['settings']['prompt_lookup_num_tokens']} tokens/proposal")]
     lines.append(f"kernels: {m.get('kernels')} (ONNX Runtime's CPU path), conflayers ops: "
-                 f"{m.get('conflayers_kernels', 'n/a')}; memory bandwidth (copy, "
+                 f"{m.get('conflayers_kernels', 'n/a')}, head {m.get('head', 'plain')}; memory bandwidth (copy, "
                  f"{meta['settings'].get('threads')} threads): {_f(m.get('copy_bandwidth_gb_s'), '{:.1f}')} GB/s; "
                  + (f"CPU busy at start {m['busy_at_start']:.0%}" if m.get("busy_at_start") is not None else "")
                  + (f", CPU steal during the run {m['cpu_steal_share']:.1%}" if m.get("cpu_steal_share") is not None else ""))

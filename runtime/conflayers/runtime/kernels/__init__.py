@@ -6,7 +6,10 @@ with or without the library. Each .cc file says what its ops do and why they are
                     4/8-bit matrix product, exact integer block products and one float
                     sequence per row (qmatmul.h), on one of its engines: qmatmul_amx.cc
                     (AMX-INT8), qmatmul_avx512.cc (AVX-512 VNNI), qmatmul_avx2.cc (any AVX2
-                    CPU), qmatmul_scalar.cc (the reference); the engines agree bit for bit
+                    CPU), qmatmul_scalar.cc (the reference); the engines agree bit for bit.
+                    The AVX-512 engine holds narrow 8-bit codes (GGUF's Q5 types) in 5/6-bit
+                    planes, and QMatMul(Norm)Screened, the screened head (head.py), reads an
+                    8-bit head's top 6 bits to find each row's greedy token exactly
   attention.cc      SlotAttention: causal GQA attention with rotary over in-place KV caches,
                     one sequence or many packed, every row in one fixed order (AVX2, FMA; on
                     AVX-512 CPUs two queries per instruction, the same bits); the runtime
@@ -17,6 +20,8 @@ Built by tools/build_kernels.sh (setup.sh runs it) into kernels/build/. The runt
 library in every CPU session when it is there and the CPU has its kernels;
 CONFLAYERS_KERNELS=off runs the ONNX functions instead (for A/B measurement),
 CONFLAYERS_QMATMUL=off only QMatMul's (=amx|avx512|avx2|scalar picks its engine),
+CONFLAYERS_QMATMUL_PLANES=off keeps every code in bytes (the screened head then computes every
+column), CONFLAYERS_HEAD_SCREEN=off keeps the plain head,
 CONFLAYERS_ATTENTION=off keeps ONNX Runtime's GroupQueryAttention, CONFLAYERS_ATTENTION_ISA=avx2
 keeps SlotAttention on its AVX2 path (=avx512 insists on the AVX-512 one),
 CONFLAYERS_KERNELS=/path/lib.so names another build. Not for CUDA sessions: their nodes would run

@@ -12,6 +12,10 @@
 //       the op's own; attribute epsilon): total = x + delta, h = total / sqrt(mean(total^2) +
 //       epsilon) * norm_weight, outputs (the product of h, total): a layer's residual add and
 //       RMSNorm (SkipSimplifiedLayerNormalization) in the node that reads h
+//   QMatMulScreened, QMatMulNormScreened (QMatMul's / QMatMulNorm's inputs on an 8-bit head, then
+//       full_logits int64 [1]): the screened head (qmatmul.h; head.py writes it): every greedy
+//       argmax as the plain op's, the logits exact where they may be the argmax and -inf
+//       elsewhere; full_logits 1, or an engine other than AVX-512: every logit, the plain op's
 //
 // The inputs are MatMulNBits' (codes [N, K/32, 16 | 32] of 4 or 8 bits, blocks of 32, mid 8 or
 // 128, fp32 scales [N, K/32]; or Q6_K's 8-bit blocks of 16) plus the GGUF offsets [K/32, N]. The
@@ -93,12 +97,15 @@ int narrow_planes(const uint8_t* codes, size_t count, int* base) {
 }
 
 void repack(const uint8_t* codes, const float* scales, const float* offsets_nb_n, int n, int k, int bits,
-            int block, bool planes_ok, TileWeights* out) {
+            int block, Layout layout, TileWeights* out) {
   const int nb = k / block, groups = (n + kCols - 1) / kCols, bytes = block * bits / 8;
   out->groups = groups, out->nb = nb, out->bits = bits, out->block = block;
   int base = 0;
-  if (planes_ok && bits == 8 && block == kBlock) out->planes = narrow_planes(codes, static_cast<size_t>(n) * nb * bytes, &base);
-  out->mid = out->planes ? -base : bits == 4 ? 8 : 128;
+  const bool wide8 = bits == 8 && block == kBlock;
+  if (layout == Layout::kSplit && wide8) out->planes = 6, out->split = true;
+  else if (layout == Layout::kNarrow && wide8) out->planes = narrow_planes(codes, static_cast<size_t>(n) * nb * bytes, &base);
+  out->mid = out->planes && !out->split ? -base : bits == 4 ? 8 : 128;
+  if (out->split) out->lo.assign(static_cast<size_t>(groups) * nb * 128, 0);
   const int per = out->bytes_per_block(), per8 = kCols * block, half = per8 / 2;
   out->codes.assign(static_cast<size_t>(groups) * nb * per, 0);
   std::vector<float> sc(static_cast<size_t>(groups) * nb * kCols, 0.f), off;
@@ -114,8 +121,11 @@ void repack(const uint8_t* codes, const float* scales, const float* offsets_nb_n
         const int r = t / 64, c = (t % 64) / 4, kk = 4 * r + t % 4, col = g * kCols + c;
         const int v = col < n ? code(col, b, kk) : 0;
         if (out->planes) {        // the planes of qmatmul.h (padding columns: code 0)
-          const int c = col < n ? v - base : 0, hi = c >> 4;
+          const int c = col < n ? (out->split ? (v + 128) >> 2 : v - base) : 0, hi = c >> 4;
           uint8_t* u = reinterpret_cast<uint8_t*>(dst);
+          if (out->split && col < n)
+            reinterpret_cast<uint8_t*>(out->lo.data())[(static_cast<size_t>(g) * nb + b) * 128 + t % 128] |=
+                static_cast<uint8_t>(((v + 128) & 3) << (2 * (t / 128)));
           u[t % half] |= static_cast<uint8_t>((c & 15) << (t < half ? 0 : 4));
           if (out->planes == 6) u[half + t % (per8 / 4)] |= static_cast<uint8_t>(hi << (2 * (t / (per8 / 4))));
           else u[half + t % (per8 / 8)] |= static_cast<uint8_t>(hi << (t / (per8 / 8)));
@@ -181,19 +191,19 @@ std::mutex g_cache_lock;
 std::map<std::string, std::weak_ptr<const TileWeights>> g_cache;
 
 std::shared_ptr<const TileWeights> tile_weights(const uint8_t* codes, const float* scales, const float* offsets,
-                                                int n, int k, int bits, int block, bool planes_ok) {
+                                                int n, int k, int bits, int block, Layout layout) {
   const size_t nb = k / block, code_bytes = static_cast<size_t>(n) * nb * block * bits / 8;
   uint64_t h1 = 0xcbf29ce484222325ULL, h2 = 0x84222325cbf29ce4ULL;
   mix(codes, code_bytes, &h1, &h2);
   mix(scales, static_cast<size_t>(n) * nb * sizeof(float), &h1, &h2);
   if (offsets) mix(offsets, static_cast<size_t>(n) * nb * sizeof(float), &h1, &h2);
   const std::string key = std::to_string(n) + "x" + std::to_string(k) + "x" + std::to_string(bits) + "b" +
-                          std::to_string(block) + (offsets ? "o" : "") + (planes_ok && bits == 8 && block == kBlock ? "p" : "") +
+                          std::to_string(block) + (offsets ? "o" : "") + (bits == 8 && block == kBlock ? std::string(layout == Layout::kSplit ? "s" : layout == Layout::kNarrow ? "p" : "") : "") +
                           ":" + std::to_string(h1) + ":" + std::to_string(h2);
   std::lock_guard<std::mutex> hold(g_cache_lock);
   if (auto kept = g_cache[key].lock()) return kept;
   auto made = std::make_shared<TileWeights>();
-  repack(codes, scales, offsets, n, k, bits, block, planes_ok, made.get());
+  repack(codes, scales, offsets, n, k, bits, block, layout, made.get());
   g_cache[key] = made;
   return made;
 }
@@ -233,6 +243,22 @@ void run_gate_task(void* data, size_t index) {
   t.engine->gate(t.gate, g0 * kCols, g1 * kCols);
 }
 
+struct ScreenTask {
+  Screen screen;
+};
+
+void run_screen_task(void* data, size_t index) {
+  const Screen& s = static_cast<const ScreenTask*>(data)->screen;
+  const int g0 = static_cast<int>(index) * kGroupsPerTask;
+  screen_groups(s, static_cast<int>(index), g0, g0 + kGroupsPerTask < s.problem.w->groups ? g0 + kGroupsPerTask : s.problem.w->groups);
+}
+
+void run_exact_task(void* data, size_t index) {
+  const Screen& s = static_cast<const ScreenTask*>(data)->screen;
+  const int g0 = static_cast<int>(index) * kGroupsPerTask;
+  exact_groups(s, g0, g0 + kGroupsPerTask < s.problem.w->groups ? g0 + kGroupsPerTask : s.problem.w->groups);
+}
+
 enum class Offsets { kNone, kFp32, kFp16 };
 
 // The Norm ops' prologue, row by row in one fixed sequence (8 partial sums of squares in k order,
@@ -270,8 +296,8 @@ std::vector<float> offsets_fp32(Ort::ConstValue off, Offsets kind, size_t count)
 
 struct QMatMulKernel {
   QMatMulKernel(const OrtApi& api, const OrtKernelInfo* info, Offsets offsets, bool block16, bool glu, bool norm,
-                const Engine* engine)
-      : api_(api), offsets_(offsets), glu_(glu), norm_(norm), w0_(norm ? 3 : 1), engine_(engine) {
+                bool screened, const Engine* engine)
+      : api_(api), offsets_(offsets), glu_(glu), norm_(norm), screened_(screened), w0_(norm ? 3 : 1), engine_(engine) {
     Ort::ConstKernelInfo ki(info);
     if (norm_) eps_ = ki.GetAttribute<float>("epsilon");
     k_ = static_cast<int>(ki.GetAttribute<int64_t>("K"));
@@ -292,12 +318,45 @@ struct QMatMulKernel {
                                std::to_string(k_) + " bits=" + std::to_string(bits_) + " block=" + std::to_string(block_) + ")");
     if (block_ == kBlock16 && (engine_ == &kAmxEngine || engine_ == &kAvx512Engine))
       engine_ = &kAvx2Engine;   // the same arithmetic, 16-wide blocks
+    if (screened_ && bits_ != 8)
+      throw std::runtime_error("conflayers QMatMulScreened: needs an 8-bit head (got bits=" + std::to_string(bits_) + ")");
     int c1 = 0, c2 = 0, c3 = 1;      // constant weights (the compiler's graphs): repacked here, once
     Ort::ConstValue codes = ki.GetTensorConstantInput(w0_, &c1);
     Ort::ConstValue scales = ki.GetTensorConstantInput(w0_ + 1, &c2);
     Ort::ConstValue off{nullptr};
     if (offsets_ != Offsets::kNone) off = ki.GetTensorConstantInput(w0_ + 2, &c3);
     if (c1 && c2 && c3) weights_ = prepare(codes, scales, off);
+  }
+
+  // The screened op's last input: nonzero when the pass's logits must all be exact (a sampled row).
+  bool full_logits(Ort::KernelContext& ctx) const {
+    Ort::ConstValue f = ctx.GetInput(w0_ + 2);
+    if (f.GetTensorTypeAndShapeInfo().GetElementCount() != 1)
+      throw std::runtime_error("conflayers QMatMulScreened: full_logits must hold one value");
+    return f.GetTensorData<int64_t>()[0] != 0;
+  }
+
+  // qmatmul.h's screened head: A + R of every column, the rows' thresholds, then exact products
+  // for the groups that may hold a row's greedy token and -inf elsewhere.
+  void screen(OrtKernelContext* context, const Problem& p) const {
+    const int nb = k_ / kBlock;
+    thread_local std::vector<int32_t> qabs;
+    thread_local std::vector<float> low, threshold;
+    qabs.resize(static_cast<size_t>(nb) * p.m);
+    for (size_t i = 0; i < qabs.size(); ++i) {        // block-major, as the AVX-512 engine's rows
+      const int8_t* q = p.a->q.data() + i * kBlock;
+      int32_t sum = 0;
+      for (int j = 0; j < kBlock; ++j) sum += q[j] < 0 ? -q[j] : q[j];
+      qabs[i] = sum;
+    }
+    const size_t tasks = (static_cast<size_t>(p.w->groups) + kGroupsPerTask - 1) / kGroupsPerTask;
+    low.assign(tasks * p.m, 0.f);
+    threshold.assign(p.m, -__builtin_inff());
+    ScreenTask task{Screen{p, qabs.data(), low.data(), threshold.data()}};
+    Ort::ThrowOnError(api_.KernelContext_ParallelFor(context, run_screen_task, tasks, 4, &task));
+    for (size_t t = 0; t < tasks; ++t)
+      for (int r = 0; r < p.m; ++r) threshold[r] = low[t * p.m + r] > threshold[r] ? low[t * p.m + r] : threshold[r];
+    Ort::ThrowOnError(api_.KernelContext_ParallelFor(context, run_exact_task, tasks, 4, &task));
   }
 
   std::shared_ptr<const TileWeights> prepare(Ort::ConstValue codes, Ort::ConstValue scales, Ort::ConstValue off) const {
@@ -309,15 +368,17 @@ struct QMatMulKernel {
     std::vector<float> o;
     if (offsets_ != Offsets::kNone) o = offsets_fp32(off, offsets_, static_cast<size_t>(n_) * nb);
     return tile_weights(codes.GetTensorData<uint8_t>(), scales.GetTensorData<float>(), o.empty() ? nullptr : o.data(),
-                        n_, k_, bits_, block_, planes_ok());
+                        n_, k_, bits_, block_, layout());
   }
 
-  // Narrow codes in planes (qmatmul.h): read by the AVX-512 engine, which this matrix runs on
-  // (the AMX engine's tiles take bytes); CONFLAYERS_QMATMUL_PLANES=off keeps bytes (A/B runs).
-  bool planes_ok() const {
+  // Planes (qmatmul.h) are read by the AVX-512 engine, which this matrix then runs on (the AMX
+  // engine's tiles take bytes): the screened head's weights split, others narrow where they fit;
+  // CONFLAYERS_QMATMUL_PLANES=off keeps bytes (A/B runs; a screened head then computes every column).
+  Layout layout() const {
     const char* env = std::getenv("CONFLAYERS_QMATMUL_PLANES");
     const bool off = env && (std::string(env) == "off" || std::string(env) == "0");
-    return !off && engine_ == &kAvx512Engine;
+    if (off || engine_ != &kAvx512Engine) return Layout::kBytes;
+    return screened_ ? Layout::kSplit : Layout::kNarrow;
   }
 
   void Compute(OrtKernelContext* context) {
@@ -349,6 +410,10 @@ struct QMatMulKernel {
     thread_local Rows rows;
     engine_->quantize(a, static_cast<int>(m), k_, block_, &rows);
     float* out = y.GetTensorMutableData<float>();
+    if (screened_ && w->split && !full_logits(ctx)) {
+      screen(context, Problem{&rows, w.get(), out, n_, k_, static_cast<int>(m)});
+      return;
+    }
     if (!glu_) {
       Task task{engine_, Problem{&rows, w.get(), out, n_, k_, static_cast<int>(m)}};
       const size_t tasks = (static_cast<size_t>(w->groups) + kGroupsPerTask - 1) / kGroupsPerTask;
@@ -366,7 +431,7 @@ struct QMatMulKernel {
  private:
   const OrtApi& api_;
   Offsets offsets_;
-  bool glu_, norm_;
+  bool glu_, norm_, screened_;
   int w0_;                 // the index of the codes input (after x, or x, delta, norm_weight)
   const Engine* engine_;
   int k_ = 0, n_ = 0, bits_ = 0, block_ = kBlock;
@@ -375,18 +440,20 @@ struct QMatMulKernel {
 };
 
 struct QMatMulOp : Ort::CustomOpBase<QMatMulOp, QMatMulKernel> {
-  QMatMulOp(Offsets offsets, bool block16, bool glu, bool norm)
-      : offsets_(offsets), block16_(block16), glu_(glu), norm_(norm) {
+  QMatMulOp(Offsets offsets, bool block16, bool glu, bool norm, bool screened = false)
+      : offsets_(offsets), block16_(block16), glu_(glu), norm_(norm), screened_(screened) {
     name_ = std::string("QMatMul") + (norm ? "Norm" : "") + (glu ? "GLU" : "") +
-            (block16 ? "16" : offsets == Offsets::kNone ? "" : offsets == Offsets::kFp32 ? "Offsets" : "Offsets16");
+            (block16 ? "16" : offsets == Offsets::kNone ? "" : offsets == Offsets::kFp32 ? "Offsets" : "Offsets16") +
+            (screened ? "Screened" : "");
   }
   void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const {
-    return new QMatMulKernel(api, info, offsets_, block16_, glu_, norm_, engine);
+    return new QMatMulKernel(api, info, offsets_, block16_, glu_, norm_, screened_, engine);
   }
   const char* GetName() const { return name_.c_str(); }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return (offsets_ == Offsets::kNone ? 3 : 4) + (norm_ ? 2 : 0); }
+  size_t GetInputTypeCount() const { return (offsets_ == Offsets::kNone ? 3 : 4) + (norm_ ? 2 : 0) + (screened_ ? 1 : 0); }
   ONNXTensorElementDataType GetInputType(size_t i) const {
+    if (screened_ && i + 1 == GetInputTypeCount()) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;   // full_logits
     if (norm_ && i > 0) {
       if (i < 3) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;      // delta, norm_weight
       i -= 2;
@@ -402,7 +469,7 @@ struct QMatMulOp : Ort::CustomOpBase<QMatMulOp, QMatMulKernel> {
 
  private:
   Offsets offsets_;
-  bool block16_, glu_, norm_;
+  bool block16_, glu_, norm_, screened_;
   std::string name_;
 };
 
@@ -415,6 +482,7 @@ std::vector<QMatMulOp>& qmatmul_ops() {
         for (Offsets o : {Offsets::kNone, Offsets::kFp32, Offsets::kFp16}) v.emplace_back(o, false, glu, norm);
         v.emplace_back(Offsets::kNone, true, glu, norm);
       }
+    for (bool norm : {false, true}) v.emplace_back(Offsets::kNone, false, false, norm, true);   // the screened head
     return v;
   }();
   return ops;

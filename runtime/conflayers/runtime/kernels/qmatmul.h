@@ -50,14 +50,26 @@ struct ColumnValues {
 // 2j+1 = c[t + 128 j] >> 4; 5 bits, 64 bytes, byte t bit j = c[t + 64 j] >> 4. The block dot
 // product sum_k c_k q_k - mid qsum (mid = -base) is the 8-bit one's integer: the same results, 5/8
 // (6/8) of the bytes a pass reads. Only engines that read planes get them (planes_ok in qmatmul.cc).
+//
+// Split 8-bit codes (split, planes 6; the screened head below): each code u = centered + 128 as
+// its top 6 bits h = u >> 2 in the 6-bit planes above (base 0) and its low 2 bits in `lo`, laid
+// out as the 6-bit high plane is (128 bytes a block, byte t bits 2j, 2j+1 = u[t + 128 j] & 3): a
+// screening pass reads h alone (6/8 of the bytes), the exact products u = 4 h + (u & 3).
 struct TileWeights {
   int groups = 0, nb = 0, bits = 0, block = kBlock;
-  int planes = 0;                // 0: codes of `bits` bits as above; 5, 6: narrow 8-bit codes
+  int planes = 0;                // 0: codes of `bits` bits as above; 5, 6: narrow or split 8-bit codes
+  bool split = false;
   int mid = 128;                 // what the dot subtracts per unit of qsum (8-bit: 128, 4-bit: 8)
   std::vector<int8_t> codes;     // [groups, nb, bytes_per_block()]
+  std::vector<int8_t> lo;        // split: [groups, nb, 128]
   ColumnValues scales, offsets;  // offsets: empty without
   int bytes_per_block() const { return kCols * block * (planes ? planes : bits) / 8; }
 };
+
+// How an engine may hold a matrix it repacks: codes as given, narrow codes in planes where they
+// fit, or (the screened head's matrix) split.
+enum class Layout { kBytes, kNarrow, kSplit };
+
 
 // The activations quantized per row and block, in the layout of the engine that quantized them
 // (its own groups() reads them): q [m, k] in k order and d, sum, qsum [m, nb] (AMX, scalar), or
@@ -75,6 +87,28 @@ struct Problem {
   float* y;          // [m, n]
   int n, k, m;
 };
+
+// The screened head (QMatMulScreened, QMatMulNormScreened in qmatmul.cc) on split weights: the
+// greedy token of each row, exactly, for 6/8 of the bytes. Per row and column c, from h alone:
+//   A_c = sum_b float(8 sum_k h_k q_k - 253 qsum_b) * (0.5 s_cb d_b)      (the product with every
+//         low part at its middle 1.5: u - 128 = 4 (h - 32) + 1.5 + e, |e| <= 1.5)
+//   R_c = B_c (1 + 87 (nb + 4) 2^-22) + (nb + 4) 2^-126,  B_c = sum_b 1.5 |s_cb| d_b sum_k |q_k|
+// B_c bounds the exact product's distance from A_c. The rest bounds every float rounding of the
+// exact sequence (qmatmul.h's) and of A, B and A +- R: each a sum of at most nb + 3 roundings,
+// relative 2^-24, of terms whose magnitudes sum to at most 128 / 1.5 B_c (|u - 128| <= 128), and
+// an absolute 2^-149 per operation where values underflow. The row's threshold is max_c (A_c - R_c); a group of 16 columns where some
+// A_c + R_c >= threshold (or is NaN) gets its exact products, bit for bit the plain op's, every
+// other column -inf. The column of the largest exact logit (the first, on ties) then has the same
+// index in this output as in the plain op's, and so does every argmax the runtime takes. A row
+// whose threshold is not finite gets every column exact.
+struct Screen {
+  Problem problem;             // y: A_c + R_c after screen_groups, then the output
+  const int32_t* qabs;         // [nb, m]: sum_k |q_k| of each row's block (block-major, as the rows)
+  float* low;                  // [tasks, m]: max_c (A_c - R_c) of each task's groups
+  const float* threshold;      // [m], for exact_groups
+};
+void screen_groups(const Screen& s, int task, int g0, int g1);
+void exact_groups(const Screen& s, int g0, int g1);
 
 // The gated activation of QMatMulGLU (qmatmul.cc) on a product y [m, 2F] = [gate | up]:
 //   out[r, c] = g sigmoid(z) u,  g = y[r, c], u = y[r, F + c],  z = g (alpha + beta g^2)

@@ -8,12 +8,14 @@
 // The AMX engine takes its one-row passes from here (vnni_groups).
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstdint>
 
 #include "qmatmul.h"
 
 // GCC 12 flags the undefined upper lanes inside its own _mm512_* headers (a known false positive)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 namespace conflayers_kernels {
 namespace qmm {
@@ -40,10 +42,22 @@ CONFLAYERS_AVX512 inline __m512 column_values(const ColumnValues& v, size_t at) 
 // nibbles; 8-bit with the sign bit flipped (code - 128 + 128); narrow codes (5, 6: planes) the low
 // nibbles with the high bits moved to bits 4 (-5).
 
+constexpr int kSplit = 9;     // split 8-bit codes (qmatmul.h): u = 4 h + low 2 bits, from both planes
+
+constexpr int block_bytes(int bits) { return kCols * kBlock * (bits == kSplit ? 6 : bits) / 8; }
+
 template <int kBits>
-CONFLAYERS_AVX512 inline void unpack_block(const int8_t* src, __m512i wv[8]) {
+CONFLAYERS_AVX512 inline void unpack_block(const int8_t* src, __m512i wv[8], const int8_t* lo = nullptr) {
   const __m512i mask = _mm512_set1_epi8(0x0F);
-  if (kBits == 8) {
+  if (kBits == kSplit) {        // h from its 6-bit planes, then u = (h << 2) | low bits
+    unpack_block<6>(src, wv);
+    const __m512i three = _mm512_set1_epi8(3);
+    const __m512i l0 = _mm512_loadu_si512(lo), l1 = _mm512_loadu_si512(lo + 64);
+    for (int i = 0; i < 8; ++i) {
+      const __m512i low = _mm512_srli_epi16((i & 1) ? l1 : l0, 2 * (i / 2));
+      wv[i] = _mm512_ternarylogic_epi32(_mm512_slli_epi16(wv[i], 2), low, three, 0xF8);   // h < 64: no carry
+    }
+  } else if (kBits == 8) {
     const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
     for (int i = 0; i < 8; ++i) wv[i] = _mm512_xor_si512(_mm512_loadu_si512(src + 64 * i), flip);
   } else {
@@ -73,7 +87,8 @@ CONFLAYERS_AVX512 inline void unpack_block(const int8_t* src, __m512i wv[8]) {
 template <int R, int kBits, bool kOffsets>
 CONFLAYERS_AVX512 void vnni_chunk(const Problem& p, const int8_t* src, int g, int r0) {
   const TileWeights& w = *p.w;
-  const int nb = w.nb, m = p.m, per = kCols * kBlock * kBits / 8, mid = w.mid;
+  const int nb = w.nb, m = p.m, per = block_bytes(kBits), mid = w.mid;
+  const int8_t* lo = kBits == kSplit ? w.lo.data() + static_cast<size_t>(g) * nb * 128 : nullptr;
   const int8_t* qb = p.a->q.data() + static_cast<size_t>(r0) * kBlock;
   const float* db = p.a->d.data() + r0;
   const float* sb = p.a->sum.data() + r0;
@@ -87,7 +102,8 @@ CONFLAYERS_AVX512 void vnni_chunk(const Problem& p, const int8_t* src, int g, in
       for (int line = 0; line < per; line += 64)
         _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchBlocks * per + line), _MM_HINT_T0);
     __m512i wv[8];
-    unpack_block<kBits>(src, wv);
+    unpack_block<kBits>(src, wv, lo);
+    if (kBits == kSplit) lo += 128;
     const __m512 s = column_values(w.scales, at);
     const __m512 off = kOffsets ? column_values(w.offsets, at) : _mm512_setzero_ps();
     for (int r = 0; r < R; ++r) {
@@ -121,7 +137,7 @@ CONFLAYERS_AVX512 void vnni_rows(const Problem& p, const int8_t* src, int g, int
 template <int kBits, bool kOffsets>
 CONFLAYERS_AVX512 void vnni_groups_of(const Problem& p, int g0, int g1) {
   const int chunks = (p.m + kChunk - 1) / kChunk;
-  const size_t per = kCols * kBlock * kBits / 8;
+  const size_t per = block_bytes(kBits);
   for (int g = g0; g < g1; ++g)
     for (int c = 0, r0 = 0; c < chunks; ++c) {
       const int rows = (p.m - r0) / (chunks - c);
@@ -170,11 +186,108 @@ CONFLAYERS_AVX512 void quantize_avx512(const float* x, int m, int k, int /*block
 
 CONFLAYERS_AVX512 void vnni_groups(const Problem& p, int g0, int g1) {
   const bool offsets = !p.w->offsets.empty();
+  if (p.w->split) return vnni_groups_of<kSplit, false>(p, g0, g1);
   switch (p.w->planes ? p.w->planes : p.w->bits) {
     case 4: return offsets ? vnni_groups_of<4, true>(p, g0, g1) : vnni_groups_of<4, false>(p, g0, g1);
     case 5: return offsets ? vnni_groups_of<5, true>(p, g0, g1) : vnni_groups_of<5, false>(p, g0, g1);
     case 6: return offsets ? vnni_groups_of<6, true>(p, g0, g1) : vnni_groups_of<6, false>(p, g0, g1);
     default: return offsets ? vnni_groups_of<8, true>(p, g0, g1) : vnni_groups_of<8, false>(p, g0, g1);
+  }
+}
+
+// ---- the screened head (qmatmul.h) ------------------------------------------------------------
+
+constexpr int kScreenChunk = 8;     // rows per chunk: A and B accumulators of 8 rows + 8 weight vectors
+
+// Group g against rows r0 .. r0+R-1: A_c + R_c into y, and max_c (A_c - R_c) into low[r].
+template <int R>
+CONFLAYERS_AVX512 void screen_chunk(const Screen& sc, int g, int r0, float* low) {
+  const Problem& p = sc.problem;
+  const TileWeights& w = *p.w;
+  const int nb = w.nb, m = p.m, per = block_bytes(6);
+  const int8_t* src = w.codes.data() + static_cast<size_t>(g) * nb * per;
+  const int8_t* qb = p.a->q.data() + static_cast<size_t>(r0) * kBlock;
+  const float* db = p.a->d.data() + r0;
+  const int32_t* qsb = p.a->qsum.data() + r0;
+  const int32_t* qab = sc.qabs + r0;
+  const size_t qstep = static_cast<size_t>(m) * kBlock;
+  const __m512 half = _mm512_set1_ps(0.5f);
+  size_t at = static_cast<size_t>(g) * nb * kCols;
+  __m512 a[R], bnd[R];
+  for (int r = 0; r < R; ++r) a[r] = bnd[r] = _mm512_setzero_ps();
+  for (int b = 0; b < nb; ++b, src += per, qb += qstep, db += m, qsb += m, qab += m, at += kCols) {
+    if (PREFETCH_BLOCKS > 0)
+      for (int line = 0; line < per; line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchBlocks * per + line), _MM_HINT_T0);
+    __m512i wv[8];
+    unpack_block<6>(src, wv);
+    const __m512 s = column_values(w.scales, at);
+    const __m512 hs = _mm512_mul_ps(s, half), as = _mm512_abs_ps(s);
+    for (int r = 0; r < R; ++r) {
+      const int32_t* x = reinterpret_cast<const int32_t*>(qb + r * kBlock);
+      __m512i d0 = _mm512_setzero_si512(), d1 = _mm512_setzero_si512();
+      for (int i = 0; i < 8; i += 2) {
+        d0 = _mm512_dpbusd_epi32(d0, wv[i], _mm512_set1_epi32(x[i]));
+        d1 = _mm512_dpbusd_epi32(d1, wv[i + 1], _mm512_set1_epi32(x[i + 1]));
+      }
+      const __m512i t2 = _mm512_sub_epi32(_mm512_slli_epi32(_mm512_add_epi32(d0, d1), 3), _mm512_set1_epi32(253 * qsb[r]));
+      a[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t2), _mm512_mul_ps(hs, _mm512_set1_ps(db[r])), a[r]);
+      bnd[r] = _mm512_fmadd_ps(as, _mm512_set1_ps(1.5f * static_cast<float>(qab[r]) * db[r]), bnd[r]);
+    }
+  }
+  const int n0 = g * kCols;
+  const __mmask16 keep = p.n - n0 >= kCols ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (p.n - n0)) - 1);
+  const __m512 slack = _mm512_set1_ps(1.f + static_cast<float>(nb + 4) * 87.f * 0x1p-22f);
+  const __m512 floor = _mm512_set1_ps(static_cast<float>(nb + 4) * 0x1p-126f);      // underflow
+  const __m512 none = _mm512_set1_ps(-__builtin_inff());
+  for (int r = 0; r < R; ++r) {
+    const __m512 radius = _mm512_fmadd_ps(slack, bnd[r], floor);
+    _mm512_mask_storeu_ps(p.y + static_cast<size_t>(r0 + r) * p.n + n0, keep, _mm512_add_ps(a[r], radius));
+    // NaN lanes (and padding columns) leave the maximum as it was (MAXPS returns its second operand)
+    const __m512 l = _mm512_mask_mov_ps(none, keep, _mm512_sub_ps(a[r], radius));
+    const float best = _mm512_reduce_max_ps(_mm512_max_ps(l, none));
+    low[r] = best > low[r] ? best : low[r];
+  }
+}
+
+template <int R = kScreenChunk>
+CONFLAYERS_AVX512 void screen_rows(const Screen& sc, int g, int r0, int rows, float* low) {
+  if constexpr (R > 1) {
+    if (rows < R) return screen_rows<R - 1>(sc, g, r0, rows, low);
+  }
+  screen_chunk<R>(sc, g, r0, low);
+}
+
+CONFLAYERS_AVX512 void screen_groups(const Screen& sc, int task, int g0, int g1) {
+  const int m = sc.problem.m, chunks = (m + kScreenChunk - 1) / kScreenChunk;
+  float* low = sc.low + static_cast<size_t>(task) * m;
+  for (int r = 0; r < m; ++r) low[r] = -__builtin_inff();
+  for (int g = g0; g < g1; ++g)
+    for (int c = 0, r0 = 0; c < chunks; ++c) {      // as even as they go, as vnni_groups_of's
+      const int rows = (m - r0) / (chunks - c);
+      screen_rows(sc, g, r0, rows, low + r0);
+      r0 += rows;
+    }
+}
+
+CONFLAYERS_AVX512 void exact_groups(const Screen& sc, int g0, int g1) {
+  const Problem& p = sc.problem;
+  const int per = block_bytes(kSplit);
+  const __m512 none = _mm512_set1_ps(-__builtin_inff());
+  for (int r = 0; r < p.m; ++r) {
+    const float th = sc.threshold[r];
+    const bool all = !(std::isfinite(th));
+    const __m512 thv = _mm512_set1_ps(th);
+    for (int g = g0; g < g1; ++g) {
+      const int n0 = g * kCols;
+      const __mmask16 keep = p.n - n0 >= kCols ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (p.n - n0)) - 1);
+      float* y = p.y + static_cast<size_t>(r) * p.n + n0;
+      const __m512 upper = _mm512_maskz_loadu_ps(keep, y);
+      if (all || (_mm512_cmp_ps_mask(upper, thv, _CMP_NLT_UQ) & keep))     // A + R >= threshold, or NaN
+        vnni_chunk<1, kSplit, false>(p, p.w->codes.data() + static_cast<size_t>(g) * p.w->nb * per, g, r);
+      else
+        _mm512_mask_storeu_ps(y, keep, none);
+    }
   }
 }
 
