@@ -33,6 +33,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 RUNTIME = "runtime"
 HF = "hf"
 GENAI = "genai"
@@ -173,6 +175,57 @@ def _graph_ranges(path: str) -> dict[tuple, bool] | None:
     return ranges
 
 
+def kernel_read_bytes(path: str) -> int | None:
+    """Bytes of weights one pass of the graph at `path` reads as the kernel library holds them here
+    (kernels/qmatmul.h): QMatMul codes at their stored width (narrow 8-bit codes in 5 or 6 bits on
+    the AVX-512 engine, the screened head's top 6 bits: head.py; its low bits, read for the few
+    groups left exact, are not counted), scales and offsets in fp16 where every value is exact,
+    every other weight as stored, gather-only tables left out. None without the `onnx` package or
+    where the library's QMatMul does not run."""
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        return None
+    from conflayers.runtime import head, kernels
+    lib = kernels.library()
+    said = kernels.cpu_path(lib).split() if lib else []
+    if not any(w.startswith("qmatmul:") and w != "qmatmul:off" for w in said):
+        return None
+    planes = "qmatmul:avx512" in said and os.environ.get("CONFLAYERS_QMATMUL_PLANES", "").strip().lower() not in ("off", "0")
+    screened = planes and head.available()
+    model = onnx.load(path)
+    inits = {t.name: t for t in model.graph.initializer}
+    read, done = 0, set()
+
+    def values(name):              # fp32 values held in fp16 where each is exact (ColumnValues)
+        v = numpy_helper.to_array(inits[name])
+        return v.size * (2 if v.dtype == np.float16 or np.array_equal(v.astype(np.float16).astype(v.dtype), v) else 4)
+    for n in model.graph.node:
+        if n.domain != kernels.DOMAIN or not n.op_type.startswith("QMatMul"):
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        w0 = 3 if n.op_type.startswith("QMatMulNorm") else 1
+        codes = numpy_helper.to_array(inits[n.input[w0]])
+        width = attrs["bits"]
+        if planes and width == 8 and attrs["block_size"] == 32:
+            span = int(codes.max()) - int(codes.min())
+            width = 6 if screened and n.name == head.HEAD_NODE else 5 if span < 32 else 6 if span < 64 else 8
+        read += codes.size * width // attrs["bits"]
+        for name in n.input[w0 + 1:]:
+            if name in inits and name not in done:
+                read += values(name)
+        done.update(n.input[w0:])
+    for t in model.graph.initializer:
+        if t.name in done:
+            continue
+        uses = [nd for nd in model.graph.node if t.name in nd.input]
+        if uses and all(nd.op_type == "Gather" and nd.input[0] == t.name for nd in uses):
+            continue
+        read += numpy_helper.to_array(t).nbytes
+    return read
+
+
 def _read_bytes(*paths: str) -> int | None:
     merged: dict[tuple, bool] = {}
     for p in paths:
@@ -196,8 +249,11 @@ def weight_accounting(bundle) -> dict:
     files = bundle.manifest["files"]
     # the target's own weights file (a native target's weights.bin holds only small tables)
     target_file = weights_file_name(bundle.manifest["model"].get("target", "fp32"))
-    full = files.get(target_file, {}).get("bytes")
-    method_full = f"manifest size of {target_file}"
+    full = kernel_read_bytes(bundle.full_graph) if bundle.manifest["model"].get("target") == "native" else None
+    method_full = "as the kernels hold them: QMatMul codes at their held width, fp16-exact scales"
+    if full is None:
+        full = files.get(target_file, {}).get("bytes")
+        method_full = f"manifest size of {target_file}"
     if full is None:
         full = _read_bytes(bundle.full_graph)
         method_full = "external data referenced by the full graph"
