@@ -100,3 +100,29 @@ def test_batched_greedy_and_sampled_requests_equal_their_solo_runs(engines):
     for t in threads:
         t.join()
     assert got == want
+
+
+def test_the_bench_counts_the_bytes_the_kernels_read(bundle, kernel_library, monkeypatch):
+    """conflayers-bench's weights read per pass: the codes at their held width. On the AVX-512
+    engine the Q5_0 layers count 5 bits a code and the screened Q8_0 head 6; with the planes off,
+    every code its 8 bits."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from conflayers.tools.bench_systems import kernel_read_bytes
+    path = f"{bundle}/full.onnx"
+    here = kernel_read_bytes(path)
+    monkeypatch.setenv("CONFLAYERS_QMATMUL_PLANES", "off")
+    monkeypatch.setenv("CONFLAYERS_HEAD_SCREEN", "off")
+    full = kernel_read_bytes(path)
+    model = onnx.load(path)
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes = [n for n in model.graph.node if n.domain == kernels.DOMAIN and n.op_type.startswith("QMatMul")]
+    codes = {n.name: numpy_helper.to_array(inits[n.input[3 if "Norm" in n.op_type else 1]]).size for n in nodes}
+    if "qmatmul:avx512" in kernels.cpu_path(kernel_library):
+        narrow = sum(c for name, c in codes.items() if name != head.HEAD_NODE)
+        assert full - here == narrow * 3 // 8 + codes[head.HEAD_NODE] * 2 // 8      # 8 -> 5 and 8 -> 6 bits
+    else:
+        assert here == full
+    assert full > sum(codes.values()) and np.isfinite(full)
