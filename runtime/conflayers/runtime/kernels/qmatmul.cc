@@ -85,8 +85,6 @@ namespace {
 
 using namespace conflayers_kernels::qmm;
 
-// Tile byte t of block b for the 16 columns of group g: row r = t / 64 holds k = 4r .. 4r+3 of
-// each column c = (t % 64) / 4.
 // 5 or 6 where every 8-bit code of the matrix lies in 32 or 64 consecutive values (*base: the
 // least, centered), else 0 (qmatmul.h, narrow codes).
 int narrow_planes(const uint8_t* codes, size_t count, int* base) {
@@ -96,6 +94,8 @@ int narrow_planes(const uint8_t* codes, size_t count, int* base) {
   return hi - lo < 32 ? 5 : hi - lo < 64 ? 6 : 0;
 }
 
+// Tile byte t of block b for the 16 columns of group g: row r = t / 64 holds k = 4r .. 4r+3 of
+// each column c = (t % 64) / 4; then held as `layout` asks where it applies (8-bit blocks of 32).
 void repack(const uint8_t* codes, const float* scales, const float* offsets_nb_n, int n, int k, int bits,
             int block, Layout layout, TileWeights* out) {
   const int nb = k / block, groups = (n + kCols - 1) / kCols, bytes = block * bits / 8;
@@ -197,8 +197,10 @@ std::shared_ptr<const TileWeights> tile_weights(const uint8_t* codes, const floa
   mix(codes, code_bytes, &h1, &h2);
   mix(scales, static_cast<size_t>(n) * nb * sizeof(float), &h1, &h2);
   if (offsets) mix(offsets, static_cast<size_t>(n) * nb * sizeof(float), &h1, &h2);
+  const bool wide8 = bits == 8 && block == kBlock;     // the layouts that apply (repack)
+  const char* held = !wide8 ? "" : layout == Layout::kSplit ? "s" : layout == Layout::kNarrow ? "p" : "";
   const std::string key = std::to_string(n) + "x" + std::to_string(k) + "x" + std::to_string(bits) + "b" +
-                          std::to_string(block) + (offsets ? "o" : "") + (bits == 8 && block == kBlock ? std::string(layout == Layout::kSplit ? "s" : layout == Layout::kNarrow ? "p" : "") : "") +
+                          std::to_string(block) + (offsets ? "o" : "") + held +
                           ":" + std::to_string(h1) + ":" + std::to_string(h2);
   std::lock_guard<std::mutex> hold(g_cache_lock);
   if (auto kept = g_cache[key].lock()) return kept;

@@ -38,14 +38,14 @@ CONFLAYERS_AVX512 inline __m512 column_values(const ColumnValues& v, size_t at) 
   return _mm512_loadu_ps(v.f32.data() + at);
 }
 
-// A block's 512 codes as the unsigned bytes VPDPBUSD multiplies (qmatmul.h's layouts): 4-bit raw
-// nibbles; 8-bit with the sign bit flipped (code - 128 + 128); narrow codes (5, 6: planes) the low
-// nibbles with the high bits moved to bits 4 (-5).
-
 constexpr int kSplit = 9;     // split 8-bit codes (qmatmul.h): u = 4 h + low 2 bits, from both planes
 
 constexpr int block_bytes(int bits) { return kCols * kBlock * (bits == kSplit ? 6 : bits) / 8; }
 
+// A block's 512 codes as the unsigned bytes VPDPBUSD multiplies (qmatmul.h's layouts): 4-bit raw
+// nibbles; 8-bit with the sign bit flipped (code - 128 + 128); narrow codes (5, 6: planes) the low
+// nibbles with the high bits moved to bits 4 (-5); split codes their top 6 bits' planes shifted
+// left 2 with the low 2 bits from `lo` (the 8-bit code u itself).
 template <int kBits>
 CONFLAYERS_AVX512 inline void unpack_block(const int8_t* src, __m512i wv[8], const int8_t* lo = nullptr) {
   const __m512i mask = _mm512_set1_epi8(0x0F);
