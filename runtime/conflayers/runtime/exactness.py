@@ -152,7 +152,15 @@ class _Probe:
         ref = self.steps.run([self.ids[st + j]], st + j)[-1]
         for (kind, i), arr in self.pristine.items():
             self._kv(kind, i)[:, :, st + j:st + j + 3] = arr[:, :, st + j:st + j + 3]
-        return Pass(st, n, float(np.abs(got[j - first] - ref).max()))
+        return Pass(st, n, _max_diff(got[j - first], ref))
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """max |a - b|, equal values counting 0 (the screened head's -inf logits, head.py, included)."""
+    with np.errstate(invalid="ignore"):
+        d = np.abs(a - b)
+    d[a == b] = 0.0
+    return float(d.max())
 
 
 SCAN_LIMIT = 1200            # longest scan that looks for a second boundary (Gemma 3 here: every 256)
