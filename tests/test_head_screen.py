@@ -4,7 +4,6 @@ plain, alone or batched, equals the plain head's; sampled requests get every log
 same draws as without screening); the narrow Q5_0 codes sit in 5-bit planes on the AVX-512 engine."""
 from __future__ import annotations
 
-import ctypes
 import threading
 
 import pytest
@@ -52,9 +51,7 @@ def test_the_full_graph_is_screened_where_the_library_screens(engines, kernel_li
     assert here.full.screened == head.available()
     if "qmatmul:avx512" in kernels.cpu_path(kernel_library):
         assert here.full.screened
-        lib = ctypes.CDLL(kernel_library)
-        lib.conflayers_qmatmul_layouts.restype = ctypes.c_char_p
-        assert "5-bit:" in lib.conflayers_qmatmul_layouts().decode()     # the Q5_0 layers in planes
+        assert "5-bit:" in kernels.qmatmul_layouts(kernel_library)     # the Q5_0 layers in planes
 
 
 @pytest.mark.parametrize("task", ["native_skip", "int4_all"])

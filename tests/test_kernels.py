@@ -340,10 +340,7 @@ def test_every_engine_gives_the_scalar_reference_bit_for_bit(library, engines, b
 
 def _layouts(library) -> dict[int, int]:
     """Stored code width -> matrices QMatMul holds repacked now (the library's own count)."""
-    import ctypes
-    lib = ctypes.CDLL(library)
-    lib.conflayers_qmatmul_layouts.restype = ctypes.c_char_p
-    said = lib.conflayers_qmatmul_layouts().decode()
+    said = kernels.qmatmul_layouts(library)
     return {int(part.split("-bit:")[0]): int(part.split(":")[1].split("/")[0]) for part in said.split()}
 
 

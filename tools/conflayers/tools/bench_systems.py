@@ -140,15 +140,9 @@ def cut_at_stop(ids, stop_ids) -> list[int]:
 
 # ----------------------------------------------------------------------------- weight accounting
 
-def _graph_ranges(path: str) -> dict[tuple, bool] | None:
-    """External weight byte ranges a graph references -> True when the tensor is only used as
-    the table of a Gather (an embedding lookup reads one row per token, not the table).
-    None when the `onnx` package is not installed."""
-    try:
-        import onnx
-    except ImportError:
-        return None
-    model = onnx.load(path, load_external_data=False)
+def _gather_only(model) -> set[str]:
+    """Names of the initializers a graph (subgraphs included) uses only as the table of a Gather."""
+    import onnx
     consumers: dict[str, list] = {}
 
     def walk(graph):
@@ -161,11 +155,23 @@ def _graph_ranges(path: str) -> dict[tuple, bool] | None:
                 for g in a.graphs:
                     walk(g)
     walk(model.graph)
+    return {name for name, uses in consumers.items() if all(op == "Gather" and i == 0 for op, i in uses)}
+
+
+def _graph_ranges(path: str) -> dict[tuple, bool] | None:
+    """External weight byte ranges a graph references -> True when the tensor is only used as
+    the table of a Gather (an embedding lookup reads one row per token, not the table).
+    None when the `onnx` package is not installed."""
+    try:
+        import onnx
+    except ImportError:
+        return None
+    model = onnx.load(path, load_external_data=False)
+    tables = _gather_only(model)
     base = os.path.dirname(os.path.abspath(path))
     ranges: dict[tuple, bool] = {}
     for t in model.graph.initializer:
-        uses = consumers.get(t.name, [])
-        gather_only = bool(uses) and all(op == "Gather" and i == 0 for op, i in uses)
+        gather_only = t.name in tables
         if t.data_location == onnx.TensorProto.EXTERNAL:
             d = {e.key: e.value for e in t.external_data}
             key = (os.path.join(base, d["location"]), int(d.get("offset", 0)), int(d.get("length", 0)))
@@ -216,13 +222,10 @@ def kernel_read_bytes(path: str) -> int | None:
             if name in inits and name not in done:
                 read += values(name)
         done.update(n.input[w0:])
+    tables = _gather_only(model)
     for t in model.graph.initializer:
-        if t.name in done:
-            continue
-        uses = [nd for nd in model.graph.node if t.name in nd.input]
-        if uses and all(nd.op_type == "Gather" and nd.input[0] == t.name for nd in uses):
-            continue
-        read += numpy_helper.to_array(t).nbytes
+        if t.name not in done and t.name not in tables:
+            read += numpy_helper.to_array(t).nbytes
     return read
 
 

@@ -5,14 +5,13 @@ full graph, two sessions, the same bits, timed side by side.
 
 The first session is made with CONFLAYERS_QMATMUL_PLANES=off (every 8-bit matrix in bytes), the
 second without (GGUF Q5_* matrices in 5-bit planes, Q6_K in 6-bit ones, on the AVX-512 engine).
-Prints the weights each holds (the library's conflayers_qmatmul_layouts), whether every pass of
+Prints the weights each holds (kernels.qmatmul_layouts), whether every pass of
 1, 2, 3, 9 and 16 rows gives the same logits bit for bit in both, and the ms per pass (IOBinding,
 KV cache of `context` positions, interleaved rounds, minimum). Exits 1 when any bit differs.
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import sys
 
@@ -23,12 +22,6 @@ from conflayers.runtime import contract, kernels
 from conflayers.runtime.bundle import Bundle
 from conflayers.runtime.ort_backend import GraphRunner, KVCache, create_session
 from conflayers.runtime.timing import time_jobs
-
-
-def layouts() -> str:
-    lib = ctypes.CDLL(kernels.library())
-    lib.conflayers_qmatmul_layouts.restype = ctypes.c_char_p
-    return lib.conflayers_qmatmul_layouts().decode()
 
 
 def main(argv=None) -> int:
@@ -50,7 +43,7 @@ def main(argv=None) -> int:
             os.environ.pop("CONFLAYERS_QMATMUL_PLANES", None)
         sess = create_session(full, ["CPUExecutionProvider"])
         bound[name] = GraphRunner(sess, list(range(spec.num_layers)), contract.LOGITS).bind(KVCache(spec, args.context + 32))
-        print(f"{name:6s} session made; weights held now: {layouts()}")
+        print(f"{name:6s} session made; weights held now: {kernels.qmatmul_layouts(kernels.library())}")
     ids = np.random.default_rng(0).integers(100, spec.vocab_size - 100, 16).tolist()
     exact = True
     outs = {}

@@ -70,6 +70,15 @@ def cpu_path(path: str = BUILT) -> str:
     return lib.conflayers_kernels_path().decode()
 
 
+def qmatmul_layouts(path: str = BUILT) -> str:
+    """The weights QMatMul holds repacked in this process, by stored code width: "4-bit:30/5898240
+    5-bit:..." (matrices / code bytes; 5 and 6 bits: narrow or split 8-bit codes in planes,
+    qmatmul.h), "" when none."""
+    lib = ctypes.CDLL(path)
+    lib.conflayers_qmatmul_layouts.restype = ctypes.c_char_p
+    return lib.conflayers_qmatmul_layouts().decode()
+
+
 def describe() -> str:
     """One line for reports: what computes the conflayers ops in CPU sessions."""
     path = library()

@@ -352,7 +352,7 @@ struct QMatMulKernel {
       qabs[i] = sum;
     }
     const size_t tasks = (static_cast<size_t>(p.w->groups) + kGroupsPerTask - 1) / kGroupsPerTask;
-    low.assign(tasks * p.m, 0.f);
+    low.resize(tasks * p.m);                           // (each task starts its own at -inf)
     threshold.assign(p.m, -__builtin_inff());
     ScreenTask task{Screen{p, qabs.data(), low.data(), threshold.data()}};
     Ort::ThrowOnError(api_.KernelContext_ParallelFor(context, run_screen_task, tasks, 4, &task));
